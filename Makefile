@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh clone of a CPU-only machine:
+#   make demo   creates .venv, installs bear, runs `python -m bear demo`
+#   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch: installed first, so that no requirement pulls the CUDA build.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m bear demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/kernel_speed.py
+
+clean:
+	rm -rf $(VENV)
