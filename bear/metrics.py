@@ -1,0 +1,132 @@
+"""Ranking metrics of SPEC §5: pure functions of integer ranks.
+
+A rank is the 0-based position of the target in a returned list, -1 when the target is absent.
+Every mean over an empty set is 0.0 (never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "target_ranks",
+    "hit_rate",
+    "ndcg",
+    "pruning_rate",
+    "violation_share",
+    "ranking_metrics",
+    "METRIC_KEYS",
+]
+
+METRIC_KEYS = (
+    "ndcg@1",
+    "ndcg@5",
+    "ndcg@10",
+    "hr@1",
+    "hr@5",
+    "hr@10",
+    "pr@5",
+    "pr@10",
+    "violation_share",
+)
+PRUNED_AT = 10  # the cut-off of `violation_share` in ranking_metrics: pruned = counted in PR@10
+
+
+def _ranks(x) -> torch.Tensor:
+    r = torch.as_tensor(x).reshape(-1)
+    if r.is_floating_point() or r.dtype == torch.bool:
+        raise TypeError(f"ranks must be integers (0-based, -1 = absent), got dtype {r.dtype}")
+    return r.to(torch.int64)
+
+
+def _check_k(k) -> int:
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k}")
+    return int(k)
+
+
+def _mean(num: torch.Tensor, den: int) -> float:
+    return float(num.sum()) / den if den > 0 else 0.0
+
+
+def target_ranks(item_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based position of each user's target in its list, -1 when absent.
+
+    Args:
+        item_ids: (U, B) returned item ids (-1 = padding, never matches).
+        targets: (U,) target item ids (canonical ids, as the lists hold).
+
+    Returns:
+        (U,) int64.
+    """
+    item_ids = torch.as_tensor(item_ids)
+    targets = torch.as_tensor(targets, device=item_ids.device).reshape(-1)
+    if item_ids.dim() != 2 or item_ids.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"item_ids must be (U, B) and targets (U,); got {tuple(item_ids.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    hit = (item_ids == targets[:, None]) & (targets[:, None] >= 0)  # (U, B)
+    first = hit.long().argmax(dim=1)
+    return torch.where(hit.any(dim=1), first, torch.full_like(first, -1)).to(torch.int64)
+
+
+def hit_rate(ranks, k: int) -> float:
+    """HR@K = (1/U) sum_u [0 <= r_u < K]."""
+    r, k = _ranks(ranks), _check_k(k)
+    return _mean(((r >= 0) & (r < k)).double(), r.numel())
+
+
+def ndcg(ranks, k: int) -> float:
+    """NDCG@K = (1/U) sum_u [0 <= r_u < K] / log2(r_u + 2) (one relevant item, so IDCG = 1)."""
+    r, k = _ranks(ranks), _check_k(k)
+    hit = (r >= 0) & (r < k)
+    gain = torch.where(hit, 1.0 / torch.log2(r.clamp(min=0).double() + 2.0), 0.0)
+    return _mean(gain, r.numel())
+
+
+def pruning_rate(exact_ranks, beam_ranks, k: int) -> float:
+    """Incorrect-pruning rate PR@K (paper §4.2).
+
+    PR@K = |{u : 0 <= e_u < K and b_u = -1}| / |{u : 0 <= e_u < K}|, with e_u the target's rank
+    in the exact top-K by full score and b_u its rank in the beam-search list.
+    """
+    e, b, k = _ranks(exact_ranks), _ranks(beam_ranks), _check_k(k)
+    if e.shape != b.shape:
+        raise ValueError(f"exact_ranks {tuple(e.shape)} and beam_ranks {tuple(b.shape)} differ")
+    eligible = (e >= 0) & (e < k)
+    return _mean((eligible & (b < 0)).double(), int(eligible.sum()))
+
+
+def violation_share(pruned, violated) -> float:
+    """Among pruned cases, the share where some target token has margin Δ > 0 (paper Fig. 4).
+
+    share = |{u : pruned_u and violated_u}| / |{u : pruned_u}|.
+    """
+    p = torch.as_tensor(pruned).reshape(-1).bool()
+    v = torch.as_tensor(violated, device=p.device).reshape(-1).bool()
+    if p.shape != v.shape:
+        raise ValueError(f"pruned {tuple(p.shape)} and violated {tuple(v.shape)} differ")
+    return _mean((p & v).double(), int(p.sum()))
+
+
+def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float]:
+    """The metrics of SPEC §5 as a dict with the keys of METRIC_KEYS.
+
+    HR and NDCG at 1, 5, 10 from the beam-search ranks; PR@5 and PR@10 from both; the violation
+    share among cases pruned at K = 10 (0 <= exact rank < 10 and absent from the beam).
+    """
+    b, e = _ranks(beam_ranks), _ranks(exact_ranks)
+    out = {}
+    for k in (1, 5, 10):
+        out[f"ndcg@{k}"] = ndcg(b, k)
+    for k in (1, 5, 10):
+        out[f"hr@{k}"] = hit_rate(b, k)
+    for k in (5, 10):
+        out[f"pr@{k}"] = pruning_rate(e, b, k)
+    pruned = (e >= 0) & (e < PRUNED_AT) & (b < 0)
+    out["violation_share"] = violation_share(pruned, violated)
+    assert all(math.isfinite(v) for v in out.values())
+    return {key: out[key] for key in METRIC_KEYS}

@@ -1,0 +1,306 @@
+"""The item trie as flat tensors (SPEC §3–§4).
+
+Every catalogue item is a token sequence followed by an explicit EOS edge, so an item that is a
+prefix of another stays reachable: its inner node has an EOS child, and the node reached through
+that edge is the item's leaf. Identical sequences share one leaf whose canonical id is the smallest
+item id among them.
+
+Layout (all tensors on one device; nodes numbered breadth-first, so the children of a node are
+contiguous and sorted by token):
+
+    node_parent (N,)    parent node id, -1 for the root (node 0)
+    node_token  (N,)    token on the edge into the node, -1 for the root
+    node_depth  (N,)    number of tokens from the root (EOS included)
+    leaf_item   (N,)    canonical item id of a leaf, -1 for inner nodes
+    child_ptr   (N+1,)  CSR row pointer: node n has the edges child_ptr[n] : child_ptr[n+1]
+    child_token (E,)    token of each edge, sorted within a node
+    child_node  (E,)    node id each edge leads to
+    depth_fanout (L+2,) largest number of children of a node at each depth (decoding width per step)
+
+Building is vectorised (one lexicographic sort of the padded sequences, one pass per depth), so a
+catalogue of a million items takes seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["ItemTrie"]
+
+_PAD = -1  # pad value after a sequence's EOS while building; sorts before every real token
+
+
+class ItemTrie:
+    """A prefix tree over item token sequences, stored as CSR tensors.
+
+    Args:
+        sequences: one list of token ids per item, without EOS.
+        item_ids: the item id of each sequence (distinct, non-negative integers).
+        eos_token_id: the token that ends an item; the trie adds the EOS edges itself.
+        vocab_size: width of the allowed-token bitmask; default max token id + 1 (EOS included).
+
+    Raises:
+        ValueError: on an empty catalogue, mismatched lengths, duplicate or negative ids, negative
+            token ids, EOS inside a sequence, or a token id >= vocab_size.
+    """
+
+    def __init__(self, sequences, item_ids, eos_token_id: int, vocab_size: int | None = None):
+        seqs = [list(s) for s in sequences]
+        ids = np.asarray(list(item_ids), dtype=np.int64).reshape(-1)
+        if len(seqs) == 0:
+            raise ValueError("ItemTrie: `sequences` is empty; a trie needs at least one item")
+        if len(seqs) != ids.shape[0]:
+            raise ValueError(
+                f"ItemTrie: got {len(seqs)} sequences but {ids.shape[0]} item ids; "
+                "pass one item id per sequence"
+            )
+        if (ids < 0).any():
+            raise ValueError("ItemTrie: item ids must be non-negative integers")
+        if np.unique(ids).shape[0] != ids.shape[0]:
+            raise ValueError("ItemTrie: item ids must be distinct (one id per sequence)")
+        eos = int(eos_token_id)
+        if eos < 0:
+            raise ValueError(f"ItemTrie: eos_token_id must be >= 0, got {eos}")
+
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))  # (M,)
+        max_len = int(lengths.max())
+        width = max_len + 1  # room for the EOS edge
+        flat = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
+        if flat.size and flat.min() < 0:
+            raise ValueError("ItemTrie: token ids must be non-negative")
+        if flat.size and (flat == eos).any():
+            raise ValueError(
+                f"ItemTrie: a sequence contains eos_token_id={eos}; pass sequences without EOS"
+            )
+        max_token = max(int(flat.max()) if flat.size else 0, eos)
+        if vocab_size is None:
+            vocab_size = max_token + 1
+        vocab_size = int(vocab_size)
+        if max_token >= vocab_size:
+            raise ValueError(
+                f"ItemTrie: token id {max_token} is >= vocab_size={vocab_size}; every token "
+                "(EOS included) must be < vocab_size (pass the model's vocabulary size)"
+            )
+
+        # Padded sequences with the EOS edge: row m = seq_m, EOS, PAD, ...
+        dtype = np.int32 if vocab_size < 2**31 - 1 else np.int64
+        padded = np.full((len(seqs), width), _PAD, dtype=dtype)  # (M, L+1)
+        row = np.repeat(np.arange(len(seqs)), lengths)
+        col = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        padded[row, col] = flat
+        padded[np.arange(len(seqs)), lengths] = eos
+
+        # Lexicographic order; among identical sequences the smallest item id comes first.
+        order = np.lexsort((ids,) + tuple(padded[:, c] for c in range(width - 1, -1, -1)))
+        padded, ids_sorted, lengths_sorted = padded[order], ids[order], lengths[order]
+
+        # lcp[r] = first column where row r differs from row r-1 (width when identical).
+        diff = padded[1:] != padded[:-1]  # (M-1, L+1)
+        lcp = np.where(diff.any(1), diff.argmax(1), width)
+        lcp = np.concatenate([[-1], lcp])  # row 0 starts every prefix
+
+        # A node of depth d (prefix of d tokens, 1 <= d <= len+1) starts at row r iff lcp[r] < d.
+        depth = np.arange(1, width + 1)  # (L+1,)
+        new = (lcp[:, None] < depth[None, :]) & (depth[None, :] <= lengths_sorted[:, None] + 1)
+        # Breadth-first numbering: by depth, then by row (lexicographic within a depth).
+        d_idx, r_idx = np.nonzero(new.T)  # both sorted by (depth, row)
+        num_nodes = 1 + d_idx.shape[0]
+        node_depth = np.concatenate([[0], d_idx + 1]).astype(np.int64)
+        node_token = np.concatenate([[-1], padded[r_idx, d_idx]]).astype(np.int64)
+
+        # Node id of the depth-d prefix of every row: the last node started at a row <= r.
+        node_at = np.zeros((len(seqs), width + 1), dtype=np.int64)  # (M, L+2); column 0 = root
+        ids_new = np.arange(1, num_nodes)
+        for d in range(1, width + 1):
+            sel = d_idx == d - 1
+            starts = np.zeros(len(seqs), dtype=np.int64)
+            starts[r_idx[sel]] = ids_new[sel]
+            np.maximum.accumulate(starts, out=starts)
+            node_at[:, d] = starts
+        node_parent = np.concatenate([[-1], node_at[r_idx, d_idx]]).astype(np.int64)
+
+        # Leaves: the node reached through the EOS edge; the first row of a group is canonical.
+        rows = np.arange(len(seqs))
+        leaf_of_row = node_at[rows, lengths_sorted + 1]  # (M,)
+        leaf_item = np.full(num_nodes, -1, dtype=np.int64)
+        first = np.concatenate([[True], leaf_of_row[1:] != leaf_of_row[:-1]])
+        leaf_item[leaf_of_row[first]] = ids_sorted[first]
+
+        # CSR children: edge e leads to node e + 1 (parents are non-decreasing in node order).
+        counts = np.bincount(node_parent[1:], minlength=num_nodes)
+        child_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        fanout = np.zeros(width + 2, dtype=np.int64)
+        np.maximum.at(fanout, node_depth, counts)
+
+        # Item id -> leaf, sorted by id for lookups.
+        id_order = np.argsort(ids_sorted, kind="stable")
+        self._item_sorted = torch.from_numpy(ids_sorted[id_order].copy())  # (M,)
+        self._item_leaf = torch.from_numpy(leaf_of_row[id_order].copy())  # (M,)
+
+        self.node_parent = torch.from_numpy(node_parent)
+        self.node_token = torch.from_numpy(node_token)
+        self.node_depth = torch.from_numpy(node_depth)
+        self.leaf_item = torch.from_numpy(leaf_item)
+        self.child_ptr = torch.from_numpy(child_ptr)
+        self.child_token = self.node_token[1:].clone()
+        self.child_node = torch.arange(1, num_nodes, dtype=torch.int64)
+        self.depth_fanout = torch.from_numpy(fanout)
+        # Sorted (parent, token) keys for child lookups by searchsorted.
+        self._edge_key = self.node_parent[1:] * vocab_size + self.child_token
+
+        self.eos_token_id = eos
+        self.vocab_size = vocab_size
+        self.num_items = int(ids.shape[0])
+        self.num_leaves = int(first.sum())
+        self.max_len = max_len  # longest sequence, EOS excluded
+        self.max_fanout = int(counts.max())
+        self.depth_fanout_list = fanout.tolist()  # host copy: decoding width per step, no sync
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return self.child_ptr.device
+
+    @property
+    def num_nodes(self) -> int:
+        return self.node_parent.shape[0]
+
+    _TENSORS = (
+        "node_parent",
+        "node_token",
+        "node_depth",
+        "leaf_item",
+        "child_ptr",
+        "child_token",
+        "child_node",
+        "depth_fanout",
+        "_edge_key",
+        "_item_sorted",
+        "_item_leaf",
+    )
+
+    def to(self, device) -> ItemTrie:
+        """Return a trie whose tensors live on `device` (self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        new = object.__new__(ItemTrie)
+        new.__dict__.update(self.__dict__)
+        for name in self._TENSORS:
+            setattr(new, name, getattr(self, name).to(device))
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"ItemTrie(num_items={self.num_items}, num_leaves={self.num_leaves}, "
+            f"num_nodes={self.num_nodes}, vocab_size={self.vocab_size}, "
+            f"eos_token_id={self.eos_token_id}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ lookups
+    def _leaf(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Leaf node of each item id; ValueError for an id not in the catalogue."""
+        item_ids = torch.as_tensor(item_ids, dtype=torch.int64, device=self.device)
+        pos = torch.searchsorted(self._item_sorted, item_ids.clamp(min=0))
+        pos = pos.clamp(max=self._item_sorted.shape[0] - 1)
+        found = self._item_sorted[pos] == item_ids
+        if not bool(found.all()):
+            bad = item_ids[~found][:5].tolist()
+            raise ValueError(f"item ids {bad} are not in the trie's catalogue")
+        return self._item_leaf[pos]
+
+    def canonical(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Map item ids to the canonical (smallest) id of their leaf; same shape."""
+        item_ids = torch.as_tensor(item_ids, dtype=torch.int64, device=self.device)
+        return self.leaf_item[self._leaf(item_ids.reshape(-1))].reshape(item_ids.shape)
+
+    def child(self, node_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Child of each (node, token) pair, -1 where the edge does not exist (same shape)."""
+        node_ids, tokens = torch.broadcast_tensors(
+            torch.as_tensor(node_ids, dtype=torch.int64, device=self.device),
+            torch.as_tensor(tokens, dtype=torch.int64, device=self.device),
+        )
+        ok = (node_ids >= 0) & (tokens >= 0) & (tokens < self.vocab_size)
+        key = node_ids.clamp(min=0) * self.vocab_size + tokens.clamp(0, self.vocab_size - 1)
+        if self._edge_key.numel() == 0:
+            return torch.full_like(node_ids, -1)
+        pos = torch.searchsorted(self._edge_key, key).clamp(max=self._edge_key.shape[0] - 1)
+        ok &= self._edge_key[pos] == key
+        return torch.where(ok, self.child_node[pos], torch.full_like(pos, -1))
+
+    def path_nodes(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Nodes along each item's path: (M,) -> (M, L_max + 1).
+
+        Entry t is the node whose children are the allowed set when predicting token t of the
+        item (t = 0 is the root, t = len(seq) is the step whose target is EOS); -1 after that.
+        """
+        nodes, _ = self._paths(item_ids)
+        return nodes
+
+    def item_tokens(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Each item's tokens followed by EOS, padded with -100: (M,) -> (M, L_max + 1)."""
+        _, tokens = self._paths(item_ids)
+        return tokens
+
+    def _paths(self, item_ids):
+        item_ids = torch.as_tensor(item_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        width = self.max_len + 1
+        cur = self._leaf(item_ids)  # (M,) leaf, depth len+1
+        nodes = torch.full((cur.shape[0], width), -1, dtype=torch.int64, device=self.device)
+        tokens = torch.full_like(nodes, -100)  # (M, L+1)
+        rows = torch.arange(cur.shape[0], device=self.device)
+        for _ in range(width):  # walk up one level per iteration, all items at once
+            live = cur > 0
+            d = self.node_depth[cur]  # depth of cur = column of its token + 1
+            col = (d - 1).clamp(min=0)
+            parent = self.node_parent[cur].clamp(min=0)
+            tokens[rows[live], col[live]] = self.node_token[cur][live]
+            nodes[rows[live], col[live]] = parent[live]
+            cur = torch.where(live, parent, cur)
+        return nodes, tokens
+
+    # ------------------------------------------------------------------ allowed sets
+    def children_dense(self, node_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean (N, vocab_size) mask of the child tokens of each node (-1: all False)."""
+        node_ids = torch.as_tensor(node_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        rows, toks = self._child_pairs(node_ids)
+        out = torch.zeros(node_ids.shape[0], self.vocab_size, dtype=torch.bool, device=self.device)
+        out[rows, toks] = True
+        return out
+
+    def _child_pairs(self, node_ids):
+        """(row, token) of every child of every node: one host sync for the total count."""
+        valid = node_ids >= 0
+        n = node_ids.clamp(min=0)
+        start = self.child_ptr[n]
+        count = torch.where(valid, self.child_ptr[n + 1] - start, torch.zeros_like(start))
+        total = int(count.sum())
+        rows = torch.repeat_interleave(
+            torch.arange(node_ids.shape[0], device=self.device), count, output_size=total
+        )
+        offset = torch.arange(total, device=self.device) - torch.repeat_interleave(
+            torch.cumsum(count, 0) - count, count, output_size=total
+        )
+        edge = start[rows] + offset
+        return rows, self.child_token[edge]
+
+    def allowed_mask(self, node_ids: torch.Tensor) -> torch.Tensor:
+        """Pack the child tokens of each node into the SPEC §2 bitmask.
+
+        Token j is allowed in row i iff ``(mask[i, j // 32] >> (j % 32)) & 1``.
+
+        Args:
+            node_ids: (N,) int64 node ids; -1 gives an all-zero row.
+
+        Returns:
+            (N, ceil(vocab_size / 32)) int32 on the trie's device.
+        """
+        node_ids = torch.as_tensor(node_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        words = (self.vocab_size + 31) // 32
+        rows, toks = self._child_pairs(node_ids)
+        acc = torch.zeros(node_ids.shape[0], words, dtype=torch.int64, device=self.device)
+        # Children of a node are distinct tokens, so adding the bits equals OR-ing them.
+        acc.index_put_((rows, toks // 32), torch.ones_like(toks) << (toks % 32), accumulate=True)
+        acc = torch.where(acc >= 2**31, acc - 2**32, acc)  # wrap bit 31 into int32's sign bit
+        return acc.to(torch.int32)

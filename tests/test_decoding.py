@@ -1,0 +1,241 @@
+"""Decoding on a tiny random Llama: brute force, teacher forcing, batching, Hugging Face parity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
+from bear.trie import ItemTrie
+from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
+
+LENGTHS = (7, 4, 9)  # prompts of different lengths, left-padded into one batch
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    seqs, ids, trie = build()
+    input_ids, mask = prompts(LENGTHS)
+    return model, seqs, ids, trie, input_ids, mask
+
+
+def brute_force(model, input_ids, mask, trie, ids, scoring, alpha=0.0):
+    """Every canonical item scored by teacher forcing, sorted by (score desc, id asc)."""
+    canon = torch.unique(trie.canonical(torch.tensor(ids)))  # ascending ids
+    U = input_ids.shape[0]
+    s = score_items(model, input_ids, mask, trie, canon.expand(U, -1), scoring)  # (U, n)
+    length = (trie.item_tokens(canon) != -100).sum(-1).float()  # tokens incl. EOS
+    s = s / length**alpha
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    return canon[order], s.gather(1, order)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_equals_exhaustive_ranking_when_beam_covers_catalogue(setup, scoring, alpha):
+    model, seqs, ids, trie, input_ids, mask = setup
+    items, scores = brute_force(model, input_ids, mask, trie, ids, scoring, alpha)
+    n = items.shape[1]
+    res = beam_search(model, input_ids, mask, trie, n + 3, scoring, length_penalty=alpha)
+    assert torch.equal(res.item_ids[:, :n], items)
+    torch.testing.assert_close(res.scores[:, :n], scores, atol=1e-5, rtol=1e-5)
+    assert (res.item_ids[:, n:] == -1).all() and torch.isneginf(res.scores[:, n:]).all()
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_exact_topk_equals_brute_force_for_every_k(setup, scoring):
+    model, seqs, ids, trie, input_ids, mask = setup
+    items, scores = brute_force(model, input_ids, mask, trie, ids, scoring)
+    n = items.shape[1]
+    for k in [1, 2, 5, 10, n, n + 2]:
+        top = exact_topk(model, input_ids, mask, trie, k, scoring, expand_per_round=3)
+        m = min(k, n)
+        assert torch.equal(top.item_ids[:, :m], items[:, :m]), k
+        torch.testing.assert_close(top.scores[:, :m], scores[:, :m], atol=1e-5, rtol=1e-5)
+        assert (top.item_ids[:, m:] == -1).all()
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_score_items_equals_teacher_forcing(setup, scoring):
+    model, seqs, ids, trie, input_ids, mask = setup
+    pick = torch.tensor([ids[0], ids[-1], ids[-2], ids[5]])
+    got = score_items(model, input_ids, mask, trie, pick.expand(3, -1), scoring)
+    item_of = dict(zip(ids, seqs, strict=True))
+    children = {}  # prefix -> allowed next tokens (a test oracle, so a plain dict)
+    for s in seqs:
+        for t in range(len(s) + 1):
+            children.setdefault(tuple(s[:t]), set()).add(s[t] if t < len(s) else EOS)
+    for u in range(3):
+        prompt = input_ids[u, mask[u].bool()]
+        for j, item in enumerate(pick.tolist()):
+            target = item_of[item] + [EOS]
+            x = torch.cat([prompt, torch.tensor(target[:-1])])[None]
+            with torch.no_grad():
+                logits = model(input_ids=x).logits[0, len(prompt) - 1 :].double()
+            total = 0.0
+            for t, y in enumerate(target):
+                z = logits[t]
+                if scoring == "before":
+                    allowed = torch.tensor(sorted(children[tuple(target[:t])]))
+                    total += (z[y] - torch.logsumexp(z[allowed], 0)).item()
+                else:
+                    total += torch.log_softmax(z, 0)[y].item()
+            assert abs(got[u, j].item() - total) < 1e-4
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_batched_equals_one_by_one(setup, scoring):
+    model, seqs, ids, trie, input_ids, mask = setup
+    batched = beam_search(model, input_ids, mask, trie, 4, scoring, length_penalty=0.5)
+    top = exact_topk(model, input_ids, mask, trie, 6, scoring)
+    pick = torch.tensor(ids[:7]).expand(3, -1)
+    sc = score_items(model, input_ids, mask, trie, pick, scoring)
+    for u, n in enumerate(LENGTHS):
+        x, m = input_ids[u : u + 1, -n:], mask[u : u + 1, -n:]  # unpadded single prompt
+        one = beam_search(model, x, m, trie, 4, scoring, length_penalty=0.5)
+        assert torch.equal(one.item_ids[0], batched.item_ids[u])
+        torch.testing.assert_close(one.scores[0], batched.scores[u], atol=1e-5, rtol=1e-5)
+        one = exact_topk(model, x, m, trie, 6, scoring)
+        assert torch.equal(one.item_ids[0], top.item_ids[u])
+        s1 = score_items(model, x, m, trie, pick[:1], scoring)
+        torch.testing.assert_close(s1[0], sc[u], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_beam_results_are_complete_distinct_and_teacher_forced(setup, scoring):
+    model, seqs, ids, trie, input_ids, mask = setup
+    res = beam_search(model, input_ids, mask, trie, 5, scoring)
+    canon = set(trie.canonical(torch.tensor(ids)).tolist())
+    for u in range(3):
+        got = [i for i in res.item_ids[u].tolist() if i >= 0]
+        assert len(got) == len(set(got)) == 5 and set(got) <= canon
+    assert (res.scores[:, :-1] >= res.scores[:, 1:]).all()  # sorted, best first
+    tf = score_items(model, input_ids, mask, trie, res.item_ids, scoring)
+    torch.testing.assert_close(tf, res.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_item_that_prefixes_another_is_reachable():
+    model = tiny_model()
+    trie = ItemTrie([[5], [5, 6], [5, 6, 7]], [0, 1, 2], EOS, vocab_size=VOCAB)
+    x, m = prompts((5,))
+    res = beam_search(model, x, m, trie, 3, "before")
+    assert sorted(res.item_ids[0].tolist()) == [0, 1, 2]
+
+
+def _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha):
+    """generate(num_beams=B, prefix_allowed_tokens_fn=...) over a plain dict trie, minus its
+    artefacts: incomplete sequences and the -1e9 filler beams are dropped."""
+    allowed = {}
+    for s in seqs:
+        for t in range(len(s) + 1):
+            allowed.setdefault(tuple(s[:t]), set()).add(s[t] if t < len(s) else EOS)
+    allowed = {k: sorted(v) for k, v in allowed.items()}
+    item_of = {
+        tuple(s): i for s, i in zip(seqs, trie.canonical(torch.tensor(ids)).tolist(), strict=True)
+    }
+    P = input_ids.shape[1]
+
+    def fn(batch_id, sent):
+        return allowed.get(tuple(sent[P:].tolist()), [EOS])
+
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        num_beams=B,
+        num_return_sequences=B,
+        prefix_allowed_tokens_fn=fn,
+        do_sample=False,
+        max_new_tokens=trie.max_len + 1,
+        length_penalty=alpha,
+        early_stopping=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+    )
+    gen = out.sequences[:, P:].view(input_ids.shape[0], B, -1).tolist()
+    scores = out.sequences_scores.view(input_ids.shape[0], B).tolist()
+    result = []
+    for u in range(input_ids.shape[0]):
+        row = []
+        for toks, sc in zip(gen[u], scores[u], strict=True):
+            if EOS not in toks or sc < -1e8:
+                continue
+            key = tuple(toks[: toks.index(EOS)])
+            if key in item_of:
+                row.append((item_of[key], sc))
+        result.append(row)
+    return result
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+@pytest.mark.parametrize("B", [2, 3, 6])  # num_beams=1 is greedy search in HF
+def test_after_mode_equals_hf_generate(setup, alpha, B):
+    model, seqs, ids, trie, input_ids, mask = setup
+    ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha)
+    hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
+    for u in range(input_ids.shape[0]):
+        got = [
+            (i, s)
+            for i, s in zip(ours.item_ids[u].tolist(), ours.scores[u].tolist(), strict=True)
+            if i >= 0
+        ]
+        assert [i for i, _ in got] == [i for i, _ in hf[u]], (u, got, hf[u])
+        for (_, a), (_, b) in zip(got, hf[u], strict=True):
+            assert abs(a - b) < 1e-4
+
+
+def test_beam_thresholds_match_a_reference_simulation(setup):
+    model, seqs, ids, trie, input_ids, mask = setup
+    B = 3
+    theta = beam_thresholds(model, input_ids, mask, trie, B, "before")
+    assert theta.shape == (3, trie.max_len + 1)
+    # Reference: per user, a plain Python simulation over prefix scores from score_items-style
+    # teacher forcing of every trie node.
+    nodes = torch.arange(trie.num_nodes)
+    parent, token = trie.node_parent.tolist(), trie.node_token.tolist()
+    for u in range(3):
+        x, m = input_ids[u : u + 1], mask[u : u + 1]
+        with torch.no_grad():
+            from bear.decoding import _continuation_logits, _prefix_tokens
+
+            pre, depth = _prefix_tokens(trie, nodes)
+            logits = _continuation_logits(model, x, m, torch.zeros_like(nodes), pre)
+            logits = logits[nodes, depth]  # next-token logits at every node
+        allowed = trie.children_dense(nodes)
+        logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+        score = {0: 0.0}
+        for n in range(1, trie.num_nodes):
+            score[n] = score[parent[n]] + logp[parent[n], token[n]].item()
+        beam = [0]
+        for t in range(trie.max_len + 1):
+            cand = [n for n in range(1, trie.num_nodes) if parent[n] in beam]
+            cand.sort(key=lambda n: -score[n])
+            want = score[cand[B - 1]] if len(cand) >= B else float("-inf")
+            assert abs(theta[u, t].item() - want) < 1e-4 or want == theta[u, t].item() == -1e999
+            beam = [n for n in cand[: 2 * B] if token[n] != EOS][:B]
+            if not beam:
+                break
+
+
+def test_invalid_inputs_raise_clear_errors(setup):
+    model, seqs, ids, trie, input_ids, mask = setup
+    with pytest.raises(ValueError, match="empty"):
+        ItemTrie([], [], EOS)
+    with pytest.raises(ValueError, match="exceeds the model's vocabulary"):
+        big = ItemTrie([[VOCAB + 3]], [0], EOS)
+        beam_search(model, input_ids, mask, big, 2)
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(model, input_ids, mask, trie, 0)
+    right = torch.flip(mask, [1])
+    with pytest.raises(ValueError, match="left-padded"):
+        beam_search(model, input_ids, right, trie, 2)
+    with pytest.raises(ValueError, match="sequences but"):
+        ItemTrie([[3], [4]], [0], EOS)
+    with pytest.raises(ValueError, match="scoring"):
+        beam_search(model, input_ids, mask, trie, 2, scoring="middle")
+    with pytest.raises(ValueError, match="k must"):
+        exact_topk(model, input_ids, mask, trie, 0)
+    with pytest.raises(ValueError, match="not in the trie"):
+        score_items(model, input_ids, mask, trie, torch.full((3, 1), 10**6))

@@ -1,0 +1,74 @@
+"""Metrics on tiny hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from bear.metrics import (
+    METRIC_KEYS,
+    hit_rate,
+    ndcg,
+    pruning_rate,
+    ranking_metrics,
+    target_ranks,
+    violation_share,
+)
+
+
+def test_target_ranks():
+    items = torch.tensor([[4, 7, 9], [1, 2, -1], [5, 6, 8]])
+    targets = torch.tensor([9, 3, 5])
+    assert target_ranks(items, targets).tolist() == [2, -1, 0]
+    # padding never matches, even a -1 target
+    assert target_ranks(torch.tensor([[-1, -1]]), torch.tensor([-1])).tolist() == [-1]
+
+
+def test_hit_rate_and_ndcg_by_hand():
+    ranks = torch.tensor([0, 2, -1, 6])
+    assert hit_rate(ranks, 1) == 0.25
+    assert hit_rate(ranks, 5) == 0.5
+    assert hit_rate(ranks, 10) == 0.75
+    assert ndcg(ranks, 1) == pytest.approx(1 / 4)
+    assert ndcg(ranks, 5) == pytest.approx((1 + 1 / math.log2(4)) / 4)  # 1 + 0.5
+    assert ndcg(ranks, 10) == pytest.approx((1 + 0.5 + 1 / math.log2(8)) / 4)
+
+
+def test_pruning_rate_by_hand():
+    exact = torch.tensor([0, 3, 7, -1, 1])
+    beam = torch.tensor([-1, 2, -1, -1, 0])
+    # K=5: eligible users 0, 1, 4; pruned: user 0 -> 1/3
+    assert pruning_rate(exact, beam, 5) == pytest.approx(1 / 3)
+    # K=10: eligible 0, 1, 2, 4; pruned 0 and 2 -> 2/4
+    assert pruning_rate(exact, beam, 10) == 0.5
+    assert pruning_rate(torch.tensor([-1]), torch.tensor([-1]), 5) == 0.0  # empty -> 0
+
+
+def test_violation_share_by_hand():
+    pruned = torch.tensor([True, True, False, True])
+    violated = torch.tensor([True, False, True, True])
+    assert violation_share(pruned, violated) == pytest.approx(2 / 3)
+    assert violation_share(torch.tensor([False]), torch.tensor([True])) == 0.0
+
+
+def test_ranking_metrics_dict():
+    beam = torch.tensor([0, -1, 4, -1])
+    exact = torch.tensor([0, 2, 4, 12])
+    violated = torch.tensor([False, True, False, True])
+    m = ranking_metrics(beam, exact, violated)
+    assert tuple(m) == METRIC_KEYS
+    assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["hr@10"] == 0.5
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 4)
+    assert m["pr@5"] == pytest.approx(1 / 3) and m["pr@10"] == pytest.approx(1 / 3)
+    assert m["violation_share"] == 1.0  # only user 1 is pruned (user 3: exact rank 12 >= 10)
+    empty = ranking_metrics(torch.tensor([-1]), torch.tensor([-1]), torch.tensor([False]))
+    assert all(v == 0.0 for v in empty.values())
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="k must"):
+        hit_rate(torch.tensor([0]), 0)
+    with pytest.raises(TypeError, match="integers"):
+        ndcg(torch.tensor([0.5]), 5)
+    with pytest.raises(ValueError, match="differ"):
+        pruning_rate(torch.tensor([0, 1]), torch.tensor([0]), 5)
