@@ -8,11 +8,11 @@ of those groups' members is the top-B of the row (every token outside the chosen
 the B-th largest group maximum). One host synchronisation per call lists the counted rows.
 
 Gradient of the per-row terms (the derivation shared with bear_kernels._triton). For j in A,
-log p_j = z_j/tau - lse with lse = logsumexp_{k in A} z_k/tau, so d(log p_y)/dz_j = ([j=y] - p_j)/tau:
+log p_j = z_j/tau - lse, lse = logsumexp_{k in A} z_k/tau, so d(log p_y)/dz_j = ([j=y] - p_j)/tau:
 
-    ce = -log p_y                          dce/dz_j = (p_j - [j=y]) / tau
-    Δ = log β - log p_y, β constant        dΔ/dz_j  = (p_j - [j=y]) / tau      (threshold_grad=False)
-    Δ = (z_b - z_y) / tau                  dΔ/dz_j  = ([j=b] - [j=y]) / tau    (threshold_grad=True)
+    ce = -log p_y                     dce/dz_j = (p_j - [j=y]) / tau
+    Δ = log β - log p_y, β constant   dΔ/dz_j  = (p_j - [j=y]) / tau    (threshold_grad=False)
+    Δ = (z_b - z_y) / tau             dΔ/dz_j  = ([j=b] - [j=y]) / tau  (threshold_grad=True)
 
 With upstream gradients g_ce, g_Δ of one row, the logits gradient is therefore
 
@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import torch
 
-from .functional import BITS_PER_WORD, LossParams
+from .functional import LossParams
 
 # Rows per chunk are chosen so that one chunk of float32 logits is about this many elements
 # (16 MiB): large enough to amortise per-op overhead, small enough to stay out of N×V temporaries.
 CHUNK_ELEMENTS = 1 << 22
 # Tokens per group of the two-level top-k (a power of two; 64 measured well on CPU).
 GROUP = 64
-# Bit k of an int32 word is bit k % 8 of its byte k // 8 on little-endian machines (all torch targets).
+# Bit k of an int32 word is bit k % 8 of its byte k // 8 (little-endian, as every torch target).
 _BYTE_SHIFTS = tuple(range(8))
 
 

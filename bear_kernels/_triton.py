@@ -1,0 +1,166 @@
+"""Launchers of the Triton kernels and the autograd.Function of the Triton path.
+
+Limits: V <= MAX_VOCAB, B <= MAX_BEAM, logits with unit stride along V (made contiguous
+otherwise), row offsets in int64. No host synchronisation: the per-row outputs (N,) stay on the
+device and the backward coefficients are computed with torch ops. CPU tensors run only under
+TRITON_INTERPRET=1 (checked by bear_kernels.functional before any launch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._torch import row_coefficients
+from .functional import LossParams
+
+try:
+    import triton
+
+    from ._kernels import _bear_bwd_kernel, _bear_fwd_kernel
+
+    HAS_TRITON = True
+except ImportError:  # triton is an optional dependency (setup.py extra "triton")
+    HAS_TRITON = False
+
+# Limits stated by the issue: vocabularies up to 262144 tokens, beams up to 64.
+MAX_VOCAB = 262144
+MAX_BEAM = 64
+# Tokens per chunk on a GPU (one program per row; 4096 fp32 values are 16 KiB of registers per
+# program at 8 warps) and under the interpreter (numpy work per chunk; smaller is faster there).
+BLOCK_V_GPU = 4096
+BLOCK_V_INTERPRET = 1024
+NUM_WARPS_GPU = 8
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_v(vocab: int) -> int:
+    cap = BLOCK_V_INTERPRET if _interpreting() else BLOCK_V_GPU
+    return min(cap, triton.next_power_of_2(vocab))
+
+
+def _launch_kwargs() -> dict:
+    return {} if _interpreting() else {"num_warps": NUM_WARPS_GPU}
+
+
+def _compute_dtype(z):
+    import triton.language as tl
+
+    if z.dtype == torch.float64:
+        return torch.float64, tl.float64
+    return torch.float32, tl.float32
+
+
+def _check_limits(z, params: LossParams):
+    vocab = z.shape[1]
+    if vocab > MAX_VOCAB:
+        raise ValueError(
+            f"logits vocabulary size must be <= {MAX_VOCAB} for impl='triton', got {vocab}; "
+            "use impl='torch'"
+        )
+    if params.beam_width > MAX_BEAM:
+        raise ValueError(
+            f"beam_width must be <= {MAX_BEAM} for impl='triton', got {params.beam_width}; "
+            "use impl='torch'"
+        )
+
+
+def _fwd(z, y, mask, params: LossParams):
+    """Launch the forward kernel: per-row ce, Δ, lse (COMPUTE dtype) and b (int32)."""
+    n_rows, vocab = z.shape
+    tdtype, tl_dtype = _compute_dtype(z)
+    ce = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
+    margin = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
+    lse = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
+    b = torch.empty(n_rows, dtype=torch.int32, device=z.device)  # (N,)
+    if n_rows == 0:
+        return ce, margin, lse, b
+    mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
+    _bear_fwd_kernel[(n_rows,)](
+        ce,
+        margin,
+        lse,
+        b,
+        z,
+        y,
+        mask_arg,
+        vocab,
+        z.stride(0),
+        mask.stride(0) if mask is not None else 0,
+        1.0 / params.temperature,
+        params.ignore_index,
+        params.beam_width,
+        HAS_MASK=mask is not None,
+        BLOCK_V=_block_v(vocab),
+        BEAM_PAD=max(2, triton.next_power_of_2(params.beam_width)),
+        COMPUTE=tl_dtype,
+        **_launch_kwargs(),
+    )
+    return ce, margin, lse, b
+
+
+def _bwd(z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
+    """Launch the backward kernel: grad (N, V) in the logits dtype, written once."""
+    n_rows, vocab = z.shape
+    _, tl_dtype = _compute_dtype(z)
+    grad = torch.empty_like(z)  # (N, V)
+    if n_rows == 0:
+        return grad
+    mask_arg = mask if mask is not None else y
+    _bear_bwd_kernel[(n_rows,)](
+        grad,
+        z,
+        y,
+        mask_arg,
+        lse,
+        b,
+        a,
+        c_y,
+        c_b,
+        vocab,
+        z.stride(0),
+        grad.stride(0),
+        mask.stride(0) if mask is not None else 0,
+        1.0 / params.temperature,
+        HAS_MASK=mask is not None,
+        BLOCK_V=_block_v(vocab),
+        COMPUTE=tl_dtype,
+        **_launch_kwargs(),
+    )
+    return grad
+
+
+class _CEMarginTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, y, mask, params: LossParams):
+        ce, margin, lse, b = _fwd(z, y, mask, params)
+        counted = b >= 0  # (N,)
+        ctx.save_for_backward(z, y, mask, lse, b, counted)
+        ctx.params = params
+        ctx.mark_non_differentiable(counted)
+        return ce, margin, counted
+
+    @staticmethod
+    def backward(ctx, g_ce, g_margin, _g_counted):
+        z, y, mask, lse, b, counted = ctx.saved_tensors
+        # (a, c_y, c_b) per row, derived in bear_kernels._torch; 0 on uncounted rows
+        a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, ctx.params, lse.dtype)
+        grad = _bwd(
+            z, y, mask, lse, b, a.contiguous(), c_y.contiguous(), c_b.contiguous(), ctx.params
+        )
+        return grad, None, None, None
+
+
+def ce_margin_triton(z, y, mask, params: LossParams):
+    """Per-row (ce, Δ, counted) of flattened inputs z (N, V), y (N,), mask (N, W) or None."""
+    _check_limits(z, params)
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    y = y.contiguous()
+    if mask is not None:
+        mask = mask.contiguous()
+    return _CEMarginTriton.apply(z, y, mask, params)
