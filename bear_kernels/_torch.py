@@ -185,7 +185,7 @@ class _CEMarginTorch(torch.autograd.Function):
             d.scatter_add_(1, y[idx][:, None], -c_y[idx, None])
             if params.threshold_grad:
                 d.scatter_add_(1, b_idx[idx][:, None], c_b[idx, None])
-            grad[sel] = d
+            grad[sel] = d.to(grad.dtype)
         return grad, None, None, None
 
 

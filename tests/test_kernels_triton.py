@@ -1,0 +1,116 @@
+"""The Triton kernels under TRITON_INTERPRET=1 (set by conftest) against the reference."""
+
+import pytest
+import torch
+
+from bear_kernels import bear_loss, ce_margin
+from tests._helpers_kernels import check_parity, make_case
+
+pytest.importorskip("triton")
+
+
+def _triton_bear(z, y, **kw):
+    return bear_loss(z, y, impl="triton", **kw)
+
+
+def _triton_ce(z, y, **kw):
+    return ce_margin(z, y, impl="triton", **kw)
+
+
+CASES = [
+    # (N, V, B, mask kind, ignored rows, tau, threshold_grad, reduction, dtype)
+    (7, 4099, 10, "none", (), 1.0, False, "mean", torch.float32),
+    (7, 4099, 10, "mixed", (2,), 0.7, True, "sum", torch.float32),
+    (5, 4099, 10, "mixed", (0, 4), 1.3, False, "none", torch.float16),
+    (6, 1000, 64, "random", (1,), 1.0, True, "mean", torch.float16),
+    (3, 257, 1, "random", (), 2.0, False, "none", torch.float32),
+    (4, 33, 50, "mixed", (), 1.0, True, "mean", torch.float32),  # B > V
+]
+
+
+@pytest.mark.parametrize("n,v,b,kind,ignored,tau,tg,reduction,dtype", CASES)
+def test_triton_matches_reference(n, v, b, kind, ignored, tau, tg, reduction, dtype):
+    z, y, mask = make_case(n, v, kind, seed=n + v, ignore_rows=ignored, dtype=dtype, beam_width=b)
+    kw = dict(beam_width=b, temperature=tau, allowed_mask=mask, threshold_grad=tg)
+    check_parity(_triton_bear, z, y, reduction=reduction, reg_weight=0.7, **kw)
+    check_parity(_triton_ce, z, y, loss="ce", **kw)
+
+
+def test_allowed_tokens_in_the_last_chunk_of_a_long_vocabulary():
+    # V = 20483: 21 chunks of 1024 under the interpreter; A = the last 3 tokens
+    z, y, mask = make_case(2, 20483, "last_chunk", seed=9)
+    z[:, :-3] += 30.0  # masked logits far above the allowed ones must not matter
+    check_parity(_triton_bear, z, y, beam_width=2, allowed_mask=mask, threshold_grad=True)
+
+
+def test_masked_minus_inf_chunks_do_not_give_nan():
+    # whole chunks of -inf logits, allowed or not, before the finite ones
+    z, y, mask = make_case(3, 3000, "random", seed=10)
+    z[:, :2048] = float("-inf")
+    allowed = torch.zeros(3, 3000, dtype=torch.bool)
+    allowed[:, 100:200] = True  # -inf and allowed
+    allowed[:, 2500:2600] = True
+    y = torch.tensor([2510, 2550, 2599])
+    from bear_kernels import pack_allowed_mask
+
+    mask = pack_allowed_mask(allowed)
+    for impl in ("triton", "torch"):
+        zz = z.clone().requires_grad_(True)
+        loss = bear_loss(zz, y, beam_width=5, allowed_mask=mask, impl=impl)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(zz.grad).all()
+    check_parity(_triton_ce, z, y, loss="ce", beam_width=5, allowed_mask=mask)
+
+
+def test_all_rows_ignored():
+    z = torch.randn(4, 500, requires_grad=True)
+    y = torch.full((4,), -100)
+    for reduction in ("none", "sum", "mean"):
+        loss = bear_loss(z, y, reduction=reduction, impl="triton")
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        assert torch.all(loss == 0) and torch.all(grad == 0)
+
+
+def test_threshold_ties_go_to_the_lower_index():
+    z = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0]], requires_grad=True)
+    _, margin = ce_margin(z, torch.tensor([3]), beam_width=2, threshold_grad=True, impl="triton")
+    (grad,) = torch.autograd.grad(margin.sum(), z)
+    assert grad.tolist() == [[0.0, 1.0, 0.0, -1.0, 0.0]]
+
+
+@pytest.mark.parametrize("kind", ["none", "mixed"])
+def test_gradcheck_triton_float64(kind):
+    # fast_mode: the interpreter makes each call slow, so check random projections of the
+    # Jacobian (torch's fast gradcheck) rather than all N·V columns
+    z, y, mask = make_case(
+        3, 29, kind, seed=11, ignore_rows=(1,), dtype=torch.float64, beam_width=3
+    )
+    z.requires_grad_(True)
+    kw = dict(beam_width=3, temperature=0.8, allowed_mask=mask, impl="triton")
+    check = dict(fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda t: ce_margin(t, y, threshold_grad=True, **kw), (z,), **check
+    )
+    assert torch.autograd.gradcheck(lambda t: ce_margin(t, y, **kw)[0], (z,), **check)
+    ce, margin = ce_margin(z, y, **kw)
+    (g_ce,) = torch.autograd.grad(ce.sum(), z, retain_graph=True)
+    (g_margin,) = torch.autograd.grad(margin.sum(), z)
+    torch.testing.assert_close(g_margin, g_ce)
+
+
+def test_limits_raise():
+    z = torch.randn(2, 50)
+    y = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="beam_width"):
+        bear_loss(z, y, beam_width=65, impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_matches_reference(dtype):
+    z, y, mask = make_case(64, 32000, "random", seed=12, ignore_rows=(3,), dtype=dtype)
+    z, y, mask = z.cuda(), y.cuda(), mask.cuda()
+    kw = dict(beam_width=10, allowed_mask=mask)
+    out = bear_loss(z, y, impl="triton", **kw)
+    want = bear_loss(z, y, impl="torch", **kw)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
