@@ -180,12 +180,16 @@ class _CEMarginTorch(torch.autograd.Function):
             idx = rows[part]  # (R,)
             x, _ = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
             # d_j = a · p_j on A (p = 0 outside A), then the sparse terms at y and b
-            d = torch.softmax(x, dim=-1)  # (R, V)
-            d.mul_(a[idx, None])
+            p = torch.softmax(x, dim=-1)  # (R, V)
+            if isinstance(sel, slice) and z.dtype == cdtype:
+                d = torch.mul(p, a[idx, None], out=grad[sel])  # written in place: no copy
+            else:
+                d = p.mul_(a[idx, None])  # fp32 maths, rounded once below
             d.scatter_add_(1, y[idx][:, None], -c_y[idx, None])
             if params.threshold_grad:
                 d.scatter_add_(1, b_idx[idx][:, None], c_b[idx, None])
-            grad[sel] = d.to(grad.dtype)
+            if d.data_ptr() != grad[sel].data_ptr():
+                grad[sel] = d.to(grad.dtype)
         return grad, None, None, None
 
 

@@ -1,0 +1,270 @@
+"""Speed and peak memory of the BEAR loss beside plain cross-entropy; writes one CSV row per case.
+
+    python benchmarks/kernel_speed.py                       # the default grid on this machine
+    python benchmarks/kernel_speed.py --n-rows 256 --vocab 4096 --beam-width 10 --dtype fp32
+
+Impls: `torch` and `triton` (bear_loss with that impl), `torch_ce` (F.cross_entropy: the plain SFT
+cost), `torch_compile` (torch.compile of bear_loss_reference; CUDA only), `liger_ce` (Liger-Kernel's
+cross entropy; only when `liger_kernel` imports and CUDA is used). `triton` runs on CUDA only here
+(the interpreter is a test tool, not a benchmark). Modes: `fwd`, `bwd` (backward alone, after an
+untimed forward), `fwd_bwd`. Timings synchronise inside the timed call and exclude warm-up and
+compilation. `floor_ms` is the memory floor of the mode at the copy bandwidth measured in the
+same run (N·V·itemsize read for fwd; that plus N·V·itemsize written for bwd and fwd_bwd); `gbps`
+is those bytes over the measured median. `peak_mem_mb` is the peak allocation above the inputs
+(CUDA only; NaN on CPU, where torch keeps no allocator statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bear_kernels import bear_loss, bear_loss_reference, pack_allowed_mask  # noqa: E402
+
+COLUMNS = [
+    "device",
+    "impl",
+    "dtype",
+    "n_rows",
+    "vocab",
+    "beam_width",
+    "masked_fraction",
+    "mode",
+    "ms_median",
+    "gbps",
+    "floor_ms",
+    "peak_mem_mb",
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IMPLS = ("torch", "triton", "torch_ce", "torch_compile", "liger_ce")
+MODES = ("fwd", "bwd", "fwd_bwd")
+
+
+def device_slug(device: torch.device) -> str:
+    """'cpu', or a slug of the CUDA device name (e.g. 'nvidia_h200')."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn, device, repeats, warmup, setup=None):
+    """Median wall time of fn() in ms; setup() runs untimed before each call."""
+    for _ in range(warmup):
+        arg = setup() if setup else None
+        fn(arg)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        arg = setup() if setup else None
+        _sync(device)
+        start = time.perf_counter()
+        fn(arg)
+        _sync(device)  # inside the timed call
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def copy_gbps(n_rows, vocab, dtype, device, repeats):
+    """Measured copy bandwidth (GB/s) of an (N, V) tensor: read + write bytes over time."""
+    src = torch.empty(n_rows, vocab, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda _: dst.copy_(src), device, repeats, warmup=2)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def make_loss_fn(impl, beam_width, mask, device):
+    """A function (logits, target) -> scalar loss for one impl, or None if unavailable here."""
+    if impl in ("torch", "triton"):
+        if impl == "triton" and device.type != "cuda":
+            return None
+        return lambda z, y: bear_loss(
+            z, y, beam_width=beam_width, allowed_mask=mask, impl=impl, validate_target=False
+        )
+    if impl == "torch_ce":
+        return lambda z, y: F.cross_entropy(z, y)  # plain SFT cost: no mask, no top-B
+    if impl == "torch_compile":
+        if device.type != "cuda":
+            return None
+        compiled = torch.compile(bear_loss_reference)
+        return lambda z, y: compiled(
+            z, y, beam_width=beam_width, allowed_mask=mask, validate_target=False
+        )
+    if impl == "liger_ce":
+        if device.type != "cuda":
+            return None
+        try:
+            from liger_kernel.transformers import LigerCrossEntropyLoss
+        except ImportError:
+            return None
+        liger = LigerCrossEntropyLoss()
+        return lambda z, y: liger(z, y)
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def make_inputs(n_rows, vocab, dtype, masked_fraction, device, seed=0):
+    """Logits (N, V), targets (N,), and a bitmask with that fraction of tokens masked (or None)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = (torch.randn(n_rows, vocab, generator=g) * 2).to(device=device, dtype=dtype)  # (N, V)
+    y = torch.randint(0, vocab, (n_rows,), generator=g)  # (N,)
+    mask = None
+    if masked_fraction > 0:
+        allowed = torch.rand(n_rows, vocab, generator=g) >= masked_fraction  # (N, V)
+        allowed[torch.arange(n_rows), y] = True
+        allowed[:, 0] = True  # at least 2 allowed tokens per row
+        allowed[:, 1] = True
+        mask = pack_allowed_mask(allowed).to(device)
+    return z, y.to(device), mask
+
+
+def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
+    """(ms_median, peak_mem_mb) of one impl and mode, or None if the impl is unavailable."""
+    fn = make_loss_fn(impl, beam_width, mask, device)
+    if fn is None:
+        return None
+    leaf = z.detach().requires_grad_(True)
+
+    def forward(_):
+        return fn(leaf, y)
+
+    def backward(loss):
+        loss.backward()
+        leaf.grad = None
+
+    def forward_backward(_):
+        fn(leaf, y).backward()
+        leaf.grad = None
+
+    if mode == "fwd":
+        timed, setup = forward, None
+    elif mode == "bwd":
+        timed, setup = backward, lambda: fn(leaf, y)
+    else:
+        timed, setup = forward_backward, None
+    ms = _time_ms(timed, device, repeats, warmup, setup)
+    peak = float("nan")
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        arg = setup() if setup else None
+        if mode == "bwd":  # the forward's own allocations are not the backward's
+            _sync(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        timed(arg)
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return ms, peak
+
+
+def floor_bytes(mode, n_rows, vocab, itemsize):
+    """Bytes of the memory floor: read the logits once; bwd and fwd_bwd also write the grad."""
+    one = n_rows * vocab * itemsize
+    return one if mode == "fwd" else 2 * one
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n-rows", type=int, nargs="+", default=[2048, 8192], help="N values")
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="V values")
+    p.add_argument("--beam-width", type=int, nargs="+", default=[10, 50], help="B values")
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    p.add_argument(
+        "--masked-fraction",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="fraction of tokens outside the allowed set (0: no mask is passed)",
+    )
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument("--device-name", default=None, help="name in the CSV and file (default: slug)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="CSV path (default results/kernel_<device>.csv)")
+    args = p.parse_args(argv)
+
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
+    device = torch.device(
+        "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
+    )
+    name = args.device_name or device_slug(device)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernel_{name}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} -> {out}")
+
+    grid = [
+        (n, v, b, d, f)
+        for d in args.dtype
+        for n in args.n_rows
+        for v in args.vocab
+        for b in args.beam_width
+        for f in args.masked_fraction
+    ]
+    rows = []
+    bar = tqdm(total=len(grid) * len(args.impls) * len(args.modes), unit="case")
+    for n, v, b, dname, frac in grid:
+        dtype = DTYPES[dname]
+        z, y, mask = make_inputs(n, v, dtype, frac, device)
+        gbps_copy = copy_gbps(n, v, dtype, device, args.repeats)
+        for impl in args.impls:
+            for mode in args.modes:
+                bar.set_description(f"{impl} {dname} N={n} V={v} B={b} {mode}")
+                res = run_case(impl, mode, z, y, b, mask, device, args.repeats, args.warmup)
+                bar.update()
+                if res is None:
+                    continue
+                ms, peak = res
+                nbytes = floor_bytes(mode, n, v, z.element_size())
+                rows.append(
+                    {
+                        "device": name,
+                        "impl": impl,
+                        "dtype": dname,
+                        "n_rows": n,
+                        "vocab": v,
+                        "beam_width": b,
+                        "masked_fraction": frac,
+                        "mode": mode,
+                        "ms_median": round(ms, 4),
+                        "gbps": round(nbytes / (ms * 1e-3) / 1e9, 2),
+                        "floor_ms": round(nbytes / (gbps_copy * 1e9) * 1e3, 4),
+                        "peak_mem_mb": round(peak, 2) if math.isfinite(peak) else "nan",
+                    }
+                )
+        del z, y, mask
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
