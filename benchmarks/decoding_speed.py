@@ -1,0 +1,441 @@
+"""Decoding speed: bear.decoding.beam_search against generate + prefix_allowed_tokens_fn.
+
+The baseline is the upstream approach: `model.generate(num_beams=B, prefix_allowed_tokens_fn=fn)`
+where `fn` walks a Python dict trie for every beam at every step. Both run the same random Llama
+(config below), the same left-padded prompts, B = 10, `after` scoring (what generate computes),
+length_penalty 0. The run checks, per user, that both return the same items in the same order with
+the same scores (generate's artefacts removed: incomplete sequences and -1e9 filler beams).
+
+Catalogues: Office (2.4k items) and Clothing (23k items) of the upstream Amazon data, read by
+path (titles tokenised in the response context with a BPE trained on the titles, through
+bear.tokenizer / bear.items), and a synthetic catalogue of one million random token sequences with
+skewed shared prefixes (no generate baseline there: a dict trie of 1M items does not fit the
+budget of this run; said so in the output).
+
+Also measured per catalogue: the trie build time and the per-step cost of the constraint alone
+(child gather + log-softmax + top-2B for U*B beams at trie depths 0-3, synthetic logits) for ours,
+and generate's PrefixConstrainedLogitsProcessor over the dict trie for the baseline.
+
+Writes benchmarks/results/decoding_<device>.csv and .json.
+
+Usage (full run, on a quiet machine):
+    .venv/bin/python benchmarks/decoding_speed.py
+Small validation run:
+    .venv/bin/python benchmarks/decoding_speed.py --users 16 --synth-items 100000 --tag smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+from bear.decoding import _child_logprobs, _topk_stable, beam_search
+from bear.items import item_sequences
+from bear.prompts import format_prompt
+from bear.tokenizer import train_tokenizer
+from bear.trie import ItemTrie
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT.parent.parent / "shared" / "data" / "amazon"  # ../shared/data/amazon of the repo
+PAD_ID, EOS_ID = 0, 1  # bear.tokenizer's special tokens
+
+
+@dataclass(frozen=True)
+class Config:
+    users: int = 64  # test users per catalogue (first rows of test.csv)
+    batch: int = 16  # users per decoding call (same for both methods)
+    beam_width: int = 10  # B
+    vocab: int = 8192  # BPE vocabulary = model vocabulary
+    hidden: int = 256  # Llama hidden size
+    layers: int = 4  # Llama layers
+    heads: int = 4  # attention heads
+    history: int = 10  # most recent history items in a prompt
+    synth_items: int = 1_000_000  # size of the synthetic catalogue
+    constraint_reps: int = 20  # repetitions of the per-step constraint timing
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    catalogues: tuple = ("Office", "Clothing", "synthetic")
+    data: str = str(DATA)
+    tag: str = ""  # suffix of the results file name (e.g. "smoke")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build_model(cfg: Config, vocab: int):
+    torch.manual_seed(cfg.seed)
+    conf = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=2 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=4096,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+    )
+    return LlamaForCausalLM(conf).eval().to(cfg.device)
+
+
+def left_pad(rows: list[list[int]]):
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), PAD_ID, dtype=torch.int64)
+    mask = torch.zeros(len(rows), P, dtype=torch.int64)
+    for u, r in enumerate(rows):
+        ids[u, P - len(r) :] = torch.tensor(r)
+        mask[u, P - len(r) :] = 1
+    return ids, mask
+
+
+def amazon_catalogue(cfg: Config, name: str):
+    """(sequences, item ids, prompt token lists) for an upstream Amazon dataset."""
+    folder = Path(cfg.data) / name
+    titles = {int(k): v for k, v in json.loads((folder / "id2name4Rec.json").read_text()).items()}
+    domain = name.lower()
+    histories = []
+    with open(folder / "test.csv") as f:
+        for row in csv.DictReader(f):
+            items = json.loads(row["item_ids"])
+            histories.append([titles[i] for i in items[:-1][-cfg.history :]])
+            if len(histories) == cfg.users:
+                break
+    prompts_text = [format_prompt(h, domain) for h in histories]
+    tok = train_tokenizer(list(titles.values()) + prompts_text, cfg.vocab)
+    seq_of = item_sequences(tok, titles, domain)
+    ids = sorted(seq_of)
+    prompts = tok(prompts_text, add_special_tokens=True)["input_ids"]
+    return [seq_of[i] for i in ids], ids, prompts, len(tok)
+
+
+def synthetic_catalogue(cfg: Config):
+    """One million token sequences of 6-20 tokens; early tokens drawn from skewed distributions so
+    that items share prefixes (a brand-like first token, a line-like second token)."""
+    rng = np.random.default_rng(cfg.seed)
+    n = cfg.synth_items
+    lengths = rng.integers(6, 21, size=n)
+    width = int(lengths.max())
+    first = 2 + np.minimum(rng.zipf(1.3, size=n), cfg.vocab - 3)
+    toks = rng.integers(2, cfg.vocab, size=(n, width))
+    toks[:, 0] = first
+    toks[:, 1] = 2 + np.minimum(rng.zipf(1.5, size=n) * 7 + first, cfg.vocab - 3)
+    seqs = [r[:m].tolist() for r, m in zip(toks, lengths, strict=True)]
+    prompts = [
+        rng.integers(2, cfg.vocab, size=int(rng.integers(80, 160))).tolist()
+        for _ in range(cfg.users)
+    ]
+    return seqs, list(range(n)), prompts, cfg.vocab
+
+
+# ------------------------------------------------------------------------------- the baseline
+def dict_trie(seqs):
+    """Upstream-style trie: nested dicts keyed by token, EOS as a key of the last level."""
+    root: dict = {}
+    for s in seqs:
+        node = root
+        for t in s:
+            node = node.setdefault(t, {})
+        node.setdefault(EOS_ID, {})
+    return root
+
+
+def make_prefix_fn(root, prompt_len: int):
+    def fn(batch_id, sent):
+        node = root
+        for t in sent[prompt_len:].tolist():
+            node = node.get(t)
+            if node is None:
+                return [EOS_ID]
+        return list(node.keys()) or [EOS_ID]
+
+    return fn
+
+
+def run_generate(model, ids, mask, root, B, max_new):
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        num_beams=B,
+        num_return_sequences=B,
+        prefix_allowed_tokens_fn=make_prefix_fn(root, ids.shape[1]),
+        do_sample=False,
+        max_new_tokens=max_new,
+        length_penalty=0.0,
+        early_stopping=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+    )
+    return out.sequences[:, ids.shape[1] :], out.sequences_scores
+
+
+def generate_items(gen, scores, item_of, U, B):
+    """Per user: [(item, score)] of generate's complete catalogue items, minus its artefacts."""
+    gen = gen.view(U, B, -1).tolist()
+    scores = scores.view(U, B).tolist()
+    out = []
+    for u in range(U):
+        row = []
+        for toks, sc in zip(gen[u], scores[u], strict=True):
+            if EOS_ID not in toks or sc < -1e8:
+                continue
+            item = item_of.get(tuple(toks[: toks.index(EOS_ID)]))
+            if item is not None:
+                row.append((item, sc))
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------- measurements
+def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int) -> float:
+    """ms per step of the constraint alone for `rows` = U*B beams, averaged over depths 0-3."""
+    dev = cfg.device
+    t_all = []
+    g = torch.Generator().manual_seed(cfg.seed)
+    depth = trie.node_depth
+    inner = trie.leaf_item < 0
+    for d in range(4):
+        cand = torch.nonzero((depth == d) & inner).view(-1)
+        if cand.numel() == 0:
+            continue
+        node = cand[torch.randint(cand.numel(), (rows,), generator=g)].to(dev).view(-1, 10)
+        logits = torch.randn(node.shape[0], node.shape[1], vocab, generator=g).to(dev)
+        width = trie.depth_fanout_list[d]
+        for rep in range(cfg.constraint_reps + 2):
+            sync(dev)
+            t0 = time.perf_counter()
+            logp, _ = _child_logprobs(trie, logits, node, width, "after")
+            flat = logp.view(node.shape[0], -1)
+            _topk_stable(flat, min(2 * node.shape[1], flat.shape[1]))
+            sync(dev)
+            if rep >= 2:  # two warm-up calls
+                t_all.append(time.perf_counter() - t0)
+    return 1e3 * float(np.mean(t_all))
+
+
+def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> float:
+    """ms per step of generate's PrefixConstrainedLogitsProcessor over the dict trie."""
+    rng = np.random.default_rng(cfg.seed)
+    P = 4  # a dummy prompt before the prefix
+    t_all = []
+    for d in range(4):
+        picks = [seqs[i] for i in rng.integers(0, len(seqs), size=rows)]
+        if any(len(s) < d for s in picks):
+            picks = [s for s in picks if len(s) >= d] or picks
+            picks = (picks * rows)[:rows]
+        sent = torch.tensor([[PAD_ID] * P + s[:d] for s in picks if len(s) >= d] or [[PAD_ID] * P])
+        sent = sent[:rows]
+        proc = PrefixConstrainedLogitsProcessor(make_prefix_fn(root, P), num_beams=10)
+        n = (sent.shape[0] // 10) * 10
+        if n == 0:
+            continue
+        logits = torch.randn(n, vocab)
+        for rep in range(cfg.constraint_reps + 2):
+            t0 = time.perf_counter()
+            proc(sent[:n], torch.log_softmax(logits, -1))
+            if rep >= 2:
+                t_all.append(time.perf_counter() - t0)
+    return 1e3 * float(np.mean(t_all))
+
+
+def bench_catalogue(cfg: Config, name: str, device_label: str):
+    t0 = time.perf_counter()
+    if name == "synthetic":
+        seqs, ids, prompts, vocab = synthetic_catalogue(cfg)
+    else:
+        seqs, ids, prompts, vocab = amazon_catalogue(cfg, name)
+    prep_s = time.perf_counter() - t0
+    vocab = max(vocab, cfg.vocab)
+    t0 = time.perf_counter()
+    trie = ItemTrie(seqs, ids, EOS_ID, vocab_size=vocab).to(cfg.device)
+    sync(cfg.device)
+    build_s = time.perf_counter() - t0
+    print(f"[{name}] {trie}  prep {prep_s:.1f}s  trie build {build_s:.2f}s", flush=True)
+    model = build_model(cfg, vocab)
+    B = cfg.beam_width
+    batches = [left_pad(prompts[s : s + cfg.batch]) for s in range(0, len(prompts), cfg.batch)]
+    batches = [(x.to(cfg.device), m.to(cfg.device)) for x, m in batches]
+    rows = cfg.batch * B
+
+    # ours: one untimed warm-up call, then every batch timed
+    beam_search(model, *batches[0], trie, B, "after")
+    ours = []
+    sync(cfg.device)
+    t0 = time.perf_counter()
+    for x, m in batches:
+        ours.append(beam_search(model, x, m, trie, B, "after"))
+    sync(cfg.device)
+    ours_s = time.perf_counter() - t0
+    ours_ms = constraint_cost_ours(trie, cfg, vocab, rows)
+    base = dict(
+        device=device_label,
+        catalogue=name,
+        items=trie.num_items,
+        leaves=trie.num_leaves,
+        nodes=trie.num_nodes,
+        vocab=vocab,
+        max_item_tokens=trie.max_len,
+        root_fanout=trie.depth_fanout_list[0],
+        users=len(prompts),
+        batch=cfg.batch,
+        beam_width=B,
+        trie_build_s=round(build_s, 3),
+    )
+    out = [
+        dict(
+            base,
+            method="bear.beam_search",
+            seconds=round(ours_s, 3),
+            users_per_s=round(len(prompts) / ours_s, 3),
+            constraint_ms_per_step=round(ours_ms, 3),
+            equal_users="",
+            max_abs_score_diff="",
+            note="",
+        )
+    ]
+    print(f"[{name}] ours: {len(prompts) / ours_s:.2f} users/s, constraint {ours_ms:.3f} ms/step")
+
+    if name == "synthetic":
+        out.append(
+            dict(
+                base,
+                method="generate+prefix_allowed_tokens_fn",
+                seconds="",
+                users_per_s="",
+                constraint_ms_per_step="",
+                equal_users="",
+                max_abs_score_diff="",
+                note="skipped: a Python dict trie of this catalogue exceeds this run's budget",
+            )
+        )
+        print(f"[{name}] generate baseline skipped (dict trie too large)")
+        return out
+
+    root = dict_trie(seqs)
+    canon = trie.canonical(torch.tensor(ids, device=cfg.device)).tolist()
+    item_of = {}
+    for s, c in zip(seqs, canon, strict=True):
+        item_of.setdefault(tuple(s), c)
+    x, m = batches[0]
+    run_generate(model, x, m, root, B, trie.max_len + 1)  # warm-up
+    gens = []
+    sync(cfg.device)
+    t0 = time.perf_counter()
+    for x, m in batches:
+        gens.append(run_generate(model, x, m, root, B, trie.max_len + 1))
+    sync(cfg.device)
+    gen_s = time.perf_counter() - t0
+    gen_ms = constraint_cost_generate(root, seqs, cfg, vocab, rows)
+
+    equal, max_diff = 0, 0.0
+    for (x, _), r, (g, sc) in zip(batches, ours, gens, strict=True):
+        hf = generate_items(g, sc, item_of, x.shape[0], B)
+        for u in range(x.shape[0]):
+            mine = [
+                (i, s)
+                for i, s in zip(r.item_ids[u].tolist(), r.scores[u].tolist(), strict=True)
+                if i >= 0
+            ]
+            same = [i for i, _ in mine] == [i for i, _ in hf[u]]
+            equal += same
+            if same:
+                for (_, a), (_, b) in zip(mine, hf[u], strict=True):
+                    max_diff = max(max_diff, abs(a - b))
+    out.append(
+        dict(
+            base,
+            method="generate+prefix_allowed_tokens_fn",
+            seconds=round(gen_s, 3),
+            users_per_s=round(len(prompts) / gen_s, 3),
+            constraint_ms_per_step=round(gen_ms, 3),
+            equal_users=f"{equal}/{len(prompts)}",
+            max_abs_score_diff=f"{max_diff:.2e}",
+            note="",
+        )
+    )
+    out[0]["equal_users"] = f"{equal}/{len(prompts)}"
+    out[0]["max_abs_score_diff"] = f"{max_diff:.2e}"
+    print(
+        f"[{name}] generate: {len(prompts) / gen_s:.2f} users/s, constraint {gen_ms:.3f} ms/step;"
+        f" speed-up {gen_s / ours_s:.1f}x; identical top-{B} lists {equal}/{len(prompts)}, "
+        f"max |score diff| {max_diff:.2e}",
+        flush=True,
+    )
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = Config()
+    p.add_argument("--users", type=int, default=defaults.users, help="test users per catalogue")
+    p.add_argument("--batch", type=int, default=defaults.batch, help="users per decoding call")
+    p.add_argument("--synth-items", type=int, default=defaults.synth_items, help="synthetic size")
+    p.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument(
+        "--catalogues",
+        nargs="+",
+        default=list(defaults.catalogues),
+        help="Office Clothing synthetic",
+    )
+    p.add_argument("--data", default=defaults.data, help="folder holding Office/ and Clothing/")
+    p.add_argument("--tag", default="", help="suffix of the results file name")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = Config(
+        users=a.users,
+        batch=a.batch,
+        synth_items=a.synth_items,
+        device=a.device,
+        catalogues=tuple(a.catalogues),
+        data=a.data,
+        tag=a.tag,
+    )
+    label = device_name(cfg.device)
+    print(f"config: {asdict(cfg)}\ndevice: {label}, torch threads {torch.get_num_threads()}")
+    rows = []
+    for name in cfg.catalogues:
+        rows.extend(bench_catalogue(cfg, name, label))
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+    stem = f"decoding_{slug}" + (f"_{cfg.tag}" if cfg.tag else "")
+    out_dir = ROOT / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = dict(config=asdict(cfg), device=label, torch_threads=torch.get_num_threads(), rows=rows)
+    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    print(f"wrote {out_dir / stem}.csv and .json")
+
+
+if __name__ == "__main__":
+    main()
