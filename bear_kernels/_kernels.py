@@ -25,6 +25,40 @@ import triton.language as tl
 
 
 @triton.jit
+def _write_grad_row(
+    row_g,  # pointer to the row of grad (logits dtype)
+    row_z,  # pointer to the row of logits
+    row_m,  # pointer to the row of the mask (unused when HAS_MASK is False)
+    V,  # vocabulary size
+    v_read,  # V on a counted row, 0 on an uncounted row (then nothing is read, zeros written)
+    y,  # target index
+    b,  # threshold index (-1 on an uncounted row)
+    lse,  # logsumexp over A of z / tau
+    a,  # coefficient of p_j
+    c_y,  # subtracted at j = y
+    c_b,  # added at j = b
+    inv_tau,  # 1 / tau
+    HAS_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """d_j = a · p_j - c_y · [j = y] + c_b · [j = b] on A, 0 outside A; one write per token."""
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + offs
+        in_v = idx < V
+        keep = idx < v_read
+        if HAS_MASK:
+            word = tl.load(row_m + idx // 32, mask=keep, other=0)
+            keep = keep & (((word >> (idx % 32)) & 1) != 0)
+        x = tl.load(row_z + idx, mask=keep, other=0.0).to(COMPUTE) * inv_tau
+        d = tl.where(keep, a * tl.exp(x - lse), 0.0)
+        d = tl.where((idx == y) & (b >= 0), d - c_y, d)
+        d = tl.where((idx == b) & (b >= 0), d + c_b, d)
+        tl.store(row_g + idx, d.to(row_g.dtype.element_ty), mask=in_v)
+
+
+@triton.jit
 def _bear_fwd_kernel(
     ce_ptr,  # (N,) out, COMPUTE: ce = lse - x_y, 0 on uncounted rows
     margin_ptr,  # (N,) out, COMPUTE: Δ = x_b - x_y, 0 on uncounted rows
@@ -33,16 +67,23 @@ def _bear_fwd_kernel(
     logits_ptr,  # (N, V) in: z, fp32 / bf16 / fp16 / fp64, unit stride along V
     target_ptr,  # (N,) in, int64: y
     mask_ptr,  # (N, W) in, int32 bitmask of A (unused when HAS_MASK is False)
+    grad_ptr,  # (N, V) out, logits dtype: d(loss)/dz when FUSED_GRAD (else unused)
+    scale_ptr,  # () in, COMPUTE: d(loss)/d(row loss) of a counted row, 1 or 1/#counted
     V,  # vocabulary size
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
+    stride_g,  # row stride of grad (elements)
     inv_tau,  # 1 / tau
     ignore_index,  # target value of unsupervised rows
     beam_width,  # B
+    reg_weight,  # λ (FUSED_GRAD only)
+    inv_xi,  # 1 / ξ (FUSED_GRAD only)
     HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
     BLOCK_V: tl.constexpr,  # tokens per chunk (power of two)
     BEAM_PAD: tl.constexpr,  # next power of two >= B (slots of the running top-B)
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    FUSED_GRAD: tl.constexpr,  # also write the gradient of the reduced BEAR loss (2nd pass)
+    THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
 ):
     row = tl.program_id(0).to(tl.int64)
     row_z = logits_ptr + row * stride_z
@@ -111,6 +152,39 @@ def _bear_fwd_kernel(
     tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
     tl.store(b_ptr + row, tl.where(counted, b, -1))
 
+    if FUSED_GRAD:
+        # 6. gradient of the reduced loss, written while the row is still in cache.
+        #    row loss = ce + λ·log σ(Δ/ξ): d/dce = 1, d/dΔ = (λ/ξ)·σ(-Δ/ξ); times the
+        #    reduction's scale, these are the g_ce, g_Δ of bear_kernels._torch's derivation.
+        scale = tl.load(scale_ptr).to(COMPUTE)
+        g_ce = tl.where(counted, scale, 0.0)
+        sig = 1.0 / (1.0 + tl.exp(margin * inv_xi))  # σ(-Δ/ξ)
+        g_m = tl.where(counted, g_ce * reg_weight * inv_xi * sig, 0.0)
+        c_y = (g_ce + g_m) * inv_tau
+        if THRESHOLD_GRAD:
+            a = g_ce * inv_tau
+            c_b = g_m * inv_tau
+        else:
+            a = c_y
+            c_b = g_m * 0.0
+        _write_grad_row(
+            grad_ptr + row * stride_g,
+            row_z,
+            row_m,
+            V,
+            tl.where(counted, V, 0),
+            y,
+            tl.where(counted, b, -1),
+            tl.where(counted, lse, 0.0),
+            a,
+            c_y,
+            c_b,
+            inv_tau,
+            HAS_MASK,
+            BLOCK_V,
+            COMPUTE,
+        )
+
 
 @triton.jit
 def _bear_bwd_kernel(
@@ -143,18 +217,36 @@ def _bear_bwd_kernel(
     a = tl.load(a_ptr + row)
     c_y = tl.load(cy_ptr + row)
     c_b = tl.load(cb_ptr + row)
-    v_read = tl.where(skip, 0, V)  # tokens to read: none on an uncounted row
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        in_v = idx < V
-        keep = idx < v_read
-        if HAS_MASK:
-            word = tl.load(row_m + idx // 32, mask=keep, other=0)
-            keep = keep & (((word >> (idx % 32)) & 1) != 0)
-        x = tl.load(row_z + idx, mask=keep, other=0.0).to(COMPUTE) * inv_tau
-        # d_j = a · p_j - c_y · [j = y] + c_b · [j = b], p_j = exp(x_j - lse) on A
-        d = tl.where(keep, a * tl.exp(x - lse), 0.0)
-        d = tl.where((idx == y) & ~skip, d - c_y, d)
-        d = tl.where((idx == b) & ~skip, d + c_b, d)
-        tl.store(row_g + idx, d.to(grad_ptr.dtype.element_ty), mask=in_v)
+    _write_grad_row(
+        row_g,
+        row_z,
+        row_m,
+        V,
+        tl.where(skip, 0, V),
+        y,
+        b,
+        lse,
+        a,
+        c_y,
+        c_b,
+        inv_tau,
+        HAS_MASK,
+        BLOCK_V,
+        COMPUTE,
+    )
+
+
+@triton.jit
+def _scale_kernel(
+    grad_ptr,  # (numel,) in/out: the gradient, scaled in place
+    g_ptr,  # () in: the upstream gradient of the loss
+    numel,  # number of elements
+    BLOCK: tl.constexpr,  # elements per program
+):
+    """grad *= g, reading and writing nothing when g == 1 (the usual loss.backward())."""
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(g_ptr)  # in the compute dtype (fp32, or fp64 for fp64 logits)
+    todo = idx < tl.where(g != 1.0, numel, 0)  # nothing to do when g == 1
+    x = tl.load(grad_ptr + idx, mask=todo, other=0.0)
+    tl.store(grad_ptr + idx, (x.to(g.dtype) * g).to(grad_ptr.dtype.element_ty), mask=todo)

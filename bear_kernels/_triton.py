@@ -18,7 +18,7 @@ from .functional import LossParams
 try:
     import triton
 
-    from ._kernels import _bear_bwd_kernel, _bear_fwd_kernel
+    from ._kernels import _bear_bwd_kernel, _bear_fwd_kernel, _scale_kernel
 
     HAS_TRITON = True
 except ImportError:  # triton is an optional dependency (setup.py extra "triton")
@@ -69,8 +69,12 @@ def _check_limits(z, params: LossParams):
         )
 
 
-def _fwd(z, y, mask, params: LossParams):
-    """Launch the forward kernel: per-row ce, Δ, lse (COMPUTE dtype) and b (int32)."""
+def _fwd(z, y, mask, params: LossParams, fused=None):
+    """Launch the forward kernel: per-row ce, Δ, lse (COMPUTE dtype) and b (int32).
+
+    fused = (grad (N, V), scale (), reg_weight, reg_temperature) also writes the gradient of the
+    reduced BEAR loss into grad (second pass over each row, right after the first).
+    """
     n_rows, vocab = z.shape
     tdtype, tl_dtype = _compute_dtype(z)
     ce = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
@@ -80,6 +84,10 @@ def _fwd(z, y, mask, params: LossParams):
     if n_rows == 0:
         return ce, margin, lse, b
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
+    if fused is None:
+        grad, scale, reg_weight, reg_temperature = z, lse, 0.0, 1.0  # placeholders, never read
+    else:
+        grad, scale, reg_weight, reg_temperature = fused
     _bear_fwd_kernel[(n_rows,)](
         ce,
         margin,
@@ -88,16 +96,23 @@ def _fwd(z, y, mask, params: LossParams):
         z,
         y,
         mask_arg,
+        grad,
+        scale,
         vocab,
         z.stride(0),
         mask.stride(0) if mask is not None else 0,
+        grad.stride(0),
         1.0 / params.temperature,
         params.ignore_index,
         params.beam_width,
+        float(reg_weight),
+        1.0 / reg_temperature,
         HAS_MASK=mask is not None,
         BLOCK_V=_block_v(vocab),
         BEAM_PAD=max(2, triton.next_power_of_2(params.beam_width)),
         COMPUTE=tl_dtype,
+        FUSED_GRAD=fused is not None,
+        THRESHOLD_GRAD=params.threshold_grad,
         **_launch_kwargs(),
     )
     return ce, margin, lse, b
@@ -153,6 +168,75 @@ class _CEMarginTriton(torch.autograd.Function):
             z, y, mask, lse, b, a.contiguous(), c_y.contiguous(), c_b.contiguous(), ctx.params
         )
         return grad, None, None, None
+
+
+# Elements per program of the in-place scaling of a fused gradient.
+SCALE_BLOCK = 4096
+
+
+class _BEARLossTritonFused(torch.autograd.Function):
+    """bear_loss with reduction sum / mean: the gradient is written by the forward kernel.
+
+    Each row is read twice back to back (statistics, then gradient) while it is still in cache,
+    instead of once in the forward and again in a separate backward (the Liger-Kernel scheme).
+    The backward only scales the saved gradient by the upstream scalar g, in place, and reads
+    nothing when g == 1. The saved gradient holds N·V elements of the logits dtype from the
+    forward to the backward (the same memory a separate backward would allocate).
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+        tdtype, _ = _compute_dtype(z)
+        counted = counted_flat(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
+        if reduction == "mean":
+            scale = 1.0 / counted.sum().clamp_min(1).to(tdtype)  # ()
+        else:
+            scale = torch.ones((), dtype=tdtype, device=z.device)  # ()
+        grad = torch.empty_like(z)  # (N, V)
+        ce, margin, _, _ = _fwd(z, y, mask, params, (grad, scale, reg_weight, reg_temperature))
+        reg = torch.nn.functional.logsigmoid(margin / reg_temperature)  # (N,)
+        row = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (N,)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return row.sum() * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.used:
+            raise RuntimeError("bear_loss(impl='triton') supports one backward per forward")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        g = (
+            g.detach()
+            .reshape(())
+            .to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        )
+        numel = grad.numel()
+        if numel:
+            _scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
+                grad, g.contiguous(), numel, BLOCK=SCALE_BLOCK
+            )
+        return grad, None, None, None, None, None, None
+
+
+def counted_flat(y, mask, vocab, ignore_index):
+    """(N,) bool: target != ignore_index and n > 1, from torch ops (no host sync)."""
+    from .functional import counted_rows
+
+    return counted_rows(y, mask, vocab, ignore_index)
+
+
+def bear_loss_triton_fused(z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+    """Reduced BEAR loss (sum or mean) of flattened inputs, with the gradient from the forward."""
+    _check_limits(z, params)
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    y = y.contiguous()
+    if mask is not None:
+        mask = mask.contiguous()
+    return _BEARLossTritonFused.apply(
+        z, y, mask, params, float(reg_weight), float(reg_temperature), reduction
+    )
 
 
 def ce_margin_triton(z, y, mask, params: LossParams):

@@ -298,7 +298,7 @@ def counted_rows(
 # --------------------------------------------------------------------------------------------
 
 
-def _ce_margin_rows(
+def _prepare(
     logits,
     target,
     beam_width,
@@ -309,7 +309,7 @@ def _ce_margin_rows(
     impl,
     validate_target,
 ):
-    """Checked and flattened ce, Δ (N,) and the counted-row flags (N,), plus target's shape."""
+    """Checked, flattened inputs: z (N, V), y (N,), mask (N, W) or None, shape, impl, params."""
     _check_hyper(beam_width=beam_width, temperature=temperature)
     _check_flag("threshold_grad", threshold_grad)
     _check_flag("validate_target", validate_target)
@@ -320,15 +320,18 @@ def _ce_margin_rows(
     )
     impl = _resolve_impl(impl, z)
     params = LossParams(int(beam_width), float(temperature), int(ignore_index), threshold_grad)
+    return z, y, mask, shape, impl, params
+
+
+def _ce_margin_rows(z, y, mask, impl, params):
+    """Per-row ce, Δ (N,) and the counted-row flags (N,) from the chosen path."""
     if impl == "triton":
         from ._triton import ce_margin_triton
 
-        ce, margin, counted = ce_margin_triton(z, y, mask, params)
-    else:
-        from ._torch import ce_margin_torch
+        return ce_margin_triton(z, y, mask, params)
+    from ._torch import ce_margin_torch
 
-        ce, margin, counted = ce_margin_torch(z, y, mask, params)
-    return ce, margin, counted, shape
+    return ce_margin_torch(z, y, mask, params)
 
 
 def ce_margin(
@@ -371,7 +374,7 @@ def ce_margin(
         non-positive B or tau, non-finite values, mismatched shapes / dtypes / devices, a target
         outside [0, V) or outside A, an unknown impl, or impl="triton" it cannot serve.
     """
-    ce, margin, _, shape = _ce_margin_rows(
+    z, y, mask, shape, impl, params = _prepare(
         logits,
         target,
         beam_width,
@@ -382,6 +385,7 @@ def ce_margin(
         impl,
         validate_target,
     )
+    ce, margin, _ = _ce_margin_rows(z, y, mask, impl, params)
     return ce.reshape(shape), margin.reshape(shape)
 
 
@@ -431,7 +435,7 @@ def bear_loss(
     """
     _check_hyper(reg_weight=reg_weight, reg_temperature=reg_temperature)
     _check_reduction(reduction)
-    ce, margin, counted, shape = _ce_margin_rows(
+    z, y, mask, shape, impl, params = _prepare(
         logits,
         target,
         beam_width,
@@ -442,6 +446,12 @@ def bear_loss(
         impl,
         validate_target,
     )
+    if impl == "triton" and reduction != "none" and z.requires_grad and torch.is_grad_enabled():
+        # the gradient is written by the forward kernel (see _triton._BEARLossTritonFused)
+        from ._triton import bear_loss_triton_fused
+
+        return bear_loss_triton_fused(z, y, mask, params, reg_weight, reg_temperature, reduction)
+    ce, margin, counted = _ce_margin_rows(z, y, mask, impl, params)
     reg = F.logsigmoid(margin / reg_temperature)  # (N,)
     row_loss = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (N,)
     return _reduce_rows(row_loss.reshape(shape), counted, reduction)

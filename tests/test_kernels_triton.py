@@ -114,3 +114,28 @@ def test_cuda_matches_reference(dtype):
     out = bear_loss(z, y, impl="triton", **kw)
     want = bear_loss(z, y, impl="torch", **kw)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+def test_fused_gradient_scales_with_the_upstream_gradient(reduction, threshold_grad):
+    # bear_loss(impl="triton") with sum / mean writes its gradient in the forward kernel
+    z, y, mask = make_case(5, 700, "mixed", seed=13, ignore_rows=(1,), beam_width=4)
+    kw = dict(
+        beam_width=4,
+        reg_weight=0.6,
+        reg_temperature=0.8,
+        allowed_mask=mask,
+        reduction=reduction,
+        threshold_grad=threshold_grad,
+    )
+    z1 = z.clone().requires_grad_(True)
+    z2 = z.clone().requires_grad_(True)
+    fused = bear_loss(z1, y, impl="triton", **kw)
+    ref = bear_loss(z2, y, impl="torch", **kw)
+    torch.testing.assert_close(fused, ref)
+    (2.5 * fused).backward()
+    (2.5 * ref).backward()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # the unfused forward gives the same value
+        torch.testing.assert_close(bear_loss(z, y, impl="triton", **kw), ref.detach())
