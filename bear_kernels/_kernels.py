@@ -9,11 +9,11 @@ Forward, per row, reading the logits once in chunks of BLOCK_V tokens:
     is never evaluated);
   - n = |A| from the bitmask;
   - the running top-B set as BEAM_PAD slots of (value, index), B of them active. Its worst member
-    (lowest value, then highest index) is the current threshold; a token enters only if it beats
-    the worst (greater value, or equal value and lower index), so after the first chunks almost
-    no token does, and each chunk costs one compare and one reduction. Entering tokens are taken
-    best-first (highest value, then lowest index), at most B per chunk. Empty slots hold -inf with
-    distinct indices V + slot, so every (value, index) pair is unique;
+    (lowest value, then highest index) is the current threshold. A chunk's tokens are taken best
+    first (highest value, then lowest index) while the best beats the worst slot (greater value,
+    or equal value and lower index); after the first chunks almost never, so a chunk costs one
+    extra reduction (the index of its maximum), and an entering token two. Empty slots hold -inf
+    with distinct indices V + slot, so every (value, index) pair is unique;
   - at the end, b and z_(B') are the worst slot whose index is < V (a real token): with n < B
     that is the n-th largest, B' = min(B, n) as in the reference.
 Backward, per row: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see bear_kernels._torch
@@ -104,6 +104,7 @@ def _bear_fwd_kernel(
     buf_i = V + slot  # distinct sentinel indices >= V
     worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
     worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
+    no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
 
     for start in range(0, v_end, BLOCK_V):
         idx = start + offs
@@ -118,22 +119,26 @@ def _bear_fwd_kernel(
         n += tl.sum(allowed.to(tl.int32), 0)
         xa = tl.where(allowed, x, neg_inf)
         # 2. online logsumexp; m_safe keeps a chunk of only -inf from computing -inf - -inf
-        m_new = tl.maximum(m, tl.max(xa, 0))
+        chunk_max = tl.max(xa, 0)
+        m_new = tl.maximum(m, chunk_max)
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xa - m_safe), 0)
         m = m_new
-        # 4. running top-B: tokens that beat the worst slot enter, best first
-        cand = allowed & ((x > worst_v) | ((x == worst_v) & (idx < worst_i)))
-        while tl.max(cand.to(tl.int32), 0) > 0:
-            best_v = tl.max(tl.where(cand, x, neg_inf), 0)
-            best_i = tl.min(tl.where(cand & (x == best_v), idx, V + BEAM_PAD), 0)
+        # 4. running top-B: the chunk's allowed tokens are taken best first (highest value,
+        #    then lowest index) while the best one beats the worst slot. Usually none does, at
+        #    the cost of one reduction: the chunk maximum is the logsumexp's.
+        cand = allowed
+        best_v = chunk_max
+        best_i = tl.min(tl.where(cand & (x == best_v), idx, no_index), 0)
+        while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
             is_worst = active & (buf_v == worst_v) & (buf_i == worst_i)
             buf_v = tl.where(is_worst, best_v, buf_v)
             buf_i = tl.where(is_worst, best_i, buf_i)
             worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
             worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
             cand = cand & (idx != best_i)
-            cand = cand & ((x > worst_v) | ((x == worst_v) & (idx < worst_i)))
+            best_v = tl.max(tl.where(cand, x, neg_inf), 0)
+            best_i = tl.min(tl.where(cand & (x == best_v), idx, no_index), 0)
 
     # 4. z_(B') and b: the worst slot holding a real token (index < V)
     real = active & (buf_i < V)

@@ -139,3 +139,16 @@ def test_fused_gradient_scales_with_the_upstream_gradient(reduction, threshold_g
     torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-5, atol=1e-7)
     with torch.no_grad():  # the unfused forward gives the same value
         torch.testing.assert_close(bear_loss(z, y, impl="triton", **kw), ref.detach())
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_many_ties_and_ascending_logits(impl):
+    # integer logits: many exact ties at the top-B cut, resolved to the lower index everywhere;
+    # ascending logits: every token enters the running top-B of the kernel
+    g = torch.Generator().manual_seed(14)
+    ties = torch.randint(0, 3, (3, 2100), generator=g).float()
+    ascending = torch.arange(2100.0).repeat(2, 1) / 100
+    z = torch.cat([ties, ascending])
+    y = torch.tensor([5, 7, 2099, 100, 3])
+    fn = lambda a, b, **k: ce_margin(a, b, impl=impl, **k)  # noqa: E731
+    check_parity(fn, z, y, loss="ce", beam_width=6, threshold_grad=True)
