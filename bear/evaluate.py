@@ -1,0 +1,129 @@
+"""Evaluation: constrained beam search, exact top-K, teacher-forced margins -> metrics (SPEC §5).
+
+``python -m bear evaluate --run RUN`` rebuilds the run's model from its saved config and checkpoint
+and recomputes ``RUN/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from bear.decoding import beam_search, exact_topk
+from bear.items import collate
+from bear.metrics import hit_rate, ndcg, ranking_metrics, target_ranks
+from bear_kernels import ce_margin, counted_rows
+
+__all__ = ["EXACT_K", "scoring_for", "evaluate_split", "response_logits", "evaluate_run"]
+
+EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
+
+
+def scoring_for(loss: str) -> str:
+    """Beam scoring that matches the training softmax: "after" for sft, "before" otherwise."""
+    return "after" if loss == "sft" else "before"
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU, nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def response_logits(model, batch) -> torch.Tensor:
+    """(U, W, V) logits of the positions that predict the right-aligned response targets."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.width,
+        use_cache=False,
+    )
+    return out.logits
+
+
+@torch.no_grad()
+def evaluate_split(model, setup, split: str, beam_width: int, scoring: str, limit=None,
+                   batch_size: int = 32, device=None, full: bool = True) -> dict:  # fmt: skip
+    """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
+
+    ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K; the exact
+    top-K search and the margins behind PR@K and the violation share are skipped.
+    """
+    device = torch.device(device or "cpu")
+    prompts, targets = setup.prompts[split], setup.targets[split]
+    if limit is not None:
+        prompts, targets = prompts[:limit], targets[:limit]
+    trie = setup.trie.to(device)
+    was_training = model.training
+    model.eval()
+    beam_ranks, exact_ranks, violated = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = collate(prompts[sl], targets[sl], setup.items, setup.trie, setup.pad_id).to(device)
+        canon = trie.canonical(batch.items)  # (U,)
+        with autocast_for(device):
+            beam = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, beam_width,
+                               scoring=scoring)  # fmt: skip
+            if not full:
+                beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
+                continue
+            exact = exact_topk(model, batch.prompt_ids, batch.prompt_mask, trie, k=EXACT_K,
+                               scoring=scoring)  # fmt: skip
+            logits = response_logits(model, batch)  # (U, W, V)
+        U, W, V = logits.shape
+        mask = trie.allowed_mask(batch.node_ids.reshape(-1))  # (U·W, words)
+        target = batch.target.reshape(-1)  # (U·W,)
+        _, margin = ce_margin(logits.float().reshape(U * W, V), target, beam_width=beam_width,
+                              allowed_mask=mask)  # fmt: skip
+        counted = counted_rows(target, mask, vocab_size=V)
+        violated.append(((margin > 0) & counted).reshape(U, W).any(1).cpu())
+        beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
+        exact_ranks.append(target_ranks(exact.item_ids, canon).cpu())
+    model.train(was_training)
+    if not full:
+        ranks = torch.cat(beam_ranks)
+        out = {f"ndcg@{k}": float(ndcg(ranks, k)) for k in (1, 5, 10)}
+        return out | {f"hr@{k}": float(hit_rate(ranks, k)) for k in (1, 5, 10)}
+    return ranking_metrics(torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))
+
+
+def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto") -> dict:
+    """Recompute RUN/metrics.json from the run's saved config and selected checkpoint."""
+    from bear.train import TrainConfig, build_setup, load_weights, resolve_device
+
+    run = Path(run)
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; is {run} a bear run folder?")
+    saved = json.loads(config_path.read_text())
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    if limit_eval is not None:
+        cfg.limit_eval = limit_eval
+    old = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    checkpoint = run / old.get("checkpoint", "best.pt")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"{checkpoint}: missing; train the run to the end first")
+    dev = resolve_device(device)
+    setup = build_setup(cfg, run, fresh=False)
+    model = setup.model.to(dev)
+    state = torch.load(checkpoint, map_location=dev, weights_only=False)
+    load_weights(model, state["model"])
+    scoring = scoring_for(cfg.loss)
+    metrics = {
+        split: evaluate_split(
+            model, setup, split, cfg.beam_width, scoring, cfg.limit_eval, cfg.eval_batch_size, dev
+        )  # fmt: skip
+        for split in ("valid", "test")
+    }
+    metrics["best_epoch"] = old.get("best_epoch", state.get("epoch"))
+    metrics["seconds_per_epoch"] = old.get("seconds_per_epoch")
+    metrics["checkpoint"] = checkpoint.name
+    from bear.train import write_json_atomic
+
+    write_json_atomic(run / "metrics.json", metrics)
+    return metrics

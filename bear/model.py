@@ -1,0 +1,77 @@
+"""Models: a tiny Llama built from a config (full fine-tuning) or a local checkpoint with LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+__all__ = ["TinyConfig", "build_tiny_model", "load_pretrained", "trainable_state", "LoraSettings"]
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Size of the tiny Llama (``--model tiny``); vocab_size comes from the trained tokenizer."""
+
+    hidden_size: int = 128  # model width
+    intermediate_size: int = 384  # MLP width
+    num_hidden_layers: int = 2  # decoder blocks
+    num_attention_heads: int = 4  # heads (key/value heads: the same)
+    max_position_embeddings: int = 2048  # RoPE table; longer prompts raise in the tokenizer step
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA for ``--model PATH``, upstream's values."""
+
+    r: int = 8  # rank
+    alpha: int = 16  # scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get adapters
+
+
+def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyConfig, seed: int):
+    """A randomly initialised LlamaForCausalLM of the given size (seeded, float32)."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.float32):
+    """(model with LoRA adapters, tokenizer) from a local Hugging Face checkpoint folder."""
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {path}: the tokenizer has no EOS token; responses end with EOS")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config), tokenizer
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name (all of the tiny model; the adapters under LoRA)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,64 @@
+"""Figures: a run's training curves and the demo's comparison of losses (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["read_log", "plot_run", "plot_comparison"]
+
+CURVE_METRICS = ("ndcg@10", "hr@10")  # per-epoch validation runs the beam search only
+
+
+def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """(step records, validation records) of a run's log.jsonl; a resumed run's repeats collapse."""
+    steps, valid = {}, {}
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "step":
+            steps[rec["step"]] = rec
+        elif rec.get("event") == "valid":
+            valid[rec["epoch"]] = rec
+    return [steps[k] for k in sorted(steps)], [valid[k] for k in sorted(valid)]
+
+
+def plot_run(run: str | Path) -> Path:
+    """Write RUN/curves.png: training loss per step and validation metrics per epoch."""
+    run = Path(run)
+    steps, valid = read_log(run / "log.jsonl")
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
+    ax_loss.set(xlabel="optimiser step", ylabel="training loss", title="loss")
+    for key in CURVE_METRICS:
+        ax_val.plot([v["epoch"] for v in valid], [v[key] for v in valid], marker="o", label=key)
+    ax_val.set(xlabel="epoch", ylabel="validation", title="validation (beam search)")
+    ax_val.legend()
+    fig.tight_layout()
+    out = run / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_comparison(results: dict[str, dict], out: str | Path, title: str = "") -> Path:
+    """Bar chart of test metrics per loss; ``results`` maps loss name -> metrics.json's "test"."""
+    keys = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        xs = [i + j * width for i in range(len(keys))]
+        ax.bar(xs, [results[name][k] for k in keys], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
+    ax.set(ylabel="test value", title=title or "test metrics (PR: lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

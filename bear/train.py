@@ -1,0 +1,474 @@
+"""The training loop (``python -m bear train``): one readable file, nanoGPT style.
+
+Per optimiser step: a global batch of ``batch_size`` examples (a seeded permutation per epoch) is
+split across data-parallel ranks and then into micro-batches; each micro-batch's loss is the sum of
+its row terms divided by the counted rows of the *whole step* (all-reduced across ranks), so the
+gradient equals one large batch whatever the accumulation and the number of processes. Gradients are
+all-reduced once per step (the ``no_sync`` + one all-reduce of DDP). Each epoch ends with a
+validation by constrained beam search; the best epoch by validation NDCG@10 is kept and tested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bear.data import load_dataset
+from bear.decoding import beam_thresholds
+from bear.evaluate import autocast_for, evaluate_split, response_logits, scoring_for
+from bear.items import check_in_context, collate, encode_prompts, item_sequences, right_align
+from bear.losses import LOSSES, LossSettings, batch_loss, step_count, uses_trie_mask
+from bear.model import LoraSettings, TinyConfig, build_tiny_model, load_pretrained
+from bear.plots import plot_run
+from bear.prompts import format_prompt, format_response
+from bear.tokenizer import train_tokenizer
+from bear.trie import ItemTrie
+
+__all__ = ["TrainConfig", "train", "build_setup", "load_weights", "resolve_device"]
+
+SELECT_METRIC = "ndcg@10"  # SPEC §3: model selection by validation NDCG@10
+TOKENIZER_SAMPLE = 2000  # training prompts the tiny tokenizer learns from (plus every title)
+CONTEXT_CHECK = 512  # training rows whose in-context tokenisation is verified at start
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as RUN/config.json."""
+
+    data: str  # dataset folder in upstream's format
+    out: str  # run folder
+    loss: str = "bear"  # one of bear.losses.LOSSES
+    model: str = "tiny"  # "tiny" or a local Hugging Face checkpoint folder (LoRA)
+    epochs: int = 3  # passes over the training rows
+    max_steps: int | None = None  # stop after this many optimiser steps (schedule keeps epochs)
+    limit_eval: int | None = None  # evaluate on the first N validation / test rows
+    limit_train: int | None = None  # train on the first N training rows (benchmarks)
+    seed: int = 0  # model init, data order
+    beam_width: int = 10  # B, for the loss, validation and test
+    reg_weight: float = 1.0  # λ (bear, bear-upstream, beam-sim)
+    reg_temperature: float = 1.0  # ξ
+    lr: float | None = None  # peak AdamW learning rate; default 1e-3 tiny, 1e-4 LoRA
+    batch_size: int = 32  # examples per optimiser step (all ranks together)
+    micro_batch_size: int | None = None  # examples per forward pass; default batch_size
+    warmup_ratio: float = 0.05  # share of steps with a linear warm-up, then linear decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    max_history: int = 10  # newest history items in a prompt (upstream: 10)
+    train_file: str = "train.csv"  # training rows inside data
+    test_file: str = "test.csv"  # test rows inside data
+    vocab_size: int = 2048  # tiny model: BPE vocabulary trained on the dataset
+    hidden_size: int = 128  # tiny model width
+    num_layers: int = 2  # tiny model decoder blocks
+    num_heads: int = 4  # tiny model attention heads
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # LoRA target modules (PATH models)
+    eval_batch_size: int = 32  # prompts per decoding batch
+    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
+    overwrite: bool = False  # allow reusing a non-empty run folder (its contents are replaced)
+    resume: bool = False  # continue from RUN/last.pt
+    progress: bool = True  # tqdm progress bars
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the config
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: got {self.loss!r}, expected one of {LOSSES}")
+        for name in ("epochs", "batch_size", "beam_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
+        if self.lr is None:
+            self.lr = 1e-3 if self.model == "tiny" else 1e-4
+        if self.micro_batch_size is None:
+            self.micro_batch_size = self.batch_size
+        self.lora_targets = tuple(self.lora_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up shared with `evaluate`
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """Data, tokenizer, model and trie of a run."""
+
+    data: object  # bear.data.Dataset
+    tokenizer: object
+    model: torch.nn.Module
+    items: dict  # item id -> response tokens (no EOS)
+    trie: ItemTrie  # on the CPU
+    prompts: dict  # split -> prompt token lists
+    targets: dict  # split -> target item ids
+    pad_id: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _tokenizer_texts(data) -> list[str]:
+    titles = [format_response(t) for t in data.titles.values()]
+    rows = data.train[:TOKENIZER_SAMPLE]
+    return titles + [format_prompt([data.titles[i] for i in e.history], data.domain) for e in rows]
+
+
+def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
+    """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie."""
+    data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history)
+    if cfg.limit_train is not None:
+        data.train = data.train[: cfg.limit_train]
+    if cfg.model == "tiny":
+        from transformers import PreTrainedTokenizerFast
+
+        tok_dir = run / "tokenizer"
+        if not fresh and tok_dir.is_dir():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+        else:
+            tokenizer = train_tokenizer(_tokenizer_texts(data), cfg.vocab_size)
+        tiny = TinyConfig(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=3 * cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+        )
+        model = build_tiny_model(
+            len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
+        )
+    else:
+        if not Path(cfg.model).is_dir():
+            raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local folder")
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation
+        model, tokenizer = load_pretrained(cfg.model, LoraSettings(target_modules=cfg.lora_targets))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    items = item_sequences(tokenizer, data.titles, data.domain)
+    ids = data.item_ids
+    trie = ItemTrie([items[i] for i in ids], ids, tokenizer.eos_token_id, vocab_size=vocab)
+    check_in_context(tokenizer, data, data.train[:CONTEXT_CHECK], items)
+    splits = {"train": data.train, "valid": data.valid, "test": data.test}
+    return Setup(
+        data=data,
+        tokenizer=tokenizer,
+        model=model,
+        items=items,
+        trie=trie,
+        prompts={k: encode_prompts(tokenizer, data, v) for k, v in splits.items()},
+        targets={k: [e.target for e in v] for k, v in splits.items()},
+        pad_id=tokenizer.pad_token_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def save_atomic(path: Path, obj) -> None:
+    """torch.save to a temporary file in the same folder, then rename (never a torn checkpoint)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_weights(model, state: dict) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint: parameters {missing[:3]} not in the model")
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].device))
+
+
+def _prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
+    if cfg.resume:
+        if not (run / "last.pt").is_file():
+            raise FileNotFoundError(f"--resume: {run / 'last.pt'} missing; nothing to resume")
+        saved = json.loads((run / "config.json").read_text())
+        for key in ("data", "loss", "model", "seed", "batch_size", "lr", "epochs", "beam_width"):
+            if saved.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved.get(key)!r}"
+                )
+        return
+    if run.exists() and any(run.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{run}: exists and is not empty; pass --overwrite to reuse it")
+        if not (run / "config.json").is_file():
+            raise FileExistsError(f"{run}: not a bear run folder (no config.json); not deleting it")
+        if rank == 0:
+            shutil.rmtree(run)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _schedule(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class _Log:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, **rec) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(rec, default=str) + "\n")
+
+
+def _micro_batches(setup, idx, cfg, trie_dev, device):
+    """Collated micro-batches of one rank's share of a step, with allowed masks."""
+    out = []
+    prompts, targets = setup.prompts["train"], setup.targets["train"]
+    for s in range(0, len(idx), cfg.micro_batch_size):
+        part = idx[s : s + cfg.micro_batch_size]
+        batch = collate([prompts[i] for i in part], [targets[i] for i in part], setup.items,
+                        setup.trie, setup.pad_id).to(device)  # fmt: skip
+        U, W = batch.target.shape
+        mask = trie_dev.allowed_mask(batch.node_ids.reshape(-1)).reshape(U, W, -1)
+        out.append((batch, mask))
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, validate each epoch, test the best epoch; return RUN/metrics.json's content."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world > 1
+    device = resolve_device(cfg.device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    run = Path(cfg.out)
+    # Everything that can fail on the input runs before the run folder is touched.
+    setup = build_setup(cfg, run, fresh=not cfg.resume)
+    _prepare_run(cfg, run, rank)
+    if distributed:
+        dist.barrier()
+    log = _Log(run / "log.jsonl", rank == 0)
+    if rank == 0 and not cfg.resume:
+        write_json_atomic(run / "config.json", asdict(cfg))
+        if cfg.model == "tiny":
+            setup.tokenizer.save_pretrained(run / "tokenizer")
+    log(event="config", world_size=world, resolved_device=str(device), **asdict(cfg))
+    if rank == 0:
+        print(json.dumps({"config": asdict(cfg), "world_size": world}, default=str), flush=True)
+
+    model = setup.model.to(device)
+    model.train()
+    trie_dev = setup.trie.to(device)
+    settings = LossSettings(cfg.loss, cfg.beam_width, cfg.reg_weight, cfg.reg_temperature)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_train = len(setup.targets["train"])
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total, max(1, math.ceil(cfg.warmup_ratio * total)))
+    )
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
+             "epoch_seconds": []}  # fmt: skip
+    if cfg.resume:
+        ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+        load_weights(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        state = ckpt["state"]
+        (run / "partial.pt").unlink(missing_ok=True)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    def save_last():
+        if rank == 0:
+            save_atomic(run / "last.pt", {"model": trainable_state(model),
+                                          "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(),
+                                          "rng": _rng_state(), "state": state})  # fmt: skip
+
+    scoring = scoring_for(cfg.loss)
+    stopped = False
+    while state["epoch"] < cfg.epochs and not stopped:
+        epoch = state["epoch"]
+        order = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        )
+        desc = f"{cfg.loss} epoch {epoch + 1}"
+        bar = tqdm(range(state["step_in_epoch"], steps_per_epoch), desc=desc,
+                   disable=not cfg.progress or rank != 0, leave=False)  # fmt: skip
+        t0 = time.perf_counter()
+        for s in bar:
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
+            micro = _micro_batches(setup, idx[rank::world], cfg, trie_dev, device)
+            count = torch.zeros((), dtype=torch.float64)
+            for batch, mask in micro:
+                vocab = trie_dev.vocab_size
+                m = mask if uses_trie_mask(cfg.loss) else None
+                count += step_count(batch.target, m, vocab)
+            if distributed:
+                dist.all_reduce(count)
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for batch, mask in micro:
+                thresholds = None
+                if cfg.loss == "beam-sim":
+                    model.eval()
+                    with autocast_for(device):
+                        theta = beam_thresholds(
+                            model,
+                            batch.prompt_ids,
+                            batch.prompt_mask,
+                            trie_dev,
+                            cfg.beam_width,
+                            scoring="before",
+                        )
+                    model.train()
+                    thresholds = right_align(theta.float(), batch.response_len.to(theta.device),
+                                             batch.width, float("-inf"))  # fmt: skip
+                with autocast_for(device):
+                    logits = response_logits(model, batch)  # (U, W, V)
+                total_loss, _ = batch_loss(logits, batch.target, settings, mask, thresholds)
+                loss = total_loss / count.clamp(min=1).to(total_loss.dtype)
+                loss.backward()
+                step_loss += loss.detach().double().cpu()
+            if distributed:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                dist.all_reduce(step_loss)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] = s + 1
+            log(event="step", step=state["global_step"], epoch=epoch + (s + 1) / steps_per_epoch,
+                loss=float(step_loss), lr=scheduler.get_last_lr()[0])  # fmt: skip
+            bar.set_postfix(loss=f"{float(step_loss):.4f}")
+            if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+                stopped = state["step_in_epoch"] < steps_per_epoch
+                break
+        bar.close()
+        if stopped:
+            save_last()  # a mid-epoch position: --resume continues from here
+            break
+        state["epoch_seconds"].append(time.perf_counter() - t0)
+        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        valid = _validate(model, setup, cfg, scoring, device, rank, distributed)
+        state["history"].append({"epoch": epoch + 1, **valid})
+        log(event="valid", epoch=epoch + 1, **valid)
+        if state["best"] is None or valid[SELECT_METRIC] > state["best"]["valid"][SELECT_METRIC]:
+            state["best"] = {"epoch": epoch + 1, "valid": valid}
+            if rank == 0:
+                save_atomic(run / "best.pt", {"model": trainable_state(model), "epoch": epoch + 1})
+        save_last()
+        if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+            break
+    result = _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_per_epoch,
+                     stopped)  # fmt: skip
+    if distributed:
+        dist.barrier()
+    return result
+
+
+def _validate(model, setup, cfg, scoring, device, rank, distributed, split="valid", full=False):
+    """Metrics of a split computed on rank 0 and shared with the other ranks (``full``: with
+    exact top-K, PR@K and violation share; per-epoch validation runs the beam search only)."""
+    box = [None]
+    if rank == 0:
+        box[0] = evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
+                                cfg.eval_batch_size, device, full=full)  # fmt: skip
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_per_epoch,
+            stopped) -> dict:  # fmt: skip
+    """Choose the checkpoint (best validation epoch; a stop mid-epoch competes as a partial epoch),
+    test it and write RUN/metrics.json and RUN/curves.png."""
+    run = Path(cfg.out)
+    best, checkpoint = state["best"], "best.pt"
+    if stopped:
+        valid = _validate(model, setup, cfg, scoring, device, rank, distributed)
+        epoch = state["epoch"] + state["step_in_epoch"] / steps_per_epoch
+        Log = _Log(run / "log.jsonl", rank == 0)
+        Log(event="valid", epoch=epoch, partial=True, **valid)
+        if best is None or valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
+            best, checkpoint = {"epoch": epoch, "valid": valid}, "partial.pt"
+            if rank == 0:
+                save_atomic(run / checkpoint, {"model": trainable_state(model), "epoch": epoch})
+    if distributed:
+        dist.barrier()
+    weights = torch.load(run / checkpoint, map_location="cpu", weights_only=False)["model"]
+    final = trainable_state(model)
+    load_weights(model, weights)
+    args = (model, setup, cfg, scoring, device, rank, distributed)
+    valid = _validate(*args, split="valid", full=True)
+    test = _validate(*args, split="test", full=True)
+    seconds = state["epoch_seconds"]
+    metrics = {
+        "valid": valid,
+        "test": test,
+        "best_epoch": best["epoch"],
+        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+        "checkpoint": checkpoint,
+    }
+    if rank == 0:
+        _Log(run / "log.jsonl", True)(event="test", epoch=best["epoch"], **test)
+        write_json_atomic(run / "metrics.json", metrics)
+        plot_run(run)
+    load_weights(model, final)  # callers (tests) see the last weights, as trained
+    return metrics
