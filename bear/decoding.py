@@ -152,6 +152,13 @@ def _child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
     return logp, torch.where(valid, edge, torch.full_like(edge, -1))
 
 
+def _max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
+    """Largest number of children among `node` (-1 entries count 0), as a 0-d device tensor."""
+    n = node.clamp(min=0)
+    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
+    return deg.max() if deg.numel() else torch.zeros((), dtype=torch.int64, device=node.device)
+
+
 def _topk_stable(x: torch.Tensor, k: int):
     """Top-k along the last dim, ordered by (value desc, index asc) within the selection."""
     val, idx = x.topk(k, dim=-1)
@@ -223,9 +230,9 @@ def beam_search(
     pool_score = torch.full((U, B), neg_inf, device=device)  # (Ua, B)
     logits = batch.logits
     rank = torch.arange(2 * B, device=device)
+    width = trie.depth_fanout_list[0]  # the root's fan-out
     for t in range(trie.max_len + 2):
         Ua, Bc = node.shape
-        width = trie.depth_fanout_list[t]
         logp, edge = _child_logprobs(trie, logits.view(Ua, Bc, -1), node, width, scoring)
         cand = (score[..., None] + logp).view(Ua, Bc * width)  # (Ua, Bc*F)
         k2 = min(2 * B, Bc * width)
@@ -257,7 +264,10 @@ def beam_search(
         best_live = score[:, 0] / _log_penalty(t + 1, alpha)
         full = torch.isfinite(pool_score[:, -1])
         done = ~alive[:, 0] | (full & ~(best_live > pool_score[:, -1]))
-        done_host = done.cpu()  # the one host synchronisation of this step
+        # The one host synchronisation of this step: which users are done, and the largest
+        # fan-out among the live beams' nodes (the candidate width of the next step).
+        host = torch.cat([done.long(), _max_fanout(trie, node).view(1)]).cpu()
+        done_host, width = host[:-1].bool(), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
             out_leaf[users[d]] = pool_leaf[d]
@@ -313,9 +323,9 @@ def beam_thresholds(
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)
     logits = batch.logits
+    width = trie.depth_fanout_list[0]
     for t in range(trie.max_len + 1):
         Bc = node.shape[1]
-        width = trie.depth_fanout_list[t]
         logp, edge = _child_logprobs(trie, logits.view(U, Bc, -1), node, width, scoring)
         cand = (score[..., None] + logp).view(U, Bc * width)
         k2 = min(2 * B, Bc * width)
@@ -327,10 +337,12 @@ def beam_thresholds(
         live_key = torch.where(torch.isfinite(top) & (tok != trie.eos_token_id), top, -torch.inf)
         score, li = _topk_stable(live_key, min(B, k2))
         alive = torch.isfinite(score)
-        if not bool(alive.any()) or t == trie.max_len:
-            break
         node = torch.where(alive, trie.child_node[e.gather(1, li).clamp(min=0)], -1)
-        rows = (torch.arange(U, device=device)[:, None] * Bc + idx.gather(1, li) // width).view(-1)
+        src = idx.gather(1, li) // width  # (U, nb) beam each live candidate extends
+        width = int(_max_fanout(trie, node))  # one host synchronisation per step
+        if width == 0 or t == trie.max_len:
+            break
+        rows = (torch.arange(U, device=device)[:, None] * Bc + src).view(-1)
         logits = batch.step(rows, torch.where(alive, tok.gather(1, li), trie.eos_token_id).view(-1))
     return theta
 

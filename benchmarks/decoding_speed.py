@@ -40,7 +40,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from bear.decoding import _child_logprobs, _topk_stable, beam_search
+from bear.decoding import _child_logprobs, _max_fanout, _topk_stable, beam_search
 from bear.items import item_sequences
 from bear.prompts import format_prompt
 from bear.tokenizer import train_tokenizer
@@ -53,7 +53,7 @@ PAD_ID, EOS_ID = 0, 1  # bear.tokenizer's special tokens
 
 @dataclass(frozen=True)
 class Config:
-    users: int = 64  # test users per catalogue (first rows of test.csv)
+    users: int = 32  # test users per catalogue (first rows of test.csv)
     batch: int = 16  # users per decoding call (same for both methods)
     beam_width: int = 10  # B
     vocab: int = 8192  # BPE vocabulary = model vocabulary
@@ -214,10 +214,13 @@ def generate_items(gen, scores, item_of, U, B):
 
 
 # ------------------------------------------------------------------------------- measurements
-def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int) -> float:
-    """ms per step of the constraint alone for `rows` = U*B beams, averaged over depths 0-3."""
+def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int):
+    """ms per step of the constraint alone for `rows` = U*B beams at random inner nodes of depths
+    0-3 (the candidate width is the largest fan-out among them, as in beam_search).
+
+    Returns (mean ms over depths, [(depth, width, ms)])."""
     dev = cfg.device
-    t_all = []
+    t_all, per_depth = [], []
     g = torch.Generator().manual_seed(cfg.seed)
     depth = trie.node_depth
     inner = trie.leaf_item < 0
@@ -227,7 +230,8 @@ def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int) -> float:
             continue
         node = cand[torch.randint(cand.numel(), (rows,), generator=g)].to(dev).view(-1, 10)
         logits = torch.randn(node.shape[0], node.shape[1], vocab, generator=g).to(dev)
-        width = trie.depth_fanout_list[d]
+        width = int(_max_fanout(trie, node))
+        t_depth = []
         for rep in range(cfg.constraint_reps + 2):
             sync(dev)
             t0 = time.perf_counter()
@@ -236,8 +240,10 @@ def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int) -> float:
             _topk_stable(flat, min(2 * node.shape[1], flat.shape[1]))
             sync(dev)
             if rep >= 2:  # two warm-up calls
-                t_all.append(time.perf_counter() - t0)
-    return 1e3 * float(np.mean(t_all))
+                t_depth.append(time.perf_counter() - t0)
+        t_all.extend(t_depth)
+        per_depth.append((d, width, round(1e3 * float(np.mean(t_depth)), 3)))
+    return 1e3 * float(np.mean(t_all)), per_depth
 
 
 def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> float:
@@ -293,7 +299,7 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
         ours.append(beam_search(model, x, m, trie, B, "after"))
     sync(cfg.device)
     ours_s = time.perf_counter() - t0
-    ours_ms = constraint_cost_ours(trie, cfg, vocab, rows)
+    ours_ms, ours_depths = constraint_cost_ours(trie, cfg, vocab, rows)
     base = dict(
         device=device_label,
         catalogue=name,
@@ -315,6 +321,7 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
             seconds=round(ours_s, 3),
             users_per_s=round(len(prompts) / ours_s, 3),
             constraint_ms_per_step=round(ours_ms, 3),
+            constraint_ms_by_depth=" ".join(f"d{d}:F={w}:{ms}ms" for d, w, ms in ours_depths),
             equal_users="",
             max_abs_score_diff="",
             note="",
@@ -330,6 +337,7 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
                 seconds="",
                 users_per_s="",
                 constraint_ms_per_step="",
+                constraint_ms_by_depth="",
                 equal_users="",
                 max_abs_score_diff="",
                 note="skipped: a Python dict trie of this catalogue exceeds this run's budget",
@@ -375,6 +383,7 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
             seconds=round(gen_s, 3),
             users_per_s=round(len(prompts) / gen_s, 3),
             constraint_ms_per_step=round(gen_ms, 3),
+            constraint_ms_by_depth="",
             equal_users=f"{equal}/{len(prompts)}",
             max_abs_score_diff=f"{max_diff:.2e}",
             note="",
