@@ -30,24 +30,37 @@ import torch
 from .functional import LossParams
 
 # Rows per chunk are chosen so that one chunk of float32 logits is about this many elements
-# (16 MiB): large enough to amortise per-op overhead, small enough to stay out of N×V temporaries.
-CHUNK_ELEMENTS = 1 << 22
+# (4 MiB of fp32; 2^18..2^22 measured within noise of each other on CPU): per-op overhead stays
+# small, temporaries stay in cache and are never (N, V).
+CHUNK_ELEMENTS = 1 << 20
 # Tokens per group of the two-level top-k (a power of two; 64 measured well on CPU).
 GROUP = 64
 # Bit k of an int32 word is bit k % 8 of its byte k // 8 (little-endian, as every torch target).
-_BYTE_SHIFTS = tuple(range(8))
+# _BYTE_BIAS[(device, dtype)][byte] holds the 8 additive biases of a byte's bits: 0 for an allowed
+# token, -inf for a masked one. Adding a gathered bias is ~5x faster on CPU than masked_fill.
+_BYTE_BIAS: dict = {}
 
 
 def _rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _unpack(mask_rows: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 (R, W) bitmask -> bool (R, V), through uint8 so that no int32 (R, V) is built."""
-    shifts = torch.tensor(_BYTE_SHIFTS, dtype=torch.uint8, device=mask_rows.device)  # (8,)
-    as_bytes = mask_rows.contiguous().view(torch.uint8)  # (R, 4W)
-    bits = (as_bytes[..., None] >> shifts) & 1  # (R, 4W, 8)
-    return bits.reshape(mask_rows.shape[0], -1)[:, :vocab].bool()  # (R, V)
+def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """int32 (R, W) bitmask -> (R, V) additive bias in dtype: 0 on A, -inf outside A.
+
+    (A masked logit of +inf would give NaN here; the Triton path selects instead of adding.)
+    """
+    key = (mask_rows.device, dtype)
+    table = _BYTE_BIAS.get(key)
+    if table is None:
+        byte = torch.arange(256, device=mask_rows.device)[:, None]  # (256, 1)
+        bits = (byte >> torch.arange(8, device=mask_rows.device)) & 1  # (256, 8)
+        table = torch.zeros(256, 8, dtype=dtype, device=mask_rows.device)  # (256, 8)
+        table.masked_fill_(bits == 0, float("-inf"))
+        _BYTE_BIAS[key] = table
+    as_bytes = mask_rows.contiguous().view(torch.uint8).reshape(-1).long()  # (R*4W,)
+    bias = table.index_select(0, as_bytes)  # (R*4W, 8)
+    return bias.reshape(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
 
 
 def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,18 +122,16 @@ def _chunks(rows: torch.Tensor, n_rows: int, vocab: int):
 
 
 def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab):
-    """Chunk of scaled logits z/tau restricted to A (R, V) in cdtype, and the bool mask (or None).
+    """Chunk of scaled logits z/tau restricted to A (R, V) in cdtype (-inf outside A).
 
     May be a view of z: callers only read it.
     """
     x = z[sel].to(cdtype)  # (R, V)
     if inv_tau != 1.0:
         x = x * inv_tau
-    allowed = None
     if mask is not None:
-        allowed = _unpack(mask[sel], vocab)  # (R, V)
-        x = x.masked_fill(~allowed, float("-inf"))
-    return x, allowed
+        x = x + _mask_bias(mask[sel], vocab, cdtype)  # (R, V)
+    return x
 
 
 class _CEMarginTorch(torch.autograd.Function):
@@ -145,12 +156,15 @@ class _CEMarginTorch(torch.autograd.Function):
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,) row ids of this chunk
             # 1. scaled logits of the chunk, restricted to A
-            x, allowed = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
+            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
             yc = y[idx][:, None]  # (R, 1)
             # 2. z_(B') with B' = min(B, n), and the row maximum
             beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
             z_b, z_max = _kth_largest(x, beam, k)  # (R,), (R,)
             if params.threshold_grad:
+                allowed = None
+                if mask is not None:
+                    allowed = _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
                 b_idx[idx] = _threshold_index(x, allowed, z_b, beam)
             # 3. log p = log_softmax over A (native fused kernel); ce = -log p_y
             z_y = x.gather(1, yc).squeeze(1)  # (R,)
@@ -178,17 +192,28 @@ class _CEMarginTorch(torch.autograd.Function):
             grad = torch.zeros_like(z)  # (N, V); uncounted rows stay 0
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,)
-            x, _ = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
-            # d_j = a · p_j on A (p = 0 outside A), then the sparse terms at y and b
+            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
+            # d_j = a · p_j on A (p = 0 outside A), written straight into grad when the rows are
+            # a slice; then the entries at y and b are overwritten with their exact values
+            # a·p - c_y·[j=y] + c_b·[j=b] computed in cdtype and rounded once.
             p = torch.softmax(x, dim=-1)  # (R, V)
-            if isinstance(sel, slice) and z.dtype == cdtype:
-                d = torch.mul(p, a[idx, None], out=grad[sel])  # written in place: no copy
-            else:
-                d = p.mul_(a[idx, None])  # fp32 maths, rounded once below
-            d.scatter_add_(1, y[idx][:, None], -c_y[idx, None])
+            a_r, cy_r, cb_r = a[idx], c_y[idx], c_b[idx]  # (R,)
+            y_r = y[idx][:, None]  # (R, 1)
+            b_r = b_idx[idx][:, None]  # (R, 1)
+            same = (b_r == y_r).squeeze(1)  # (R,)
+            v_y = a_r * p.gather(1, y_r).squeeze(1) - cy_r  # (R,)
+            v_b = a_r * p.gather(1, b_r).squeeze(1) + cb_r  # (R,)
             if params.threshold_grad:
-                d.scatter_add_(1, b_idx[idx][:, None], c_b[idx, None])
-            if d.data_ptr() != grad[sel].data_ptr():
+                v_y = torch.where(same, v_y + cb_r, v_y)
+                v_b = torch.where(same, v_b - cy_r, v_b)
+            if isinstance(sel, slice):
+                d = torch.mul(p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
+            else:
+                d = p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
+            d.scatter_(1, y_r, v_y[:, None].to(d.dtype))
+            if params.threshold_grad:
+                d.scatter_(1, b_r, v_b[:, None].to(d.dtype))
+            if not isinstance(sel, slice):
                 grad[sel] = d.to(grad.dtype)
         return grad, None, None, None
 
