@@ -46,7 +46,7 @@ class ItemTrie:
     """
 
     def __init__(self, sequences, item_ids, eos_token_id: int, vocab_size: int | None = None):
-        seqs = [list(s) for s in sequences]
+        seqs = sequences if isinstance(sequences, (list, tuple)) else list(sequences)
         ids = np.asarray(list(item_ids), dtype=np.int64).reshape(-1)
         if len(seqs) == 0:
             raise ValueError("ItemTrie: `sequences` is empty; a trie needs at least one item")
@@ -91,8 +91,18 @@ class ItemTrie:
         padded[row, col] = flat
         padded[np.arange(len(seqs)), lengths] = eos
 
-        # Lexicographic order; among identical sequences the smallest item id comes first.
-        order = np.lexsort((ids,) + tuple(padded[:, c] for c in range(width - 1, -1, -1)))
+        # Lexicographic order; among identical sequences the smallest item id comes first. Columns
+        # are packed into int64 sort keys (tokens + 1, so PAD = 0 sorts first) to cut the passes.
+        bits = int(vocab_size).bit_length()  # token + 1 <= vocab_size fits in `bits` bits
+        per_key = max(1, 62 // bits)
+        keys = []
+        for c0 in range(0, width, per_key):
+            key = np.zeros(len(seqs), dtype=np.int64)
+            for c in range(c0, min(c0 + per_key, width)):
+                key = (key << bits) | (padded[:, c].astype(np.int64) + 1)
+            key <<= bits * (c0 + per_key - min(c0 + per_key, width))  # left-align a short key
+            keys.append(key)
+        order = np.lexsort((ids,) + tuple(keys[::-1]))
         padded, ids_sorted, lengths_sorted = padded[order], ids[order], lengths[order]
 
         # lcp[r] = first column where row r differs from row r-1 (width when identical).
@@ -111,11 +121,11 @@ class ItemTrie:
 
         # Node id of the depth-d prefix of every row: the last node started at a row <= r.
         node_at = np.zeros((len(seqs), width + 1), dtype=np.int64)  # (M, L+2); column 0 = root
-        ids_new = np.arange(1, num_nodes)
+        bounds = np.searchsorted(d_idx, np.arange(width + 1))  # d_idx is sorted by depth
         for d in range(1, width + 1):
-            sel = d_idx == d - 1
+            lo, hi = bounds[d - 1], bounds[d]
             starts = np.zeros(len(seqs), dtype=np.int64)
-            starts[r_idx[sel]] = ids_new[sel]
+            starts[r_idx[lo:hi]] = np.arange(1 + lo, 1 + hi)
             np.maximum.accumulate(starts, out=starts)
             node_at[:, d] = starts
         node_parent = np.concatenate([[-1], node_at[r_idx, d_idx]]).astype(np.int64)
