@@ -167,14 +167,16 @@ def _validate_targets(y, mask, vocab, ignore_index):
         )
 
 
-def _resolve_impl(impl, z):
-    """'auto' -> 'triton' for CUDA tensors, 'torch' otherwise; an explicit impl runs or raises."""
+def _resolve_impl(impl, z, beam_width):
+    """'auto' -> 'triton' for CUDA tensors within the kernels' limits (V <= 262144, B <= 64),
+    'torch' otherwise; an explicit impl runs or raises."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     from . import _triton
 
     if impl == "auto":
-        return "triton" if (z.is_cuda and _triton.HAS_TRITON) else "torch"
+        fits = z.shape[-1] <= _triton.MAX_VOCAB and beam_width <= _triton.MAX_BEAM
+        return "triton" if (z.is_cuda and _triton.HAS_TRITON and fits) else "torch"
     if impl == "triton":
         if not _triton.HAS_TRITON:
             raise ValueError(
@@ -318,7 +320,7 @@ def _prepare(
     z, y, mask, shape = _flatten_inputs(
         logits, target, allowed_mask, ignore_index, allow_float64=True, validate=validate_target
     )
-    impl = _resolve_impl(impl, z)
+    impl = _resolve_impl(impl, z, beam_width)
     params = LossParams(int(beam_width), float(temperature), int(ignore_index), threshold_grad)
     return z, y, mask, shape, impl, params
 

@@ -212,3 +212,13 @@ def test_torch_path_small_chunks(monkeypatch):
             allowed_mask=m,
             threshold_grad=True,
         )
+
+
+@pytest.mark.parametrize("fn", [bear_loss, bear_loss_reference, ce_margin])
+def test_device_mismatch_raises(fn):
+    z, y = _inputs()
+    with pytest.raises(ValueError, match="target"):
+        fn(z, y.to("meta"))
+    mask = pack_allowed_mask(torch.ones(4, V, dtype=torch.bool)).to("meta")
+    with pytest.raises(ValueError, match="allowed_mask"):
+        fn(z, y, allowed_mask=mask)
