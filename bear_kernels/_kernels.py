@@ -148,7 +148,7 @@ def _bear_fwd_kernel(
     counted = supervised & (n > 1)
     y_safe = tl.where(counted & (y >= 0) & (y < V), y, 0)
     x_y = tl.load(row_z + y_safe).to(COMPUTE) * inv_tau
-    lse = m + tl.log(tl.where(s > 0, s, 1.0))  # s = 0 only when m = -inf (lse = -inf)
+    lse = m + tl.log(tl.where(s == 0.0, 1.0, s))  # s = 0 only when m = -inf; NaN stays NaN
     ce = lse - x_y
     # 5. Δ = x_b - x_y = log β - log p_y
     margin = x_b - x_y

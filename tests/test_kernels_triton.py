@@ -152,3 +152,19 @@ def test_many_ties_and_ascending_logits(impl):
     y = torch.tensor([5, 7, 2099, 100, 3])
     fn = lambda a, b, **k: ce_margin(a, b, impl=impl, **k)  # noqa: E731
     check_parity(fn, z, y, loss="ce", beam_width=6, threshold_grad=True)
+
+
+def test_gpu_block_size_under_the_interpreter(monkeypatch):
+    # the CUDA launch uses BLOCK_V = 4096; run that block size through the interpreter too
+    import bear_kernels._triton as tri
+
+    monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", tri.BLOCK_V_GPU)
+    z, y, mask = make_case(3, 9001, "mixed", seed=15, beam_width=10)
+    check_parity(_triton_bear, z, y, beam_width=10, allowed_mask=mask, threshold_grad=True)
+
+
+def test_nan_logits_propagate():
+    z = torch.randn(2, 3000)
+    z[0, 2500] = float("nan")
+    loss = bear_loss(z, torch.tensor([1, 2]), reduction="none", impl="triton")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
