@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-eval", action="store_true", help="skip validation and test (timing runs)")
 
     p = sub.add_parser("evaluate", help="recompute RUN/metrics.json from a saved run")
     p.add_argument("--run", required=True, help="run folder written by train")
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             progress=not args.no_progress,
+            validate=not args.no_eval,
         )
         metrics = train(cfg)
         print(json.dumps(metrics, indent=2))

@@ -78,6 +78,7 @@ class TrainConfig:
     overwrite: bool = False  # allow reusing a non-empty run folder (its contents are replaced)
     resume: bool = False  # continue from RUN/last.pt
     progress: bool = True  # tqdm progress bars
+    validate: bool = True  # validation each epoch and the final test; off for timing runs
     extra: dict = field(default_factory=dict)  # free-form notes stored with the config
 
     def __post_init__(self):
@@ -282,6 +283,46 @@ def _micro_batches(setup, idx, cfg, trie_dev, device):
     return out
 
 
+def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=False) -> float:
+    """Forward/backward of one optimiser step's micro-batches; returns the step's loss.
+
+    Each micro-batch contributes (sum of its row losses) / (counted rows of the whole step, all
+    ranks), so the accumulated gradient is that of one batch holding the whole step; gradients are
+    summed across ranks once at the end (DDP's no_sync + a single all-reduce).
+    """
+    vocab = trie_dev.vocab_size
+    count = torch.zeros((), dtype=torch.float64)
+    for batch, mask in micro:
+        count += step_count(batch.target, mask if uses_trie_mask(settings.name) else None, vocab)
+    if distributed:
+        dist.all_reduce(count)
+    step_loss = torch.zeros((), dtype=torch.float64)
+    for batch, mask in micro:
+        thresholds = None
+        if settings.name == "beam-sim":
+            model.eval()
+            with autocast_for(device):
+                theta = beam_thresholds(model, batch.prompt_ids, batch.prompt_mask, trie_dev,
+                                        settings.beam_width, scoring="before")  # fmt: skip
+            model.train()
+            thresholds = right_align(theta.float(), batch.response_len.to(theta.device),
+                                     batch.width, float("-inf"))  # fmt: skip
+        with autocast_for(device):
+            logits = response_logits(model, batch)  # (U, W, V)
+        total_loss, _ = batch_loss(logits, batch.target, settings, mask, thresholds)
+        loss = total_loss / count.clamp(min=1).to(total_loss.dtype)
+        loss.backward()
+        step_loss += loss.detach().double().cpu()
+    if distributed:
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        dist.all_reduce(step_loss)
+    return float(step_loss)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train, validate each epoch, test the best epoch; return RUN/metrics.json's content."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -351,42 +392,7 @@ def train(cfg: TrainConfig) -> dict:
         for s in bar:
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
             micro = _micro_batches(setup, idx[rank::world], cfg, trie_dev, device)
-            count = torch.zeros((), dtype=torch.float64)
-            for batch, mask in micro:
-                vocab = trie_dev.vocab_size
-                m = mask if uses_trie_mask(cfg.loss) else None
-                count += step_count(batch.target, m, vocab)
-            if distributed:
-                dist.all_reduce(count)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for batch, mask in micro:
-                thresholds = None
-                if cfg.loss == "beam-sim":
-                    model.eval()
-                    with autocast_for(device):
-                        theta = beam_thresholds(
-                            model,
-                            batch.prompt_ids,
-                            batch.prompt_mask,
-                            trie_dev,
-                            cfg.beam_width,
-                            scoring="before",
-                        )
-                    model.train()
-                    thresholds = right_align(theta.float(), batch.response_len.to(theta.device),
-                                             batch.width, float("-inf"))  # fmt: skip
-                with autocast_for(device):
-                    logits = response_logits(model, batch)  # (U, W, V)
-                total_loss, _ = batch_loss(logits, batch.target, settings, mask, thresholds)
-                loss = total_loss / count.clamp(min=1).to(total_loss.dtype)
-                loss.backward()
-                step_loss += loss.detach().double().cpu()
-            if distributed:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                dist.all_reduce(step_loss)
+            step_loss = accumulate_gradients(model, micro, settings, trie_dev, device, distributed)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -406,10 +412,16 @@ def train(cfg: TrainConfig) -> dict:
             break
         state["epoch_seconds"].append(time.perf_counter() - t0)
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        valid = _validate(model, setup, cfg, scoring, device, rank, distributed)
+        valid = (
+            _validate(model, setup, cfg, scoring, device, rank, distributed) if cfg.validate else {}
+        )
         state["history"].append({"epoch": epoch + 1, **valid})
         log(event="valid", epoch=epoch + 1, **valid)
-        if state["best"] is None or valid[SELECT_METRIC] > state["best"]["valid"][SELECT_METRIC]:
+        if (
+            not cfg.validate
+            or state["best"] is None
+            or valid[SELECT_METRIC] > state["best"]["valid"][SELECT_METRIC]
+        ):
             state["best"] = {"epoch": epoch + 1, "valid": valid}
             if rank == 0:
                 save_atomic(run / "best.pt", {"model": trainable_state(model), "epoch": epoch + 1})
@@ -441,6 +453,14 @@ def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_
     test it and write RUN/metrics.json and RUN/curves.png."""
     run = Path(cfg.out)
     best, checkpoint = state["best"], "best.pt"
+    seconds = state["epoch_seconds"]
+    per_epoch = sum(seconds) / len(seconds) if seconds else None
+    if not cfg.validate:
+        metrics = {"valid": {}, "test": {}, "best_epoch": state["epoch"],
+                   "seconds_per_epoch": per_epoch, "checkpoint": "last.pt"}  # fmt: skip
+        if rank == 0:
+            write_json_atomic(run / "metrics.json", metrics)
+        return metrics
     if stopped:
         valid = _validate(model, setup, cfg, scoring, device, rank, distributed)
         epoch = state["epoch"] + state["step_in_epoch"] / steps_per_epoch
@@ -458,12 +478,11 @@ def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_
     args = (model, setup, cfg, scoring, device, rank, distributed)
     valid = _validate(*args, split="valid", full=True)
     test = _validate(*args, split="test", full=True)
-    seconds = state["epoch_seconds"]
     metrics = {
         "valid": valid,
         "test": test,
         "best_epoch": best["epoch"],
-        "seconds_per_epoch": sum(seconds) / len(seconds) if seconds else None,
+        "seconds_per_epoch": per_epoch,
         "checkpoint": checkpoint,
     }
     if rank == 0:

@@ -1,0 +1,45 @@
+"""Shared tiny settings for workstream C's tests (data, synth, losses, train, cli)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bear.synth import SynthConfig, write_synth
+from bear.train import TrainConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+TINY_SYNTH = SynthConfig(seed=3, num_users=30, num_brands=3, lines_per_brand=2, max_events=8)
+
+
+def tiny_synth(folder: Path) -> Path:
+    """A small synthetic dataset (108 items, about 150 training rows)."""
+    return write_synth(folder, TINY_SYNTH)
+
+
+def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
+    """A training config that runs in seconds on a CPU."""
+    base = dict(
+        data=str(data),
+        out=str(out),
+        loss="msl",
+        epochs=1,
+        vocab_size=320,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        batch_size=8,
+        limit_train=24,
+        limit_eval=3,
+        eval_batch_size=8,
+        progress=False,
+        device="cpu",
+        max_history=4,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def last_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(Path(run) / "last.pt", weights_only=False)["model"]
