@@ -2,7 +2,10 @@
 
 It serves every device (the CPU default) under the same API as the Triton kernels. Only counted
 rows are computed, in chunks of rows, so the float32 temporaries are (rows_per_chunk, V), never
-(N, V); the backward recomputes the softmax of a chunk instead of keeping it. z_(B') comes from a
+(N, V); the backward of ce_margin recomputes the softmax of a chunk instead of keeping it, and
+bear_loss with a sum / mean reduction writes its gradient in the forward, while the chunk is in
+cache (_BEARLossTorchFused, the scheme of the Triton path). lse = z_(1) - log p_(1) comes from the
+softmax, which is exact to rounding because p_(1) >= 1/n. z_(B') comes from a
 two-level top-k: the top-B of the maxima of groups of GROUP tokens picks B groups, and the top-B
 of those groups' members is the top-B of the row (every token outside the chosen groups is at most
 the B-th largest group maximum). One host synchronisation per call lists the counted rows.
@@ -26,6 +29,7 @@ and a = c_y = c_b = 0 on rows that are not counted. `row_coefficients` computes 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .functional import LossParams
 
@@ -63,8 +67,8 @@ def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch
     return bias.reshape(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
 
 
-def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_(B'), z_(1)) per row of x (R, V): the beam-th and the 1st largest value.
+def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int):
+    """(z_(B'), z_(1), index of z_(1)) per row of x (R, V): the beam-th and the largest value.
 
     beam (R,) holds B' in [1, k]; k = min(B, V). Two-level top-k when V is large (see above).
     """
@@ -74,12 +78,14 @@ def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int) -> tuple[torch.Ten
         group_max = x[:, :full].reshape(n_rows, full // GROUP, GROUP).amax(-1)  # (R, V/G)
         groups = torch.topk(group_max, k, dim=-1, sorted=False).indices  # (R, k)
         members = groups[:, :, None] * GROUP + torch.arange(GROUP, device=x.device)  # (R, k, G)
-        cand = x.gather(1, members.reshape(n_rows, -1))  # (R, k*G)
-        cand = torch.cat([cand, x[:, full:]], dim=1)  # (R, k*G + V % G)
+        tail = torch.arange(full, vocab, device=x.device).expand(n_rows, -1)  # (R, V % G)
+        where = torch.cat([members.reshape(n_rows, -1), tail], dim=1)  # (R, k*G + V % G)
+        cand = x.gather(1, where)  # (R, k*G + V % G)
     else:
-        cand = x
-    top = torch.topk(cand, k, dim=-1, sorted=True).values  # (R, k)
-    return top.gather(1, (beam - 1)[:, None]).squeeze(1), top[:, 0]
+        where, cand = None, x
+    top = torch.topk(cand, k, dim=-1, sorted=True)  # (R, k) values and positions in cand
+    i_max = top.indices[:, 0] if where is None else where.gather(1, top.indices[:, :1]).squeeze(1)
+    return top.values.gather(1, (beam - 1)[:, None]).squeeze(1), top.values[:, 0], i_max
 
 
 def row_coefficients(g_ce, g_margin, counted, params: LossParams, dtype):
@@ -134,45 +140,83 @@ def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab):
     return x
 
 
+def _counted(z, y, mask, params: LossParams):
+    """(n (N,), counted (N,), rows (M,)): |A|, the counted-row flags, their ids (one host sync)."""
+    n_rows, vocab = z.shape
+    if mask is not None:
+        from .functional import allowed_count
+
+        n_all = allowed_count(mask, vocab)  # (N,)
+    else:
+        n_all = torch.full((n_rows,), vocab, device=z.device)  # (N,)
+    counted = (y != params.ignore_index) & (n_all > 1)  # (N,)
+    return n_all, counted, counted.nonzero().squeeze(1)
+
+
+def _chunk_forward(z, y, mask, sel, idx, n_all, params: LossParams, cdtype):
+    """Steps 1-4 of the reference on one chunk: (p (R, V), ce (R,), Δ (R,), b (R,) or None)."""
+    vocab = z.shape[1]
+    # 1. scaled logits of the chunk, restricted to A
+    x = _scaled_rows(z, mask, sel, 1.0 / params.temperature, cdtype, vocab)  # (R, V)
+    y_r = y[idx][:, None]  # (R, 1)
+    # 2. z_(B') with B' = min(B, n); b only when the gradient needs it (threshold_grad)
+    beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
+    z_b, z_max, i_max = _kth_largest(x, beam, min(params.beam_width, vocab))  # (R,) each
+    b = None
+    if params.threshold_grad:
+        allowed = None if mask is None else _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
+        b = _threshold_index(x, allowed, z_b, beam)  # (R,)
+    # 3. p = softmax over A (native fused kernel, fast on -inf); lse = z_(1) - log p_(1),
+    #    exact to rounding since p_(1) >= 1/n; ce = lse - z_y
+    p = torch.softmax(x, dim=-1)  # (R, V)
+    lse = z_max - torch.log(p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
+    z_y = x.gather(1, y_r).squeeze(1)  # (R,)
+    # 4. Δ = (z_(B') - z_y) / tau
+    return p, lse - z_y, z_b - z_y, b
+
+
+def _write_chunk_grad(grad, sel, p, a_r, cy_r, cb_r, y_r, b_r, threshold_grad):
+    """grad[sel] = a·p - c_y·[j=y] + c_b·[j=b] for one chunk; p (R, V) is consumed.
+
+    The dense part is written straight into grad when the rows are a slice; the entries at y
+    and b are then overwritten with their exact values, computed in p's dtype, rounded once.
+    """
+    v_y = a_r * p.gather(1, y_r).squeeze(1) - cy_r  # (R,)
+    if threshold_grad:
+        same = (b_r == y_r).squeeze(1)  # (R,)
+        v_b = a_r * p.gather(1, b_r).squeeze(1) + cb_r  # (R,)
+        v_y = torch.where(same, v_y + cb_r, v_y)
+        v_b = torch.where(same, v_b - cy_r, v_b)
+    if isinstance(sel, slice):
+        d = torch.mul(p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
+    else:
+        d = p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
+    d.scatter_(1, y_r, v_y[:, None].to(d.dtype))
+    if threshold_grad:
+        d.scatter_(1, b_r, v_b[:, None].to(d.dtype))
+    if not isinstance(sel, slice):
+        grad[sel] = d.to(grad.dtype)
+
+
+def _grad_buffer(z, rows):
+    """(N, V) gradient in the logits dtype; rows that are not counted are 0."""
+    return torch.empty_like(z) if rows.numel() == z.shape[0] else torch.zeros_like(z)
+
+
 class _CEMarginTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, y, mask, params: LossParams):
         n_rows, vocab = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        inv_tau = 1.0 / params.temperature
-        # 0. counted rows: target != ignore_index and n = |A| > 1 (popcount of the bitmask)
-        if mask is not None:
-            from .functional import allowed_count
-
-            n_all = allowed_count(mask, vocab)  # (N,)
-        else:
-            n_all = torch.full((n_rows,), vocab, device=z.device)  # (N,)
-        counted = (y != params.ignore_index) & (n_all > 1)  # (N,)
-        rows = counted.nonzero().squeeze(1)  # (M,) the one host sync
+        n_all, counted, rows = _counted(z, y, mask, params)
         ce = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         margin = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         b_idx = torch.zeros(n_rows, dtype=torch.int64, device=z.device)  # (N,)
-        k = min(params.beam_width, vocab)
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,) row ids of this chunk
-            # 1. scaled logits of the chunk, restricted to A
-            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
-            yc = y[idx][:, None]  # (R, 1)
-            # 2. z_(B') with B' = min(B, n), and the row maximum
-            beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
-            z_b, z_max = _kth_largest(x, beam, k)  # (R,), (R,)
-            if params.threshold_grad:
-                allowed = None
-                if mask is not None:
-                    allowed = _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
-                b_idx[idx] = _threshold_index(x, allowed, z_b, beam)
-            # 3. log p = log_softmax over A (native fused kernel); ce = -log p_y
-            z_y = x.gather(1, yc).squeeze(1)  # (R,)
-            log_p = torch.log_softmax(x, dim=-1)  # (R, V)
-            log_p_y = log_p.gather(1, yc).squeeze(1)  # (R,)
-            # 4. Δ = (z_(B') - z_y) / tau
-            ce[idx] = -log_p_y
-            margin[idx] = z_b - z_y
+            _, ce[idx], margin[idx], b = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
+            if b is not None:
+                b_idx[idx] = b
         ctx.save_for_backward(z, y, mask, rows, b_idx, counted)
         ctx.params = params
         ctx.mark_non_differentiable(counted)
@@ -184,40 +228,81 @@ class _CEMarginTorch(torch.autograd.Function):
         params = ctx.params
         n_rows, vocab = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-        inv_tau = 1.0 / params.temperature
         a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, params, cdtype)  # (N,) each
-        if rows.numel() == n_rows:
-            grad = torch.empty_like(z)  # (N, V) in the logits dtype
-        else:
-            grad = torch.zeros_like(z)  # (N, V); uncounted rows stay 0
+        grad = _grad_buffer(z, rows)  # (N, V)
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,)
-            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
-            # d_j = a · p_j on A (p = 0 outside A), written straight into grad when the rows are
-            # a slice; then the entries at y and b are overwritten with their exact values
-            # a·p - c_y·[j=y] + c_b·[j=b] computed in cdtype and rounded once.
-            p = torch.softmax(x, dim=-1)  # (R, V)
-            a_r, cy_r, cb_r = a[idx], c_y[idx], c_b[idx]  # (R,)
-            y_r = y[idx][:, None]  # (R, 1)
-            b_r = b_idx[idx][:, None]  # (R, 1)
-            same = (b_r == y_r).squeeze(1)  # (R,)
-            v_y = a_r * p.gather(1, y_r).squeeze(1) - cy_r  # (R,)
-            v_b = a_r * p.gather(1, b_r).squeeze(1) + cb_r  # (R,)
-            if params.threshold_grad:
-                v_y = torch.where(same, v_y + cb_r, v_y)
-                v_b = torch.where(same, v_b - cy_r, v_b)
-            if isinstance(sel, slice):
-                d = torch.mul(p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
-            else:
-                d = p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
-            d.scatter_(1, y_r, v_y[:, None].to(d.dtype))
-            if params.threshold_grad:
-                d.scatter_(1, b_r, v_b[:, None].to(d.dtype))
-            if not isinstance(sel, slice):
-                grad[sel] = d.to(grad.dtype)
+            x = _scaled_rows(z, mask, sel, 1.0 / params.temperature, cdtype, vocab)  # (R, V)
+            p = torch.softmax(x, dim=-1)  # (R, V), 0 outside A
+            _write_chunk_grad(
+                grad,
+                sel,
+                p,
+                a[idx],
+                c_y[idx],
+                c_b[idx],
+                y[idx][:, None],
+                b_idx[idx][:, None],
+                params.threshold_grad,
+            )
         return grad, None, None, None
+
+
+class _BEARLossTorchFused(torch.autograd.Function):
+    """bear_loss with reduction sum / mean: the gradient is computed in the forward.
+
+    Each chunk is converted and soft-maxed once, and its gradient written while it is in cache
+    (as the Triton path does); the backward scales the saved gradient by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+        n_rows, vocab = z.shape
+        cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        inv_tau = 1.0 / params.temperature
+        n_all, counted, rows = _counted(z, y, mask, params)
+        scale = 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0
+        total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
+        grad = _grad_buffer(z, rows)  # (N, V)
+        for sel, part in _chunks(rows, n_rows, vocab):
+            idx = rows[part]  # (R,)
+            p, ce, margin, b = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
+            # 5-6. row loss = ce + λ·log σ(Δ/ξ); its gradient has g_ce = scale and
+            #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in the derivation above
+            total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
+            g_ce = torch.full_like(ce, scale)  # (R,)
+            g_m = scale * (reg_weight / reg_temperature) * torch.sigmoid(-margin / reg_temperature)
+            c_y = (g_ce + g_m) * inv_tau  # (R,)
+            if params.threshold_grad:
+                a, c_b = g_ce * inv_tau, g_m * inv_tau
+            else:
+                a, c_b = c_y, torch.zeros_like(c_y)
+            b_r = (b if b is not None else torch.zeros_like(idx))[:, None]  # (R, 1)
+            _write_chunk_grad(
+                grad, sel, p, a, c_y, c_b, y[idx][:, None], b_r, params.threshold_grad
+            )
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.used:
+            raise RuntimeError("bear_loss(impl='torch') supports one backward per forward")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if g.device.type != "cpu" or g.item() != 1.0:  # the usual loss.backward() skips this
+            grad.mul_(g.to(grad.dtype))
+        return grad, None, None, None, None, None, None
 
 
 def ce_margin_torch(z, y, mask, params: LossParams):
     """Per-row (ce, Δ, counted) of flattened inputs z (N, V), y (N,), mask (N, W) or None."""
     return _CEMarginTorch.apply(z, y, mask, params)
+
+
+def bear_loss_torch_fused(z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+    """Reduced BEAR loss (sum or mean) of flattened inputs, with the gradient from the forward."""
+    return _BEARLossTorchFused.apply(
+        z, y, mask, params, float(reg_weight), float(reg_temperature), reduction
+    )

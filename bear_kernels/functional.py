@@ -448,11 +448,14 @@ def bear_loss(
         impl,
         validate_target,
     )
-    if impl == "triton" and reduction != "none" and z.requires_grad and torch.is_grad_enabled():
-        # the gradient is written by the forward kernel (see _triton._BEARLossTritonFused)
-        from ._triton import bear_loss_triton_fused
-
-        return bear_loss_triton_fused(z, y, mask, params, reg_weight, reg_temperature, reduction)
+    if reduction != "none" and z.requires_grad and torch.is_grad_enabled():
+        # the gradient is computed in the forward, while each row is in cache
+        # (_triton._BEARLossTritonFused, _torch._BEARLossTorchFused)
+        if impl == "triton":
+            from ._triton import bear_loss_triton_fused as fused
+        else:
+            from ._torch import bear_loss_torch_fused as fused
+        return fused(z, y, mask, params, reg_weight, reg_temperature, reduction)
     ce, margin, counted = _ce_margin_rows(z, y, mask, impl, params)
     reg = F.logsigmoid(margin / reg_temperature)  # (N,)
     row_loss = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (N,)
