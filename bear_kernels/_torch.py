@@ -130,14 +130,17 @@ def _chunks(rows: torch.Tensor, n_rows: int, vocab: int):
 def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab):
     """Chunk of scaled logits z/tau restricted to A (R, V) in cdtype (-inf outside A).
 
-    May be a view of z: callers only read it.
+    One pass where possible: with a mask, the fresh bias buffer takes z/tau in place (the dtype
+    conversion happens inside the add). Without one the result may be a view of z: callers only
+    read it.
     """
-    x = z[sel].to(cdtype)  # (R, V)
-    if inv_tau != 1.0:
-        x = x * inv_tau
+    x = z[sel]  # (R, V)
     if mask is not None:
-        x = x + _mask_bias(mask[sel], vocab, cdtype)  # (R, V)
-    return x
+        return _mask_bias(mask[sel], vocab, cdtype).add_(x, alpha=inv_tau)  # (R, V)
+    if x.dtype != cdtype:
+        x = x.to(cdtype)  # (R, V) a new tensor
+        return x.mul_(inv_tau) if inv_tau != 1.0 else x
+    return x * inv_tau if inv_tau != 1.0 else x
 
 
 def _counted(z, y, mask, params: LossParams):
