@@ -432,6 +432,11 @@ def bear_loss(
         A scalar (sum, mean) or a tensor of target's shape (none); float32 (float64 for
         float64 logits).
 
+    With a sum / mean reduction and logits that require grad, the gradient is computed in the
+    forward (each row is read while in cache) and held until backward: N·V values in the logits
+    dtype, the memory a separate backward would allocate anyway. Evaluate under torch.no_grad().
+    Such a loss supports one backward (no create_graph); use ce_margin for anything else.
+
     Raises:
         As `ce_margin`, plus ValueError for a negative or non-finite λ, a bad ξ or reduction.
     """
