@@ -128,6 +128,63 @@ class _Batch:
         return self.logits
 
 
+class _TreeBatch:
+    """Beams share their user's prompt cache through tree attention (kv_sharing="tree").
+
+    The KV cache keeps one row per user: the prompt, then every step appends the user's Bn beam
+    tokens (slots P + Bn*t + j). A custom 4-D attention mask lets each new token attend to its
+    prompt and the slots of its own ancestors only, which is exactly the attention of a separate
+    sequence per beam; positions are prompt length + t for every beam. Nothing is copied between
+    beams and the cache is never reordered; finished users leave through the public
+    `Cache.batch_select_indices`.
+    """
+
+    def __init__(self, model, input_ids, mask):
+        self.model = model
+        self.cache_kw = _cache_kwarg(model)
+        self.prompt_mask = mask.bool()  # (U, P)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        self.cache = _output_cache(out)
+        self.last_pos = pos[:, -1]  # (U,) position of the last prompt token
+        self.logits = out.logits[:, -1].float()  # (U, V)
+        self.anc = torch.zeros(input_ids.shape[0], 1, 0, dtype=torch.int64, device=mask.device)
+        self.generated = 0  # slots appended after the prompt
+        self.dtype = next(model.parameters()).dtype
+
+    def select_users(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.prompt_mask = self.prompt_mask[keep]
+        self.last_pos = self.last_pos[keep]
+        self.anc = self.anc[keep]
+
+    def step(self, src: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Beam j of user u extends beam src[u, j] with tokens[u, j]: (U, Bn) -> (U*Bn, V)."""
+        U, Bn = tokens.shape
+        G = self.generated
+        new_slot = G + torch.arange(Bn, device=tokens.device).expand(U, Bn)  # (U, Bn)
+        anc = self.anc.gather(1, src[..., None].expand(-1, -1, self.anc.shape[2]))  # (U, Bn, t)
+        self.anc = torch.cat([anc, new_slot[..., None]], dim=2)  # (U, Bn, t+1)
+        own = torch.zeros(U, Bn, G + Bn, dtype=torch.bool, device=tokens.device)
+        own.scatter_(2, self.anc, True)  # each beam sees its ancestors' slots and itself
+        allowed = torch.cat([self.prompt_mask[:, None, :].expand(-1, Bn, -1), own], dim=2)
+        neg = torch.finfo(self.dtype).min
+        mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device)
+        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn, P + G + Bn)
+        step = self.anc.shape[2]
+        pos = (self.last_pos + step)[:, None].expand(U, Bn)  # (U, Bn)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask4d,
+            position_ids=pos,
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        self.cache = _output_cache(out)
+        self.generated = G + Bn
+        return out.logits.float().reshape(U * Bn, -1)
+
+
 def _child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
     """Log-probabilities of the children of each beam's node, padded to `width`.
 
@@ -187,6 +244,7 @@ def beam_search(
     beam_width: int = 10,
     scoring: str = "before",
     length_penalty: float = 0.0,
+    kv_sharing: str = "tree",
 ) -> DecodeResult:
     """Trie-constrained beam search with Hugging Face semantics, batched over users and beams.
 
@@ -206,6 +264,11 @@ def beam_search(
         beam_width: B >= 1.
         scoring: "before" or "after" (see the module docstring).
         length_penalty: alpha.
+        kv_sharing: how the beams share their user's prompt cache. "tree" (default): one cache
+            row per user, beam tokens appended with a custom 4-D attention mask (tree attention;
+            needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do).
+            "copy": the cache is expanded to one row per beam and reordered every step through
+            `Cache.batch_select_indices` (works with any model whose cache can be reordered).
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
@@ -220,7 +283,10 @@ def beam_search(
     U = input_ids.shape[0]
     neg_inf = float("-inf")
 
-    batch = _Batch(model, input_ids, mask)
+    if kv_sharing not in ("tree", "copy"):
+        raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
+    tree = kv_sharing == "tree"
+    batch = (_TreeBatch if tree else _Batch)(model, input_ids, mask)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
     out_score = torch.full((U, B), neg_inf, device=device)
     users = torch.arange(U, device=device)  # global index of each active user
@@ -282,8 +348,13 @@ def beam_search(
             pool_leaf[keep],
             pool_score[keep],
         )
-        rows = (keep[:, None] * Bc + src[keep]).view(-1)  # cache rows of the new beams
-        logits = batch.step(rows, next_tok[keep].reshape(-1))
+        if tree:
+            if keep.shape[0] < Ua:
+                batch.select_users(keep)
+            logits = batch.step(src[keep], next_tok[keep])
+        else:
+            rows = (keep[:, None] * Bc + src[keep]).view(-1)  # cache rows of the new beams
+            logits = batch.step(rows, next_tok[keep].reshape(-1))
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
     return _sort_results(_leaf_to_item(trie, out_leaf), out_score)

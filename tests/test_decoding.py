@@ -85,6 +85,15 @@ def test_score_items_equals_teacher_forcing(setup, scoring):
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
+def test_kv_sharing_modes_agree(setup, scoring):
+    model, seqs, ids, trie, input_ids, mask = setup
+    a = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="tree")
+    b = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="copy")
+    assert torch.equal(a.item_ids, b.item_ids)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
 def test_batched_equals_one_by_one(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup
     batched = beam_search(model, input_ids, mask, trie, 4, scoring, length_penalty=0.5)
@@ -169,11 +178,14 @@ def _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha):
     return result
 
 
+@pytest.mark.parametrize("kv_sharing", ["tree", "copy"])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 @pytest.mark.parametrize("B", [2, 3, 6])  # num_beams=1 is greedy search in HF
-def test_after_mode_equals_hf_generate(setup, alpha, B):
+def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing):
     model, seqs, ids, trie, input_ids, mask = setup
-    ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha)
+    ours = beam_search(
+        model, input_ids, mask, trie, B, "after", length_penalty=alpha, kv_sharing=kv_sharing
+    )
     hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
     for u in range(input_ids.shape[0]):
         got = [
@@ -235,6 +247,8 @@ def test_invalid_inputs_raise_clear_errors(setup):
         ItemTrie([[3], [4]], [0], EOS)
     with pytest.raises(ValueError, match="scoring"):
         beam_search(model, input_ids, mask, trie, 2, scoring="middle")
+    with pytest.raises(ValueError, match="kv_sharing"):
+        beam_search(model, input_ids, mask, trie, 2, kv_sharing="none")
     with pytest.raises(ValueError, match="k must"):
         exact_topk(model, input_ids, mask, trie, 0)
     with pytest.raises(ValueError, match="not in the trie"):
