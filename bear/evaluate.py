@@ -46,13 +46,22 @@ def response_logits(model, batch) -> torch.Tensor:
     return out.logits
 
 
+SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
+
+
 @torch.no_grad()
 def evaluate_split(model, setup, split: str, beam_width: int, scoring: str, limit=None,
-                   batch_size: int = 32, device=None, full: bool = True) -> dict:  # fmt: skip
+                   batch_size: int = 32, device=None, full: bool = True,
+                   exact_all: bool = False) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
 
-    ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K; the exact
-    top-K search and the margins behind PR@K and the violation share are skipped.
+    Beam ranks come from ``beam_search``; exact ranks (for PR@K) from ``exact_topk(k=10)``; the
+    violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
+    The exact search runs only where it can matter: if the beam already returned
+    ``EXACT_K`` items whose scores beat the target's teacher-forced score s_y, at least that many
+    items outrank the target, so it is not in the exact top-``EXACT_K`` (rank -1) and the search
+    is skipped. ``exact_all=True`` runs it for every row (tests check the two agree).
+    ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
     """
     device = torch.device(device or "cpu")
     prompts, targets = setup.prompts[split], setup.targets[split]
@@ -69,27 +78,37 @@ def evaluate_split(model, setup, split: str, beam_width: int, scoring: str, limi
         with autocast_for(device):
             beam = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, beam_width,
                                scoring=scoring)  # fmt: skip
-            if not full:
-                beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
-                continue
-            exact = exact_topk(model, batch.prompt_ids, batch.prompt_mask, trie, k=EXACT_K,
-                               scoring=scoring)  # fmt: skip
-            logits = response_logits(model, batch)  # (U, W, V)
+        beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
+        if not full:
+            continue
+        with autocast_for(device):
+            logits = response_logits(model, batch).float()  # (U, W, V)
         U, W, V = logits.shape
         mask = trie.allowed_mask(batch.node_ids.reshape(-1))  # (U·W, words)
         target = batch.target.reshape(-1)  # (U·W,)
-        _, margin = ce_margin(logits.float().reshape(U * W, V), target, beam_width=beam_width,
-                              allowed_mask=mask)  # fmt: skip
+        flat = logits.reshape(U * W, V)
+        ce, margin = ce_margin(flat, target, beam_width=beam_width, allowed_mask=mask)
         counted = counted_rows(target, mask, vocab_size=V)
         violated.append(((margin > 0) & counted).reshape(U, W).any(1).cpu())
-        beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
-        exact_ranks.append(target_ranks(exact.item_ids, canon).cpu())
+        if scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
+            ce, _ = ce_margin(flat, target, beam_width=beam_width)
+        s_y = -ce.reshape(U, W).sum(1)  # (U,) the target's score, α = 0
+        above = (beam.scores.float() > s_y[:, None] + SCORE_TOLERANCE).sum(1)  # (U,)
+        need = torch.ones_like(above, dtype=torch.bool) if exact_all else above < EXACT_K
+        ranks = torch.full((U,), -1, dtype=torch.long)
+        rows = need.nonzero().flatten()
+        if rows.numel():
+            with autocast_for(device):
+                exact = exact_topk(model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
+                                   k=EXACT_K, scoring=scoring)  # fmt: skip
+            ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
+        exact_ranks.append(ranks)
     model.train(was_training)
+    ranks = torch.cat(beam_ranks)
     if not full:
-        ranks = torch.cat(beam_ranks)
         out = {f"ndcg@{k}": float(ndcg(ranks, k)) for k in (1, 5, 10)}
         return out | {f"hr@{k}": float(hit_rate(ranks, k)) for k in (1, 5, 10)}
-    return ranking_metrics(torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))
+    return ranking_metrics(ranks, torch.cat(exact_ranks), torch.cat(violated))
 
 
 def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto") -> dict:

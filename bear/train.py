@@ -266,7 +266,7 @@ class _Log:
     def __call__(self, **rec) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(rec, default=str) + "\n")
+                fh.write(json.dumps({**rec, "time": round(time.time(), 3)}, default=str) + "\n")
 
 
 def _micro_batches(setup, idx, cfg, trie_dev, device):

@@ -1,0 +1,108 @@
+"""Seconds per training epoch of sft, msl, bear, bear-upstream and beam-sim, side by side.
+
+All five losses run in one invocation on the same data, model and batch settings, with validation
+off (`validate=False`), so the numbers are training time only. Each loss first runs a short
+warm-up (a few optimiser steps, not timed) and then `--epochs` timed epochs. Writes
+results/train_time_<device>.json and .csv with the ratio to msl (the paper: bear/msl 1.003,
+beam-sim/msl 4.45).
+
+    python benchmarks/train_time.py                      # synthetic data, tiny model
+    python benchmarks/train_time.py --data ../shared/data/amazon/Office --limit-train 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bear.losses import LOSSES
+from bear.synth import SynthConfig, write_synth
+from bear.train import TrainConfig, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    """A file-name-safe name of the machine's accelerator or CPU, with the core count."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"{name} x{torch.get_num_threads()}"
+    return name
+
+
+def slug(name: str) -> str:
+    """Lower-case letters and digits joined by single underscores."""
+    out = "".join(c if c.isalnum() else " " for c in name.lower())
+    return "_".join(out.split())[:60]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="dataset folder (default: a synthetic one)")
+    p.add_argument("--losses", nargs="+", default=list(LOSSES), help="losses to time")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs per loss")
+    p.add_argument("--limit-train", type=int, default=1024, help="training rows per epoch")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step")
+    p.add_argument("--beam-width", type=int, default=10, help="B")
+    p.add_argument("--max-history", type=int, default=10, help="history items per prompt")
+    p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bear_train_time_"))
+    data = Path(args.data) if args.data else write_synth(work / "data", SynthConfig(seed=0))
+    device = device_name()
+    rows = []
+    for loss in args.losses:
+        common = dict(data=str(data), loss=loss, limit_train=args.limit_train,
+                      batch_size=args.batch_size, beam_width=args.beam_width,
+                      max_history=args.max_history, validate=False, progress=False,
+                      device=args.device, overwrite=True)  # fmt: skip
+        train(TrainConfig(out=str(work / f"warm_{loss}"), epochs=1, max_steps=args.warmup_steps,
+                          **common))  # fmt: skip
+        t0 = time.perf_counter()
+        metrics = train(TrainConfig(out=str(work / loss), epochs=args.epochs, **common))
+        wall = time.perf_counter() - t0
+        rows.append({"loss": loss, "seconds_per_epoch": metrics["seconds_per_epoch"],
+                     "wall_seconds": wall})  # fmt: skip
+        print(f"{loss:>14}: {metrics['seconds_per_epoch']:.2f} s/epoch", flush=True)
+    base = next((r["seconds_per_epoch"] for r in rows if r["loss"] == "msl"), None)
+    for r in rows:
+        r["ratio_to_msl"] = r["seconds_per_epoch"] / base if base else None
+    result = {
+        "device": device,
+        "data": str(data) if args.data else "synthetic (bear.synth, seed 0)",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "tag")},
+        "torch": torch.__version__,
+        "rows": rows,
+        "paper": {"bear/msl": 1.003, "beam-sim/msl": 4.45},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / f"train_time_{slug(device)}{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    with stem.with_suffix(".csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["loss", "seconds_per_epoch", "ratio_to_msl",
+                                           "wall_seconds"])  # fmt: skip
+        w.writeheader()
+        w.writerows(rows)
+    print(f"device: {device}\nwrote {stem}.json and .csv")
+
+
+if __name__ == "__main__":
+    main()
