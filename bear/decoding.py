@@ -94,6 +94,16 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def _prefill(model, input_ids, mask, pos):
+    """Prompt forward with a cache; only the last position's logits when the model allows it."""
+    extra = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the prompt's other logits are never used
+    return model(
+        input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra
+    )
+
+
 class _Batch:
     """Prompts prefilled once (one row per user); the KV cache rows are then expanded to the
     beams and reordered through the public `Cache.batch_select_indices`."""
@@ -103,7 +113,7 @@ class _Batch:
         self.cache_kw = _cache_kwarg(model)
         self.mask = mask  # (R, P + t)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate does
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = _prefill(model, input_ids, mask, pos)
         self.cache = _output_cache(out)
         self.last_pos = pos[:, -1]  # (R,)
         self.logits = out.logits[:, -1].float()  # (R, V)
@@ -144,7 +154,7 @@ class _TreeBatch:
         self.cache_kw = _cache_kwarg(model)
         self.prompt_mask = mask.bool()  # (U, P)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = _prefill(model, input_ids, mask, pos)
         self.cache = _output_cache(out)
         self.last_pos = pos[:, -1]  # (U,) position of the last prompt token
         self.logits = out.logits[:, -1].float()  # (U, V)
