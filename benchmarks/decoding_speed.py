@@ -290,15 +290,36 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
     batches = [(x.to(cfg.device), m.to(cfg.device)) for x, m in batches]
     rows = cfg.batch * B
 
-    # ours: one untimed warm-up call, then every batch timed
+    baseline = name != "synthetic"
+    if baseline:
+        root = dict_trie(seqs)
+        canon = trie.canonical(torch.tensor(ids, device=cfg.device)).tolist()
+        item_of = {}
+        for s, c in zip(seqs, canon, strict=True):
+            item_of.setdefault(tuple(s), c)
+    max_new = trie.max_len + 1
+
+    def timed(fn):
+        sync(cfg.device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(cfg.device)
+        return out, time.perf_counter() - t0
+
+    # One untimed warm-up call each, then the batches timed alternately (ours, generate), so
+    # that load from other processes on a shared machine falls on both methods alike.
     beam_search(model, *batches[0], trie, B, "after")
-    ours = []
-    sync(cfg.device)
-    t0 = time.perf_counter()
+    if baseline:
+        run_generate(model, *batches[0], root, B, max_new)
+    ours, gens, ours_s, gen_s = [], [], 0.0, 0.0
     for x, m in batches:
-        ours.append(beam_search(model, x, m, trie, B, "after"))
-    sync(cfg.device)
-    ours_s = time.perf_counter() - t0
+        r, dt = timed(lambda x=x, m=m: beam_search(model, x, m, trie, B, "after"))
+        ours.append(r)
+        ours_s += dt
+        if baseline:
+            g, dt = timed(lambda x=x, m=m: run_generate(model, x, m, root, B, max_new))
+            gens.append(g)
+            gen_s += dt
     ours_ms, ours_depths = constraint_cost_ours(trie, cfg, vocab, rows)
     base = dict(
         device=device_label,
@@ -329,7 +350,7 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
     ]
     print(f"[{name}] ours: {len(prompts) / ours_s:.2f} users/s, constraint {ours_ms:.3f} ms/step")
 
-    if name == "synthetic":
+    if not baseline:
         out.append(
             dict(
                 base,
@@ -346,20 +367,6 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
         print(f"[{name}] generate baseline skipped (dict trie too large)")
         return out
 
-    root = dict_trie(seqs)
-    canon = trie.canonical(torch.tensor(ids, device=cfg.device)).tolist()
-    item_of = {}
-    for s, c in zip(seqs, canon, strict=True):
-        item_of.setdefault(tuple(s), c)
-    x, m = batches[0]
-    run_generate(model, x, m, root, B, trie.max_len + 1)  # warm-up
-    gens = []
-    sync(cfg.device)
-    t0 = time.perf_counter()
-    for x, m in batches:
-        gens.append(run_generate(model, x, m, root, B, trie.max_len + 1))
-    sync(cfg.device)
-    gen_s = time.perf_counter() - t0
     gen_ms = constraint_cost_generate(root, seqs, cfg, vocab, rows)
 
     equal, max_diff = 0, 0.0
@@ -407,6 +414,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=defaults.batch, help="users per decoding call")
     p.add_argument("--synth-items", type=int, default=defaults.synth_items, help="synthetic size")
     p.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    p.add_argument("--hidden", type=int, default=defaults.hidden, help="Llama hidden size")
+    p.add_argument("--layers", type=int, default=defaults.layers, help="Llama layers")
+    p.add_argument("--history", type=int, default=defaults.history, help="history items/prompt")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument(
         "--catalogues",
@@ -424,6 +434,9 @@ def main(argv=None):
         batch=a.batch,
         synth_items=a.synth_items,
         device=a.device,
+        hidden=a.hidden,
+        layers=a.layers,
+        history=a.history,
         catalogues=tuple(a.catalogues),
         data=a.data,
         tag=a.tag,
