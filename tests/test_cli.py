@@ -60,3 +60,23 @@ def test_synth_train_evaluate(tmp_path, capsys):
     assert again["test"] == trained["test"] and again["valid"] == trained["valid"]
     assert again["best_epoch"] == trained["best_epoch"] == 1
     assert json.loads(capsys.readouterr().out)["test"] == trained["test"]
+
+
+def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
+    """evaluate_split skips exact_topk where the beam proves the target is outside the exact
+    top-10; the metrics equal those of running exact_topk on every row."""
+    import torch
+    from _helpers_train import tiny_config, tiny_synth
+
+    from bear.evaluate import evaluate_split
+    from bear.train import build_setup, train
+
+    data = tiny_synth(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", loss="sft", epochs=2, limit_train=64, validate=False)
+    train(cfg)
+    setup = build_setup(cfg, tmp_path / "run", fresh=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    setup.model.load_state_dict(state, strict=False)
+    for scoring in ("after", "before"):
+        args = (setup.model, setup, "test", 4, scoring, 3)
+        assert evaluate_split(*args) == evaluate_split(*args, exact_all=True)

@@ -115,3 +115,25 @@ def test_run_folder_needs_overwrite_and_bad_data_writes_nothing(synth, tmp_path)
     assert not (tmp_path / "never").exists()
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(tiny_config(synth, tmp_path / "fresh", resume=True))
+
+
+def test_local_checkpoint_gets_lora_adapters(synth, tmp_path):
+    """--model PATH: a saved Hugging Face checkpoint is fine-tuned through LoRA on q_proj, v_proj
+    (only the adapters are trained and saved)."""
+    from bear.data import load_dataset
+    from bear.model import TinyConfig, build_tiny_model
+    from bear.prompts import format_prompt, format_response
+    from bear.tokenizer import train_tokenizer
+
+    data = load_dataset(synth)
+    texts = [format_response(t) for t in data.titles.values()] + [format_prompt(["a"], "generic")]
+    tok = train_tokenizer(texts, 400)
+    size = TinyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2)  # fmt: skip
+    model = build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id, size, seed=0)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    train(tiny_config(synth, tmp_path / "run", model=str(tmp_path / "ckpt"), validate=False))
+    names = sorted(last_weights(tmp_path / "run"))
+    assert len(names) == 4 and all("lora_" in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "v_proj"}
