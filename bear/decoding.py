@@ -14,6 +14,7 @@ length ** length_penalty (length = generated tokens, EOS included), as in Huggin
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -451,6 +452,41 @@ def _continuation_logits(model, input_ids, mask, rows, cont):
     return torch.cat(outs, dim=0)
 
 
+class _PromptCache:
+    """Prompts prefilled once; continuations are run on copies of the prompt rows' KV cache."""
+
+    ROWS = 64  # continuations per forward pass (bounds the copied cache)
+
+    def __init__(self, model, input_ids, mask):
+        self.model, self.mask = model, mask
+        self.cache_kw = _cache_kwarg(model)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        out = _prefill(model, input_ids, mask, pos)
+        self.cache = _output_cache(out)
+        self.last_pos = pos[:, -1]  # (U,)
+        self.logits = out.logits[:, -1].float()  # (U, V) next-token logits at the root
+
+    def next_logits(self, rows, prefix, length):
+        """Next-token logits after prompt `rows` (R,) + `prefix` (R, D), -1 padded on the right,
+        `length` (R,) >= 1 real tokens each -> (R, V)."""
+        outs = []
+        for s in range(0, rows.shape[0], self.ROWS):
+            r, c, n = rows[s : s + self.ROWS], prefix[s : s + self.ROWS], length[s : s + self.ROWS]
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(r)  # public API: keep (and repeat) the prompt rows
+            m = torch.cat([self.mask[r], (c >= 0).to(self.mask.dtype)], dim=1)
+            pos = self.last_pos[r, None] + 1 + torch.arange(c.shape[1], device=c.device)
+            out = self.model(
+                input_ids=c.clamp(min=0),
+                attention_mask=m,
+                position_ids=pos,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
+            outs.append(out.logits[torch.arange(c.shape[0], device=c.device), n - 1].float())
+        return torch.cat(outs, dim=0)
+
+
 def _step_logprobs(trie, logits, nodes, targets, scoring):
     """log p of `targets` (N,) under `scoring` given logits (N, V) and trie nodes (N,)."""
     if scoring == "after":
@@ -531,7 +567,8 @@ def exact_topk(
     Scores only fall along a trie path (each step adds log p <= 0), so when the best frontier
     prefix is a leaf no other item can beat it: leaves popped in order are exact. Each round pops
     the `expand_per_round` best frontier entries of every user; the leading leaves are emitted and
-    the inner nodes among them are expanded with one batched forward pass.
+    the inner nodes among them are expanded with batched forward passes of their prefixes on
+    copies of the prompts' KV cache (each prompt is prefilled once).
 
     Returns:
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
@@ -543,8 +580,13 @@ def exact_topk(
     trie = trie.to(device)
     U, k, P = input_ids.shape[0], int(k), max(1, int(expand_per_round))
     neg_inf = float("-inf")
-    f_node = torch.zeros(U, 1, dtype=torch.int64, device=device)  # frontier (U, C)
-    f_score = torch.zeros(U, 1, device=device)
+    # The prompts are prefilled once; the root's children form the first frontier (U, C).
+    prompts = _PromptCache(model, input_ids, mask)
+    width = trie.depth_fanout_list[0]
+    root = torch.zeros(U, 1, dtype=torch.int64, device=device)
+    logp, edge = _child_logprobs(trie, prompts.logits[:, None], root, width, scoring)
+    f_score = logp[:, 0]  # (U, F)
+    f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
     res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
     res_score = torch.full((U, k + 1), neg_inf, device=device)
     found = torch.zeros(U, dtype=torch.int64, device=device)
@@ -572,9 +614,8 @@ def exact_topk(
                 break
             continue
         exp_node, exp_score = nd[exp_u, exp_c], s[exp_u, exp_c]
-        prefix, depth = _prefix_tokens(trie, exp_node)
-        logits = _continuation_logits(model, input_ids, mask, users[exp_u], prefix)
-        logits = logits[torch.arange(exp_node.shape[0], device=device), depth]  # (R, V)
+        prefix, depth = _prefix_tokens(trie, exp_node)  # depth >= 1: the root is done
+        logits = prompts.next_logits(users[exp_u], prefix, depth)  # (R, V)
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = _child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
         new_score = (exp_score[:, None] + logp[:, 0]).reshape(-1)  # (R*F,)
