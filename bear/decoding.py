@@ -401,7 +401,7 @@ def beam_thresholds(
     trie = trie.to(device)
     U = input_ids.shape[0]
     theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
-    batch = _Batch(model, input_ids, mask)
+    batch = _TreeBatch(model, input_ids, mask)
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)
     logits = batch.logits
@@ -424,8 +424,7 @@ def beam_thresholds(
         width = int(_max_fanout(trie, node))  # one host synchronisation per step
         if width == 0 or t == trie.max_len:
             break
-        rows = (torch.arange(U, device=device)[:, None] * Bc + src).view(-1)
-        logits = batch.step(rows, torch.where(alive, tok.gather(1, li), trie.eos_token_id).view(-1))
+        logits = batch.step(src, torch.where(alive, tok.gather(1, li), trie.eos_token_id))
     return theta
 
 
