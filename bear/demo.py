@@ -1,8 +1,9 @@
 """``python -m bear demo``: synth -> train sft, msl, bear on the tiny model -> table and plot.
 
-Sized to finish in under 10 minutes on a 2-core CPU: a 600-user synthetic catalogue where beam
-pruning matters (bear.synth), a 2-layer width-128 Llama, DEMO_EPOCHS epochs, and the test metrics
-(which need the exact top-K search behind PR@K) on the first DEMO_EVAL test users.
+Sized to finish in under 10 minutes on a 2-core CPU: a DEMO_USERS-user synthetic catalogue where
+beam pruning matters (bear.synth), prompts of the last DEMO_HISTORY purchases, a 2-layer width-128
+Llama, DEMO_EPOCHS epochs, and validation / test metrics (the test's PR@K needs the exact top-K
+search) on the first DEMO_EVAL users of each split.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from bear.train import TrainConfig, train
 __all__ = ["run_demo", "format_table", "DEMO_LOSSES"]
 
 DEMO_LOSSES = ("sft", "msl", "bear")
+DEMO_USERS = 500  # synthetic users (about 3,100 training rows)
+DEMO_HISTORY = 5  # history items per prompt
 DEMO_EPOCHS = 3  # enough for the tiny model to learn the synthetic catalogue
-DEMO_EVAL = 200  # validation and test rows evaluated per run
+DEMO_EVAL = 150  # validation and test rows evaluated per run
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
 
 
@@ -42,7 +45,7 @@ def run_demo(args) -> dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
     if not args.data:
-        write_synth(data, SynthConfig(seed=args.seed), overwrite=True)
+        write_synth(data, SynthConfig(seed=args.seed, num_users=DEMO_USERS), overwrite=True)
         print(f"synthetic data: {data}", flush=True)
     results = {}
     for loss in DEMO_LOSSES:
@@ -52,6 +55,7 @@ def run_demo(args) -> dict[str, dict]:
             loss=loss,
             epochs=args.epochs or DEMO_EPOCHS,
             limit_eval=args.limit_eval or DEMO_EVAL,
+            max_history=DEMO_HISTORY,
             seed=args.seed,
             overwrite=True,
             progress=not args.no_progress,

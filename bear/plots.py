@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["read_log", "plot_run", "plot_comparison"]
 
@@ -37,6 +38,7 @@ def plot_run(run: str | Path) -> Path:
     for key in CURVE_METRICS:
         ax_val.plot([v["epoch"] for v in valid], [v[key] for v in valid], marker="o", label=key)
     ax_val.set(xlabel="epoch", ylabel="validation", title="validation (beam search)")
+    ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_val.legend()
     fig.tight_layout()
     out = run / "curves.png"
