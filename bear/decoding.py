@@ -25,6 +25,7 @@ from bear.trie import ItemTrie
 __all__ = ["DecodeResult", "beam_search", "beam_thresholds", "exact_topk", "score_items"]
 
 _SCORINGS = ("before", "after")
+_TREE_ATTENTION = (None, "sdpa", "eager")  # attention implementations that apply 4-D masks
 _ROW_BUDGET = 2**25  # logits elements per teacher-forcing chunk (~128 MB in float32)
 
 
@@ -77,6 +78,16 @@ def _check_inputs(model, input_ids, attention_mask, trie, scoring):
             "item token ids must be valid model token ids"
         )
     return mask
+
+
+def _check_tree_attention(model) -> None:
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn not in _TREE_ATTENTION:
+        raise ValueError(
+            f"kv_sharing='tree' needs an attention implementation that honours a 4-D mask "
+            f"({sorted(a for a in _TREE_ATTENTION if a)}); the model uses {attn!r}: pass "
+            "kv_sharing='copy' to beam_search"
+        )
 
 
 def _log_penalty(length: int, alpha: float) -> float:
@@ -297,6 +308,8 @@ def beam_search(
     if kv_sharing not in ("tree", "copy"):
         raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
     tree = kv_sharing == "tree"
+    if tree:
+        _check_tree_attention(model)
     batch = (_TreeBatch if tree else _Batch)(model, input_ids, mask)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
     out_score = torch.full((U, B), neg_inf, device=device)
@@ -401,6 +414,7 @@ def beam_thresholds(
     trie = trie.to(device)
     U = input_ids.shape[0]
     theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
+    _check_tree_attention(model)
     batch = _TreeBatch(model, input_ids, mask)
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)

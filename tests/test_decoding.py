@@ -253,3 +253,10 @@ def test_invalid_inputs_raise_clear_errors(setup):
         exact_topk(model, input_ids, mask, trie, 0)
     with pytest.raises(ValueError, match="not in the trie"):
         score_items(model, input_ids, mask, trie, torch.full((3, 1), 10**6))
+
+
+def test_tree_sharing_refuses_attention_that_ignores_4d_masks(setup, monkeypatch):
+    model, seqs, ids, trie, input_ids, mask = setup
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match="kv_sharing='copy'"):
+        beam_search(model, input_ids, mask, trie, 2)
