@@ -78,5 +78,5 @@ def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     setup.model.load_state_dict(state, strict=False)
     for scoring in ("after", "before"):
-        args = (setup.model, setup, "test", 4, scoring, 3)
+        args = (setup.model, setup, "test", 4, scoring, 2)
         assert evaluate_split(*args) == evaluate_split(*args, exact_all=True)
