@@ -64,7 +64,8 @@ def run_demo(args) -> dict[str, dict]:
         results[loss] = train(cfg)
         print(f"{loss}: trained and evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     table = format_table(results)
-    png = plot_comparison(results, out / "demo.png", title=f"test metrics, {data.name}")
+    tests = {loss: m["test"] for loss, m in results.items()}
+    png = plot_comparison(tests, out / "demo.png", title=f"test metrics, {data.name}")
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     print()
     print(table)

@@ -9,7 +9,7 @@ The catalogue has two kinds of items:
 Each user has a favourite category (visible in their history). Each purchase is, with probability
 ``p_niche``, an item of the favourite category's maker (k = 1 mostly), else a popular item, in the
 favourite category with probability ``p_favourite``. Given a history, the niche item k = 1 is
-then the single most likely next item (about p_niche · 0.7), while its first token (the maker)
+then the single most likely next item (about p_niche · 0.9), while its first token (the maker)
 carries less probability than each of the popular brands (about (1 - p_niche) / num_brands,
 spread over many items). A width-B beam with B < num_brands prunes it at step one although its
 full probability ranks first: the over-pruning of paper §4.2 that BEAR targets. Rows are sliding
@@ -40,7 +40,7 @@ _LINES = ["Pro", "Classic", "Ultra", "Mini", "Max", "Lite"]
 _COLOURS = ["Black", "Blue", "Red", "Green", "White", "Silver"]
 _MARKS = ["Series", "Edition", "Volume", "Model"]
 NICHE_ITEMS = 3  # items per niche maker, k = 1..NICHE_ITEMS
-NICHE_K_P = (0.7, 0.2, 0.1)  # probability of each k in a niche purchase
+NICHE_K_P = (0.9, 0.05, 0.05)  # probability of each k in a niche purchase
 WINDOW = 11  # ids per row: up to 10 history ids and the target (upstream's sliding window)
 
 
@@ -52,12 +52,12 @@ class SynthConfig:
     num_users: int = 600  # users; each gives train windows and one test row
     min_events: int = 5  # purchases per user, drawn uniformly in [min_events, max_events]
     max_events: int = 12
-    num_brands: int = 14  # popular brands: more than the beam width B = 10, so they crowd step one
+    num_brands: int = 16  # popular brands: more than the beam width B = 10, so they crowd step one
     lines_per_brand: int = 3  # product lines per (brand, category)
     brand_zipf: float = 0.1  # popularity skew of brands (Zipf exponent)
     line_zipf: float = 1.0  # popularity skew of the lines within (brand, category)
     category_zipf: float = 0.8  # popularity skew of the users' favourite categories
-    p_niche: float = 0.05  # probability that a purchase is the favourite category's niche item
+    p_niche: float = 0.045  # probability that a purchase is the favourite category's niche item
     p_favourite: float = 0.8  # probability that a popular purchase is in the favourite category
 
 
