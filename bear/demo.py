@@ -65,7 +65,10 @@ def run_demo(args) -> dict[str, dict]:
         print(f"{loss}: trained and evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     table = format_table(results)
     tests = {loss: m["test"] for loss, m in results.items()}
-    png = plot_comparison(tests, out / "demo.png", title=f"test metrics, {data.name}")
+    label = data.name if args.data else "synthetic data"
+    png = plot_comparison(
+        tests, out / "demo.png", title=f"test metrics, {label} (PR: lower is better)"
+    )
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     print()
     print(table)

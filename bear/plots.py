@@ -55,7 +55,8 @@ def plot_comparison(results: dict[str, dict], out: str | Path, title: str = "") 
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
         xs = [i + j * width for i in range(len(keys))]
-        ax.bar(xs, [results[name][k] for k in keys], width, label=name)
+        bars = ax.bar(xs, [results[name][k] for k in keys], width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylabel="test value", title=title or "test metrics (PR: lower is better)")
     ax.legend()
