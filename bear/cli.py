@@ -96,7 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; input errors (bad data, run-folder conflicts) print one line, exit 2."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"bear {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "synth":
         from bear.synth import SynthConfig, write_synth
 

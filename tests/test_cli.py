@@ -33,6 +33,14 @@ def test_every_flag_has_help_text():
     assert spec <= flags
 
 
+def test_input_errors_print_one_line_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bear train: error:") and str(missing) in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_module_entry_point_prints_help():
     out = subprocess.run([sys.executable, "-m", "bear", "--help"], capture_output=True, text=True,
                          cwd=REPO, check=True)  # fmt: skip
