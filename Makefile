@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone of a CPU-only machine:
-#   make demo   creates .venv, installs bear, runs `python -m bear demo`
+#   make demo   creates .venv, installs bear, runs `python -m bear demo` (into runs/demo)
 #   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest
 PYTHON ?= python3
 VENV := .venv
@@ -16,8 +16,9 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# --overwrite: each `make demo` replaces the previous runs/demo
 demo: $(VENV)/.installed
-	$(PY) -m bear demo
+	$(PY) -m bear demo --overwrite
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
@@ -26,8 +27,9 @@ lint: $(VENV)/.installed
 test: lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU)
 bench: $(VENV)/.installed
-	$(PY) benchmarks/kernel_speed.py
+	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --repeats 3 --warmup 1
 
 clean:
 	rm -rf $(VENV)
