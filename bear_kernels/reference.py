@@ -27,6 +27,7 @@ from .functional import (
     _check_reduction,
     _flatten_inputs,
     _reduce_rows,
+    counted_rows,
     unpack_allowed_mask,
 )
 
@@ -153,15 +154,7 @@ def bear_loss_reference(
         validate_target=validate_target,
     )
     # 6. reg = log σ(Δ / ξ); row loss = ce + λ · reg, 0 on rows that are not counted
-    z, y, mask, _ = _flatten_inputs(logits, target, allowed_mask, ignore_index, True, False)
-    counted = _counted_flat(y, mask, z.shape[-1], ignore_index).reshape(ce.shape)
+    counted = counted_rows(target, allowed_mask, logits.shape[-1], ignore_index)  # (...)
     reg = F.logsigmoid(margin / reg_temperature)  # (...)
     row_loss = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (...)
     return _reduce_rows(row_loss, counted, reduction)
-
-
-def _counted_flat(y, mask, vocab, ignore_index):
-    from .functional import allowed_count
-
-    n = allowed_count(mask, vocab) if mask is not None else torch.full_like(y, vocab)
-    return (y != ignore_index) & (n > 1)
