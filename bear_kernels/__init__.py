@@ -4,15 +4,9 @@ loss = bear_loss(logits, target, beam_width=10, reg_weight=1.0, reg_temperature=
 ce, margin = ce_margin(logits, target, beam_width=10, ...)   # per row, fused backward
 """
 
-from .functional import (
-    BEARLoss,
-    allowed_count,
-    bear_loss,
-    ce_margin,
-    counted_rows,
-    pack_allowed_mask,
-    unpack_allowed_mask,
-)
+from ._common import counted_rows
+from .bitmask import allowed_count, pack_allowed_mask, unpack_allowed_mask
+from .functional import BEARLoss, bear_loss, ce_margin
 from .reference import bear_loss_reference, ce_margin_reference
 
 __all__ = [

@@ -16,7 +16,7 @@ Forward, per row, reading the logits once in chunks of BLOCK_V tokens:
     with distinct indices V + slot, so every (value, index) pair is unique;
   - at the end, b and z_(B') are the worst slot whose index is < V (a real token): with n < B
     that is the n-th largest, B' = min(B, n) as in the reference.
-Backward, per row: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see bear_kernels._torch
+Backward, per row: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see bear_kernels._common
 for the derivation of a, c_y, c_b), written once in the logits dtype.
 """
 

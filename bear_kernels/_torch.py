@@ -10,20 +10,8 @@ two-level top-k: the top-B of the maxima of groups of GROUP tokens picks B group
 of those groups' members is the top-B of the row (every token outside the chosen groups is at most
 the B-th largest group maximum). One host synchronisation per call lists the counted rows.
 
-Gradient of the per-row terms (the derivation shared with bear_kernels._triton). For j in A,
-log p_j = z_j/tau - lse, lse = logsumexp_{k in A} z_k/tau, so d(log p_y)/dz_j = ([j=y] - p_j)/tau:
-
-    ce = -log p_y                     dce/dz_j = (p_j - [j=y]) / tau
-    Δ = log β - log p_y, β constant   dΔ/dz_j  = (p_j - [j=y]) / tau    (threshold_grad=False)
-    Δ = (z_b - z_y) / tau             dΔ/dz_j  = ([j=b] - [j=y]) / tau  (threshold_grad=True)
-
-With upstream gradients g_ce, g_Δ of one row, the logits gradient is therefore
-
-    d_j = a · p_j - c_y · [j=y] + c_b · [j=b]   for j in A, 0 outside A, with
-    a = (g_ce + g_Δ) / tau,  c_y = (g_ce + g_Δ) / tau,  c_b = 0           (threshold_grad=False)
-    a = g_ce / tau,          c_y = (g_ce + g_Δ) / tau,  c_b = g_Δ / tau   (threshold_grad=True)
-
-and a = c_y = c_b = 0 on rows that are not counted. `row_coefficients` computes (a, c_y, c_b).
+The gradient of the per-row terms, d_j = a·p_j - c_y·[j=y] + c_b·[j=b], is derived above
+`row_coefficients` in bear_kernels._common.
 """
 
 from __future__ import annotations
@@ -31,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import LossParams
+from ._common import FusedParams, LossParams, row_coefficients
+from .bitmask import allowed_count
 
 # Rows per chunk are chosen so that one chunk of float32 logits is about this many elements
 # (4 MiB of fp32; 2^18..2^22 measured within noise of each other on CPU): per-op overhead stays
@@ -88,18 +77,6 @@ def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int):
     return top.values.gather(1, (beam - 1)[:, None]).squeeze(1), top.values[:, 0], i_max
 
 
-def row_coefficients(g_ce, g_margin, counted, params: LossParams, dtype):
-    """(a, c_y, c_b), each (N,), of the gradient d_j = a·p_j - c_y·[j=y] + c_b·[j=b] (see above)."""
-    inv_tau = 1.0 / params.temperature
-    keep = counted.to(dtype)
-    g_ce = torch.zeros_like(keep) if g_ce is None else g_ce.to(dtype) * keep
-    g_margin = torch.zeros_like(keep) if g_margin is None else g_margin.to(dtype) * keep
-    c_y = (g_ce + g_margin) * inv_tau
-    if params.threshold_grad:
-        return g_ce * inv_tau, c_y, g_margin * inv_tau
-    return c_y, c_y, torch.zeros_like(c_y)
-
-
 def _threshold_index(scaled, allowed, z_b, beam):
     """Index b of the B'-th largest allowed value with ties to the lower index (SPEC §2).
 
@@ -147,8 +124,6 @@ def _counted(z, y, mask, params: LossParams):
     """(n (N,), counted (N,), rows (M,)): |A|, the counted-row flags, their ids (one host sync)."""
     n_rows, vocab = z.shape
     if mask is not None:
-        from .functional import allowed_count
-
         n_all = allowed_count(mask, vocab)  # (N,)
     else:
         n_all = torch.full((n_rows,), vocab, device=z.device)  # (N,)
@@ -259,19 +234,20 @@ class _BEARLossTorchFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+    def forward(ctx, z, y, mask, params: LossParams, fused: FusedParams):
         n_rows, vocab = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         inv_tau = 1.0 / params.temperature
+        reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
         n_all, counted, rows = _counted(z, y, mask, params)
-        scale = 1.0 / max(rows.numel(), 1) if reduction == "mean" else 1.0
+        scale = 1.0 / max(rows.numel(), 1) if fused.reduction == "mean" else 1.0
         total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         grad = _grad_buffer(z, rows)  # (N, V)
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,)
             p, ce, margin, b = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
             # 5-6. row loss = ce + λ·log σ(Δ/ξ); its gradient has g_ce = scale and
-            #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in the derivation above
+            #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in _common's derivation
             total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
             g_ce = torch.full_like(ce, scale)  # (R,)
             g_m = scale * (reg_weight / reg_temperature) * torch.sigmoid(-margin / reg_temperature)
@@ -296,7 +272,7 @@ class _BEARLossTorchFused(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if g.device.type != "cpu" or g.item() != 1.0:  # the usual loss.backward() skips this
             grad.mul_(g.to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 def ce_margin_torch(z, y, mask, params: LossParams):
@@ -304,8 +280,6 @@ def ce_margin_torch(z, y, mask, params: LossParams):
     return _CEMarginTorch.apply(z, y, mask, params)
 
 
-def bear_loss_torch_fused(z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+def bear_loss_torch_fused(z, y, mask, params: LossParams, fused: FusedParams):
     """Reduced BEAR loss (sum or mean) of flattened inputs, with the gradient from the forward."""
-    return _BEARLossTorchFused.apply(
-        z, y, mask, params, float(reg_weight), float(reg_temperature), reduction
-    )
+    return _BEARLossTorchFused.apply(z, y, mask, params, fused)

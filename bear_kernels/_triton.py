@@ -4,6 +4,9 @@ Limits: V <= MAX_VOCAB, B <= MAX_BEAM, logits with unit stride along V (made con
 otherwise), row offsets in int64. No host synchronisation: the per-row outputs (N,) stay on the
 device and the backward coefficients are computed with torch ops. CPU tensors run only under
 TRITON_INTERPRET=1 (checked by bear_kernels.functional before any launch).
+
+triton is optional: this module always imports, and HAS_TRITON says whether its paths can run
+(the one place that guards the import).
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import os
 
 import torch
 
-from ._torch import row_coefficients
-from .functional import LossParams
+from ._common import FusedParams, LossParams, bear_row_loss, counted_rows, row_coefficients
 
 try:
     import triton
+    import triton.language as tl
 
     from ._kernels import _bear_bwd_kernel, _bear_fwd_kernel, _scale_kernel
 
@@ -36,22 +39,21 @@ BLOCK_V_INTERPRET = 1024
 NUM_WARPS_GPU = 8
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """True when triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_v(vocab: int) -> int:
-    cap = BLOCK_V_INTERPRET if _interpreting() else BLOCK_V_GPU
+    cap = BLOCK_V_INTERPRET if interpreting() else BLOCK_V_GPU
     return min(cap, triton.next_power_of_2(vocab))
 
 
 def _launch_kwargs() -> dict:
-    return {} if _interpreting() else {"num_warps": NUM_WARPS_GPU}
+    return {} if interpreting() else {"num_warps": NUM_WARPS_GPU}
 
 
 def _compute_dtype(z):
-    import triton.language as tl
-
     if z.dtype == torch.float64:
         return torch.float64, tl.float64
     return torch.float32, tl.float32
@@ -71,11 +73,11 @@ def _check_limits(z, params: LossParams):
         )
 
 
-def _fwd(z, y, mask, params: LossParams, fused=None):
+def _fwd(z, y, mask, params: LossParams, fused_grad=None):
     """Launch the forward kernel: per-row ce, Δ, lse (COMPUTE dtype) and b (int32).
 
-    fused = (grad (N, V), scale (), reg_weight, reg_temperature) also writes the gradient of the
-    reduced BEAR loss into grad (second pass over each row, right after the first).
+    fused_grad = (grad (N, V), scale (), FusedParams) also writes the gradient of the reduced
+    BEAR loss into grad (second pass over each row, right after the first).
     """
     n_rows, vocab = z.shape
     tdtype, tl_dtype = _compute_dtype(z)
@@ -86,10 +88,11 @@ def _fwd(z, y, mask, params: LossParams, fused=None):
     if n_rows == 0:
         return ce, margin, lse, b
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
-    if fused is None:
+    if fused_grad is None:
         grad, scale, reg_weight, reg_temperature = z, lse, 0.0, 1.0  # placeholders, never read
     else:
-        grad, scale, reg_weight, reg_temperature = fused
+        grad, scale, fused = fused_grad
+        reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
     _bear_fwd_kernel[(n_rows,)](
         ce,
         margin,
@@ -113,7 +116,7 @@ def _fwd(z, y, mask, params: LossParams, fused=None):
         BLOCK_V=_block_v(vocab),
         BEAM_PAD=max(2, triton.next_power_of_2(params.beam_width)),
         COMPUTE=tl_dtype,
-        FUSED_GRAD=fused is not None,
+        FUSED_GRAD=fused_grad is not None,
         THRESHOLD_GRAD=params.threshold_grad,
         **_launch_kwargs(),
     )
@@ -164,7 +167,7 @@ class _CEMarginTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_margin, _g_counted):
         z, y, mask, lse, b, counted = ctx.saved_tensors
-        # (a, c_y, c_b) per row, derived in bear_kernels._torch; 0 on uncounted rows
+        # (a, c_y, c_b) per row, derived in bear_kernels._common; 0 on uncounted rows
         a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, ctx.params, lse.dtype)
         grad = _bwd(
             z, y, mask, lse, b, a.contiguous(), c_y.contiguous(), c_b.contiguous(), ctx.params
@@ -187,17 +190,16 @@ class _BEARLossTritonFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
+    def forward(ctx, z, y, mask, params: LossParams, fused: FusedParams):
         tdtype, _ = _compute_dtype(z)
-        counted = counted_flat(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
-        if reduction == "mean":
+        counted = counted_rows(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
+        if fused.reduction == "mean":
             scale = 1.0 / counted.sum().clamp_min(1).to(tdtype)  # ()
         else:
             scale = torch.ones((), dtype=tdtype, device=z.device)  # ()
         grad = torch.empty_like(z)  # (N, V)
-        ce, margin, _, _ = _fwd(z, y, mask, params, (grad, scale, reg_weight, reg_temperature))
-        reg = torch.nn.functional.logsigmoid(margin / reg_temperature)  # (N,)
-        row = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (N,)
+        ce, margin, _, _ = _fwd(z, y, mask, params, (grad, scale, fused))
+        row = bear_row_loss(ce, margin, counted, fused.reg_weight, fused.reg_temperature)  # (N,)
         ctx.save_for_backward(grad)
         ctx.used = False
         return row.sum() * scale
@@ -218,35 +220,27 @@ class _BEARLossTritonFused(torch.autograd.Function):
             _scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
                 grad, g.contiguous(), numel, BLOCK=SCALE_BLOCK
             )
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
-def counted_flat(y, mask, vocab, ignore_index):
-    """(N,) bool: target != ignore_index and n > 1, from torch ops (no host sync)."""
-    from .functional import counted_rows
-
-    return counted_rows(y, mask, vocab, ignore_index)
-
-
-def bear_loss_triton_fused(z, y, mask, params: LossParams, reg_weight, reg_temperature, reduction):
-    """Reduced BEAR loss (sum or mean) of flattened inputs, with the gradient from the forward."""
+def _contiguous_inputs(z, y, mask, params: LossParams):
+    """Check the kernels' limits; return z with unit stride along V, y and mask contiguous."""
     _check_limits(z, params)
     if z.stride(1) != 1:
         z = z.contiguous()
     y = y.contiguous()
     if mask is not None:
         mask = mask.contiguous()
-    return _BEARLossTritonFused.apply(
-        z, y, mask, params, float(reg_weight), float(reg_temperature), reduction
-    )
+    return z, y, mask
+
+
+def bear_loss_triton_fused(z, y, mask, params: LossParams, fused: FusedParams):
+    """Reduced BEAR loss (sum or mean) of flattened inputs, with the gradient from the forward."""
+    z, y, mask = _contiguous_inputs(z, y, mask, params)
+    return _BEARLossTritonFused.apply(z, y, mask, params, fused)
 
 
 def ce_margin_triton(z, y, mask, params: LossParams):
     """Per-row (ce, Δ, counted) of flattened inputs z (N, V), y (N,), mask (N, W) or None."""
-    _check_limits(z, params)
-    if z.stride(1) != 1:
-        z = z.contiguous()
-    y = y.contiguous()
-    if mask is not None:
-        mask = mask.contiguous()
+    z, y, mask = _contiguous_inputs(z, y, mask, params)
     return _CEMarginTriton.apply(z, y, mask, params)

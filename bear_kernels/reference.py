@@ -22,14 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional import (
-    _check_hyper,
-    _check_reduction,
-    _flatten_inputs,
-    _reduce_rows,
-    counted_rows,
-    unpack_allowed_mask,
-)
+from ._common import check_hyper, check_reduction, counted_rows, flatten_inputs, reduce_rows
+from .bitmask import unpack_allowed_mask
 
 __all__ = ["bear_loss_reference", "ce_margin_reference"]
 
@@ -65,8 +59,8 @@ def ce_margin_reference(
     Raises:
         ValueError / TypeError for bad inputs (see `bear_kernels.ce_margin`).
     """
-    _check_hyper(beam_width=beam_width, temperature=temperature)
-    z, y, mask, out_shape = _flatten_inputs(
+    check_hyper(beam_width=beam_width, temperature=temperature)
+    z, y, mask, out_shape = flatten_inputs(
         logits, target, allowed_mask, ignore_index, allow_float64=True, validate=validate_target
     )
     n_rows, vocab = z.shape
@@ -136,13 +130,13 @@ def bear_loss_reference(
     `reg_temperature` is ξ > 0. Reductions: "none" (per-row, target's shape, 0 for uncounted
     rows), "sum", "mean" (sum / number of counted rows; 0 when no row is counted).
     """
-    _check_hyper(
+    check_hyper(
         beam_width=beam_width,
         temperature=temperature,
         reg_weight=reg_weight,
         reg_temperature=reg_temperature,
     )
-    _check_reduction(reduction)
+    check_reduction(reduction)
     ce, margin = ce_margin_reference(
         logits,
         target,
@@ -157,4 +151,4 @@ def bear_loss_reference(
     counted = counted_rows(target, allowed_mask, logits.shape[-1], ignore_index)  # (...)
     reg = F.logsigmoid(margin / reg_temperature)  # (...)
     row_loss = torch.where(counted, ce + reg_weight * reg, torch.zeros_like(ce))  # (...)
-    return _reduce_rows(row_loss, counted, reduction)
+    return reduce_rows(row_loss, counted, reduction)
