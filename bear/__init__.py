@@ -2,6 +2,7 @@
 
 Modules: data and prompts (upstream format), items (in-context item tokens), synth (synthetic
 datasets), tokenizer and model (tiny Llama or a local checkpoint with LoRA), trie (the item trie in
-tensors), decoding (constrained beam search, exact top-K, item scores), metrics, losses (every loss
-on bear_kernels.ce_margin), train, evaluate, demo, plots, cli (``python -m bear``).
+tensors), decoding (constrained beam search, exact top-K, item scores; its parts in beam,
+best_first, teacher_forcing, decode_common and kv_cache), metrics, losses (every loss on
+bear_kernels.ce_margin), train, evaluate, demo, plots, cli (``python -m bear``).
 """

@@ -40,7 +40,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from bear.decoding import _child_logprobs, _max_fanout, _topk_stable, beam_search
+from bear.decode_common import child_logprobs as _child_logprobs
+from bear.decode_common import max_fanout as _max_fanout
+from bear.decode_common import topk_stable as _topk_stable
+from bear.decoding import beam_search
 from bear.items import item_sequences
 from bear.prompts import format_prompt
 from bear.tokenizer import train_tokenizer

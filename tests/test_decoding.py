@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bear.beam
+from bear.best_first import prefix_tokens
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
+from bear.teacher_forcing import continuation_logits
 from bear.trie import ItemTrie
 from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
 
@@ -210,10 +213,8 @@ def test_beam_thresholds_match_a_reference_simulation(setup):
     for u in range(3):
         x, m = input_ids[u : u + 1], mask[u : u + 1]
         with torch.no_grad():
-            from bear.decoding import _continuation_logits, _prefix_tokens
-
-            pre, depth = _prefix_tokens(trie, nodes)
-            logits = _continuation_logits(model, x, m, torch.zeros_like(nodes), pre)
+            pre, depth = prefix_tokens(trie, nodes)
+            logits = continuation_logits(model, x, m, torch.zeros_like(nodes), pre)
             logits = logits[nodes, depth]  # next-token logits at every node
         allowed = trie.children_dense(nodes)
         logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), -1)
@@ -229,6 +230,39 @@ def test_beam_thresholds_match_a_reference_simulation(setup):
             beam = [n for n in cand[: 2 * B] if token[n] != EOS][:B]
             if not beam:
                 break
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, seed, monkeypatch):
+    """θ_t must be the B-th best candidate score at step t of beam_search itself: record it from
+    the expansion steps of real beam searches (one user at a time, both length penalties, which
+    change when the search stops) and compare with beam_thresholds, one by one and batched."""
+    model = tiny_model(seed)
+    _, _, trie = build(seed=seed + 1)
+    input_ids, mask = prompts(LENGTHS, seed=seed + 2)
+    B = 3
+    batched = beam_thresholds(model, input_ids, mask, trie, B, scoring)
+    expand_beams = bear.beam.expand_beams
+    recorded = []  # the B-th best candidate score of each step of the running beam_search
+
+    def recording_expand_beams(*args, **kwargs):
+        step = expand_beams(*args, **kwargs)
+        top = step.top[0]
+        recorded.append(top[B - 1].item() if top.shape[0] >= B else float("-inf"))
+        return step
+
+    for u, n in enumerate(LENGTHS):
+        x, m = input_ids[u : u + 1, -n:], mask[u : u + 1, -n:]  # unpadded single prompt
+        theta = beam_thresholds(model, x, m, trie, B, scoring)[0]
+        torch.testing.assert_close(batched[u], theta, atol=1e-5, rtol=1e-5)
+        for alpha in (0.0, 1.0):
+            recorded.clear()
+            with monkeypatch.context() as patch:
+                patch.setattr(bear.beam, "expand_beams", recording_expand_beams)
+                beam_search(model, x, m, trie, B, scoring, length_penalty=alpha)
+            assert len(recorded) >= 2, "the beam search should run past its first step"
+            assert theta[: len(recorded)].tolist() == recorded, (u, alpha)
 
 
 def test_invalid_inputs_raise_clear_errors(setup):

@@ -1,0 +1,234 @@
+"""Trie-constrained beam search and its thresholds θ_t (SPEC §4, §6), on one expansion step.
+
+`beam_search` and `beam_thresholds` advance the same beam through `expand_beams`, so the
+thresholds are those of the real search by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bear.decode_common import (
+    DecodeResult,
+    check_inputs,
+    check_positive_int,
+    child_logprobs,
+    max_fanout,
+    ranked_result,
+    topk_stable,
+)
+from bear.kv_cache import CopiedKVCache, TreeKVCache
+from bear.trie import ItemTrie
+
+__all__ = ["BeamStep", "beam_search", "beam_thresholds", "expand_beams"]
+
+KV_SHARING = ("tree", "copy")
+
+
+@dataclass
+class BeamStep:
+    """One expansion of the beam (U users, k2 = min(2B, Bc*F) candidates, nb = min(B, k2)).
+
+    top, child, is_eos: (U, k2) the best candidates, best first (score desc, index asc): score
+        s + log p, trie node, whether the candidate is an EOS edge.
+    score, node, token, src: (U, nb) the next live beams: the best B non-EOS candidates, their
+        trie node (-1 when dead), the token that extends their parent (EOS when dead), the index
+        of that parent among the current beams.
+    alive: (U, nb) bool, score is finite.
+    """
+
+    top: torch.Tensor
+    child: torch.Tensor
+    is_eos: torch.Tensor
+    score: torch.Tensor
+    node: torch.Tensor
+    token: torch.Tensor
+    src: torch.Tensor
+    alive: torch.Tensor
+
+
+def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str):
+    """Expand every live beam by its trie children and keep the best, as Hugging Face does.
+
+    Candidates are (beam, child) pairs of score s + log p (`child_logprobs`); the top 2B are
+    ranked by (score desc, candidate index asc); the next beams are the best B non-EOS among them.
+
+    Args:
+        logits: (U * Bc, V) next-token logits of the current beams.
+        node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
+        width: F >= the largest fan-out among `node`.
+        B: beam width.
+
+    Returns:
+        BeamStep.
+    """
+    U, Bc = node.shape
+    logp, edge = child_logprobs(trie, logits.view(U, Bc, -1), node, width, scoring)
+    cand = (score[..., None] + logp).view(U, Bc * width)  # (U, Bc*F)
+    k2 = min(2 * B, Bc * width)
+    top, idx = topk_stable(cand, k2)  # (U, k2) best first
+    e = edge.view(U, -1).gather(1, idx).clamp(min=0)
+    tok = trie.child_token[e]
+    child = trie.child_node[e]
+    ok = torch.isfinite(top)
+    is_eos = ok & (tok == trie.eos_token_id)
+    live_key = torch.where(ok & ~is_eos, top, float("-inf"))
+    next_score, li = topk_stable(live_key, min(B, k2))  # (U, nb), already in rank order
+    alive = torch.isfinite(next_score)
+    return BeamStep(
+        top=top,
+        child=child,
+        is_eos=is_eos,
+        score=next_score,
+        node=torch.where(alive, child.gather(1, li), -1),
+        token=torch.where(alive, tok.gather(1, li), trie.eos_token_id),
+        src=idx.gather(1, li) // width,
+        alive=alive,
+    )
+
+
+def _length_penalty(length: int, alpha: float) -> float:
+    return float(length) ** alpha
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: ItemTrie,
+    beam_width: int = 10,
+    scoring: str = "before",
+    length_penalty: float = 0.0,
+    kv_sharing: str = "tree",
+) -> DecodeResult:
+    """Trie-constrained beam search with Hugging Face semantics, batched over users and beams.
+
+    Per step t (beams at trie depth t): candidates are (beam, child) pairs with cumulative score
+    s + log p; the top 2B are taken; EOS candidates ranked within the top B enter the finished
+    pool with score s / (t + 1) ** alpha; the top B non-EOS candidates stay live. A user stops
+    when the pool holds B items and its best live score / (t + 1) ** alpha <= the pool's worst
+    (Hugging Face's `early_stopping=False` test; exact for alpha = 0), or when no beam is live.
+
+    Each prompt is prefilled once and its KV cache expanded to the beams after the first step;
+    one host synchronisation per step (which users are done).
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids, attention_mask: (U, P) left-padded prompts.
+        trie: the catalogue; moved to the model's device.
+        beam_width: B >= 1.
+        scoring: "before" or "after" (see `bear.decoding`).
+        length_penalty: alpha.
+        kv_sharing: how the beams share their user's prompt cache. "tree" (default): one cache
+            row per user, beam tokens appended with a custom 4-D attention mask (tree attention;
+            needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do).
+            "copy": the cache is expanded to one row per beam and reordered every step through
+            `Cache.batch_select_indices` (works with any model whose cache can be reordered).
+
+    Returns:
+        DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
+
+    Raises:
+        ValueError / TypeError: bad inputs (see `check_inputs`), beam_width < 1, unknown
+            kv_sharing, or kv_sharing="tree" with an attention that ignores 4-D masks.
+    """
+    mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
+    B, alpha = check_positive_int("beam_width", beam_width), float(length_penalty)
+    if kv_sharing not in KV_SHARING:
+        raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
+    device = input_ids.device
+    trie = trie.to(device)
+    U = input_ids.shape[0]
+    neg_inf = float("-inf")
+    kv = (TreeKVCache if kv_sharing == "tree" else CopiedKVCache)(model, input_ids, mask)
+    out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
+    out_score = torch.full((U, B), neg_inf, device=device)
+    users = torch.arange(U, device=device)  # global index of each active user
+    node = torch.zeros(U, 1, dtype=torch.int64, device=device)  # (Ua, Bc) beams at the root
+    score = torch.zeros(U, 1, device=device)  # (Ua, Bc)
+    pool_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)  # (Ua, B)
+    pool_score = torch.full((U, B), neg_inf, device=device)  # (Ua, B)
+    logits = kv.logits
+    rank = torch.arange(2 * B, device=device)
+    width = trie.depth_fanout_list[0]  # the root's fan-out
+    for t in range(trie.max_len + 2):
+        step = expand_beams(trie, logits, node, score, width, B, scoring)
+        node, score = step.node, step.score
+
+        # Finished pool: EOS candidates within the top B, length-penalised, merged, best B kept.
+        fin = step.is_eos & (rank[: step.top.shape[1]] < B)
+        fin_score = torch.where(fin, step.top / _length_penalty(t + 1, alpha), neg_inf)
+        merged_score = torch.cat([pool_score, fin_score], dim=1)
+        merged_leaf = torch.cat([pool_leaf, torch.where(fin, step.child, -1)], dim=1)
+        pool_score, pi = topk_stable(merged_score, B)
+        pool_leaf = merged_leaf.gather(1, pi)
+
+        # Stopping: pool full and no live beam can beat its worst member, or nothing live.
+        best_live = score[:, 0] / _length_penalty(t + 1, alpha)
+        full = torch.isfinite(pool_score[:, -1])
+        done = ~step.alive[:, 0] | (full & ~(best_live > pool_score[:, -1]))
+        # The one host synchronisation of this step: which users are done, and the largest
+        # fan-out among the live beams' nodes (the candidate width of the next step).
+        host = torch.cat([done.long(), max_fanout(trie, node).view(1)]).cpu()
+        done_host, width = host[:-1].bool(), max(int(host[-1]), 1)
+        if bool(done_host.any()):
+            d = done_host.nonzero().view(-1).to(device)
+            out_leaf[users[d]] = pool_leaf[d]
+            out_score[users[d]] = pool_score[d]
+        if bool(done_host.all()):
+            break
+        keep = (~done_host).nonzero().view(-1).to(device)
+        users, node, score = users[keep], node[keep], score[keep]
+        pool_leaf, pool_score = pool_leaf[keep], pool_score[keep]
+        logits = kv.step(step.src[keep], step.token[keep], keep)
+    else:  # pragma: no cover - the trie has no node deeper than max_len + 1
+        raise RuntimeError("beam search ran past the deepest trie node")
+    return ranked_result(trie, out_leaf, out_score)
+
+
+@torch.no_grad()
+def beam_thresholds(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: ItemTrie,
+    beam_width: int = 10,
+    scoring: str = "before",
+) -> torch.Tensor:
+    """θ_t of SPEC §6: the B-th best candidate score among the children of the step-t beam.
+
+    The beam is `beam_search`'s (same `expand_beams`), run without its finished pool and stopping
+    test: at step t every child of every live beam is a candidate of score s + log p (no length
+    penalty); θ_t is the B-th best; the best B non-EOS among the top 2B form the next beam.
+
+    Args:
+        model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV
+            cache is shared as kv_sharing="tree").
+
+    Returns:
+        (U, L_max + 1) float32; -inf where fewer than B candidates exist.
+    """
+    mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
+    B = check_positive_int("beam_width", beam_width)
+    device = input_ids.device
+    trie = trie.to(device)
+    U = input_ids.shape[0]
+    theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
+    kv = TreeKVCache(model, input_ids, mask)
+    node = torch.zeros(U, 1, dtype=torch.int64, device=device)
+    score = torch.zeros(U, 1, device=device)
+    logits = kv.logits
+    width = trie.depth_fanout_list[0]
+    for t in range(trie.max_len + 1):
+        step = expand_beams(trie, logits, node, score, width, B, scoring)
+        if step.top.shape[1] >= B:
+            theta[:, t] = step.top[:, B - 1]
+        node, score = step.node, step.score
+        width = int(max_fanout(trie, node))  # one host synchronisation per step
+        if width == 0 or t == trie.max_len:
+            break
+        logits = kv.step(step.src, step.token)
+    return theta

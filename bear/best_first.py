@@ -1,0 +1,136 @@
+"""Exact top-K items by best-first search over the trie (SPEC §4)."""
+
+from __future__ import annotations
+
+import torch
+
+from bear.decode_common import (
+    DecodeResult,
+    check_inputs,
+    check_positive_int,
+    child_logprobs,
+    ranked_result,
+    topk_stable,
+)
+from bear.kv_cache import PromptKVCache
+from bear.trie import ItemTrie
+
+__all__ = ["exact_topk", "prefix_tokens"]
+
+
+def prefix_tokens(trie: ItemTrie, nodes: torch.Tensor):
+    """Tokens from the root to each node.
+
+    Args:
+        nodes: (R,) trie node ids.
+
+    Returns:
+        tokens (R, D) left-aligned, -1 padded (D = the deepest node's depth, at least 1), and
+        depth (R,).
+    """
+    depth = trie.node_depth[nodes]
+    D = int(depth.max()) if nodes.numel() else 0
+    out = torch.full((nodes.shape[0], max(D, 1)), -1, dtype=torch.int64, device=nodes.device)
+    rows = torch.arange(nodes.shape[0], device=nodes.device)
+    cur = nodes
+    for _ in range(D):
+        d = trie.node_depth[cur]
+        live = d > 0
+        out[rows[live], d[live] - 1] = trie.node_token[cur[live]]
+        cur = torch.where(live, trie.node_parent[cur].clamp(min=0), cur)
+    return out, depth
+
+
+@torch.no_grad()
+def exact_topk(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: ItemTrie,
+    k: int = 10,
+    scoring: str = "before",
+    expand_per_round: int = 16,
+) -> DecodeResult:
+    """The k best items by full score (α = 0), by best-first search over the trie.
+
+    Scores only fall along a trie path (each step adds log p <= 0), so when the best frontier
+    prefix is a leaf no other item can beat it: leaves popped in order are exact. Each round pops
+    the `expand_per_round` best frontier entries of every user; the leading leaves are emitted and
+    the inner nodes among them are expanded with batched forward passes of their prefixes on
+    copies of the prompts' KV cache (each prompt is prefilled once).
+
+    Args:
+        model, input_ids, attention_mask, trie, scoring: as `bear.beam.beam_search`.
+        k: K >= 1.
+        expand_per_round: frontier entries popped per user and round (values below 1 count as
+            1); a speed knob, the result does not depend on it.
+
+    Returns:
+        DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
+
+    Raises:
+        ValueError / TypeError: bad inputs (see `check_inputs`) or k < 1.
+    """
+    mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
+    k = check_positive_int("k", k)
+    device = input_ids.device
+    trie = trie.to(device)
+    U, P = input_ids.shape[0], max(1, int(expand_per_round))
+    neg_inf = float("-inf")
+    # The prompts are prefilled once; the root's children form the first frontier (U, C).
+    prompts = PromptKVCache(model, input_ids, mask)
+    width = trie.depth_fanout_list[0]
+    root = torch.zeros(U, 1, dtype=torch.int64, device=device)
+    logp, edge = child_logprobs(trie, prompts.logits[:, None], root, width, scoring)
+    f_score = logp[:, 0]  # (U, F)
+    f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
+    res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
+    res_score = torch.full((U, k + 1), neg_inf, device=device)
+    found = torch.zeros(U, dtype=torch.int64, device=device)
+    users = torch.arange(U, device=device)
+    while True:
+        p = min(P, f_score.shape[1])
+        s, i = topk_stable(f_score, p)  # (U, p)
+        nd = f_node.gather(1, i)
+        fin = torch.isfinite(s)
+        is_leaf = fin & (trie.leaf_item[nd.clamp(min=0)] >= 0)
+        lead = torch.cumprod(is_leaf.long(), dim=1).bool()
+        lead_rank = lead.long().cumsum(1) - 1
+        emit = lead & (lead_rank < (k - found)[:, None])
+        slot = torch.where(emit, found[:, None] + lead_rank, k)
+        res_leaf.scatter_(1, slot, torch.where(emit, nd, -1))
+        res_score.scatter_(1, slot, torch.where(emit, s, neg_inf))
+        found = found + emit.sum(1)
+        expand = fin & ~is_leaf & (found < k)[:, None]
+        removed = emit | expand
+        f_score = f_score.scatter(1, i, torch.where(removed, neg_inf, s))
+        open_users = (found < k) & torch.isfinite(f_score).any(1)
+        exp_u, exp_c = expand.nonzero(as_tuple=True)
+        if exp_u.numel() == 0:
+            if not bool(open_users.any()):
+                break
+            continue
+        exp_node, exp_score = nd[exp_u, exp_c], s[exp_u, exp_c]
+        prefix, depth = prefix_tokens(trie, exp_node)  # depth >= 1: the root is done
+        logits = prompts.next_logits(users[exp_u], prefix, depth)  # (R, V)
+        width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
+        logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
+        new_score = (exp_score[:, None] + logp[:, 0]).reshape(-1)  # (R*F,)
+        new_node = trie.child_node[edge[:, 0].clamp(min=0)].reshape(-1)
+        new_user = exp_u[:, None].expand(-1, width).reshape(-1)
+        # Rebuild the frontier: the finite old entries plus the new children, packed per user.
+        old_u, old_c = torch.isfinite(f_score).nonzero(as_tuple=True)
+        keep_new = torch.isfinite(new_score)
+        all_u = torch.cat([old_u, new_user[keep_new]])
+        all_s = torch.cat([f_score[old_u, old_c], new_score[keep_new]])
+        all_n = torch.cat([f_node[old_u, old_c], new_node[keep_new]])
+        order = torch.argsort(all_u, stable=True)
+        all_u, all_s, all_n = all_u[order], all_s[order], all_n[order]
+        counts = torch.bincount(all_u, minlength=U)
+        col = torch.arange(all_u.shape[0], device=device) - (counts.cumsum(0) - counts)[all_u]
+        C = max(int(counts.max()), 1)
+        f_score = torch.full((U, C), neg_inf, device=device)
+        f_node = torch.full((U, C), -1, dtype=torch.int64, device=device)
+        f_score[all_u, col] = all_s
+        f_node[all_u, col] = all_n
+    return ranked_result(trie, res_leaf[:, :k], res_score[:, :k])

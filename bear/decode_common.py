@@ -1,0 +1,147 @@
+"""What every trie-constrained decoder shares: input checks, child log-probabilities over the trie,
+a stable top-k and the ranked result (SPEC §4; scoring modes in `bear.decoding`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bear.trie import ItemTrie
+
+__all__ = [
+    "DecodeResult",
+    "check_inputs",
+    "check_positive_int",
+    "child_logprobs",
+    "max_fanout",
+    "model_vocab",
+    "ranked_result",
+    "topk_stable",
+]
+
+SCORINGS = ("before", "after")
+
+
+@dataclass
+class DecodeResult:
+    """Ranked items per user.
+
+    item_ids: (U, K) int64 canonical item ids, best first, -1 where fewer than K items exist.
+    scores:   (U, K) float32 scores, -inf where padded.
+    """
+
+    item_ids: torch.Tensor
+    scores: torch.Tensor
+
+
+def model_vocab(model) -> int | None:
+    """Rows of the model's output embedding (else `config.vocab_size`, else None)."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tensor:
+    """Validate the arguments every decoder takes; return the (U, P) int64 attention mask.
+
+    Raises:
+        TypeError: trie is not an ItemTrie.
+        ValueError: unknown scoring, input_ids not (U, P) or empty, a mask of another shape or not
+            left-padded, or trie tokens outside the model's vocabulary.
+    """
+    if not isinstance(trie, ItemTrie):
+        raise TypeError(f"trie must be a bear.trie.ItemTrie, got {type(trie).__name__}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (U, P), got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    mask = attention_mask.to(torch.int64)
+    if not bool((mask[:, -1] == 1).all()) or not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError(
+            "prompts must be left-padded: each attention_mask row must be 0...0 1...1 and end "
+            "with 1 (use tokenizer.padding_side = 'left')"
+        )
+    vocab = model_vocab(model)
+    if vocab is not None and trie.vocab_size > vocab:
+        raise ValueError(
+            f"the trie's vocab_size={trie.vocab_size} exceeds the model's vocabulary ({vocab}); "
+            "item token ids must be valid model token ids"
+        )
+    return mask
+
+
+def check_positive_int(name: str, value) -> int:
+    """`value` as an int; ValueError naming `name` unless it is an integer >= 1."""
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
+def child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
+    """Log-probabilities of the children of each beam's node, padded to `width`.
+
+        before:  log p_j = z_j - logsumexp_{k in A} z_k   (A: the node's children)
+        after:   log p_j = log_softmax(z)_j,  j in A
+
+    Args:
+        logits: (U, Bc, V) next-token logits of each beam.
+        node: (U, Bc) trie node of each beam, -1 for dead beams.
+        width: F >= the largest fan-out among `node`.
+
+    Returns:
+        logp (U, Bc, F) and edge (U, Bc, F) trie edge ids, -inf / -1 where there is no child.
+    """
+    n = node.clamp(min=0)
+    start = trie.child_ptr[n]  # (U, Bc)
+    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - start, torch.zeros_like(start))
+    j = torch.arange(width, device=node.device)
+    valid = j < deg[..., None]  # (U, Bc, F)
+    edge = (start[..., None] + j).clamp(max=max(trie.child_token.shape[0] - 1, 0))
+    tok = trie.child_token[edge]  # (U, Bc, F)
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    if scoring == "after":
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tok)
+    else:
+        z = torch.where(valid, logits.gather(-1, tok), neg_inf)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        logp = z - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    logp = torch.where(valid, logp, neg_inf)
+    return logp, torch.where(valid, edge, torch.full_like(edge, -1))
+
+
+def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
+    """Largest number of children among `node` (-1 entries count 0), as a 0-d device tensor."""
+    n = node.clamp(min=0)
+    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
+    return deg.max() if deg.numel() else torch.zeros((), dtype=torch.int64, device=node.device)
+
+
+def topk_stable(x: torch.Tensor, k: int):
+    """Top-k along the last dim, ordered by (value desc, index asc) within the selection."""
+    val, idx = x.topk(k, dim=-1)
+    order = torch.argsort(idx, dim=-1, stable=True)
+    val, idx = val.gather(-1, order), idx.gather(-1, order)
+    order = torch.argsort(val, dim=-1, descending=True, stable=True)
+    return val.gather(-1, order), idx.gather(-1, order)
+
+
+def ranked_result(trie: ItemTrie, leaf: torch.Tensor, scores: torch.Tensor) -> DecodeResult:
+    """Trie leaves (U, K) (-1 padding) and their scores as a DecodeResult of canonical item ids,
+    sorted by score desc, then item id asc; -1 / -inf padding last."""
+    item = torch.where(leaf >= 0, trie.leaf_item[leaf.clamp(min=0)], -1)
+    key_id = torch.where(item >= 0, item, torch.full_like(item, 2**62))
+    o1 = torch.argsort(key_id, dim=-1, stable=True)
+    item, scores = item.gather(-1, o1), scores.gather(-1, o1)
+    o2 = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    return DecodeResult(item.gather(-1, o2), scores.gather(-1, o2).float())

@@ -1,0 +1,204 @@
+"""Hugging Face KV-cache plumbing for the decoders: prompt prefill and three ways to reuse it.
+
+- `CopiedKVCache`: one cache row per beam, rows copied and reordered every step (any model).
+- `TreeKVCache`: one cache row per user; the beams' tokens are appended side by side and a 4-D
+  attention mask (tree attention) keeps each beam to its own ancestors (sdpa / eager attention).
+- `PromptKVCache`: the prompts' cache kept intact; each batch of continuations runs on a copy.
+
+Only public cache API is used (`Cache.batch_select_indices`); no private Hugging Face method is
+overridden.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+__all__ = [
+    "CopiedKVCache",
+    "PromptKVCache",
+    "TreeKVCache",
+    "cache_kwarg",
+    "check_tree_attention",
+    "prefill",
+]
+
+TREE_ATTENTION = (None, "sdpa", "eager")  # attention implementations that apply 4-D masks
+
+
+def check_tree_attention(model) -> None:
+    """Raise ValueError unless the model's attention honours a 4-D mask (needed by TreeKVCache)."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn not in TREE_ATTENTION:
+        raise ValueError(
+            f"kv_sharing='tree' needs an attention implementation that honours a 4-D mask "
+            f"({sorted(a for a in TREE_ATTENTION if a)}); the model uses {attn!r}: pass "
+            "kv_sharing='copy' to beam_search"
+        )
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of `model.forward` (`cache` since transformers 5.x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned, under either transformers name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
+    """Run the left-padded prompts once with a cache.
+
+    Positions count real tokens only, as `generate` does. Only the last position's logits are
+    computed when the model accepts `logits_to_keep` (the prompt's other logits are never used).
+
+    Args:
+        input_ids, mask: (U, P) left-padded prompts and their attention mask.
+
+    Returns:
+        (cache, last_pos (U,) position of each prompt's last token, logits (U, V) float32 of the
+        next token).
+    """
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (U, P)
+    extra = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+    return output_cache(out), pos[:, -1], out.logits[:, -1].float()
+
+
+class CopiedKVCache:
+    """KV cache with one row per beam (kv_sharing="copy").
+
+    The prompts are prefilled once (one row per user); the rows are then expanded to the beams
+    and reordered every step through the public `Cache.batch_select_indices`.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+        self.model = model
+        self.cache_kw = cache_kwarg(model)
+        self.mask = mask  # (R, P + t), R = users * beams
+        self.cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
+        self.beams = 1  # cache rows per user
+
+    def step(
+        self, src: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits."""
+        if keep is None:
+            keep = torch.arange(src.shape[0], device=src.device)
+        rows = (keep[:, None] * self.beams + src).view(-1)  # (U' * Bn,) may repeat
+        self.beams = src.shape[1]
+        # `batch_select_indices` indexes each layer's keys/values with `keys[rows]`, which accepts
+        # repeated rows (beam expansion and reordering) and is ~25x faster on CPU than the
+        # `index_select` of `reorder_cache` for 4-D tensors (torch 2.13).
+        self.cache.batch_select_indices(rows)
+        self.mask = torch.cat([self.mask[rows], self.mask.new_ones(rows.shape[0], 1)], dim=1)
+        self.last_pos = self.last_pos[rows] + 1
+        out = self.model(
+            input_ids=tokens.reshape(-1, 1),
+            attention_mask=self.mask,
+            position_ids=self.last_pos.view(-1, 1),
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        self.cache = output_cache(out)
+        self.logits = out.logits[:, -1].float()
+        return self.logits
+
+
+class TreeKVCache:
+    """KV cache with one row per user that its beams share through tree attention
+    (kv_sharing="tree").
+
+    The row holds the prompt, then every step appends the user's Bn beam tokens (slots
+    P + Bn*t + j). A 4-D attention mask lets each new token attend to its prompt and the slots of
+    its own ancestors only, which is exactly the attention of a separate sequence per beam;
+    positions are prompt length + t for every beam. Nothing is copied between beams and the cache
+    is never reordered; users that leave are dropped through `Cache.batch_select_indices`.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+        check_tree_attention(model)
+        self.model = model
+        self.cache_kw = cache_kwarg(model)
+        self.prompt_mask = mask.bool()  # (U, P)
+        self.cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
+        self.ancestors = torch.zeros(
+            input_ids.shape[0], 1, 0, dtype=torch.int64, device=mask.device
+        )
+        self.generated = 0  # slots appended after the prompt
+        self.dtype = next(model.parameters()).dtype
+
+    def _select_users(self, keep: torch.Tensor) -> None:
+        self.cache.batch_select_indices(keep)
+        self.prompt_mask = self.prompt_mask[keep]
+        self.last_pos = self.last_pos[keep]
+        self.ancestors = self.ancestors[keep]
+
+    def step(
+        self, src: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits."""
+        if keep is not None and keep.shape[0] < self.prompt_mask.shape[0]:
+            self._select_users(keep)
+        U, Bn = tokens.shape
+        G = self.generated
+        new_slot = G + torch.arange(Bn, device=tokens.device).expand(U, Bn)  # (U, Bn)
+        t = self.ancestors.shape[2]
+        anc = self.ancestors.gather(1, src[..., None].expand(-1, -1, t))  # (U, Bn, t)
+        self.ancestors = torch.cat([anc, new_slot[..., None]], dim=2)  # (U, Bn, t + 1)
+        own = torch.zeros(U, Bn, G + Bn, dtype=torch.bool, device=tokens.device)
+        own.scatter_(2, self.ancestors, True)  # each beam sees its ancestors' slots and itself
+        allowed = torch.cat([self.prompt_mask[:, None, :].expand(-1, Bn, -1), own], dim=2)
+        neg = torch.finfo(self.dtype).min
+        mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device)
+        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn, P + G + Bn)
+        pos = (self.last_pos + t + 1)[:, None].expand(U, Bn)  # (U, Bn)
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask4d,
+            position_ids=pos,
+            use_cache=True,
+            **{self.cache_kw: self.cache},
+        )
+        self.cache = output_cache(out)
+        self.generated = G + Bn
+        self.logits = out.logits.float().reshape(U * Bn, -1)
+        return self.logits
+
+
+class PromptKVCache:
+    """The prompts' KV cache, prefilled once; continuations run on copies of its rows."""
+
+    ROWS = 64  # continuations per forward pass (bounds the copied cache)
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+        self.model, self.mask = model, mask
+        self.cache_kw = cache_kwarg(model)
+        self.cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
+
+    def next_logits(self, rows, prefix, length) -> torch.Tensor:
+        """Next-token logits after prompt `rows` (R,) + `prefix` (R, D), -1 padded on the right,
+        `length` (R,) >= 1 real tokens each -> (R, V) float32."""
+        outs = []
+        for s in range(0, rows.shape[0], self.ROWS):
+            r, c, n = rows[s : s + self.ROWS], prefix[s : s + self.ROWS], length[s : s + self.ROWS]
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(r)  # keep (and repeat) the prompt rows
+            m = torch.cat([self.mask[r], (c >= 0).to(self.mask.dtype)], dim=1)
+            pos = self.last_pos[r, None] + 1 + torch.arange(c.shape[1], device=c.device)
+            out = self.model(
+                input_ids=c.clamp(min=0),
+                attention_mask=m,
+                position_ids=pos,
+                use_cache=True,
+                **{self.cache_kw: cache},
+            )
+            outs.append(out.logits[torch.arange(c.shape[0], device=c.device), n - 1].float())
+        return torch.cat(outs, dim=0)

@@ -1,0 +1,97 @@
+"""Teacher-forced item scores (SPEC §4): the sum of an item's per-step log-probabilities."""
+
+from __future__ import annotations
+
+import torch
+
+from bear.decode_common import check_inputs, model_vocab
+from bear.trie import ItemTrie
+
+__all__ = ["continuation_logits", "score_items"]
+
+ROW_BUDGET = 2**25  # logits elements per teacher-forcing chunk (~128 MB in float32)
+
+
+def continuation_logits(model, input_ids, mask, rows, cont) -> torch.Tensor:
+    """Logits for prompt `rows` followed by right-padded continuations, without a cache.
+
+    Args:
+        input_ids, mask: (U, P) left-padded prompts.
+        rows: (R,) the prompt of each continuation.
+        cont: (R, T) int64 continuation tokens, -1 padded on the right.
+
+    Returns:
+        (R, T + 1, V) float32, where [r, j] predicts token j of the continuation (j = 0 from the
+        prompt's last position). Chunked to at most ROW_BUDGET logits elements per forward.
+    """
+    R, T = cont.shape
+    P = input_ids.shape[1]
+    V = model_vocab(model) or 1
+    chunk = max(1, ROW_BUDGET // max(1, (P + T) * V))
+    outs = []
+    for s in range(0, R, chunk):
+        r = rows[s : s + chunk]
+        c = cont[s : s + chunk]
+        ids = torch.cat([input_ids[r], c.clamp(min=0)], dim=1)
+        m = torch.cat([mask[r], (c >= 0).to(mask.dtype)], dim=1)
+        pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)
+        logits = model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=False).logits
+        outs.append(logits[:, P - 1 :].float())
+    return torch.cat(outs, dim=0)
+
+
+def _step_logprobs(trie, logits, nodes, targets, scoring):
+    """log p of `targets` (N,) under `scoring` given logits (N, V) and trie nodes (N,)."""
+    if scoring == "after":
+        logp = torch.log_softmax(logits, dim=-1)
+    else:
+        allowed = trie.children_dense(nodes)  # (N, V)
+        logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def score_items(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: ItemTrie,
+    item_ids: torch.Tensor,
+    scoring: str = "before",
+) -> torch.Tensor:
+    """Teacher-forced item scores: sum_t log p(y_t | x, y_<t), EOS included (no length penalty).
+
+    Args:
+        model: a Hugging Face causal LM.
+        input_ids, attention_mask: (U, P) left-padded prompts.
+        trie: the catalogue; moved to the model's device.
+        item_ids: (U, M) item ids (any id of a leaf; identical titles score identically).
+        scoring: "before" or "after" (see `bear.decoding`).
+
+    Returns:
+        (U, M) float32.
+
+    Raises:
+        ValueError / TypeError: bad inputs (see `check_inputs`), item_ids not (U, M), or an item
+            id not in the trie.
+    """
+    mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
+    device = input_ids.device
+    trie = trie.to(device)
+    item_ids = torch.as_tensor(item_ids, dtype=torch.int64, device=device)
+    if item_ids.dim() != 2 or item_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"item_ids must be (U, M) with U={input_ids.shape[0]}, got {tuple(item_ids.shape)}"
+        )
+    U, M = item_ids.shape
+    flat = item_ids.reshape(-1)
+    targets = trie.item_tokens(flat)  # (R, L+1), -100 padded
+    nodes = trie.path_nodes(flat)  # (R, L+1), -1 padded
+    valid = targets != -100
+    rows = torch.arange(U, device=device).repeat_interleave(M)
+    cont = torch.where(valid[:, :-1], targets[:, :-1], -1)  # inputs: all tokens but the last
+    logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
+    lp = _step_logprobs(
+        trie, logits.reshape(-1, logits.shape[-1]), nodes.reshape(-1), targets.reshape(-1), scoring
+    ).view_as(targets)
+    return torch.where(valid, lp, 0.0).sum(-1).view(U, M).float()
