@@ -21,6 +21,7 @@ __all__ = [
     "encode_prompts",
     "Batch",
     "collate",
+    "left_pad",
     "right_align",
 ]
 
@@ -116,7 +117,9 @@ class Batch:
         return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention mask), both (U, max length) int64, each row's tokens at the
+    right end and ``pad_id`` (mask 0) before them: the layout decoding and the loss expect."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (U, width)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (U, width)
@@ -133,8 +136,8 @@ def collate(prompts: list[list[int]], targets: list[int], items: dict, trie, pad
     eos = trie.eos_token_id
     responses = [items[t] + [eos] for t in targets]
     lengths = torch.tensor([len(r) for r in responses])  # (U,)
-    prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
-    input_ids, attention_mask = _left_pad(
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    input_ids, attention_mask = left_pad(
         [p + r[:-1] for p, r in zip(prompts, responses, strict=True)], pad_id
     )
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (U, T)

@@ -16,7 +16,7 @@ Also measured per catalogue: the trie build time and the per-step cost of the co
 (child gather + log-softmax + top-2B for U*B beams at trie depths 0-3, synthetic logits) for ours,
 and generate's PrefixConstrainedLogitsProcessor over the dict trie for the baseline.
 
-Writes benchmarks/results/decoding_<device>.csv and .json.
+Writes benchmarks/results/decoding_<device>.csv and .json (benchmarks/_common.py names them).
 
 Usage (full run, on a quiet machine):
     .venv/bin/python benchmarks/decoding_speed.py
@@ -29,22 +29,26 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from _common import (
+    add_results_args,
+    device_label,
+    results_stem,
+    timed,
+    write_csv,
+    write_json,
+)
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from bear.decode_common import child_logprobs as _child_logprobs
-from bear.decode_common import max_fanout as _max_fanout
-from bear.decode_common import topk_stable as _topk_stable
+from bear.decode_common import child_logprobs, max_fanout, topk_stable
 from bear.decoding import beam_search
-from bear.items import item_sequences
+from bear.items import item_sequences, left_pad
+from bear.model import TinyConfig, build_tiny_model
 from bear.prompts import format_prompt
 from bear.tokenizer import train_tokenizer
 from bear.trie import ItemTrie
@@ -73,48 +77,16 @@ class Config:
     tag: str = ""  # suffix of the results file name (e.g. "smoke")
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def build_model(cfg: Config, vocab: int):
-    torch.manual_seed(cfg.seed)
-    conf = LlamaConfig(
-        vocab_size=vocab,
+    """bear's tiny Llama at this benchmark's size (MLP 2x hidden, 4096 positions), in eval mode."""
+    size = TinyConfig(
         hidden_size=cfg.hidden,
         intermediate_size=2 * cfg.hidden,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
         max_position_embeddings=4096,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-        bos_token_id=EOS_ID,
     )
-    return LlamaForCausalLM(conf).eval().to(cfg.device)
-
-
-def left_pad(rows: list[list[int]]):
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), PAD_ID, dtype=torch.int64)
-    mask = torch.zeros(len(rows), P, dtype=torch.int64)
-    for u, r in enumerate(rows):
-        ids[u, P - len(r) :] = torch.tensor(r)
-        mask[u, P - len(r) :] = 1
-    return ids, mask
+    return build_tiny_model(vocab, PAD_ID, EOS_ID, size, cfg.seed).eval().to(cfg.device)
 
 
 def amazon_catalogue(cfg: Config, name: str):
@@ -233,17 +205,14 @@ def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int):
             continue
         node = cand[torch.randint(cand.numel(), (rows,), generator=g)].to(dev).view(-1, 10)
         logits = torch.randn(node.shape[0], node.shape[1], vocab, generator=g).to(dev)
-        width = int(_max_fanout(trie, node))
-        t_depth = []
-        for rep in range(cfg.constraint_reps + 2):
-            sync(dev)
-            t0 = time.perf_counter()
-            logp, _ = _child_logprobs(trie, logits, node, width, "after")
+        width = int(max_fanout(trie, node))
+
+        def step(logits=logits, node=node, width=width):
+            logp, _ = child_logprobs(trie, logits, node, width, "after")
             flat = logp.view(node.shape[0], -1)
-            _topk_stable(flat, min(2 * node.shape[1], flat.shape[1]))
-            sync(dev)
-            if rep >= 2:  # two warm-up calls
-                t_depth.append(time.perf_counter() - t0)
+            return topk_stable(flat, min(2 * node.shape[1], flat.shape[1]))
+
+        t_depth = [timed(step, dev)[1] for _ in range(cfg.constraint_reps + 2)][2:]  # 2 warm-ups
         t_all.extend(t_depth)
         per_depth.append((d, width, round(1e3 * float(np.mean(t_depth)), 3)))
     return 1e3 * float(np.mean(t_all)), per_depth
@@ -274,7 +243,7 @@ def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> 
     return 1e3 * float(np.mean(t_all))
 
 
-def bench_catalogue(cfg: Config, name: str, device_label: str):
+def bench_catalogue(cfg: Config, name: str, label: str):
     t0 = time.perf_counter()
     if name == "synthetic":
         seqs, ids, prompts, vocab = synthetic_catalogue(cfg)
@@ -282,14 +251,15 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
         seqs, ids, prompts, vocab = amazon_catalogue(cfg, name)
     prep_s = time.perf_counter() - t0
     vocab = max(vocab, cfg.vocab)
-    t0 = time.perf_counter()
-    trie = ItemTrie(seqs, ids, EOS_ID, vocab_size=vocab).to(cfg.device)
-    sync(cfg.device)
-    build_s = time.perf_counter() - t0
+    trie, build_s = timed(
+        lambda: ItemTrie(seqs, ids, EOS_ID, vocab_size=vocab).to(cfg.device), cfg.device
+    )
     print(f"[{name}] {trie}  prep {prep_s:.1f}s  trie build {build_s:.2f}s", flush=True)
     model = build_model(cfg, vocab)
     B = cfg.beam_width
-    batches = [left_pad(prompts[s : s + cfg.batch]) for s in range(0, len(prompts), cfg.batch)]
+    batches = [
+        left_pad(prompts[s : s + cfg.batch], PAD_ID) for s in range(0, len(prompts), cfg.batch)
+    ]
     batches = [(x.to(cfg.device), m.to(cfg.device)) for x, m in batches]
     rows = cfg.batch * B
 
@@ -302,13 +272,6 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
             item_of.setdefault(tuple(s), c)
     max_new = trie.max_len + 1
 
-    def timed(fn):
-        sync(cfg.device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(cfg.device)
-        return out, time.perf_counter() - t0
-
     # One untimed warm-up call each, then the batches timed alternately (ours, generate), so
     # that load from other processes on a shared machine falls on both methods alike.
     beam_search(model, *batches[0], trie, B, "after")
@@ -316,16 +279,16 @@ def bench_catalogue(cfg: Config, name: str, device_label: str):
         run_generate(model, *batches[0], root, B, max_new)
     ours, gens, ours_s, gen_s = [], [], 0.0, 0.0
     for x, m in batches:
-        r, dt = timed(lambda x=x, m=m: beam_search(model, x, m, trie, B, "after"))
+        r, dt = timed(lambda x=x, m=m: beam_search(model, x, m, trie, B, "after"), cfg.device)
         ours.append(r)
         ours_s += dt
         if baseline:
-            g, dt = timed(lambda x=x, m=m: run_generate(model, x, m, root, B, max_new))
+            g, dt = timed(lambda x=x, m=m: run_generate(model, x, m, root, B, max_new), cfg.device)
             gens.append(g)
             gen_s += dt
     ours_ms, ours_depths = constraint_cost_ours(trie, cfg, vocab, rows)
     base = dict(
-        device=device_label,
+        device=label,
         catalogue=name,
         items=trie.num_items,
         leaves=trie.num_leaves,
@@ -428,7 +391,7 @@ def main(argv=None):
         help="Office Clothing synthetic",
     )
     p.add_argument("--data", default=defaults.data, help="folder holding Office/ and Clothing/")
-    p.add_argument("--tag", default="", help="suffix of the results file name")
+    add_results_args(p)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -444,22 +407,16 @@ def main(argv=None):
         data=a.data,
         tag=a.tag,
     )
-    label = device_name(cfg.device)
-    print(f"config: {asdict(cfg)}\ndevice: {label}, torch threads {torch.get_num_threads()}")
+    label = device_label(cfg.device)
+    print(f"config: {asdict(cfg)}\ndevice: {label}")
     rows = []
     for name in cfg.catalogues:
         rows.extend(bench_catalogue(cfg, name, label))
-    slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
-    stem = f"decoding_{slug}" + (f"_{cfg.tag}" if cfg.tag else "")
-    out_dir = ROOT / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    stem = results_stem(a.results_dir, "decoding", label, cfg.tag)
+    write_csv(stem.with_suffix(".csv"), rows)
     meta = dict(config=asdict(cfg), device=label, torch_threads=torch.get_num_threads(), rows=rows)
-    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1))
-    print(f"wrote {out_dir / stem}.csv and .json")
+    write_json(stem.with_suffix(".json"), meta)
+    print(f"wrote {stem}.csv and .json")
 
 
 if __name__ == "__main__":

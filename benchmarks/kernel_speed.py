@@ -17,16 +17,22 @@ is those bytes over the measured median. `peak_mem_mb` is the peak allocation ab
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    add_results_args,
+    device_label,
+    resolve_device,
+    results_stem,
+    sync,
+    timed,
+    write_csv,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,33 +57,15 @@ IMPLS = ("torch", "triton", "torch_ce", "torch_compile", "liger_ce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
-def device_slug(device: torch.device) -> str:
-    """'cpu', or a slug of the CUDA device name (e.g. 'nvidia_h200')."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device)
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(fn, device, repeats, warmup, setup=None):
     """Median wall time of fn() in ms; setup() runs untimed before each call."""
     for _ in range(warmup):
         arg = setup() if setup else None
         fn(arg)
-    _sync(device)
     times = []
     for _ in range(repeats):
         arg = setup() if setup else None
-        _sync(device)
-        start = time.perf_counter()
-        fn(arg)
-        _sync(device)  # inside the timed call
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed(lambda arg=arg: fn(arg), device)[1] * 1e3)
     return statistics.median(times)
 
 
@@ -165,16 +153,16 @@ def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
     ms = _time_ms(timed, device, repeats, warmup, setup)
     peak = float("nan")
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         arg = setup() if setup else None
         if mode == "bwd":  # the forward's own allocations are not the backward's
-            _sync(device)
+            sync(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
         timed(arg)
-        _sync(device)
+        sync(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return ms, peak
 
@@ -201,25 +189,23 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
-    p.add_argument("--device-name", default=None, help="name in the CSV and file (default: slug)")
+    p.add_argument(
+        "--device-name", default=None, help="name in the CSV and file (default: the device's)"
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed calls per case (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="CSV path (default results/kernel_<device>.csv)")
+    add_results_args(p)
     args = p.parse_args(argv)
 
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev = args.device
-    device = torch.device(
-        "cuda" if dev == "auto" and torch.cuda.is_available() else ("cpu" if dev == "auto" else dev)
-    )
-    name = args.device_name or device_slug(device)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"kernel_{name}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} -> {out}")
+    device = resolve_device(args.device)
+    name = args.device_name or device_label(device)
+    out = results_stem(args.results_dir, "kernel", name, args.tag).with_suffix(".csv")
+    print(f"device={name} torch={torch.__version__} -> {out}")
 
     grid = [
         (n, v, b, d, f)
@@ -264,10 +250,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     bar.close()
-    with out.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out, rows, COLUMNS)
     print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from train_time import RESULTS, device_name, slug
+from _common import add_results_args, device_label, results_stem, write_json
 
 from bear.train import TrainConfig, train
 
@@ -45,22 +45,20 @@ def table(summary: dict, n_seeds: int) -> str:
     )
 
 
-def write(args, name: str, device: str, runs: dict, wall: float) -> str:
-    """Write the JSON and markdown results of the runs finished so far; return the table."""
+def write(args, stem: Path, name: str, device: str, runs: dict, wall: float) -> str:
+    """Write stem.json and stem.md, the results of the runs finished so far; return the table."""
     done = {loss: ms for loss, ms in runs.items() if ms}
     summary = summarise(done)
     result = {
         "device": device,
         "data": name,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("tag",)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")},
         "summary": summary,
         "seeds_done": {loss: len(ms) for loss, ms in done.items()},
         "runs": done,
         "wall_seconds": wall,
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"quality_{name}_tiny_{slug(device)}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json(stem.with_suffix(".json"), result)
     md = table(summary, max(len(ms) for ms in done.values()))
     stem.with_suffix(".md").write_text(md)
     return md
@@ -80,10 +78,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    add_results_args(p)
     args = p.parse_args()
     name = Path(args.data).resolve().name.lower()
-    device = device_name()
+    device = device_label(args.device)
+    stem = results_stem(args.results_dir, f"quality_{name}_tiny", device, args.tag)
     runs: dict[str, list[dict]] = {loss: [] for loss in args.losses}
     t0 = time.perf_counter()
     for seed in args.seeds:
@@ -98,9 +97,10 @@ def main() -> None:
             runs[loss].append(m)
             print(f"seed {seed} {loss}: test {json.dumps(m['test'])} best epoch {m['best_epoch']}"
                   f" ({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
-            md = write(args, name, device, runs, time.perf_counter() - t0)  # partial results too
+            # partial results too, after every run
+            md = write(args, stem, name, device, runs, time.perf_counter() - t0)
     print(md)
-    print(f"wrote results/quality_{name}_tiny_{slug(device)}{args.tag}.json and .md")
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Each case times forward+backward of one impl; CUDA cases (triton) skip on CPU ma
 import pytest
 import torch
 import torch.nn.functional as F
+from _common import resolve_device, sync
 
 from bear_kernels import bear_loss
 
@@ -24,8 +25,7 @@ def _inputs(device, dtype):
 def _step(fn, z, y, device):
     fn(z, y).backward()
     z.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
 
 
 IMPLS = {
@@ -38,8 +38,8 @@ IMPLS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_fwd_bwd(benchmark, impl, dtype):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if impl == "triton" and device != "cuda":
+    device = resolve_device("auto")
+    if impl == "triton" and device.type != "cuda":
         pytest.skip("the Triton path is benchmarked on CUDA only")
     z, y = _inputs(device, dtype)
     fn = IMPLS[impl]

@@ -13,43 +13,16 @@ beam-sim/msl 4.45).
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import add_results_args, device_label, results_stem, write_csv, write_json
 
 from bear.losses import LOSSES
 from bear.synth import SynthConfig, write_synth
 from bear.train import TrainConfig, train
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def device_name() -> str:
-    """A file-name-safe name of the machine's accelerator or CPU, with the core count."""
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"{name} x{torch.get_num_threads()}"
-    return name
-
-
-def slug(name: str) -> str:
-    """Lower-case letters and digits joined by single underscores."""
-    out = "".join(c if c.isalnum() else " " for c in name.lower())
-    return "_".join(out.split())[:60]
 
 
 def main() -> None:
@@ -63,11 +36,11 @@ def main() -> None:
     p.add_argument("--max-history", type=int, default=10, help="history items per prompt")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before timing")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
+    add_results_args(p)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bear_train_time_"))
     data = Path(args.data) if args.data else write_synth(work / "data", SynthConfig(seed=0))
-    device = device_name()
+    device = device_label(args.device)
     rows = []
     for loss in args.losses:
         common = dict(data=str(data), loss=loss, limit_train=args.limit_train,
@@ -88,19 +61,17 @@ def main() -> None:
     result = {
         "device": device,
         "data": str(data) if args.data else "synthetic (bear.synth, seed 0)",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "tag")},
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("data", "tag", "results_dir")
+        },
         "torch": torch.__version__,
         "rows": rows,
         "paper": {"bear/msl": 1.003, "beam-sim/msl": 4.45},
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"train_time_{slug(device)}{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    with stem.with_suffix(".csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["loss", "seconds_per_epoch", "ratio_to_msl",
-                                           "wall_seconds"])  # fmt: skip
-        w.writeheader()
-        w.writerows(rows)
+    stem = results_stem(args.results_dir, "train_time", device, args.tag)
+    write_json(stem.with_suffix(".json"), result)
+    columns = ["loss", "seconds_per_epoch", "ratio_to_msl", "wall_seconds"]
+    write_csv(stem.with_suffix(".csv"), rows, columns)
     print(f"device: {device}\nwrote {stem}.json and .csv")
 
 

@@ -1,0 +1,95 @@
+"""What every benchmark script shares: the device label, synchronised timing, the results writer.
+
+Results go to ``benchmarks/results/<kind>_<device>[_<tag>].{csv,json,md}``, where ``<device>`` is
+the slug of ``device_label``: the CUDA device's name, or the CPU's model name with torch's thread
+count (``intel_r_xeon_r_processor_x2``). ``--results-dir`` sends them elsewhere (smoke runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; any other string as torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform.processor(), else "cpu"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_label(device: str | torch.device = "auto") -> str:
+    """The machine a benchmark runs on: the CUDA device's name, or the CPU model with torch's
+    thread count (CPU timings depend on it), e.g. "Intel(R) Xeon(R) Processor x2"."""
+    device = resolve_device(str(device))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} x{torch.get_num_threads()}"
+
+
+def slug(name: str) -> str:
+    """Lower-case letters and digits joined by single underscores (at most 60 characters)."""
+    out = "".join(c if c.isalnum() else " " for c in name.lower())
+    return "_".join(out.split())[:60]
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: str | torch.device):
+    """(fn(), seconds), synchronised before the clock starts and inside the timed call."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def add_results_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--tag`` (suffix of the file names) and ``--results-dir`` to a benchmark's parser."""
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument(
+        "--results-dir", default=str(RESULTS), help="folder for the results (default: results/)"
+    )
+
+
+def results_stem(results_dir: str | Path, kind: str, device: str, tag: str = "") -> Path:
+    """``results_dir/<kind>_<slug(device)>[_<tag>]`` (no suffix); creates the folder."""
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / (f"{kind}_{slug(device)}" + (f"_{tag}" if tag else ""))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """One CSV row per dict; columns default to the first row's keys."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON."""
+    path.write_text(json.dumps(obj, indent=2))
