@@ -17,7 +17,8 @@ from pathlib import Path
 
 from train_time import RESULTS, device_name, slug
 
-from bear.train import TrainConfig, train
+from bear.config import TrainConfig
+from bear.train import train
 
 KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10", "violation_share")
 

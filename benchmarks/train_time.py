@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from bear.config import TrainConfig
 from bear.losses import LOSSES
 from bear.synth import SynthConfig, write_synth
-from bear.train import TrainConfig, train
+from bear.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
