@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
 
-from bear.losses import LOSSES
+from bear.config import TrainConfig
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
 
 def _positive(text: str) -> int:
@@ -16,6 +19,56 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _default_text(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _cli_fields(config_cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One flag per field of a config dataclass, from the field's name, type, default and metadata.
+
+    ``--field-name`` (or ``metadata["flag"]``) stores into ``field_name``. A field without a
+    default is required; ``X | None`` parses as X; ``tuple[X, ...]`` takes one or more values;
+    ``bool`` is a switch that flips the default; ``metadata["positive"]`` parses an integer >= 1;
+    ``metadata["choices"]`` restricts the values. The help text is ``metadata["help"]`` with the
+    default appended (where it is not None). Fields with ``metadata["cli"] = False`` get no flag.
+    """
+    hints = typing.get_type_hints(config_cls)
+    for f in _cli_fields(config_cls):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = hints[f.name]
+        if kind is bool:
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=f.metadata["help"])
+            continue
+        if isinstance(kind, types.UnionType):  # X | None
+            (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+        options = {"dest": f.name, "help": f.metadata["help"]}
+        if typing.get_origin(kind) is tuple:  # tuple[X, ...]
+            kind, options["nargs"] = typing.get_args(kind)[0], "+"
+        options["type"] = _positive if f.metadata.get("positive") else kind
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        if f.default is dataclasses.MISSING:
+            options["required"] = True
+        else:
+            options["default"] = f.default
+            if f.default is not None:
+                options["help"] += f" (default {_default_text(f.default)})"
+        parser.add_argument(flag, **options)
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """The config dataclass built from the flags ``add_config_flags`` added (other fields keep
+    their defaults)."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in _cli_fields(config_cls)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,52 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
     p = sub.add_parser("train", help="fine-tune, select the best epoch on validation, test it")
-    p.add_argument("--data", required=True, help="dataset folder (upstream format)")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, log, metrics.json)")
-    p.add_argument("--loss", choices=LOSSES, default="bear", help="training loss (default bear)")
-    p.add_argument(
-        "--model",
-        default="tiny",
-        help="'tiny' (small Llama + BPE trained on the data, full fine-tuning) or a local "
-        "Hugging Face checkpoint folder (LoRA r 8, alpha 16, dropout 0.05) (default tiny)",
-    )
-    p.add_argument("--epochs", type=_positive, default=3, help="training epochs (default 3)")
-    p.add_argument("--max-steps", type=_positive, help="stop after this many optimiser steps")
-    p.add_argument(
-        "--limit-eval", type=_positive, help="evaluate on the first N validation and test rows"
-    )
-    p.add_argument("--limit-train", type=_positive, help="train on the first N training rows")
-    p.add_argument("--seed", type=int, default=0, help="seed of model init and data order")
-    p.add_argument("--beam-width", type=_positive, default=10, help="beam width B (default 10)")
-    p.add_argument("--reg-weight", type=float, default=1.0, help="λ of the regulariser (default 1)")
-    p.add_argument(
-        "--reg-temperature", type=float, default=1.0, help="ξ of the regulariser (default 1)"
-    )
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 tiny, 1e-4 LoRA)")
-    p.add_argument("--batch-size", type=_positive, default=32, help="examples per optimiser step")
-    p.add_argument(
-        "--micro-batch-size",
-        type=_positive,
-        help="examples per forward pass; gradients accumulate to --batch-size (default: same)",
-    )
-    p.add_argument("--max-history", type=_positive, default=10, help="history items per prompt")
-    p.add_argument("--train-file", default="train.csv", help="training CSV inside --data")
-    p.add_argument("--test-file", default="test.csv", help="test CSV inside --data")
-    p.add_argument("--vocab-size", type=_positive, default=2048, help="tiny model's BPE size")
-    p.add_argument("--hidden-size", type=_positive, default=128, help="tiny model width")
-    p.add_argument("--num-layers", type=_positive, default=2, help="tiny model decoder blocks")
-    p.add_argument(
-        "--lora-targets",
-        nargs="+",
-        default=["q_proj", "v_proj"],
-        help="LoRA target modules for a checkpoint model (default q_proj v_proj)",
-    )
-    p.add_argument("--eval-batch-size", type=_positive, default=32, help="prompts per decode")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run folder")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--no-eval", action="store_true", help="skip validation and test (timing runs)")
+    add_config_flags(p, TrainConfig)
 
     p = sub.add_parser("evaluate", help="recompute RUN/metrics.json from a saved run")
     p.add_argument("--run", required=True, help="run folder written by train")
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    # Each command imports what it runs, so that --help and synth do not load the model stack.
     if args.command == "synth":
         from bear.synth import SynthConfig, write_synth
 
@@ -114,38 +123,9 @@ def _run(args) -> int:
         )
         print(f"wrote {out}")
     elif args.command == "train":
-        from bear.train import TrainConfig, train
+        from bear.train import train
 
-        cfg = TrainConfig(
-            data=args.data,
-            out=args.out,
-            loss=args.loss,
-            model=args.model,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            limit_eval=args.limit_eval,
-            limit_train=args.limit_train,
-            seed=args.seed,
-            beam_width=args.beam_width,
-            reg_weight=args.reg_weight,
-            reg_temperature=args.reg_temperature,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size,
-            max_history=args.max_history,
-            train_file=args.train_file,
-            test_file=args.test_file,
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            lora_targets=tuple(args.lora_targets),
-            eval_batch_size=args.eval_batch_size,
-            device=args.device,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            progress=not args.no_progress,
-            validate=not args.no_eval,
-        )
+        cfg = config_from_args(TrainConfig, args)
         metrics = train(cfg)
         print(json.dumps(metrics, indent=2))
     elif args.command == "evaluate":

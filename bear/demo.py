@@ -12,9 +12,10 @@ import json
 import time
 from pathlib import Path
 
+from bear.config import TrainConfig
 from bear.plots import plot_comparison
 from bear.synth import SynthConfig, write_synth
-from bear.train import TrainConfig, train
+from bear.train import train
 
 __all__ = ["run_demo", "format_table", "DEMO_LOSSES"]
 

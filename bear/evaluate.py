@@ -7,7 +7,6 @@ and recomputes ``RUN/metrics.json``.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,42 +14,25 @@ import torch
 from bear.decoding import beam_search, exact_topk
 from bear.items import collate
 from bear.metrics import hit_rate, ndcg, ranking_metrics, target_ranks
+from bear.model import autocast_for, response_logits, scoring_for
+from bear.run import (
+    Setup,
+    build_setup,
+    load_run_config,
+    load_weights,
+    resolve_device,
+    write_json_atomic,
+)
 from bear_kernels import ce_margin, counted_rows
 
-__all__ = ["EXACT_K", "scoring_for", "evaluate_split", "response_logits", "evaluate_run"]
+__all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
 
 EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
-
-
-def scoring_for(loss: str) -> str:
-    """Beam scoring that matches the training softmax: "after" for sft, "before" otherwise."""
-    return "after" if loss == "sft" else "before"
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on a GPU, nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def response_logits(model, batch) -> torch.Tensor:
-    """(U, W, V) logits of the positions that predict the right-aligned response targets."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.width,
-        use_cache=False,
-    )
-    return out.logits
-
-
 SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
 
 
 @torch.no_grad()
-def evaluate_split(model, setup, split: str, beam_width: int, scoring: str, limit=None,
+def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
                    exact_all: bool = False) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
@@ -113,14 +95,8 @@ def evaluate_split(model, setup, split: str, beam_width: int, scoring: str, limi
 
 def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto") -> dict:
     """Recompute RUN/metrics.json from the run's saved config and selected checkpoint."""
-    from bear.train import TrainConfig, build_setup, load_weights, resolve_device
-
     run = Path(run)
-    config_path = run / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; is {run} a bear run folder?")
-    saved = json.loads(config_path.read_text())
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    cfg = load_run_config(run)
     if limit_eval is not None:
         cfg.limit_eval = limit_eval
     old = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
@@ -142,7 +118,5 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
     metrics["best_epoch"] = old.get("best_epoch", state.get("epoch"))
     metrics["seconds_per_epoch"] = old.get("seconds_per_epoch")
     metrics["checkpoint"] = checkpoint.name
-    from bear.train import write_json_atomic
-
     write_json_atomic(run / "metrics.json", metrics)
     return metrics

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bear_kernels import ce_margin, counted_rows
 
-__all__ = ["LOSSES", "LossSettings", "batch_loss", "step_count", "uses_trie_mask"]
+__all__ = ["LOSSES", "LossSettings", "batch_loss", "num_counted_rows", "uses_trie_mask"]
 
 LOSSES = ("sft", "msl", "bear", "bear-upstream", "beam-sim")
 
@@ -47,8 +47,9 @@ def uses_trie_mask(name: str) -> bool:
     return name != "sft"
 
 
-def step_count(target: torch.Tensor, allowed_mask, vocab_size: int, ignore_index=-100) -> int:
-    """Counted rows (supervised, more than one allowed token) of a (U, W) target."""
+def num_counted_rows(target: torch.Tensor, allowed_mask, vocab_size: int, ignore_index=-100) -> int:
+    """The number of counted rows (supervised, more than one allowed token) of a (U, W) target;
+    allowed_mask (U, W, ceil(V/32)) int32 or None (every token allowed)."""
     flat_mask = None if allowed_mask is None else allowed_mask.reshape(-1, allowed_mask.shape[-1])
     rows = counted_rows(
         target.reshape(-1), flat_mask, vocab_size=vocab_size, ignore_index=ignore_index

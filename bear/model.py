@@ -1,13 +1,24 @@
-"""Models: a tiny Llama built from a config (full fine-tuning) or a local checkpoint with LoRA."""
+"""Models: a tiny Llama built from a config (full fine-tuning) or a local checkpoint with LoRA, and
+the helpers that call them the same way in training and evaluation."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["TinyConfig", "build_tiny_model", "load_pretrained", "trainable_state", "LoraSettings"]
+__all__ = [
+    "TinyConfig",
+    "LoraSettings",
+    "build_tiny_model",
+    "load_pretrained",
+    "trainable_state",
+    "response_logits",
+    "autocast_for",
+    "scoring_for",
+]
 
 
 @dataclass(frozen=True)
@@ -73,5 +84,31 @@ def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.fl
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name (all of the tiny model; the adapters under LoRA)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the trainable parameters by name (all of the tiny model; the adapters under
+    LoRA): what a checkpoint stores and ``bear.run.load_weights`` restores."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def response_logits(model, batch) -> torch.Tensor:
+    """(U, W, V) logits of the positions that predict the right-aligned response targets of a
+    ``bear.items.Batch``."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.width,
+        use_cache=False,
+    )
+    return out.logits
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on a GPU, nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def scoring_for(loss: str) -> str:
+    """Beam scoring that matches the training softmax: "after" for sft, "before" otherwise."""
+    return "after" if loss == "sft" else "before"

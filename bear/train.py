@@ -6,6 +6,7 @@ its row terms divided by the counted rows of the *whole step* (all-reduced acros
 gradient equals one large batch whatever the accumulation and the number of processes. Gradients are
 all-reduced once per step (the ``no_sync`` + one all-reduce of DDP). Each epoch ends with a
 validation by constrained beam search; the best epoch by validation NDCG@10 is kept and tested.
+The run's config is ``bear.config.TrainConfig``; its setup, folder and files, ``bear.run``.
 """
 
 from __future__ import annotations
@@ -13,241 +14,36 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from bear.data import load_dataset
+from bear.config import TrainConfig
 from bear.decoding import beam_thresholds
-from bear.evaluate import autocast_for, evaluate_split, response_logits, scoring_for
-from bear.items import check_in_context, collate, encode_prompts, item_sequences, right_align
-from bear.losses import LOSSES, LossSettings, batch_loss, step_count, uses_trie_mask
-from bear.model import LoraSettings, TinyConfig, build_tiny_model, load_pretrained
+from bear.evaluate import evaluate_split
+from bear.items import collate, right_align
+from bear.losses import LossSettings, batch_loss, num_counted_rows, uses_trie_mask
+from bear.model import autocast_for, response_logits, scoring_for, trainable_state
 from bear.plots import plot_run
-from bear.prompts import format_prompt, format_response
-from bear.tokenizer import train_tokenizer
-from bear.trie import ItemTrie
+from bear.run import (
+    Setup,
+    build_setup,
+    load_weights,
+    prepare_run,
+    resolve_device,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    write_json_atomic,
+)
 
-__all__ = ["TrainConfig", "train", "build_setup", "load_weights", "resolve_device"]
+__all__ = ["train", "accumulate_gradients"]
 
 SELECT_METRIC = "ndcg@10"  # SPEC §3: model selection by validation NDCG@10
-TOKENIZER_SAMPLE = 2000  # training prompts the tiny tokenizer learns from (plus every title)
-CONTEXT_CHECK = 512  # training rows whose in-context tokenisation is verified at start
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as RUN/config.json."""
-
-    data: str  # dataset folder in upstream's format
-    out: str  # run folder
-    loss: str = "bear"  # one of bear.losses.LOSSES
-    model: str = "tiny"  # "tiny" or a local Hugging Face checkpoint folder (LoRA)
-    epochs: int = 3  # passes over the training rows
-    max_steps: int | None = None  # stop after this many optimiser steps (schedule keeps epochs)
-    limit_eval: int | None = None  # evaluate on the first N validation / test rows
-    limit_train: int | None = None  # train on the first N training rows (benchmarks)
-    seed: int = 0  # model init, data order
-    beam_width: int = 10  # B, for the loss, validation and test
-    reg_weight: float = 1.0  # λ (bear, bear-upstream, beam-sim)
-    reg_temperature: float = 1.0  # ξ
-    lr: float | None = None  # peak AdamW learning rate; default 1e-3 tiny, 1e-4 LoRA
-    batch_size: int = 32  # examples per optimiser step (all ranks together)
-    micro_batch_size: int | None = None  # examples per forward pass; default batch_size
-    warmup_ratio: float = 0.05  # share of steps with a linear warm-up, then linear decay to 0
-    weight_decay: float = 0.0  # AdamW weight decay
-    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
-    max_history: int = 10  # newest history items in a prompt (upstream: 10)
-    train_file: str = "train.csv"  # training rows inside data
-    test_file: str = "test.csv"  # test rows inside data
-    vocab_size: int = 2048  # tiny model: BPE vocabulary trained on the dataset
-    hidden_size: int = 128  # tiny model width
-    num_layers: int = 2  # tiny model decoder blocks
-    num_heads: int = 4  # tiny model attention heads
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # LoRA target modules (PATH models)
-    eval_batch_size: int = 32  # prompts per decoding batch
-    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
-    overwrite: bool = False  # allow reusing a non-empty run folder (its contents are replaced)
-    resume: bool = False  # continue from RUN/last.pt
-    progress: bool = True  # tqdm progress bars
-    validate: bool = True  # validation each epoch and the final test; off for timing runs
-    extra: dict = field(default_factory=dict)  # free-form notes stored with the config
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: got {self.loss!r}, expected one of {LOSSES}")
-        for name in ("epochs", "batch_size", "beam_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
-        if self.lr is None:
-            self.lr = 1e-3 if self.model == "tiny" else 1e-4
-        if self.micro_batch_size is None:
-            self.micro_batch_size = self.batch_size
-        self.lora_targets = tuple(self.lora_targets)
-
-
-# ---------------------------------------------------------------------------------------------
-# set-up shared with `evaluate`
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Setup:
-    """Data, tokenizer, model and trie of a run."""
-
-    data: object  # bear.data.Dataset
-    tokenizer: object
-    model: torch.nn.Module
-    items: dict  # item id -> response tokens (no EOS)
-    trie: ItemTrie  # on the CPU
-    prompts: dict  # split -> prompt token lists
-    targets: dict  # split -> target item ids
-    pad_id: int
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-def _tokenizer_texts(data) -> list[str]:
-    titles = [format_response(t) for t in data.titles.values()]
-    rows = data.train[:TOKENIZER_SAMPLE]
-    return titles + [format_prompt([data.titles[i] for i in e.history], data.domain) for e in rows]
-
-
-def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
-    """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie."""
-    data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history)
-    if cfg.limit_train is not None:
-        data.train = data.train[: cfg.limit_train]
-    if cfg.model == "tiny":
-        from transformers import PreTrainedTokenizerFast
-
-        tok_dir = run / "tokenizer"
-        if not fresh and tok_dir.is_dir():
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-        else:
-            tokenizer = train_tokenizer(_tokenizer_texts(data), cfg.vocab_size)
-        tiny = TinyConfig(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=3 * cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-        )
-        model = build_tiny_model(
-            len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
-        )
-    else:
-        if not Path(cfg.model).is_dir():
-            raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local folder")
-        torch.manual_seed(cfg.seed)  # LoRA's initialisation
-        model, tokenizer = load_pretrained(cfg.model, LoraSettings(target_modules=cfg.lora_targets))
-    vocab = model.get_output_embeddings().weight.shape[0]
-    items = item_sequences(tokenizer, data.titles, data.domain)
-    ids = data.item_ids
-    trie = ItemTrie([items[i] for i in ids], ids, tokenizer.eos_token_id, vocab_size=vocab)
-    check_in_context(tokenizer, data, data.train[:CONTEXT_CHECK], items)
-    splits = {"train": data.train, "valid": data.valid, "test": data.test}
-    return Setup(
-        data=data,
-        tokenizer=tokenizer,
-        model=model,
-        items=items,
-        trie=trie,
-        prompts={k: encode_prompts(tokenizer, data, v) for k, v in splits.items()},
-        targets={k: [e.target for e in v] for k, v in splits.items()},
-        pad_id=tokenizer.pad_token_id,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def save_atomic(path: Path, obj) -> None:
-    """torch.save to a temporary file in the same folder, then rename (never a torn checkpoint)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_weights(model, state: dict) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint: parameters {missing[:3]} not in the model")
-    with torch.no_grad():
-        for n, v in state.items():
-            params[n].copy_(v.to(params[n].device))
-
-
-def _prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
-    if cfg.resume:
-        if not (run / "last.pt").is_file():
-            raise FileNotFoundError(f"--resume: {run / 'last.pt'} missing; nothing to resume")
-        saved = json.loads((run / "config.json").read_text())
-        for key in ("data", "loss", "model", "seed", "batch_size", "lr", "epochs", "beam_width"):
-            if saved.get(key) != getattr(cfg, key):
-                raise ValueError(
-                    f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved.get(key)!r}"
-                )
-        return
-    if run.exists() and any(run.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"{run}: exists and is not empty; pass --overwrite to reuse it")
-        if not (run / "config.json").is_file():
-            raise FileExistsError(f"{run}: not a bear run folder (no config.json); not deleting it")
-        if rank == 0:
-            shutil.rmtree(run)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def _schedule(total: int, warmup: int):
@@ -269,7 +65,7 @@ class _Log:
                 fh.write(json.dumps({**rec, "time": round(time.time(), 3)}, default=str) + "\n")
 
 
-def _micro_batches(setup, idx, cfg, trie_dev, device):
+def _micro_batches(setup: Setup, idx, cfg: TrainConfig, trie_dev, device):
     """Collated micro-batches of one rank's share of a step, with allowed masks."""
     out = []
     prompts, targets = setup.prompts["train"], setup.targets["train"]
@@ -293,7 +89,9 @@ def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=F
     vocab = trie_dev.vocab_size
     count = torch.zeros((), dtype=torch.float64)
     for batch, mask in micro:
-        count += step_count(batch.target, mask if uses_trie_mask(settings.name) else None, vocab)
+        count += num_counted_rows(
+            batch.target, mask if uses_trie_mask(settings.name) else None, vocab
+        )
     if distributed:
         dist.all_reduce(count)
     step_loss = torch.zeros((), dtype=torch.float64)
@@ -334,7 +132,7 @@ def train(cfg: TrainConfig) -> dict:
     run = Path(cfg.out)
     # Everything that can fail on the input runs before the run folder is touched.
     setup = build_setup(cfg, run, fresh=not cfg.resume)
-    _prepare_run(cfg, run, rank)
+    prepare_run(cfg, run, rank)
     if distributed:
         dist.barrier()
     log = _Log(run / "log.jsonl", rank == 0)
@@ -365,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
         load_weights(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         state = ckpt["state"]
         (run / "partial.pt").unlink(missing_ok=True)
     else:
@@ -376,7 +174,7 @@ def train(cfg: TrainConfig) -> dict:
             save_atomic(run / "last.pt", {"model": trainable_state(model),
                                           "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(),
-                                          "rng": _rng_state(), "state": state})  # fmt: skip
+                                          "rng": rng_state(), "state": state})  # fmt: skip
 
     scoring = scoring_for(cfg.loss)
     stopped = False

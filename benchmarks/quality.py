@@ -17,7 +17,8 @@ from pathlib import Path
 
 from _common import add_results_args, device_label, results_stem, write_json
 
-from bear.train import TrainConfig, train
+from bear.config import TrainConfig
+from bear.train import train
 
 KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10", "violation_share")
 

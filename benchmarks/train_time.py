@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from _common import add_results_args, device_label, results_stem, write_csv, write_json
 
+from bear.config import TrainConfig
 from bear.losses import LOSSES
 from bear.synth import SynthConfig, write_synth
-from bear.train import TrainConfig, train
+from bear.train import train
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from bear.config import TrainConfig
 from bear.synth import SynthConfig, write_synth
-from bear.train import TrainConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
 TINY_SYNTH = SynthConfig(seed=3, num_users=30, num_brands=3, lines_per_brand=2, max_events=8)

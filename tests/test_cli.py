@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _helpers_train import TINY_SYNTH
 
-from bear.cli import build_parser, main
+from bear.cli import build_parser, config_from_args, main
+from bear.config import TrainConfig
 from bear.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,28 @@ def test_every_flag_has_help_text():
             "--seed", "--beam-width", "--reg-weight", "--reg-temperature", "--lr",
             "--batch-size", "--overwrite", "--resume"}  # fmt: skip
     assert spec <= flags
+
+
+def test_train_flags_come_from_train_config():
+    """No flag given: the config equals TrainConfig's defaults; each flag sets its field."""
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--out", "o"])
+    assert config_from_args(TrainConfig, args) == TrainConfig(data="d", out="o")
+    argv = ["train", "--data", "d", "--out", "o", "--loss", "sft", "--max-steps", "5",
+            "--reg-weight", "0.5", "--lr", "0.01", "--lora-targets", "k_proj", "o_proj",
+            "--resume", "--no-progress", "--no-eval"]  # fmt: skip
+    cfg = config_from_args(TrainConfig, parser.parse_args(argv))
+    assert (cfg.loss, cfg.max_steps, cfg.reg_weight, cfg.lr) == ("sft", 5, 0.5, 0.01)
+    assert cfg.lora_targets == ("k_proj", "o_proj")
+    assert cfg.resume and not cfg.progress and not cfg.validate and not cfg.overwrite
+
+
+def test_train_rejects_a_non_positive_count_and_an_unknown_loss(capsys):
+    parser = build_parser()
+    for bad in (["--epochs", "0"], ["--loss", "nope"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--data", "d", "--out", "o", *bad])
+        assert bad[0] in capsys.readouterr().err
 
 
 def test_input_errors_print_one_line_and_exit_2(tmp_path, capsys):
@@ -77,7 +101,8 @@ def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     from _helpers_train import tiny_config, tiny_synth
 
     from bear.evaluate import evaluate_split
-    from bear.train import build_setup, train
+    from bear.run import build_setup
+    from bear.train import train
 
     data = tiny_synth(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "run", loss="sft", epochs=2, limit_train=64, validate=False)

@@ -26,7 +26,7 @@ def test_required_names_are_exported_from_their_modules():
 def test_training_config_is_exported_and_the_train_submodule_is_not_shadowed():
     train_module = importlib.import_module("bear.train")
     assert "TrainConfig" in bear.__all__
-    assert bear.TrainConfig is train_module.TrainConfig
+    assert bear.TrainConfig is importlib.import_module("bear.config").TrainConfig
     assert bear.train is train_module  # `import bear.train as m` gives the module, not a function
 
 

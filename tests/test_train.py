@@ -15,7 +15,8 @@ from _helpers_train import last_weights, tiny_config, tiny_synth
 
 from bear.data import DataError
 from bear.losses import LossSettings
-from bear.train import _micro_batches, accumulate_gradients, build_setup, train
+from bear.run import build_setup
+from bear.train import _micro_batches, accumulate_gradients, train
 
 REPO = Path(__file__).resolve().parents[1]
 

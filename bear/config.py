@@ -1,0 +1,106 @@
+"""``TrainConfig``: everything a training run depends on, and the single source of its CLI flags.
+
+Each field carries its help text in ``metadata`` and the command line (``bear.cli``) builds one
+``train`` flag per field from it, so a default or a help text is written once, here. Metadata keys:
+
+- ``help``: what the field means (the flag's help text; the default is appended by the CLI);
+- ``positive``: an integer that must be >= 1 (checked when the flag is parsed);
+- ``choices``: the allowed values;
+- ``flag``: the flag's name where it is not ``--field-name`` (a boolean that defaults to True is
+  cleared by a ``--no-...`` flag);
+- ``cli``: ``False`` for a field set only from Python (no flag).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bear.losses import LOSSES
+
+__all__ = ["TrainConfig"]
+
+
+def _setting(default: Any, help: str, **cli: Any):
+    """A dataclass field with a default and its CLI metadata (see the module docstring)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as RUN/config.json."""
+
+    data: str = field(metadata={"help": "dataset folder (upstream format)"})
+    out: str = field(metadata={"help": "run folder (checkpoints, log, metrics.json)"})
+    loss: str = _setting("bear", "training loss", choices=LOSSES)
+    model: str = _setting(
+        "tiny",
+        "'tiny' (small Llama + BPE trained on the data, full fine-tuning) or a local "
+        "Hugging Face checkpoint folder (LoRA r 8, alpha 16, dropout 0.05)",
+    )
+    epochs: int = _setting(3, "training epochs: passes over the training rows", positive=True)
+    max_steps: int | None = _setting(
+        None, "stop after this many optimiser steps (the schedule keeps --epochs)", positive=True
+    )
+    limit_eval: int | None = _setting(
+        None, "evaluate on the first N validation and test rows", positive=True
+    )
+    limit_train: int | None = _setting(None, "train on the first N training rows", positive=True)
+    seed: int = _setting(0, "seed of model init and data order")
+    beam_width: int = _setting(10, "beam width B, for the loss, validation and test", positive=True)
+    reg_weight: float = _setting(1.0, "λ of the regulariser (bear, bear-upstream, beam-sim)")
+    reg_temperature: float = _setting(1.0, "ξ of the regulariser")
+    lr: float | None = _setting(None, "peak AdamW learning rate (default 1e-3 tiny, 1e-4 LoRA)")
+    batch_size: int = _setting(
+        32, "examples per optimiser step (all ranks together)", positive=True
+    )
+    micro_batch_size: int | None = _setting(
+        None,
+        "examples per forward pass; gradients accumulate to --batch-size (default: the same)",
+        positive=True,
+    )
+    warmup_ratio: float = _setting(
+        0.05, "share of steps with a linear warm-up, then linear decay to 0", cli=False
+    )
+    weight_decay: float = _setting(0.0, "AdamW weight decay", cli=False)
+    max_grad_norm: float = _setting(1.0, "gradient clipping; 0 disables", cli=False)
+    max_history: int = _setting(10, "newest history items per prompt (upstream: 10)", positive=True)
+    train_file: str = _setting("train.csv", "training CSV inside --data")
+    test_file: str = _setting("test.csv", "test CSV inside --data")
+    vocab_size: int = _setting(
+        2048, "tiny model's BPE vocabulary, trained on the dataset", positive=True
+    )
+    hidden_size: int = _setting(128, "tiny model width", positive=True)
+    num_layers: int = _setting(2, "tiny model decoder blocks", positive=True)
+    num_heads: int = _setting(4, "tiny model attention heads", cli=False)
+    lora_targets: tuple[str, ...] = _setting(
+        ("q_proj", "v_proj"), "LoRA target modules for a checkpoint model"
+    )
+    eval_batch_size: int = _setting(32, "prompts per decoding batch", positive=True)
+    device: str = _setting("auto", "auto (cuda if available), cpu or cuda")
+    overwrite: bool = _setting(False, "reuse a non-empty run folder (its contents are replaced)")
+    resume: bool = _setting(False, "continue from RUN/last.pt")
+    progress: bool = _setting(
+        True, "tqdm progress bars; --no-progress hides them", flag="--no-progress"
+    )
+    validate: bool = _setting(
+        True,
+        "validation each epoch and the final test; --no-eval skips both (timing runs)",
+        flag="--no-eval",
+    )
+    extra: dict = field(
+        default_factory=dict,
+        metadata={"help": "free-form notes stored with the config", "cli": False},
+    )
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: got {self.loss!r}, expected one of {LOSSES}")
+        for name in ("epochs", "batch_size", "beam_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
+        if self.lr is None:
+            self.lr = 1e-3 if self.model == "tiny" else 1e-4
+        if self.micro_batch_size is None:
+            self.micro_batch_size = self.batch_size
+        self.lora_targets = tuple(self.lora_targets)
