@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import heapq
 import inspect
 import json
 import os
@@ -225,7 +226,8 @@ def _blocks(instrs, labels):
 
 
 def natural_loops(instrs, labels):
-    """[set of instruction addresses] of each natural loop (back edge u -> h, h dominates u)."""
+    """[(header, {block start: [addresses]}, successors)] of each natural loop (back edge u -> h,
+    h dominating u); successors are those of the whole program."""
     blocks, succ = _blocks(instrs, labels)
     order = sorted(blocks)
     pred = {b: {p for p in order if b in succ[p]} for b in order}
@@ -247,7 +249,31 @@ def natural_loops(instrs, labels):
                     nodes.add(p)
                     todo.append(p)
             bodies.setdefault(h, set()).update(nodes)
-    return [{a for b in body for a in blocks[b]} for _, body in sorted(bodies.items())]
+    return [(h, {b: blocks[b] for b in body}, succ) for h, body in sorted(bodies.items())]
+
+
+def shortest_iteration(header, blocks, succ, instrs_by_addr):
+    """Instructions on the cheapest path from the loop header back to it, through `blocks`.
+
+    The iteration that takes no rare branch (the top-B entry skipped): what a chunk costs when
+    nothing enters the running top-B.
+    """
+
+    def cost(b):
+        return sum(instrs_by_addr[a].op != "NOP" for a in blocks[b])
+
+    best, heap = {}, [(cost(header), header)]
+    while heap:
+        d, b = heapq.heappop(heap)
+        if b in best:
+            continue
+        best[b] = d
+        for nxt in succ[b]:
+            if nxt == header:
+                return d
+            if nxt in blocks and nxt not in best:
+                heapq.heappush(heap, (d + cost(nxt), nxt))
+    return None
 
 
 def _load_lines(kernel):
@@ -291,7 +317,9 @@ def loop_stats(instrs, body, load_kinds, elems_per_thread):
             stats["global_stores"] += 1
             stats["stores_128" if _width(ins.op) == 128 else "stores_narrow"] += 1
     stats["instr_per_elem"] = round(stats["instructions"] / elems_per_thread, 2)
-    stats["mask_loads_per_32_tokens"] = round(32 * stats["mask_loads"] / elems_per_thread, 3)
+    # loads of one mask word per thread: a word's 32 tokens are spread over a few threads, each
+    # of which loads it (one broadcast load); the word-per-token code loads it once per token
+    stats["mask_loads_per_word"] = round(stats["mask_loads"] / max(1, elems_per_thread / 32), 3)
     return stats
 
 
@@ -310,11 +338,16 @@ def analyse(compiled, kernel, block_v, num_warps):
     whole = loop_stats(instrs, {ins.addr for ins in instrs}, kinds, elems)
     result = {"registers": field("REG"), "spill_bytes": spills, "whole": whole, "loops": {}}
     loops = natural_loops(instrs, labels)
-    for body in loops:
-        if any(body < other for other in loops):
+    by_addr = {ins.addr: ins for ins in instrs}
+    for header, blocks, succ in loops:
+        if any(blocks.keys() < other.keys() for _, other, _ in loops):
             continue  # inner loop (the top-B entry), counted apart
-        inner = set().union(*(other for other in loops if other < body))
-        stats = loop_stats(instrs, body - inner, kinds, elems)
+        inner = set().union(*(o.keys() for _, o, _ in loops if o.keys() < blocks.keys()))
+        outer = {b: addrs for b, addrs in blocks.items() if b not in inner}
+        stats = loop_stats(instrs, {a for addrs in outer.values() for a in addrs}, kinds, elems)
+        hot = shortest_iteration(header, outer, succ, by_addr)
+        stats["hot_instructions"] = hot
+        stats["instr_per_elem"] = round(hot / elems, 2)
         name = "gradient" if stats["global_stores"] else "forward"
         if stats["loads_128"] + stats["loads_scalar"] + stats["global_stores"]:
             result["loops"][name] = stats
