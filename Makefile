@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch: installed first, so that no requirement pulls the CUDA build.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench sass-report gpu-bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: lint
 # the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU)
 bench: $(VENV)/.installed
 	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --repeats 3 --warmup 1
+
+# per-loop SASS figures of the Triton kernels at sm_90, compiled on this CPU machine
+sass-report: $(VENV)/.installed
+	$(PY) benchmarks/sass_report.py
+
+# the GPU suite on a CUDA machine, with that machine's python3 (benchmarks/README.md, "GPU suite")
+gpu-bench:
+	sh benchmarks/gpu_bench.sh
 
 clean:
 	rm -rf $(VENV)

@@ -3,25 +3,50 @@
 @triton.jit code only; launchers and the autograd.Function are in bear_kernels._triton. Numbered
 comments follow bear_kernels.reference step by step and reuse its names.
 
-Forward, per row, reading the logits once in chunks of BLOCK_V tokens:
-  - online logsumexp over A of x = z / tau (running max m and scaled sum s; a chunk whose allowed
-    values are all -inf, or that has no allowed token, leaves (m, s) unchanged: exp(-inf - -inf)
-    is never evaluated);
-  - n = |A| from the bitmask;
-  - the running top-B set as BEAM_PAD slots of (value, index), B of them active. Its worst member
-    (lowest value, then highest index) is the current threshold. A chunk's tokens are taken best
-    first (highest value, then lowest index) while the best beats the worst slot (greater value,
-    or equal value and lower index); after the first chunks almost never, so a chunk costs one
-    extra reduction (the index of its maximum), and an entering token two. Empty slots hold -inf
-    with distinct indices V + slot, so every (value, index) pair is unique;
-  - at the end, b and z_(B') are the worst slot whose index is < V (a real token): with n < B
-    that is the n-th largest, B' = min(B, n) as in the reference.
+Forward, per row, reading the logits once in chunks of BLOCK_V tokens, each a (BLOCK_V/32, 32)
+tile whose rows are mask words (a word loaded once, its bits expanded in registers; the logits
+loaded with 128-bit loads, a zero word skipping its 32):
+  - online logsumexp over A in base-2 units t = z·log2(e)/tau (running max m2, per-position
+    scaled sums s added up after the loop; exp2 with the scale folded into one multiply; a chunk
+    whose allowed values are all -inf leaves them unchanged: exp2(-inf - -inf) is never taken);
+  - the running top-K set, K = max(B, 2), as BEAM_PAD slots of (value, index). Its worst member
+    (lowest value, then highest index) is the current threshold. Only a chunk whose maximum
+    reaches the worst slot is searched: its tokens are taken best first (highest value, then
+    lowest index) while the best beats the worst slot (greater value, or equal value and lower
+    index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique;
+  - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
+    worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
+    reference, and z_b is reloaded from memory.
 Backward, per row: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see bear_kernels._common
 for the derivation of a, c_y, c_b), written once in the logits dtype.
 """
 
 import triton
 import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+@triton.jit
+def _load_chunk(row_z, row_m, start, limit, HAS_MASK: tl.constexpr, WORDS: tl.constexpr):
+    """Tokens start .. start + 32·WORDS as a (WORDS, 32) tile: (idx, z, allowed).
+
+    One row of the tile is one mask word, loaded once and expanded in registers; the logits are
+    loaded whole (128-bit loads), with the words that are zero or past `limit` skipping theirs.
+    z is 0 where it was not loaded; allowed = idx < limit and the token's bit is set.
+    """
+    word_idx = start // 32 + tl.arange(0, WORDS)  # (WORDS,)
+    idx = word_idx[:, None] * 32 + tl.arange(0, 32)[None, :]  # (WORDS, 32) int32
+    allowed = idx < limit
+    if HAS_MASK:
+        word = tl.load(row_m + word_idx, mask=word_idx * 32 < limit, other=0)  # (WORDS,)
+        bit = word[:, None] & (1 << tl.arange(0, 32))[None, :]
+        z = tl.load(row_z + idx, mask=allowed & (word[:, None] != 0), other=0.0)
+        allowed = allowed & (bit != 0)
+    else:
+        z = tl.load(row_z + idx, mask=allowed, other=0.0)
+    return idx, z, allowed
 
 
 @triton.jit
@@ -31,31 +56,41 @@ def _write_grad_row(
     row_m,  # pointer to the row of the mask (unused when HAS_MASK is False)
     V,  # vocabulary size
     v_read,  # V on a counted row, 0 on an uncounted row (then nothing is read, zeros written)
-    y,  # target index
-    b,  # threshold index (-1 on an uncounted row)
+    y,  # target index (int32; -1 on an uncounted row)
+    b,  # threshold index (int32; -1 on an uncounted row)
     lse,  # logsumexp over A of z / tau
     a,  # coefficient of p_j
     c_y,  # subtracted at j = y
-    c_b,  # added at j = b
+    c_b,  # added at j = b (read only when HAS_CB)
     inv_tau,  # 1 / tau
     HAS_MASK: tl.constexpr,
+    HAS_CB: tl.constexpr,  # c_b may be non-zero (threshold_grad)
     BLOCK_V: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    """d_j = a · p_j - c_y · [j = y] + c_b · [j = b] on A, 0 outside A; one write per token."""
-    offs = tl.arange(0, BLOCK_V)
+    """d_j = a · p_j - c_y · [j = y] + c_b · [j = b] on A, 0 outside A; one write per token.
+
+    p_j = exp(z_j / tau - lse) = exp2(z_j · log2(e) / tau - lse · log2(e)): one FMA and one ex2.
+    """
+    scale2 = inv_tau * LOG2E
+    lse2 = lse * LOG2E
     for start in range(0, V, BLOCK_V):
-        idx = start + offs
-        in_v = idx < V
-        keep = idx < v_read
-        if HAS_MASK:
-            word = tl.load(row_m + idx // 32, mask=keep, other=0)
-            keep = keep & (((word >> (idx % 32)) & 1) != 0)
-        x = tl.load(row_z + idx, mask=keep, other=0.0).to(COMPUTE) * inv_tau
-        d = tl.where(keep, a * tl.exp(x - lse), 0.0)
-        d = tl.where((idx == y) & (b >= 0), d - c_y, d)
-        d = tl.where((idx == b) & (b >= 0), d + c_b, d)
-        tl.store(row_g + idx, d.to(row_g.dtype.element_ty), mask=in_v)
+        idx, z, keep = _load_chunk(row_z, row_m, start, v_read, HAS_MASK, BLOCK_V // 32)
+        d = tl.where(keep, a * tl.exp2(z.to(COMPUTE) * scale2 - lse2), 0.0)
+        d = tl.where(idx == y, d - c_y, d)
+        if HAS_CB:
+            d = tl.where(idx == b, d + c_b, d)
+        tl.store(row_g + idx, d.to(row_g.dtype.element_ty), mask=idx < V)
+
+
+@triton.jit
+def _max2(x):
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def _min2(x):
+    return tl.min(tl.min(x, 1), 0)
 
 
 @triton.jit
@@ -75,11 +110,11 @@ def _bear_fwd_kernel(
     stride_g,  # row stride of grad (elements)
     inv_tau,  # 1 / tau
     ignore_index,  # target value of unsupervised rows
-    beam_width,  # B
+    beam_width_in,  # B
     reg_weight,  # λ (FUSED_GRAD only)
     inv_xi,  # 1 / ξ (FUSED_GRAD only)
     HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
-    BLOCK_V: tl.constexpr,  # tokens per chunk (power of two)
+    BLOCK_V: tl.constexpr,  # tokens per chunk (power of two, >= 32)
     BEAM_PAD: tl.constexpr,  # next power of two >= B (slots of the running top-B)
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
     FUSED_GRAD: tl.constexpr,  # also write the gradient of the reduced BEAR loss (2nd pass)
@@ -91,15 +126,16 @@ def _bear_fwd_kernel(
     y = tl.load(target_ptr + row)
     supervised = y != ignore_index
     v_end = tl.where(supervised, V, 0)  # an ignored row reads nothing
-    offs = tl.arange(0, BLOCK_V)
+    scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
     slot = tl.arange(0, BEAM_PAD)
-    active = slot < beam_width
+    active = slot < tl.maximum(beam_width_in, 2)  # K = max(B, 2) slots
     neg_inf = float("-inf")
 
-    # running statistics: max m, scaled sum s, count n, top-B slots (value, index)
-    m = tl.full([], neg_inf, COMPUTE)
-    s = tl.zeros([], COMPUTE)
-    n = tl.zeros([], tl.int32)
+    # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
+    # after the loop), top-K slots (value, index) with K = max(B, 2): n > 1 exactly when two
+    # slots hold real tokens, so n itself is never counted
+    m2 = tl.full([], neg_inf, COMPUTE)
+    s = tl.zeros([BLOCK_V // 32, 32], COMPUTE)
     buf_v = tl.full([BEAM_PAD], neg_inf, COMPUTE)
     buf_i = V + slot  # distinct sentinel indices >= V
     worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
@@ -107,48 +143,50 @@ def _bear_fwd_kernel(
     no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
 
     for start in range(0, v_end, BLOCK_V):
-        idx = start + offs
-        in_v = idx < V
-        # 1. x = z / tau on A (-inf elsewhere), loaded in the input dtype, maths in COMPUTE
-        x = tl.load(row_z + idx, mask=in_v, other=0.0).to(COMPUTE) * inv_tau
-        if HAS_MASK:
-            word = tl.load(row_m + idx // 32, mask=in_v, other=0)
-            allowed = in_v & (((word >> (idx % 32)) & 1) != 0)
-        else:
-            allowed = in_v
-        n += tl.sum(allowed.to(tl.int32), 0)
-        xa = tl.where(allowed, x, neg_inf)
+        # 1. t = z · log2(e) / tau on A (-inf elsewhere), loaded in the input dtype
+        idx, z, allowed = _load_chunk(row_z, row_m, start, V, HAS_MASK, BLOCK_V // 32)
+        t = tl.where(allowed, z.to(COMPUTE) * scale2, neg_inf)
         # 2. online logsumexp; m_safe keeps a chunk of only -inf from computing -inf - -inf
-        chunk_max = tl.max(xa, 0)
-        m_new = tl.maximum(m, chunk_max)
+        chunk_max = _max2(t)
+        m_new = tl.maximum(m2, chunk_max)
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xa - m_safe), 0)
-        m = m_new
+        s = s * tl.exp2(m2 - m_safe) + tl.exp2(t - m_safe)
+        m2 = m_new
         # 4. running top-B: the chunk's allowed tokens are taken best first (highest value,
-        #    then lowest index) while the best one beats the worst slot. Usually none does, at
-        #    the cost of one reduction: the chunk maximum is the logsumexp's.
-        cand = allowed
-        best_v = chunk_max
-        best_i = tl.min(tl.where(cand & (x == best_v), idx, no_index), 0)
-        while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
-            is_worst = active & (buf_v == worst_v) & (buf_i == worst_i)
-            buf_v = tl.where(is_worst, best_v, buf_v)
-            buf_i = tl.where(is_worst, best_i, buf_i)
-            worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
-            worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
-            cand = cand & (idx != best_i)
-            best_v = tl.max(tl.where(cand, x, neg_inf), 0)
-            best_i = tl.min(tl.where(cand & (x == best_v), idx, no_index), 0)
+        #    then lowest index) while the best one beats the worst slot (greater value, or equal
+        #    value and lower index). Entered only when the chunk maximum reaches the worst slot:
+        #    after the first chunks almost never.
+        #    The next candidate is the best token ranked after the one that just entered, so
+        #    the loop carries scalars only.
+        if chunk_max >= worst_v:
+            best_v = chunk_max
+            best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
+            while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
+                is_worst = active & (buf_v == worst_v) & (buf_i == worst_i)
+                buf_v = tl.where(is_worst, best_v, buf_v)
+                buf_i = tl.where(is_worst, best_i, buf_i)
+                worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
+                worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
+                after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
+                best_v = _max2(tl.where(after, t, neg_inf))
+                best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
 
-    # 4. z_(B') and b: the worst slot holding a real token (index < V)
+    s = tl.sum(tl.sum(s, 1), 0)
+    # 4. b: the B'-th best real token (index < V), B' = min(B, n): the worst real slot, or the
+    #    best one when B = 1 (two slots are kept then); z_(B') is reloaded from it
     real = active & (buf_i < V)
-    x_b = tl.min(tl.where(real, buf_v, float("inf")), 0)
-    b = tl.max(tl.where(real & (buf_v == x_b), buf_i, -1), 0)
-    # 2-3. lse and ce = lse - x_y; the target logit is one scalar load
-    counted = supervised & (n > 1)
-    y_safe = tl.where(counted & (y >= 0) & (y < V), y, 0)
-    x_y = tl.load(row_z + y_safe).to(COMPUTE) * inv_tau
-    lse = m + tl.log(tl.where(s == 0.0, 1.0, s))  # s = 0 only when m = -inf; NaN stays NaN
+    n_real = tl.sum(real.to(tl.int32), 0)  # min(K, n)
+    low_v = tl.min(tl.where(real, buf_v, float("inf")), 0)
+    low_i = tl.max(tl.where(real & (buf_v == low_v), buf_i, -1), 0)
+    top_v = tl.max(tl.where(real, buf_v, neg_inf), 0)
+    top_i = tl.min(tl.where(real & (buf_v == top_v), buf_i, no_index), 0)
+    b = tl.where(beam_width_in == 1, top_i, low_i)
+    # 2-3. lse and ce = lse - x_y; the target and threshold logits are scalar loads
+    counted = supervised & (n_real > 1)
+    y_in = counted & (y >= 0) & (y < V)
+    x_y = tl.load(row_z + tl.where(y_in, y, 0)).to(COMPUTE) * inv_tau
+    x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
+    lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
     ce = lse - x_y
     # 5. Δ = x_b - x_y = log β - log p_y
     margin = x_b - x_y
@@ -168,24 +206,23 @@ def _bear_fwd_kernel(
         c_y = (g_ce + g_m) * inv_tau
         if THRESHOLD_GRAD:
             a = g_ce * inv_tau
-            c_b = g_m * inv_tau
         else:
             a = c_y
-            c_b = g_m * 0.0
         _write_grad_row(
             grad_ptr + row * stride_g,
             row_z,
             row_m,
             V,
             tl.where(counted, V, 0),
-            y,
+            tl.where(y_in, y, -1).to(tl.int32),
             tl.where(counted, b, -1),
             tl.where(counted, lse, 0.0),
             a,
             c_y,
-            c_b,
+            g_m * inv_tau,
             inv_tau,
             HAS_MASK,
+            THRESHOLD_GRAD,
             BLOCK_V,
             COMPUTE,
         )
@@ -210,6 +247,7 @@ def _bear_bwd_kernel(
     HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
     BLOCK_V: tl.constexpr,  # tokens per chunk (power of two)
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+    THRESHOLD_GRAD: tl.constexpr,  # c_b may be non-zero (else it is not read)
 ):
     row = tl.program_id(0).to(tl.int64)
     row_z = logits_ptr + row * stride_z
@@ -218,10 +256,11 @@ def _bear_bwd_kernel(
     b = tl.load(b_ptr + row)
     skip = b < 0  # uncounted row: write zeros, read nothing
     y = tl.load(target_ptr + row)
+    y = tl.where(skip | (y < 0) | (y >= V), -1, y).to(tl.int32)
     lse = tl.load(lse_ptr + row)
     a = tl.load(a_ptr + row)
     c_y = tl.load(cy_ptr + row)
-    c_b = tl.load(cb_ptr + row)
+    c_b = tl.load(cb_ptr + row) if THRESHOLD_GRAD else 0.0
     _write_grad_row(
         row_g,
         row_z,
@@ -236,6 +275,7 @@ def _bear_bwd_kernel(
         c_b,
         inv_tau,
         HAS_MASK,
+        THRESHOLD_GRAD,
         BLOCK_V,
         COMPUTE,
     )

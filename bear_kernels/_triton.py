@@ -46,7 +46,7 @@ def interpreting() -> bool:
 
 def _block_v(vocab: int) -> int:
     cap = BLOCK_V_INTERPRET if interpreting() else BLOCK_V_GPU
-    return min(cap, triton.next_power_of_2(vocab))
+    return min(cap, max(32, triton.next_power_of_2(vocab)))  # whole mask words per chunk
 
 
 def _launch_kwargs() -> dict:
@@ -149,6 +149,7 @@ def _bwd(z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
         HAS_MASK=mask is not None,
         BLOCK_V=_block_v(vocab),
         COMPUTE=tl_dtype,
+        THRESHOLD_GRAD=params.threshold_grad,
         **_launch_kwargs(),
     )
     return grad

@@ -62,7 +62,8 @@ def loss_and_grad(fn, z, y, **kw):
     z = z.detach().clone().requires_grad_(True)
     out = fn(z, y, **kw)
     if isinstance(out, tuple):
-        w = torch.linspace(0.5, 1.5, y.numel(), dtype=out[0].dtype).reshape(y.shape)
+        w = torch.linspace(0.5, 1.5, y.numel(), dtype=out[0].dtype, device=out[0].device)
+        w = w.reshape(y.shape)
         total = (out[0] * w).sum() + (out[1] * w.flip(0)).sum()
         values = torch.cat([out[0].reshape(-1), out[1].reshape(-1)])
     else:
