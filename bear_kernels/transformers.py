@@ -216,7 +216,9 @@ def _causal_lm(model):
     """The transformers causal LM inside `model` (a peft model's base model, or model itself)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    # `base_model` (the module under `base_model_prefix`) is the decoder in every release;
+    # `get_decoder()` returns None for Llama in transformers 4.56.0
+    decoder = getattr(inner, "base_model", None)
     if head is None or decoder is None or decoder is inner:
         raise TypeError(
             "model must be a transformers causal LM (an LM head over a decoder, e.g. "
@@ -280,7 +282,7 @@ def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
         kwargs.pop("shift_labels", None)
         kwargs.pop("logits_to_keep", None)  # only the supervised positions become logits
         kwargs.setdefault("use_cache", False)  # a loss, not generation: no KV cache
-        outputs = lm.get_decoder()(*args, **kwargs)
+        outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
         hidden = outputs[0]  # (batch, T, H) after the final norm
         labels = labels.to(hidden.device)
         mask = None if allowed_mask_fn is None else allowed_mask_fn(labels)

@@ -65,6 +65,20 @@ def collate(features: list[dict]) -> dict:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
+def word_tokenizer():
+    """A tokenizer whose token i is "t{i}" (what TRL and the README need; no training)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t1")),
+        pad_token=f"t{PAD}",
+        eos_token=f"t{EOS}",
+    )
+
+
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=VOCAB,

@@ -3,6 +3,7 @@ apply_bear_loss, Trainer and TRL with gradient accumulation, two processes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ from _helpers_hf import (
     tiny_llama,
     tiny_lora,
     training_args,
+    word_tokenizer,
 )
 from bear_kernels import bear_loss, unpack_allowed_mask
 from bear_kernels.transformers import BEARForCausalLMLoss, apply_bear_loss, bear_compute_loss_func
@@ -34,6 +36,7 @@ from bear_kernels.transformers import BEARForCausalLMLoss, apply_bear_loss, bear
 # (per-device batch, accumulation steps): one step of 8 or 9 examples, split three ways
 SPLITS = [(8, 1), (2, 4), (3, 3)]
 TOLERANCE = 1e-5  # relative error of a step's gradient against the single-batch reference
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ ItemTrie.labels_allowed_mask
@@ -231,16 +234,7 @@ def test_a_batch_mean_from_the_model_is_scaled_by_the_accumulation_steps(tmp_pat
 def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
     trl = pytest.importorskip("trl", reason="TRL 1.x needs transformers >= 4.56.2")
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
 
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t1")),
-        pad_token="t0",
-        eos_token=f"t{EOS}",
-    )
     args = training_args(
         tmp_path,
         batch_size,
@@ -254,7 +248,7 @@ def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
         args=args,
         train_dataset=Dataset.from_list(exs),
         data_collator=collate,
-        processing_class=tokenizer,
+        processing_class=word_tokenizer(),
         callbacks=[capture],
         **kwargs,
     )
@@ -306,9 +300,9 @@ def test_two_processes_with_average_tokens_equal_one(tmp_path):
     """torchrun --nproc_per_node 2 (gloo): 2 processes x batch 2 x accumulation 2 = one batch of 8."""
     worker = Path(__file__).with_name("_hf_ddp_worker.py")
     out = tmp_path / "grad.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", "0", str(worker), str(tmp_path), str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    subprocess.run([*cmd, str(worker), str(tmp_path), str(out)], check=True, env=env, cwd=REPO)
     grad = torch.load(out)
     exs = examples(8, seed=19)
     reference = reference_grad(tiny_lora(), exs, "bear")
