@@ -31,7 +31,14 @@ from . import BEARLoss, bear_loss
 __all__ = ["BEARForCausalLMLoss", "apply_bear_loss", "bear_compute_loss_func"]
 
 # BEAR's options beside transformers' loss arguments, with bear_loss's defaults (SPEC §2).
-BEAR_OPTIONS = ("beam_width", "reg_weight", "reg_temperature", "temperature", "threshold_grad", "impl")
+BEAR_OPTIONS = (
+    "beam_width",
+    "reg_weight",
+    "reg_temperature",
+    "temperature",
+    "threshold_grad",
+    "impl",
+)
 # Config fields of heads that transform the logits after the LM head's matmul (Gemma 2 soft-capping,
 # Cohere / Granite / Falcon-H1 scaling): the gathered-rows head of apply_bear_loss would skip them.
 LOGIT_TRANSFORMS = (
@@ -174,7 +181,8 @@ def BEARForCausalLMLoss(  # noqa: N802 (transformers' name pattern for loss func
 def bear_compute_loss_func(allowed_mask_fn=None, **options):
     """A `compute_loss_func` for `transformers.Trainer` and TRL's `SFTTrainer` that trains BEAR.
 
-        Trainer(..., compute_loss_func=bear_compute_loss_func(trie.labels_allowed_mask, beam_width=10))
+        loss_func = bear_compute_loss_func(trie.labels_allowed_mask, beam_width=10)
+        Trainer(..., compute_loss_func=loss_func)
 
     The trainer runs the model without labels (full logits) and calls
     `loss_func(outputs, labels, num_items_in_batch=...)`, which returns

@@ -10,13 +10,13 @@ import copy
 import random
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from bear.trie import ItemTrie
 from bear_kernels import bear_loss
+from tests._helpers_decoding import EOS, PAD, VOCAB
+from tests._helpers_decoding import tiny_model as tiny_llama
 
-VOCAB = 67  # odd on purpose: the bitmask's last word is partial
-PAD, EOS = 0, 2
 IGNORE = -100
 # item id -> tokens without EOS; every item starts with token 5 (a forced first step, as the
 # opening quote of bear's responses)
@@ -47,9 +47,7 @@ def examples(n: int, seed: int = 0) -> list[dict]:
     for _ in range(n):
         prompt = [rng.randrange(40, VOCAB) for _ in range(rng.randint(3, 8))]
         response = ITEMS[rng.choice(list(ITEMS))] + [EOS]
-        out.append(
-            {"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response}
-        )
+        out.append({"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response})
     return out
 
 
@@ -79,26 +77,9 @@ def word_tokenizer():
     )
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
 def tiny_lora(seed: int = 0):
-    """The tiny Llama with LoRA on q_proj / v_proj, both factors random (B != 0: A gets gradient)."""
+    """The tiny Llama with LoRA on q_proj / v_proj, both factors random (B != 0, so A has a
+    gradient)."""
     from peft import LoraConfig, get_peft_model
 
     model = tiny_llama(seed)

@@ -5,14 +5,12 @@ step's gradient of the LoRA parameters (after DDP's all-reduce) to GRAD_FILE.
 """
 
 import sys
-from pathlib import Path
 
 import torch
 from transformers import Trainer
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _helpers_hf import (  # noqa: E402
+from bear_kernels.transformers import apply_bear_loss
+from tests._helpers_hf import (
     LOSSES,
     GradCapture,
     collate,
@@ -21,16 +19,13 @@ from _helpers_hf import (  # noqa: E402
     tiny_lora,
     training_args,
 )
-from bear_kernels.transformers import apply_bear_loss  # noqa: E402
 
 
 def main(out_dir: str, grad_file: str) -> None:
     model = tiny_lora()
     apply_bear_loss(model, allowed_mask_fn=item_trie().labels_allowed_mask, **LOSSES["bear"][1])
     capture = GradCapture()
-    args = training_args(
-        out_dir, 2, 2, average_tokens_across_devices=True, ddp_backend="gloo"
-    )
+    args = training_args(out_dir, 2, 2, average_tokens_across_devices=True, ddp_backend="gloo")
     trainer = Trainer(
         model=model,
         args=args,

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from _helpers_hf import (
+from bear_kernels import bear_loss, unpack_allowed_mask
+from bear_kernels.transformers import BEARForCausalLMLoss, apply_bear_loss, bear_compute_loss_func
+from tests._helpers_hf import (
     EOS,
     IGNORE,
     LOSSES,
@@ -30,8 +32,6 @@ from _helpers_hf import (
     training_args,
     word_tokenizer,
 )
-from bear_kernels import bear_loss, unpack_allowed_mask
-from bear_kernels.transformers import BEARForCausalLMLoss, apply_bear_loss, bear_compute_loss_func
 
 # (per-device batch, accumulation steps): one step of 8 or 9 examples, split three ways
 SPLITS = [(8, 1), (2, 4), (3, 3)]
@@ -102,12 +102,25 @@ def test_loss_shifts_logits_labels_and_mask_together():
     expected_sum = bear_loss(logits[:, :-1], labels[:, 1:], reduction="sum", **shifted)
     ours = BEARForCausalLMLoss(logits, labels, allowed_mask=mask, **options)
     torch.testing.assert_close(ours, expected_mean)
-    ours = BEARForCausalLMLoss(logits, labels, num_items_in_batch=torch.tensor(11), allowed_mask=mask, **options)
+    ours = BEARForCausalLMLoss(
+        logits, labels, num_items_in_batch=torch.tensor(11), allowed_mask=mask, **options
+    )
     torch.testing.assert_close(ours, expected_sum / 11)
     pre_shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
     pre_mask = F.pad(mask, (0, 0, 0, 1))[:, 1:]
-    ours = BEARForCausalLMLoss(logits, None, shift_labels=pre_shifted, allowed_mask=pre_mask, **options)
+    ours = BEARForCausalLMLoss(
+        logits, None, shift_labels=pre_shifted, allowed_mask=pre_mask, **options
+    )
     torch.testing.assert_close(ours, expected_mean)
+
+
+def test_a_batch_without_supervised_labels_gives_zero_and_zero_gradients():
+    logits = torch.randn(2, 5, VOCAB, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE)
+    for n in (None, 0):
+        loss = BEARForCausalLMLoss(logits, labels, num_items_in_batch=n)
+        loss.backward()
+        assert loss.item() == 0.0 and not logits.grad.any()
 
 
 def test_loss_checks_its_arguments():
@@ -133,7 +146,9 @@ def test_apply_bear_loss_equals_the_loss_on_full_logits(peft):
     options = LOSSES["bear"][1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     mask = trie.labels_allowed_mask(batch["labels"])
-    expected = BEARForCausalLMLoss(logits, batch["labels"], num_items_in_batch=9, allowed_mask=mask, **options)
+    expected = BEARForCausalLMLoss(
+        logits, batch["labels"], num_items_in_batch=9, allowed_mask=mask, **options
+    )
     expected.backward()
     expected_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
@@ -179,6 +194,15 @@ def test_bear_kernels_imports_transformers_only_in_its_transformers_module():
 
 
 # ------------------------------------------------------------------ Trainer, accumulation
+def _step_setup(n, loss, seed):
+    """n examples, a LoRA model, the one-batch reference gradient, the mask fn and options."""
+    exs = examples(n, seed=seed)
+    model = tiny_lora()
+    uses_mask, options = LOSSES[loss]
+    mask_fn = item_trie().labels_allowed_mask if uses_mask else None
+    return exs, model, reference_grad(model, exs, loss), mask_fn, options
+
+
 def _train_one_step(tmp_path, model, exs, batch_size, accumulation, **trainer_kwargs):
     capture = GradCapture()
     trainer = Trainer(
@@ -198,11 +222,7 @@ def _train_one_step(tmp_path, model, exs, batch_size, accumulation, **trainer_kw
 @pytest.mark.parametrize("path", ["apply_bear_loss", "compute_loss_func"])
 def test_trainer_step_gradient_equals_one_batch(tmp_path, path, loss, split):
     batch_size, accumulation = split
-    exs = examples(batch_size * accumulation, seed=7)
-    model = tiny_lora()
-    reference = reference_grad(model, exs, loss)
-    uses_mask, options = LOSSES[loss]
-    mask_fn = item_trie().labels_allowed_mask if uses_mask else None
+    exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=7)
     if path == "apply_bear_loss":
         apply_bear_loss(model, allowed_mask_fn=mask_fn, **options)
         grad = _train_one_step(tmp_path, model, exs, batch_size, accumulation)
@@ -260,11 +280,7 @@ def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_trl_sft_trainer_with_compute_loss_func_gives_the_step_gradient(tmp_path, loss, split):
     batch_size, accumulation = split
-    exs = examples(batch_size * accumulation, seed=13)
-    model = tiny_lora()
-    reference = reference_grad(model, exs, loss)
-    uses_mask, options = LOSSES[loss]
-    mask_fn = item_trie().labels_allowed_mask if uses_mask else None
+    exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=13)
     loss_func = bear_compute_loss_func(allowed_mask_fn=mask_fn, **options)
     grad = _sft_trainer(tmp_path, model, exs, batch_size, accumulation, compute_loss_func=loss_func)
     assert relative_error(grad, reference) <= TOLERANCE
@@ -297,7 +313,8 @@ def test_trl_ignores_the_models_loss(tmp_path, how):
 
 # ------------------------------------------------------------------ two processes
 def test_two_processes_with_average_tokens_equal_one(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): 2 processes x batch 2 x accumulation 2 = one batch of 8."""
+    """torchrun --nproc_per_node 2 (gloo), average_tokens_across_devices: 2 processes x batch 2 x
+    accumulation 2 give the gradient of one batch of 8."""
     worker = Path(__file__).with_name("_hf_ddp_worker.py")
     out = tmp_path / "grad.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers_hf import ITEMS, collate, examples, tiny_lora, word_tokenizer
+from tests._helpers_hf import ITEMS, collate, examples, tiny_lora, word_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## BEAR in your trainer"
