@@ -1,19 +1,35 @@
 # Two commands do all the set-up on a fresh clone of a CPU-only machine:
 #   make demo   creates .venv, installs bear, runs `python -m bear demo` (into runs/demo)
-#   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest
+#   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest, then the
+#               Hugging Face tests again in .venv-floor, against the oldest transformers setup.py allows
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch: installed first, so that no requirement pulls the CUDA build.
 TORCH_PIN := torch==2.13.0
+# The floor of setup.py's transformers range: `from_pretrained(dtype=...)` (bear.model) is honoured
+# from 4.56.0 on (older releases ignore it and load float32). TRL 1.x needs 4.56.2, so the TRL tests
+# skip in the floor environment.
+TRANSFORMERS_FLOOR := transformers==4.56.0
+VENV_FLOOR := .venv-floor
+PY_FLOOR := $(VENV_FLOOR)/bin/python
+# the tests that touch the Hugging Face stack (Trainer, peft, the model and cache APIs)
+HF_TESTS := tests/test_hf_stack.py tests/test_readme.py tests/test_decoding.py
 
-.PHONY: demo test lint bench sass-report gpu-bench clean
+.PHONY: demo test test-hf-floor lint bench sass-report gpu-bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV_FLOOR)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV_FLOOR)
+	$(PY_FLOOR) -m pip install -q --upgrade pip
+	$(PY_FLOOR) -m pip install -q $(TORCH_PIN)
+	$(PY_FLOOR) -m pip install -q -e . '$(TRANSFORMERS_FLOOR)' 'pytest>=8'
 	touch $@
 
 # --overwrite: each `make demo` replaces the previous runs/demo
@@ -26,6 +42,11 @@ lint: $(VENV)/.installed
 
 test: lint
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	$(MAKE) test-hf-floor
+
+# the Hugging Face tests at the transformers floor (a second environment, .venv-floor)
+test-hf-floor: $(VENV_FLOOR)/.installed
+	$(PY_FLOOR) -m pytest -q $(HF_TESTS)
 
 # the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU)
 bench: $(VENV)/.installed
@@ -40,4 +61,4 @@ gpu-bench:
 	sh benchmarks/gpu_bench.sh
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_FLOOR)

@@ -16,7 +16,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
-        "transformers>=4.46",
+        # 4.56: from_pretrained(dtype=...); tested at 4.56.0 (make test-hf-floor) and 5.24
+        "transformers>=4.56,<6",
         "tokenizers>=0.20",
         "peft>=0.13",
         "tqdm>=4.66",
@@ -24,7 +25,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.1"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "triton>=3.1"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "triton>=3.1", "trl>=1.0,<2"],
     },
     entry_points={"console_scripts": ["bear=bear.cli:main"]},
 )

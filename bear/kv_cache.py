@@ -25,16 +25,35 @@ __all__ = [
     "prefill",
 ]
 
-TREE_ATTENTION = (None, "sdpa", "eager")  # attention implementations that apply 4-D masks
+# attention implementations known to apply a 4-D attention mask (what TreeKVCache needs)
+TREE_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model) -> str | None:
+    """The model's attention implementation as transformers records it, or None when unknown.
+
+    Read from the text config (`config.get_text_config()._attn_implementation`): transformers sets
+    it to a string whenever a model is built or loaded (peft models pass their base's config
+    through); a composite model in transformers 5.x may hold one per sub-config.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        return None
+    attn = getattr(config.get_text_config(), "_attn_implementation", None)
+    return attn if isinstance(attn, str) else None
 
 
 def check_tree_attention(model) -> None:
-    """Raise ValueError unless the model's attention honours a 4-D mask (needed by TreeKVCache)."""
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    """Raise ValueError unless the model's attention is known to honour a 4-D mask (TreeKVCache).
+
+    An unknown implementation (no config, or no recorded `_attn_implementation`) is refused too:
+    an attention that ignores the mask would decode wrong beams without any error.
+    """
+    attn = attention_implementation(model)
     if attn not in TREE_ATTENTION:
         raise ValueError(
-            f"kv_sharing='tree' needs an attention implementation that honours a 4-D mask "
-            f"({sorted(a for a in TREE_ATTENTION if a)}); the model uses {attn!r}: pass "
+            f"kv_sharing='tree' needs an attention implementation known to honour a 4-D mask "
+            f"({list(TREE_ATTENTION)}); the model's is {attn!r} (None: unknown): pass "
             "kv_sharing='copy' to beam_search"
         )
 

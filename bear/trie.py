@@ -314,3 +314,77 @@ class ItemTrie:
         acc.index_put_((rows, toks // 32), torch.ones_like(toks) << (toks % 32), accumulate=True)
         acc = torch.where(acc >= 2**31, acc - 2**32, acc)  # wrap bit 31 into int32's sign bit
         return acc.to(torch.int32)
+
+    def labels_allowed_mask(self, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Allowed-set bitmask of every label position, walking the trie along each row's response.
+
+        Row u's walk starts at the root at its first supervised position t0 (labels[u, t0] !=
+        ignore_index) and follows one edge per position: position t holds the children of the node
+        reached by labels[u, t0:t], i.e. the allowed set A for predicting labels[u, t]. Positions
+        before t0, after an ignored label and after the EOS leaf hold an empty set (no rows count
+        there). A causal-LM loss shifts logits, labels and this mask together (SPEC §8).
+
+        Args:
+            labels: (batch, T) int64, a catalogue item's tokens then EOS in each row's supervised
+                positions (the prompt and the padding set to ignore_index), as Hugging Face's
+                `labels`.
+            ignore_index: label value of unsupervised positions.
+
+        Returns:
+            (batch, T, ceil(vocab_size / 32)) int32 bitmask of SPEC §2, on labels' device (the walk
+            runs on the trie's device: `trie.to(labels.device)` avoids the copies).
+
+        Raises:
+            TypeError / ValueError for labels that are not a (batch, T) int64 tensor; ValueError
+            naming the row, position and token where a supervised label leaves the trie (not a
+            catalogue item's next token, or a supervised token after the EOS).
+        """
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dim() != 2 or labels.dtype != torch.int64:
+            raise ValueError(
+                f"labels must be a (batch, T) int64 tensor, got shape {tuple(labels.shape)} "
+                f"and dtype {labels.dtype}"
+            )
+        out_device = labels.device
+        labels = labels.to(self.device)
+        batch, length = labels.shape
+        supervised = labels != ignore_index  # (batch, T)
+        start = torch.where(
+            supervised.any(1), supervised.to(torch.int8).argmax(1), length
+        )  # (batch,) first supervised position, T where none
+        steps = min(length, self.max_len + 1)  # an item's path: its tokens and EOS
+        cols = start[:, None] + torch.arange(steps, device=self.device)  # (batch, steps)
+        inside = cols < length  # (batch, steps)
+        tokens = labels.gather(1, cols.clamp(max=length - 1))  # (batch, steps)
+        walked = inside & (tokens != ignore_index)  # (batch, steps) supervised steps of the walk
+        tokens = torch.where(walked, tokens, -1)
+        nodes = torch.full((batch, steps), -1, dtype=torch.int64, device=self.device)
+        node = torch.where(start < length, 0, -1)  # (batch,) the root where a walk starts
+        off_trie = torch.zeros(batch, steps, dtype=torch.bool, device=self.device)
+        for k in range(steps):  # one trie level per step, all rows at once
+            nodes[:, k] = node
+            node = self.child(node, tokens[:, k])  # -1 off the trie or after an ignored label
+            off_trie[:, k] = walked[:, k] & (node < 0)
+        position = torch.arange(length, device=self.device)  # (T,)
+        beyond = supervised & (position[None, :] >= (start + steps)[:, None])  # (batch, T)
+        flags = torch.stack([off_trie.any(), beyond.any()]).tolist()  # the one host sync
+        if flags[0]:
+            u, k = (int(i) for i in off_trie.nonzero()[0])
+            raise ValueError(
+                f"labels: row {u}, position {int(cols[u, k])} has token {int(tokens[u, k])}, which "
+                "is not a next token of any catalogue item after the row's earlier supervised "
+                "labels; labels must be an item's tokens then EOS (use the trie's tokenizer)"
+            )
+        if flags[1]:
+            u, t = (int(i) for i in beyond.nonzero()[0])
+            raise ValueError(
+                f"labels: row {u} is supervised at position {t}, beyond the longest item path "
+                f"({steps} tokens with EOS) from its first supervised position {int(start[u])}"
+            )
+        words = (self.vocab_size + 31) // 32
+        out = torch.zeros(batch, length, words, dtype=torch.int32, device=self.device)
+        rows = torch.arange(batch, device=self.device)[:, None].expand(batch, steps)
+        masks = self.allowed_mask(nodes.reshape(-1)).reshape(batch, steps, words)
+        out[rows[inside], cols[inside]] = masks[inside]
+        return out.to(out_device)

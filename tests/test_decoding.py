@@ -8,6 +8,7 @@ import torch
 import bear.beam
 from bear.best_first import prefix_tokens
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
+from bear.kv_cache import check_tree_attention
 from bear.teacher_forcing import continuation_logits
 from bear.trie import ItemTrie
 from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
@@ -289,8 +290,26 @@ def test_invalid_inputs_raise_clear_errors(setup):
         score_items(model, input_ids, mask, trie, torch.full((3, 1), 10**6))
 
 
-def test_tree_sharing_refuses_attention_that_ignores_4d_masks(setup, monkeypatch):
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flex_attention", None])
+def test_tree_sharing_refuses_attention_that_ignores_or_may_ignore_4d_masks(
+    setup, monkeypatch, attn
+):
     model, seqs, ids, trie, input_ids, mask = setup
-    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    monkeypatch.setattr(model.config, "_attn_implementation", attn)
     with pytest.raises(ValueError, match="kv_sharing='copy'"):
         beam_search(model, input_ids, mask, trie, 2)
+
+
+def test_tree_sharing_refuses_a_model_without_a_config(setup):
+    model, seqs, ids, trie, input_ids, mask = setup
+
+    class NoConfig(torch.nn.Module):  # a causal LM wrapper that exposes no transformers config
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="None: unknown"):
+        check_tree_attention(NoConfig(model))

@@ -1,0 +1,42 @@
+"""One Trainer step of BEAR (apply_bear_loss, trie mask) on each of 2 processes (gloo, CPU).
+
+Run by test_hf_stack.py through torchrun: `_hf_ddp_worker.py OUT_DIR GRAD_FILE`; rank 0 saves the
+step's gradient of the LoRA parameters (after DDP's all-reduce) to GRAD_FILE.
+"""
+
+import sys
+
+import torch
+from transformers import Trainer
+
+from bear_kernels.transformers import apply_bear_loss
+from tests._helpers_hf import (
+    LOSSES,
+    GradCapture,
+    collate,
+    examples,
+    item_trie,
+    tiny_lora,
+    training_args,
+)
+
+
+def main(out_dir: str, grad_file: str) -> None:
+    model = tiny_lora()
+    apply_bear_loss(model, allowed_mask_fn=item_trie().labels_allowed_mask, **LOSSES["bear"][1])
+    capture = GradCapture()
+    args = training_args(out_dir, 2, 2, average_tokens_across_devices=True, ddp_backend="gloo")
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=examples(8, seed=19),
+        data_collator=collate,
+        callbacks=[capture],
+    )
+    trainer.train()
+    if trainer.args.process_index == 0:
+        torch.save(capture.grad, grad_file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

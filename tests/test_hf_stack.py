@@ -1,0 +1,326 @@
+"""BEAR in the Hugging Face stack (SPEC §8): the trie's label masks, BEARForCausalLMLoss,
+apply_bear_loss, Trainer and TRL with gradient accumulation, two processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from bear_kernels import bear_loss, unpack_allowed_mask
+from bear_kernels.transformers import BEARForCausalLMLoss, apply_bear_loss, bear_compute_loss_func
+from tests._helpers_hf import (
+    EOS,
+    IGNORE,
+    LOSSES,
+    VOCAB,
+    GradCapture,
+    collate,
+    examples,
+    item_trie,
+    reference_grad,
+    relative_error,
+    tiny_llama,
+    tiny_lora,
+    training_args,
+    word_tokenizer,
+)
+
+# (per-device batch, accumulation steps): one step of 8 or 9 examples, split three ways
+SPLITS = [(8, 1), (2, 4), (3, 3)]
+TOLERANCE = 1e-5  # relative error of a step's gradient against the single-batch reference
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ ItemTrie.labels_allowed_mask
+def test_labels_allowed_mask_walks_each_row_from_its_first_supervised_label():
+    labels = torch.tensor(
+        [
+            [IGNORE, IGNORE, 5, 10, 11, EOS, IGNORE],  # item 0, right-padded
+            [IGNORE, 5, 13, EOS, IGNORE, IGNORE, IGNORE],  # item 2
+            [IGNORE] * 7,  # nothing supervised
+        ]
+    )
+    allowed = unpack_allowed_mask(item_trie().labels_allowed_mask(labels), VOCAB)  # (3, 7, V)
+    assert item_trie().labels_allowed_mask(labels).dtype == torch.int32
+
+    def tokens(u, t):
+        return allowed[u, t].nonzero().squeeze(1).tolist()
+
+    assert [tokens(0, t) for t in range(7)] == [
+        [],
+        [],
+        [5],  # the root: every item starts with 5 (a forced row)
+        [10, 13, 20],
+        [11, 12],
+        [EOS, 14],  # item 0 ends here, item 3 goes on
+        [],  # after EOS: the leaf has no children
+    ]
+    assert [tokens(1, t) for t in range(4)] == [[], [5], [10, 13, 20], [EOS, 30]]
+    assert not allowed[2].any()
+
+
+def test_labels_allowed_mask_rejects_labels_off_the_trie():
+    trie = item_trie()
+    with pytest.raises(ValueError, match="row 0, position 2 has token 12"):
+        trie.labels_allowed_mask(torch.tensor([[IGNORE, 5, 12, EOS]]))
+    with pytest.raises(ValueError, match="row 1, position 3 has token 7"):
+        trie.labels_allowed_mask(torch.tensor([[5, 13, EOS, IGNORE], [5, 13, EOS, 7]]))
+    with pytest.raises(ValueError, match="int64"):
+        trie.labels_allowed_mask(torch.tensor([[5, 13]], dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ BEARForCausalLMLoss
+def _logits_labels(seed=0):
+    batch = collate(examples(4, seed))
+    torch.manual_seed(seed)
+    logits = torch.randn(*batch["labels"].shape, VOCAB, dtype=torch.float64)
+    return logits, batch["labels"]
+
+
+def test_sft_options_equal_transformers_own_causal_lm_loss():
+    logits, labels = _logits_labels()
+    for n in (None, 37):
+        ours = BEARForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=n, reg_weight=0.0)
+        theirs = ForCausalLMLoss(logits, labels, VOCAB, num_items_in_batch=n)
+        torch.testing.assert_close(ours, theirs.to(ours.dtype))
+
+
+def test_loss_shifts_logits_labels_and_mask_together():
+    logits, labels = _logits_labels(1)
+    mask = item_trie().labels_allowed_mask(labels)
+    options = dict(beam_width=2, reg_weight=1.5, reg_temperature=0.7)
+    shifted = dict(allowed_mask=mask[:, 1:], **options)
+    expected_mean = bear_loss(logits[:, :-1], labels[:, 1:], **shifted)
+    expected_sum = bear_loss(logits[:, :-1], labels[:, 1:], reduction="sum", **shifted)
+    ours = BEARForCausalLMLoss(logits, labels, allowed_mask=mask, **options)
+    torch.testing.assert_close(ours, expected_mean)
+    ours = BEARForCausalLMLoss(
+        logits, labels, num_items_in_batch=torch.tensor(11), allowed_mask=mask, **options
+    )
+    torch.testing.assert_close(ours, expected_sum / 11)
+    pre_shifted = F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+    pre_mask = F.pad(mask, (0, 0, 0, 1))[:, 1:]
+    ours = BEARForCausalLMLoss(
+        logits, None, shift_labels=pre_shifted, allowed_mask=pre_mask, **options
+    )
+    torch.testing.assert_close(ours, expected_mean)
+
+
+def test_a_batch_without_supervised_labels_gives_zero_and_zero_gradients():
+    logits = torch.randn(2, 5, VOCAB, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE)
+    for n in (None, 0):
+        loss = BEARForCausalLMLoss(logits, labels, num_items_in_batch=n)
+        loss.backward()
+        assert loss.item() == 0.0 and not logits.grad.any()
+
+
+def test_loss_checks_its_arguments():
+    logits, labels = _logits_labels()
+    with pytest.raises(ValueError, match="vocab_size=66"):
+        BEARForCausalLMLoss(logits, labels, vocab_size=66)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        BEARForCausalLMLoss(logits, labels[:, 1:])
+    with pytest.raises(TypeError, match="unknown BEAR option"):
+        bear_compute_loss_func(beam_witdh=4)
+    with pytest.raises(ValueError, match="reg_temperature"):
+        bear_compute_loss_func(reg_temperature=0.0)
+    with pytest.raises(TypeError, match="allowed_mask_fn"):
+        bear_compute_loss_func(allowed_mask_fn=item_trie())
+
+
+# ------------------------------------------------------------------ apply_bear_loss
+@pytest.mark.parametrize("peft", [False, True], ids=["llama", "peft-llama"])
+def test_apply_bear_loss_equals_the_loss_on_full_logits(peft):
+    model = tiny_lora() if peft else tiny_llama()
+    batch = collate(examples(5, seed=3))
+    trie = item_trie()
+    options = LOSSES["bear"][1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = trie.labels_allowed_mask(batch["labels"])
+    expected = BEARForCausalLMLoss(
+        logits, batch["labels"], num_items_in_batch=9, allowed_mask=mask, **options
+    )
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+
+    apply_bear_loss(model, allowed_mask_fn=trie.labels_allowed_mask, **options)
+    out = model(**batch, num_items_in_batch=9)
+    assert out.logits is None  # only the supervised positions were projected
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    # without labels, the original forward: full logits, unchanged
+    plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(plain, logits)
+
+
+def test_apply_bear_loss_projects_only_supervised_positions():
+    model = tiny_llama()
+    batch = collate(examples(4, seed=5))
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    apply_bear_loss(model)
+    model(**batch)
+    assert rows == [int((batch["labels"][:, 1:] != IGNORE).sum())]
+
+
+def test_apply_bear_loss_refuses_what_it_cannot_serve():
+    with pytest.raises(TypeError, match="causal LM"):
+        apply_bear_loss(tiny_llama().model)
+    model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        apply_bear_loss(model)
+    with pytest.raises(ValueError, match="beam_width"):
+        apply_bear_loss(tiny_llama(), beam_width=0)
+
+
+def test_bear_kernels_imports_transformers_only_in_its_transformers_module():
+    code = "import sys, bear_kernels; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ Trainer, accumulation
+def _step_setup(n, loss, seed):
+    """n examples, a LoRA model, the one-batch reference gradient, the mask fn and options."""
+    exs = examples(n, seed=seed)
+    model = tiny_lora()
+    uses_mask, options = LOSSES[loss]
+    mask_fn = item_trie().labels_allowed_mask if uses_mask else None
+    return exs, model, reference_grad(model, exs, loss), mask_fn, options
+
+
+def _train_one_step(tmp_path, model, exs, batch_size, accumulation, **trainer_kwargs):
+    capture = GradCapture()
+    trainer = Trainer(
+        model=model,
+        args=training_args(tmp_path, batch_size, accumulation),
+        train_dataset=exs,
+        data_collator=collate,
+        callbacks=[capture],
+        **trainer_kwargs,
+    )
+    trainer.train()
+    return capture.grad
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("path", ["apply_bear_loss", "compute_loss_func"])
+def test_trainer_step_gradient_equals_one_batch(tmp_path, path, loss, split):
+    batch_size, accumulation = split
+    exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=7)
+    if path == "apply_bear_loss":
+        apply_bear_loss(model, allowed_mask_fn=mask_fn, **options)
+        grad = _train_one_step(tmp_path, model, exs, batch_size, accumulation)
+    else:
+        loss_func = bear_compute_loss_func(allowed_mask_fn=mask_fn, **options)
+        grad = _train_one_step(
+            tmp_path, model, exs, batch_size, accumulation, compute_loss_func=loss_func
+        )
+    assert relative_error(grad, reference) <= TOLERANCE
+
+
+def test_a_batch_mean_from_the_model_is_scaled_by_the_accumulation_steps(tmp_path):
+    """The trap of a plain `bear_loss(...)` (reduction mean) returned by the model: Trainer takes a
+    loss from a model that accepts loss kwargs as already normalised over the step, so it does
+    not divide by the accumulation steps; with 4 equal micro-batches the gradient is 4x."""
+    exs = [examples(1, seed=11)[0]] * 8  # equal micro-batches: each mean is the step's mean
+    model = tiny_lora()
+    reference = reference_grad(model, exs, "sft")
+
+    def batch_mean(logits, labels, vocab_size, **kwargs):
+        return bear_loss(logits[:, :-1], labels[:, 1:], reg_weight=0.0)  # ignores the kwargs
+
+    model.get_base_model().loss_function = batch_mean
+    grad = _train_one_step(tmp_path, model, exs, 2, 4)
+    assert relative_error(grad, 4 * reference) <= TOLERANCE
+
+
+# ------------------------------------------------------------------ TRL
+def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
+    trl = pytest.importorskip("trl", reason="TRL 1.x needs transformers >= 4.56.2")
+    from datasets import Dataset
+
+    args = training_args(
+        tmp_path,
+        batch_size,
+        accumulation,
+        args_cls=trl.SFTConfig,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    capture = GradCapture()
+    trainer = trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(exs),
+        data_collator=collate,
+        processing_class=word_tokenizer(),
+        callbacks=[capture],
+        **kwargs,
+    )
+    trainer.train()
+    return capture.grad
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_trl_sft_trainer_with_compute_loss_func_gives_the_step_gradient(tmp_path, loss, split):
+    batch_size, accumulation = split
+    exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=13)
+    loss_func = bear_compute_loss_func(allowed_mask_fn=mask_fn, **options)
+    grad = _sft_trainer(tmp_path, model, exs, batch_size, accumulation, compute_loss_func=loss_func)
+    assert relative_error(grad, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("how", ["loss_function", "apply_bear_loss"])
+def test_trl_ignores_the_models_loss(tmp_path, how):
+    """TRL's SFTTrainer computes its own loss through a fused LM head: a BEAR loss installed on the
+    model (model.loss_function, or apply_bear_loss) is never called, and the step trains plain
+    SFT. Hence `compute_loss_func=bear_compute_loss_func(...)` with TRL."""
+    exs = examples(8, seed=17)
+    model = tiny_lora()
+    sft = reference_grad(model, exs, "sft")
+    bear = reference_grad(model, exs, "bear")
+    options = LOSSES["bear"][1]
+    mask_fn = item_trie().labels_allowed_mask
+    if how == "loss_function":
+
+        def bear_loss_function(logits, labels, **kwargs):
+            mask = mask_fn(labels)
+            return BEARForCausalLMLoss(logits, labels, allowed_mask=mask, **options, **kwargs)
+
+        model.get_base_model().loss_function = bear_loss_function
+    else:
+        apply_bear_loss(model, allowed_mask_fn=mask_fn, **options)
+    grad = _sft_trainer(tmp_path, model, exs, 2, 4)
+    assert relative_error(grad, sft) <= TOLERANCE
+    assert relative_error(grad, bear) > 0.1
+
+
+# ------------------------------------------------------------------ two processes
+def test_two_processes_with_average_tokens_equal_one(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo), average_tokens_across_devices: 2 processes x batch 2 x
+    accumulation 2 give the gradient of one batch of 8."""
+    worker = Path(__file__).with_name("_hf_ddp_worker.py")
+    out = tmp_path / "grad.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    subprocess.run([*cmd, str(worker), str(tmp_path), str(out)], check=True, env=env, cwd=REPO)
+    grad = torch.load(out)
+    exs = examples(8, seed=19)
+    reference = reference_grad(tiny_lora(), exs, "bear")
+    assert relative_error(grad, reference) <= TOLERANCE
