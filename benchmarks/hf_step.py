@@ -22,7 +22,6 @@ results/hf_step_<device>.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import resource
@@ -33,9 +32,8 @@ import time
 from pathlib import Path
 
 import torch
-from train_time import device_name, slug
+from _common import add_results_args, device_label, results_stem, write_csv
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("default-ce", "compute_loss_func", "apply_bear_loss-sft", "apply_bear_loss-bear")
 PAD, EOS = 0, 2  # token ids of the random model
 BEAR_OPTIONS = dict(beam_width=10, reg_weight=1.0, reg_temperature=1.0)  # paper defaults
@@ -177,14 +175,14 @@ def main() -> None:
     p.add_argument("--num-layers", type=int, default=4, help="decoder blocks")
     p.add_argument("--num-items", type=int, default=2000, help="catalogue size of the trie")
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    p.add_argument("--tag", default="", help="suffix of the result file name")
+    add_results_args(p)
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--out-dir", default="/tmp/bear_hf_step", help="Trainer output_dir (unused)")
     args = p.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    device = device_name()
+    device = device_label("auto")
     rows = []
     for variant in args.variants:
         cmd = [sys.executable, __file__, "--variant", variant]
@@ -213,12 +211,8 @@ def main() -> None:
         }
         rows.append(row)
         print(row, flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"hf_step_{slug(device)}{args.tag}.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = results_stem(args.results_dir, "hf_step", device, args.tag).with_suffix(".csv")
+    write_csv(path, rows)
     print(f"wrote {path}")
 
 
