@@ -10,6 +10,7 @@ import types
 import typing
 
 from bear.config import TrainConfig
+from bear.protocol import PROTOCOLS
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
@@ -91,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder written by train")
     p.add_argument("--limit-eval", type=_positive, help="evaluate on the first N rows")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        help="the run's protocol (the default); another one is refused: train again",
+    )
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        help="α of beam search: item score / length^α (default: the run's)",
+    )
 
     p = sub.add_parser("demo", help="synth, train sft/msl/bear, evaluate, print a table, plot")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -131,7 +142,9 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         from bear.evaluate import evaluate_run
 
-        print(json.dumps(evaluate_run(args.run, args.limit_eval, args.device), indent=2))
+        metrics = evaluate_run(args.run, args.limit_eval, args.device, args.protocol,
+                               args.length_penalty)  # fmt: skip
+        print(json.dumps(metrics, indent=2))
     else:
         from bear.demo import run_demo
 

@@ -13,10 +13,12 @@ Each field carries its help text in ``metadata`` and the command line (``bear.cl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bear.losses import LOSSES
+from bear.losses import LOSSES, NORMALISATIONS, LossSettings
+from bear.protocol import PROTOCOLS
 
 __all__ = ["TrainConfig"]
 
@@ -33,6 +35,14 @@ class TrainConfig:
     data: str = field(metadata={"help": "dataset folder (upstream format)"})
     out: str = field(metadata={"help": "run folder (checkpoints, log, metrics.json)"})
     loss: str = _setting("bear", "training loss", choices=LOSSES)
+    protocol: str = _setting(
+        "ours",
+        "ours: validation split, one epoch chosen on validation NDCG@10, length penalty 0; "
+        "upstream: the paper's files, no validation, its inference prompt, length penalty 1.0, "
+        "test metrics every epoch and their per-metric maximum (see bear/protocol.py); flags "
+        "given explicitly override the protocol's settings",
+        choices=tuple(PROTOCOLS),
+    )
     model: str = _setting(
         "tiny",
         "'tiny' (small Llama + BPE trained on the data, full fine-tuning) or a local "
@@ -48,8 +58,36 @@ class TrainConfig:
     limit_train: int | None = _setting(None, "train on the first N training rows", positive=True)
     seed: int = _setting(0, "seed of model init and data order")
     beam_width: int = _setting(10, "beam width B, for the loss, validation and test", positive=True)
-    reg_weight: float = _setting(1.0, "λ of the regulariser (bear, bear-upstream, beam-sim)")
-    reg_temperature: float = _setting(1.0, "ξ of the regulariser")
+    reg_weight: float = _setting(
+        1.0,
+        "λ of the regulariser (bear, beam-sim); for bear-upstream, upstream's topk_weight is "
+        "λ/ξ unless --topk-weight is given",
+    )
+    reg_temperature: float = _setting(
+        1.0, "ξ of the regulariser (upstream's topk_tau for bear-upstream)"
+    )
+    topk_weight: float | None = _setting(
+        None, "bear-upstream only: upstream's topk_weight λ_u itself (default λ/ξ)"
+    )
+    topk_tau: float | None = _setting(
+        None, "bear-upstream only: upstream's topk_tau ξ (replaces --reg-temperature)"
+    )
+    temperature: float = _setting(
+        1.0, "τ: the loss's softmax is over z/τ (msl, bear, bear-upstream; upstream's --tau)"
+    )
+    normalisation: str | None = _setting(
+        None,
+        "step: every loss divided by the counted rows of the whole optimiser step (results "
+        "do not depend on accumulation); micro-batch: upstream's per-micro-batch mean (msl, sft: "
+        "all supervised tokens; bear-upstream: Σw), averaged over micro-batches "
+        "(default: the protocol's, step for ours, micro-batch for upstream)",
+        choices=NORMALISATIONS,
+    )
+    length_penalty: float | None = _setting(
+        None,
+        "α of beam search at evaluation: item score / length^α "
+        "(default: the protocol's, 0 for ours, 1.0 for upstream)",
+    )
     lr: float | None = _setting(None, "peak AdamW learning rate (default 1e-3 tiny, 1e-4 LoRA)")
     batch_size: int = _setting(
         32, "examples per optimiser step (all ranks together)", positive=True
@@ -65,8 +103,18 @@ class TrainConfig:
     weight_decay: float = _setting(0.0, "AdamW weight decay", cli=False)
     max_grad_norm: float = _setting(1.0, "gradient clipping; 0 disables", cli=False)
     max_history: int = _setting(10, "newest history items per prompt (upstream: 10)", positive=True)
-    train_file: str = _setting("train.csv", "training CSV inside --data")
-    test_file: str = _setting("test.csv", "test CSV inside --data")
+    train_file: str | None = _setting(
+        None, "training CSV inside --data (default: train.csv; upstream: train_10000.csv)"
+    )
+    test_file: str | None = _setting(
+        None, "test CSV inside --data (default: test.csv; upstream: test_5000.csv)"
+    )
+    instruction: str | None = _setting(
+        None, "the prompt's instruction sentence (default: the domain's, from the folder name)"
+    )
+    history_prefix: str | None = _setting(
+        None, "the text before the quoted history titles (default: the domain's)"
+    )
     vocab_size: int = _setting(
         2048, "tiny model's BPE vocabulary, trained on the dataset", positive=True
     )
@@ -104,3 +152,28 @@ class TrainConfig:
         if self.micro_batch_size is None:
             self.micro_batch_size = self.batch_size
         self.lora_targets = tuple(self.lora_targets)
+        self._resolve_protocol()
+        self.loss_settings()  # validates the loss hyper-parameters before any work
+
+    def _resolve_protocol(self) -> None:
+        """Fill the settings left unset (None) from the protocol's (``bear.protocol``)."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol: got {self.protocol!r}, expected one of {tuple(PROTOCOLS)}")
+        defaults = PROTOCOLS[self.protocol]
+        for name in ("train_file", "test_file", "length_penalty", "normalisation"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty: got {self.length_penalty}, expected a finite α")
+        if (self.topk_weight, self.topk_tau) != (None, None) and self.loss != "bear-upstream":
+            raise ValueError(
+                f"--topk-weight/--topk-tau: given with --loss {self.loss}; they are "
+                "bear-upstream's (use --reg-weight/--reg-temperature)"
+            )
+
+    def loss_settings(self) -> LossSettings:
+        """The loss hyper-parameters of this run (``LossSettings`` validates them)."""
+        xi = self.reg_temperature if self.topk_tau is None else self.topk_tau
+        return LossSettings(self.loss, self.beam_width, self.reg_weight, xi,
+                            temperature=self.temperature, topk_weight=self.topk_weight,
+                            normalisation=self.normalisation)  # fmt: skip

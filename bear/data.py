@@ -2,19 +2,24 @@
 
 A folder holds ``id2name4Rec.json`` (item id -> title), ``train.csv`` and ``test.csv`` with the
 columns ``user_id,item_ids,timestamp``; ``item_ids`` is a list whose last id is the target and the
-rest the history, oldest first. The validation split is ``valid.csv`` when it exists, else the last
-10% of the training rows by timestamp. Every problem raises ``DataError`` naming the file and row.
+rest the history, oldest first; extra columns (some published test files have six) are ignored.
+Titles are kept verbatim: the published catalogues hold an empty title and titles of several
+hundred characters (``UPSTREAM.md`` §2). The validation split is ``valid.csv`` when it exists,
+else the last 10% of the training rows by timestamp (none under upstream's protocol). Every problem
+raises ``DataError`` naming the file and row.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bear.prompts import domain_from_folder
+from bear.prompts import PromptText, domain_from_folder, prompt_text
 
 __all__ = ["DataError", "Example", "Dataset", "load_dataset", "TITLES_FILE", "VALID_FRACTION"]
 
@@ -22,6 +27,10 @@ TITLES_FILE = "id2name4Rec.json"
 COLUMNS = ("user_id", "item_ids", "timestamp")
 # SPEC §3: the validation split is the last 10% of the training rows by timestamp.
 VALID_FRACTION = 0.1
+# Item ids are decimal digits (an optional minus is read so that its error can say "negative")
+# and must fit torch's int64.
+_ID = re.compile(r"\s*-?[0-9]+\s*")
+MAX_ITEM_ID = 2**63 - 1
 
 
 class DataError(ValueError):
@@ -46,6 +55,7 @@ class Dataset:
     folder: Path
     domain: str  # instruction domain (bear.prompts)
     titles: dict[int, str]  # item id -> title
+    prompt: PromptText  # the domain's prompt strings, or the user's own
     train: list[Example] = field(default_factory=list)
     valid: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
@@ -56,24 +66,46 @@ class Dataset:
         return sorted(self.titles)
 
 
+def _decode(path: Path) -> str:
+    """The UTF-8 text of ``path``; a byte that is not UTF-8 is a DataError naming its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _item_id(text: str, where: str, what: str) -> int:
+    """An item id written in decimal digits, in [0, MAX_ITEM_ID]; DataError otherwise."""
+    if not _ID.fullmatch(text):
+        raise DataError(f"{where}: {what} {text!r} is not an integer item id")
+    item = int(text)
+    if not 0 <= item <= MAX_ITEM_ID:
+        raise DataError(f"{where}: {what} {text!r} is outside [0, 2^63 - 1]")
+    return item
+
+
 def _load_titles(path: Path) -> dict[int, str]:
+    """Item id -> title, verbatim (empty and long titles included, as the published data)."""
     if not path.is_file():
         raise DataError(f"{path}: missing file (the item id -> title map)")
+    text = _decode(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or not raw:
+        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(pairs, list) or not pairs:
         raise DataError(f"{path}: expected a non-empty JSON object mapping item id to title")
-    titles = {}
-    for key, title in raw.items():
-        try:
-            item = int(key)
-        except ValueError:
-            raise DataError(f"{path}: item id {key!r} is not an integer") from None
-        if not isinstance(title, str) or not title.strip():
-            raise DataError(f"{path}: item {key}: empty or non-string title {title!r}")
-        titles[item] = title.strip()
+    titles: dict[int, str] = {}
+    keys: dict[int, str] = {}
+    for key, title in pairs:
+        item = _item_id(key, str(path), "item id")
+        if item in keys:
+            raise DataError(f"{path}: item ids {keys[item]!r} and {key!r} are the same id {item}")
+        if not isinstance(title, str):
+            raise DataError(f"{path}: item {key}: title {title!r} is not a string")
+        titles[item], keys[item] = title, key
     return titles
 
 
@@ -81,41 +113,65 @@ def _parse_ids(text: str, where: str) -> list[int]:
     body = text.strip()
     if not (body.startswith("[") and body.endswith("]")):
         raise DataError(f"{where}: item_ids {text!r} is not a list like [1, 2, 3]")
-    try:
-        ids = [int(x) for x in body[1:-1].split(",") if x.strip()]
-    except ValueError:
-        raise DataError(f"{where}: item_ids {text!r} holds a non-integer id") from None
+    parts = body[1:-1].split(",")
+    if any(not p.strip() for p in parts):
+        raise DataError(f"{where}: item_ids {text!r} has an empty entry")
+    ids = [_item_id(p.strip(), where, f"item_ids {text!r}: entry") for p in parts]
     if len(ids) < 2:
         raise DataError(f"{where}: item_ids {text!r} needs at least one history id and a target")
     return ids
+
+
+def _timestamp(text: str, where: str) -> int:
+    """A finite number, in whole seconds (integers kept exact)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: timestamp {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: timestamp {text!r} is not finite")
+    return int(value)
+
+
+def _columns(header: list[str] | None, path: Path) -> dict[str, int]:
+    """Position of each needed column; extra columns are allowed (and ignored)."""
+    names = [h.strip() for h in header or []]
+    missing = [c for c in COLUMNS if c not in names]
+    if missing or len(set(names)) != len(names):
+        raise DataError(
+            f"{path}:1: header {header!r}, expected the columns {','.join(COLUMNS)} "
+            "(extra columns are ignored), each once"
+        )
+    return {c: names.index(c) for c in COLUMNS}
 
 
 def _load_rows(path: Path, titles: dict[int, str], max_history: int) -> list[Example]:
     if not path.is_file():
         raise DataError(f"{path}: missing file")
     examples = []
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
+    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    try:
         header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != COLUMNS:
-            raise DataError(f"{path}:1: header {header!r}, expected {','.join(COLUMNS)}")
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if not row:
-                continue
-            if len(row) != len(COLUMNS):
-                raise DataError(f"{where}: {len(row)} fields, expected {len(COLUMNS)} {COLUMNS}")
-            user, ids_text, ts_text = row
-            ids = _parse_ids(ids_text, where)
-            try:
-                timestamp = int(float(ts_text))
-            except ValueError:
-                raise DataError(f"{where}: timestamp {ts_text!r} is not a number") from None
-            for item in ids:
-                if item not in titles:
-                    raise DataError(f"{where}: item id {item} has no title in {TITLES_FILE}")
-            history = tuple(ids[:-1][-max_history:])
-            examples.append(Example(user.strip(), history, ids[-1], timestamp, where))
+        rows = [(f"{path}:{reader.line_num}", row) for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({exc})") from None
+    column = _columns(header, path)
+    for where, row in rows:
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{where}: {len(row)} fields, expected {len(header)} as the header")
+        ids = _parse_ids(row[column["item_ids"]], where)
+        timestamp = _timestamp(row[column["timestamp"]], where)
+        for item in ids:
+            if item not in titles:
+                raise DataError(f"{where}: item id {item} has no title in {TITLES_FILE}")
+        history = tuple(ids[:-1][-max_history:])
+        examples.append(Example(row[column["user_id"]].strip(), history, ids[-1], timestamp, where))
     if not examples:
         raise DataError(f"{path}: no data rows")
     return examples
@@ -137,11 +193,17 @@ def load_dataset(
     valid_file: str = "valid.csv",
     max_history: int = 10,
     domain: str | None = None,
+    validation: bool = True,
+    instruction: str | None = None,
+    history_prefix: str | None = None,
 ) -> Dataset:
     """Read a dataset folder in upstream's format; ``DataError`` names the file and row at fault.
 
     ``max_history``: keep the newest ids of each history (upstream: 10).
     ``domain``: the instruction domain; default inferred from the folder name (bear.prompts).
+    ``validation``: False keeps every training row for training and leaves ``valid`` empty
+    (upstream's protocol).
+    ``instruction``, ``history_prefix``: the user's own prompt strings instead of the domain's.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -151,8 +213,12 @@ def load_dataset(
     titles = _load_titles(folder / TITLES_FILE)
     train = _load_rows(folder / train_file, titles, max_history)
     test = _load_rows(folder / test_file, titles, max_history)
-    if (folder / valid_file).is_file():
+    if not validation:
+        valid = []
+    elif (folder / valid_file).is_file():
         valid = _load_rows(folder / valid_file, titles, max_history)
     else:
         train, valid = split_valid(train)
-    return Dataset(folder, domain or domain_from_folder(folder), titles, train, valid, test)
+    domain = domain or domain_from_folder(folder)
+    prompt = prompt_text(domain, instruction, history_prefix)
+    return Dataset(folder, domain, titles, prompt, train, valid, test)

@@ -7,14 +7,16 @@ and recomputes ``RUN/metrics.json``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from bear.decoding import beam_search, exact_topk
-from bear.items import collate
+from bear.items import IGNORE_INDEX, collate
 from bear.metrics import hit_rate, ndcg, ranking_metrics, target_ranks
 from bear.model import autocast_for, response_logits, scoring_for
+from bear.protocol import upstream_metrics
 from bear.run import (
     Setup,
     build_setup,
@@ -31,11 +33,25 @@ EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §
 SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
 
 
+def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
+    """(U, B) the beam's item scores at α = 0 (sums of log-probabilities): score · length^α,
+    length = the item's tokens including EOS; -inf where padded."""
+    scores = beam.scores.float()  # (U, B)
+    if length_penalty == 0:
+        return scores
+    tokens = trie.item_tokens(beam.item_ids.clamp(min=0).reshape(-1))  # (U·B, L + 1)
+    lengths = (tokens != IGNORE_INDEX).sum(1).reshape(scores.shape).to(scores.dtype)  # (U, B)
+    return torch.where(torch.isfinite(scores), scores * lengths**length_penalty, scores)
+
+
 @torch.no_grad()
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
-                   exact_all: bool = False) -> dict:  # fmt: skip
+                   exact_all: bool = False, length_penalty: float = 0.0) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
+
+    ``length_penalty``: α of the beam search (item score / length^α; upstream's generate: 1.0).
+    The exact top-K (PR@K) ranks by full score (α = 0) whatever α is.
 
     Beam ranks come from ``beam_search``; exact ranks (for PR@K) from ``exact_topk(k=10)``; the
     violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
@@ -59,7 +75,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         canon = trie.canonical(batch.items)  # (U,)
         with autocast_for(device):
             beam = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, beam_width,
-                               scoring=scoring)  # fmt: skip
+                               scoring=scoring, length_penalty=length_penalty)  # fmt: skip
         beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
         if not full:
             continue
@@ -75,7 +91,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         if scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
             ce, _ = ce_margin(flat, target, beam_width=beam_width)
         s_y = -ce.reshape(U, W).sum(1)  # (U,) the target's score, α = 0
-        above = (beam.scores.float() > s_y[:, None] + SCORE_TOLERANCE).sum(1)  # (U,)
+        above = (_full_scores(beam, trie, length_penalty) > s_y[:, None] + SCORE_TOLERANCE).sum(1)
         need = torch.ones_like(above, dtype=torch.bool) if exact_all else above < EXACT_K
         ranks = torch.full((U,), -1, dtype=torch.long)
         rows = need.nonzero().flatten()
@@ -93,30 +109,64 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     return ranking_metrics(ranks, torch.cat(exact_ranks), torch.cat(violated))
 
 
-def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto") -> dict:
-    """Recompute RUN/metrics.json from the run's saved config and selected checkpoint."""
+def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto",
+                 protocol: str | None = None,
+                 length_penalty: float | None = None) -> dict:  # fmt: skip
+    """Recompute RUN/metrics.json from the run's saved config and checkpoints.
+
+    ``protocol``: None or the run's own (files, split and selection are fixed when training:
+    ValueError for the other, which needs a new run). ``length_penalty``: α of the beam search
+    (default the run's). Protocol ours tests the selected checkpoint (and re-validates it);
+    upstream re-tests every RUN/epoch_<e>.pt and takes the per-metric maxima again.
+    """
     run = Path(run)
     cfg = load_run_config(run)
+    if protocol is not None and protocol != cfg.protocol:
+        raise ValueError(
+            f"--protocol: got {protocol!r}, but {run} was trained under {cfg.protocol!r}; its "
+            f"files, split and selection are fixed by training: train again with --protocol "
+            f"{protocol}"
+        )
     if limit_eval is not None:
         cfg.limit_eval = limit_eval
+    if length_penalty is not None:
+        if not math.isfinite(length_penalty):
+            raise ValueError(f"--length-penalty: got {length_penalty}, expected a finite α")
+        cfg.length_penalty = length_penalty
     old = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    checkpoint = run / old.get("checkpoint", "best.pt")
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: missing; train the run to the end first")
     dev = resolve_device(device)
+    if cfg.protocol == "upstream":
+        checkpoints = sorted(run.glob("epoch_*.pt"), key=lambda p: float(p.stem[len("epoch_") :]))
+        if not checkpoints:
+            raise FileNotFoundError(f"{run}: no epoch_<e>.pt checkpoint; train the run first")
+    else:
+        checkpoints = [run / old.get("checkpoint", "best.pt")]
+        if not checkpoints[0].is_file():
+            raise FileNotFoundError(f"{checkpoints[0]}: missing; train the run to the end first")
     setup = build_setup(cfg, run, fresh=False)
     model = setup.model.to(dev)
-    state = torch.load(checkpoint, map_location=dev, weights_only=False)
-    load_weights(model, state["model"])
     scoring = scoring_for(cfg.loss)
-    metrics = {
-        split: evaluate_split(
-            model, setup, split, cfg.beam_width, scoring, cfg.limit_eval, cfg.eval_batch_size, dev
-        )  # fmt: skip
-        for split in ("valid", "test")
-    }
-    metrics["best_epoch"] = old.get("best_epoch", state.get("epoch"))
+
+    def test(checkpoint: Path, split: str = "test") -> tuple[dict, dict]:
+        state = torch.load(checkpoint, map_location=dev, weights_only=False)
+        load_weights(model, state["model"])
+        return state, evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
+                                     cfg.eval_batch_size, dev,
+                                     length_penalty=cfg.length_penalty)  # fmt: skip
+
+    if cfg.protocol == "upstream":
+        epochs = []
+        for checkpoint in checkpoints:
+            state, metrics = test(checkpoint)
+            epochs.append({"epoch": state["epoch"], "test": metrics})
+        metrics = upstream_metrics(epochs, cfg.length_penalty)
+    else:
+        state, test_metrics = test(checkpoints[0])
+        _, valid_metrics = test(checkpoints[0], "valid")
+        metrics = {"protocol": "ours", "length_penalty": cfg.length_penalty,
+                   "valid": valid_metrics, "test": test_metrics,
+                   "best_epoch": old.get("best_epoch", state.get("epoch")),
+                   "checkpoint": checkpoints[0].name}  # fmt: skip
     metrics["seconds_per_epoch"] = old.get("seconds_per_epoch")
-    metrics["checkpoint"] = checkpoint.name
     write_json_atomic(run / "metrics.json", metrics)
     return metrics

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bear.data import Dataset, Example
-from bear.prompts import format_prompt, format_response
+from bear.prompts import PromptText, format_prompt, format_response
 
 __all__ = [
     "ContextError",
@@ -36,9 +36,12 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=True)["input_ids"]
 
 
-def item_sequences(tokenizer, titles: dict[int, str], domain: str) -> dict[int, list[int]]:
+def item_sequences(
+    tokenizer, titles: dict[int, str], domain: str | PromptText
+) -> dict[int, list[int]]:
     """Item id -> the tokens of its response (without EOS) after a prompt's response header.
 
+    ``domain``: a domain name or the ``PromptText`` of the prompts (``bear.prompts``).
     Each response is tokenised after a reference prompt and the prompt's own tokens are removed;
     ``ContextError`` if the prompt's tokens are not a prefix of the joint tokenisation.
     """
@@ -60,7 +63,7 @@ def check_in_context(tokenizer, dataset: Dataset, examples: list[Example], items
     """Raise ``ContextError`` for the first example whose prompt + response tokenises differently
     from prompt tokens + item tokens (i.e. whose trie path would not match its training target)."""
     prompts = [
-        format_prompt([dataset.titles[i] for i in e.history], dataset.domain) for e in examples
+        format_prompt([dataset.titles[i] for i in e.history], dataset.prompt) for e in examples
     ]
     full = [
         p + format_response(dataset.titles[e.target])
@@ -76,10 +79,14 @@ def check_in_context(tokenizer, dataset: Dataset, examples: list[Example], items
             )
 
 
-def encode_prompts(tokenizer, dataset: Dataset, examples: list[Example]) -> list[list[int]]:
-    """Prompt token ids (with the tokenizer's special tokens) of each example."""
+def encode_prompts(
+    tokenizer, dataset: Dataset, examples: list[Example], inference: bool = False
+) -> list[list[int]]:
+    """Prompt token ids (with the tokenizer's special tokens) of each example; ``inference``:
+    upstream's inference prompt (``bear.prompts.format_prompt``)."""
     texts = [
-        format_prompt([dataset.titles[i] for i in e.history], dataset.domain) for e in examples
+        format_prompt([dataset.titles[i] for i in e.history], dataset.prompt, inference)
+        for e in examples
     ]
     return _encode(tokenizer, texts)
 

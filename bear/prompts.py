@@ -1,59 +1,112 @@
-"""Upstream's prompt template (Alpaca style) with a per-domain instruction (SPEC §3).
+"""The paper's prompts (``UPSTREAM.md`` §1), character for character, per domain (SPEC §3).
 
-The prompt ends with the response header ``### Response:\\n``; the response is the quoted title
-followed by EOS. The header ends in a newline so that byte-level BPE pre-tokenisation never merges
-a token across the prompt/response boundary (checked per dataset by ``bear.data``).
+Training prompt (``format_prompt``), the response header last::
+
+    Below is an instruction ... completes the request.␠\\n\\n
+    ### Instruction:\\n{instruction}\\n\\n
+    ### Input:\\n{history_prefix}"Title 1", "Title 2"\\n␠\\n\\n
+    ### Response:\\n
+
+The response is the quoted title followed by EOS (a token). Upstream's inference prompt differs
+from its training prompt only by a second space at the end of the first line
+(``inference=True``); our own protocol uses the training prompt for both. The header ends in a
+newline so that byte-level BPE never merges a token across the prompt/response boundary (checked
+per dataset by ``bear.items``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "TEMPLATE",
-    "INSTRUCTIONS",
+    "PromptText",
+    "DOMAINS",
     "GENERIC_DOMAIN",
     "domain_from_folder",
-    "instruction_for",
+    "prompt_text",
     "format_prompt",
     "format_response",
 ]
 
-# Upstream's template (github.com/Tiny-Snow/BEAR-SIGIR-2026), as in Alpaca.
-TEMPLATE = (
+# Upstream's first line: one trailing space when training, two at inference (UPSTREAM.md §1).
+_PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "context. Write a response that appropriately completes the request."
 )
+_TRAIN_PREAMBLE_END = " \n"
+_INFERENCE_PREAMBLE_END = "  \n"
+_BODY = "\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+_HISTORY_END = "\n "  # after the last quoted history title: a newline and one space
 
-# (plural, singular) product nouns per domain; the instruction is upstream's sentence.
-_NOUNS = {
-    "office": ("office products", "office product"),
-    "clothing": ("clothing products", "clothing product"),
-    "generic": ("items", "item"),
-}
-GENERIC_DOMAIN = "generic"
 
-INSTRUCTIONS = {
-    domain: (
-        f"Given a list of {plural} the user has bought before, please recommend a new "
-        f"{singular} that the user likes to the user."
+@dataclass(frozen=True)
+class PromptText:
+    """The two domain strings of a prompt: the instruction and the prefix before the history."""
+
+    instruction: str
+    history_prefix: str  # upstream's end with one space
+
+
+def _upstream(noun_plural: str, verb: str, noun_singular: str) -> PromptText:
+    """Upstream's two sentences for a domain, e.g. ("toys", "played", "toy")."""
+    return PromptText(
+        f"Given a list of {noun_plural} the user has {verb} before, please recommend a new "
+        f"{noun_singular} that the user likes to the user.",
+        f"The user has {verb} the following {noun_plural} before: ",
     )
-    for domain, (plural, singular) in _NOUNS.items()
+
+
+# UPSTREAM.md §1, in upstream's order: the first word the folder name contains picks the domain.
+DOMAINS = {
+    "toy": _upstream("toys", "played", "toy"),
+    "book": _upstream("books", "read", "book"),
+    "clothing": _upstream("clothing", "worn", "clothing"),
+    "office": _upstream("office products", "used", "office product"),
+    "beauty": _upstream("beauty products", "used", "beauty product"),
+    "electronic": _upstream("electronic products", "used", "electronic product"),
+    "game": _upstream("video games", "played", "video game"),
+    "music": _upstream("music", "listened to", "music"),
 }
+# Ours, for a folder that names no upstream domain (upstream has none).
+GENERIC_DOMAIN = "generic"
+GENERIC = PromptText(
+    "Given a list of items the user has interacted with before, please recommend a new item "
+    "that the user likes to the user.",
+    "The user has interacted with the following items before: ",
+)
 
 
 def domain_from_folder(folder: str | Path) -> str:
-    """The domain named by a dataset folder ("Office" -> "office"), else the generic one."""
+    """The domain whose word the folder's name contains (case-insensitive), else "generic".
+
+    As upstream, the words are tried in the order of ``DOMAINS``: "Toys_and_Games" -> "toy",
+    "Office" -> "office", "Electronics" -> "electronic", "synth" -> "generic".
+    """
     name = Path(folder).resolve().name.lower()
-    return name if name in INSTRUCTIONS else GENERIC_DOMAIN
+    return next((domain for domain in DOMAINS if domain in name), GENERIC_DOMAIN)
 
 
-def instruction_for(domain: str) -> str:
-    """Upstream's instruction sentence for ``domain`` (one of ``INSTRUCTIONS``)."""
-    if domain not in INSTRUCTIONS:
-        raise ValueError(f"domain: got {domain!r}, expected one of {sorted(INSTRUCTIONS)}")
-    return INSTRUCTIONS[domain]
+def prompt_text(
+    domain: str, instruction: str | None = None, history_prefix: str | None = None
+) -> PromptText:
+    """The prompt strings of ``domain`` (a key of ``DOMAINS`` or "generic"), either of them
+    replaced by the user's own (``instruction``, ``history_prefix``) when given.
+
+    Raises ValueError for an unknown domain and TypeError for a string argument that is not one.
+    """
+    if domain != GENERIC_DOMAIN and domain not in DOMAINS:
+        raise ValueError(
+            f"domain: got {domain!r}, expected one of {sorted(DOMAINS)} or {GENERIC_DOMAIN!r}"
+        )
+    for name, value in (("instruction", instruction), ("history_prefix", history_prefix)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name}: got {type(value).__name__}, expected a string or None")
+    base = DOMAINS.get(domain, GENERIC)
+    return PromptText(
+        base.instruction if instruction is None else instruction,
+        base.history_prefix if history_prefix is None else history_prefix,
+    )
 
 
 def format_response(title: str) -> str:
@@ -61,9 +114,18 @@ def format_response(title: str) -> str:
     return f'"{title}"'
 
 
-def format_prompt(history_titles: list[str], domain: str) -> str:
-    """The full prompt for a user history (oldest first), ending with the response header."""
-    history = ", ".join(format_response(t) for t in history_titles)
-    return TEMPLATE.format(
-        instruction=instruction_for(domain), input=f"The user has bought: {history}"
-    )
+def format_prompt(
+    history_titles: list[str], domain: str | PromptText, inference: bool = False
+) -> str:
+    """The prompt of a user history (titles oldest first), up to and including the response
+    header ``### Response:\\n``.
+
+    ``domain``: a domain name (``prompt_text``) or the ``PromptText`` to use.
+    ``inference``: upstream's inference prompt (two spaces ending the first line).
+    Raises ValueError for an unknown domain name.
+    """
+    text = domain if isinstance(domain, PromptText) else prompt_text(domain)
+    history = ", ".join(format_response(t) for t in history_titles) + _HISTORY_END
+    end = _INFERENCE_PREAMBLE_END if inference else _TRAIN_PREAMBLE_END
+    body = _BODY.format(instruction=text.instruction, input=text.history_prefix + history)
+    return _PREAMBLE + end + body

@@ -25,6 +25,7 @@ from bear.data import Dataset, load_dataset
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import LoraSettings, TinyConfig, build_tiny_model, load_pretrained
 from bear.prompts import format_prompt, format_response
+from bear.protocol import PROTOCOLS
 from bear.tokenizer import train_tokenizer
 from bear.trie import ItemTrie
 
@@ -43,7 +44,9 @@ __all__ = [
 
 TOKENIZER_SAMPLE = 2000  # training prompts the tiny tokenizer learns from (plus every title)
 CONTEXT_CHECK = 512  # training rows whose in-context tokenisation is verified at start
-RESUME_KEYS = ("data", "loss", "model", "seed", "batch_size", "lr", "epochs", "beam_width")
+RESUME_KEYS = ("data", "loss", "model", "seed", "batch_size", "lr", "epochs", "beam_width",
+               "protocol", "train_file", "temperature", "normalisation", "topk_weight", "topk_tau",
+               "instruction", "history_prefix")  # fmt: skip
 
 
 @dataclass
@@ -72,7 +75,7 @@ def resolve_device(device: str) -> torch.device:
 def _tokenizer_texts(data: Dataset) -> list[str]:
     titles = [format_response(t) for t in data.titles.values()]
     rows = data.train[:TOKENIZER_SAMPLE]
-    return titles + [format_prompt([data.titles[i] for i in e.history], data.domain) for e in rows]
+    return titles + [format_prompt([data.titles[i] for i in e.history], data.prompt) for e in rows]
 
 
 def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
@@ -82,7 +85,10 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
     Raises FileNotFoundError for a ``--model`` that is neither "tiny" nor a folder, and the data
     errors of ``bear.data`` / ``bear.items``.
     """
-    data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history)
+    protocol = PROTOCOLS[cfg.protocol]
+    data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history,
+                        validation=protocol.validation, instruction=cfg.instruction,
+                        history_prefix=cfg.history_prefix)  # fmt: skip
     if cfg.limit_train is not None:
         data.train = data.train[: cfg.limit_train]
     if cfg.model == "tiny":
@@ -106,7 +112,7 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         model, tokenizer = load_pretrained(cfg.model, LoraSettings(target_modules=cfg.lora_targets))
     vocab = model.get_output_embeddings().weight.shape[0]
-    items = item_sequences(tokenizer, data.titles, data.domain)
+    items = item_sequences(tokenizer, data.titles, data.prompt)
     ids = data.item_ids
     trie = ItemTrie([items[i] for i in ids], ids, tokenizer.eos_token_id, vocab_size=vocab)
     check_in_context(tokenizer, data, data.train[:CONTEXT_CHECK], items)
@@ -117,7 +123,12 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
         model=model,
         items=items,
         trie=trie,
-        prompts={k: encode_prompts(tokenizer, data, v) for k, v in splits.items()},
+        prompts={
+            k: encode_prompts(
+                tokenizer, data, v, inference=k != "train" and protocol.inference_prompt
+            )
+            for k, v in splits.items()
+        },
         targets={k: [e.target for e in v] for k, v in splits.items()},
         pad_id=tokenizer.pad_token_id,
     )

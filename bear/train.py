@@ -26,9 +26,10 @@ from bear.config import TrainConfig
 from bear.decoding import beam_thresholds
 from bear.evaluate import evaluate_split
 from bear.items import collate, right_align
-from bear.losses import LossSettings, batch_loss, num_counted_rows, uses_trie_mask
+from bear.losses import UPSTREAM_EPS, batch_loss, num_counted_rows, uses_trie_mask
 from bear.model import autocast_for, response_logits, scoring_for, trainable_state
 from bear.plots import plot_run
+from bear.protocol import epoch_checkpoint, resolved_settings, upstream_metrics
 from bear.run import (
     Setup,
     build_setup,
@@ -82,16 +83,22 @@ def _micro_batches(setup: Setup, idx, cfg: TrainConfig, trie_dev, device):
 def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=False) -> float:
     """Forward/backward of one optimiser step's micro-batches; returns the step's loss.
 
-    Each micro-batch contributes (sum of its row losses) / (counted rows of the whole step, all
-    ranks), so the accumulated gradient is that of one batch holding the whole step; gradients are
-    summed across ranks once at the end (DDP's no_sync + a single all-reduce).
+    ``step`` normalisation: each micro-batch contributes (sum of its row losses) / (counted rows
+    of the whole step, all ranks), so the accumulated gradient is that of one batch holding the
+    whole step. ``micro-batch`` (upstream's): each contributes its own mean loss divided by the
+    number of micro-batches of the step (all ranks), as DDP averages upstream's per-GPU losses.
+    Gradients are summed across ranks once at the end (DDP's no_sync + a single all-reduce).
     """
     vocab = trie_dev.vocab_size
+    per_micro = settings.normalisation == "micro-batch"
     count = torch.zeros((), dtype=torch.float64)
     for batch, mask in micro:
-        count += num_counted_rows(
-            batch.target, mask if uses_trie_mask(settings.name) else None, vocab
-        )
+        if per_micro:
+            count += 1
+        else:
+            count += num_counted_rows(
+                batch.target, mask if uses_trie_mask(settings.name) else None, vocab
+            )
     if distributed:
         dist.all_reduce(count)
     step_loss = torch.zeros((), dtype=torch.float64)
@@ -107,7 +114,9 @@ def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=F
                                      batch.width, float("-inf"))  # fmt: skip
         with autocast_for(device):
             logits = response_logits(model, batch)  # (U, W, V)
-        total_loss, _ = batch_loss(logits, batch.target, settings, mask, thresholds)
+        total_loss, denominator = batch_loss(logits, batch.target, settings, mask, thresholds)
+        if per_micro:
+            total_loss = total_loss / denominator.clamp(min=UPSTREAM_EPS)
         loss = total_loss / count.clamp(min=1).to(total_loss.dtype)
         loss.backward()
         step_loss += loss.detach().double().cpu()
@@ -137,7 +146,9 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
     log = _Log(run / "log.jsonl", rank == 0)
     if rank == 0 and not cfg.resume:
-        write_json_atomic(run / "config.json", asdict(cfg))
+        write_json_atomic(
+            run / "config.json", asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
+        )
         if cfg.model == "tiny":
             setup.tokenizer.save_pretrained(run / "tokenizer")
     log(event="config", world_size=world, resolved_device=str(device), **asdict(cfg))
@@ -147,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
     model = setup.model.to(device)
     model.train()
     trie_dev = setup.trie.to(device)
-    settings = LossSettings(cfg.loss, cfg.beam_width, cfg.reg_weight, cfg.reg_temperature)
+    settings = cfg.loss_settings()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_train = len(setup.targets["train"])
@@ -210,6 +221,12 @@ def train(cfg: TrainConfig) -> dict:
             break
         state["epoch_seconds"].append(time.perf_counter() - t0)
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+        if cfg.protocol == "upstream":
+            _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch + 1)
+            save_last()
+            if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
+                break
+            continue
         valid = (
             _validate(model, setup, cfg, scoring, device, rank, distributed) if cfg.validate else {}
         )
@@ -239,22 +256,46 @@ def _validate(model, setup, cfg, scoring, device, rank, distributed, split="vali
     box = [None]
     if rank == 0:
         box[0] = evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
-                                cfg.eval_batch_size, device, full=full)  # fmt: skip
+                                cfg.eval_batch_size, device, full=full,
+                                length_penalty=cfg.length_penalty)  # fmt: skip
     if distributed:
         dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
+def _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch) -> None:
+    """Upstream's protocol after an epoch (or a partial one): the test metrics (unless --no-eval)
+    into the history, and the weights as RUN/epoch_<epoch>.pt (upstream saves every epoch)."""
+    test = _validate(model, setup, cfg, scoring, device, rank, distributed, split="test",
+                     full=True) if cfg.validate else {}  # fmt: skip
+    state["history"].append({"epoch": epoch, "test": test})
+    _Log(Path(cfg.out) / "log.jsonl", rank == 0)(event="test", epoch=epoch, **test)
+    if rank == 0:
+        save_atomic(Path(cfg.out) / epoch_checkpoint(epoch),
+                    {"model": trainable_state(model), "epoch": epoch})  # fmt: skip
+
+
 def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_per_epoch,
             stopped) -> dict:  # fmt: skip
     """Choose the checkpoint (best validation epoch; a stop mid-epoch competes as a partial epoch),
-    test it and write RUN/metrics.json and RUN/curves.png."""
+    test it and write RUN/metrics.json and RUN/curves.png. Under the upstream protocol: test a
+    stop mid-epoch as a partial epoch and report every epoch's test metrics and their maxima."""
     run = Path(cfg.out)
     best, checkpoint = state["best"], "best.pt"
     seconds = state["epoch_seconds"]
     per_epoch = sum(seconds) / len(seconds) if seconds else None
+    if cfg.protocol == "upstream":
+        if stopped:
+            epoch = state["epoch"] + state["step_in_epoch"] / steps_per_epoch
+            _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch)
+        metrics = upstream_metrics(state["history"], cfg.length_penalty) | {
+            "seconds_per_epoch": per_epoch
+        }
+        if rank == 0:
+            write_json_atomic(run / "metrics.json", metrics)
+        return metrics
     if not cfg.validate:
-        metrics = {"valid": {}, "test": {}, "best_epoch": state["epoch"],
+        metrics = {"protocol": "ours", "valid": {}, "test": {}, "best_epoch": state["epoch"],
                    "seconds_per_epoch": per_epoch, "checkpoint": "last.pt"}  # fmt: skip
         if rank == 0:
             write_json_atomic(run / "metrics.json", metrics)
@@ -277,6 +318,8 @@ def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_
     valid = _validate(*args, split="valid", full=True)
     test = _validate(*args, split="test", full=True)
     metrics = {
+        "protocol": "ours",
+        "length_penalty": cfg.length_penalty,
         "valid": valid,
         "test": test,
         "best_epoch": best["epoch"],

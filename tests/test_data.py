@@ -21,19 +21,6 @@ def synth(tmp_path_factory):
     return tiny_synth(tmp_path_factory.mktemp("data") / "synth")
 
 
-def test_prompt_is_upstreams_template():
-    prompt = format_prompt(["A b", 'C "d"'], "office")
-    assert prompt == (
-        "Below is an instruction that describes a task, paired with an input that provides further "
-        "context. Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\nGiven a list of office products the user has bought before, please "
-        "recommend a new office product that the user likes to the user.\n\n"
-        '### Input:\nThe user has bought: "A b", "C "d""\n\n### Response:\n'
-    )
-    assert "clothing products" in format_prompt(["x"], "clothing")
-    assert format_response("T") == '"T"'
-
-
 @pytest.mark.parametrize("name", ["Office", "Clothing"])
 def test_upstream_folders_load(name):
     folder = SHARED_DATA / name
@@ -111,14 +98,133 @@ def test_unknown_history_id_names_line(synth, tmp_path):
         load_dataset(_broken(synth, tmp_path, edit))
 
 
-def test_empty_title_names_item(synth, tmp_path):
+def _edit_titles(change):
     def edit(folder):
         titles = json.loads((folder / "id2name4Rec.json").read_text())
-        titles["5"] = "  "
+        change(titles)
         (folder / "id2name4Rec.json").write_text(json.dumps(titles))
 
-    with pytest.raises(DataError, match=r"id2name4Rec\.json: item 5: empty"):
+    return edit
+
+
+def _edit_line(name: str, index: int, text: str):
+    def edit(folder):
+        lines = (folder / name).read_text().splitlines()
+        lines[index] = text
+        (folder / name).write_text("\n".join(lines) + "\n")
+
+    return edit
+
+
+def test_empty_and_long_titles_are_items_like_any_other(synth, tmp_path):
+    """UPSTREAM.md §2: an empty title (used as a training target) and titles of several hundred
+    characters load verbatim; the empty one's response is '""' + EOS, a trie leaf of its own."""
+    data = load_dataset(synth)
+    target = data.train[0].target
+    long_item = data.train[1].target
+    long_title = "Long " + "x" * 600
+
+    def change(titles):
+        titles[str(target)] = ""
+        titles[str(long_item)] = long_title
+
+    data = load_dataset(_broken(synth, tmp_path, _edit_titles(change)))
+    assert data.titles[target] == "" and data.titles[long_item] == long_title
+    texts = [format_response(t) for t in data.titles.values()]
+    tok = train_tokenizer(texts + [format_prompt(["a"], data.prompt)], 400)
+    items = item_sequences(tok, data.titles, data.prompt)
+    assert tok.decode(items[target]) == '""'
+    check_in_context(tok, data, data.train[:5], items)
+    ids = data.item_ids
+    trie = ItemTrie([items[i] for i in ids], ids, tok.eos_token_id, vocab_size=len(tok))
+    tokens = trie.item_tokens(torch.tensor([target]))[0]
+    assert tokens[tokens != -100].tolist() == items[target] + [tok.eos_token_id]
+    assert int(trie.canonical(torch.tensor([target]))) == target
+
+
+def test_extra_csv_columns_are_ignored(synth, tmp_path):
+    """Some published test files have six columns (UPSTREAM.md §2)."""
+
+    def edit(folder):
+        rows = (folder / "test.csv").read_text().splitlines()
+        out = ["user_id,item_ids,mask,item_titles,replaced_item_titles,timestamp"]
+        for row in rows[1:]:
+            user, rest = row.split(",", 1)
+            ids, ts = rest.rsplit(",", 1)
+            out.append(f'{user},{ids},"[1, 1]","[\'a, b\']",x,{ts}')
+        (folder / "test.csv").write_text("\n".join(out) + "\n")
+
+    plain = load_dataset(synth)
+    wide = load_dataset(_broken(synth, tmp_path, edit))
+    assert [(e.history, e.target, e.timestamp) for e in wide.test] == [
+        (e.history, e.target, e.timestamp) for e in plain.test
+    ]
+
+
+def test_header_without_a_needed_column_names_line_1(synth, tmp_path):
+    edit = _edit_line("train.csv", 0, "user_id,items,timestamp")
+    with pytest.raises(DataError, match=r"train\.csv:1: header .* user_id,item_ids,timestamp"):
         load_dataset(_broken(synth, tmp_path, edit))
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ('7,"[1,,2]",5', "has an empty entry"),  # was read as [1, 2]
+        ('7,"[-1, 2]",5', r"'-1' is outside \[0, 2\^63 - 1\]"),
+        (f'7,"[{2**63}, 2]",5', "is outside"),  # was an OverflowError in torch
+        ('7,"[1, 2]",inf', "timestamp 'inf' is not finite"),  # was an OverflowError
+        ('7,"[1, 2]",nan', "timestamp 'nan' is not finite"),
+        ('7,"[1_0, 2]",5', "is not an integer item id"),
+    ],
+)
+def test_malformed_ids_and_timestamps_name_file_and_line(synth, tmp_path, row, message):
+    edit = _edit_line("train.csv", 2, row)  # line 3 of the file
+    with pytest.raises(DataError, match=rf"train\.csv:3: .*{message}"):
+        load_dataset(_broken(synth, tmp_path, edit))
+
+
+def test_non_utf8_bytes_name_file_and_line(synth, tmp_path):
+    def edit(folder):
+        lines = (folder / "test.csv").read_bytes().split(b"\n")
+        lines[4] = b'7,"[1, 2]",5\xff'
+        (folder / "test.csv").write_bytes(b"\n".join(lines))
+
+    with pytest.raises(DataError, match=r"test\.csv:5: not UTF-8"):
+        load_dataset(_broken(synth, tmp_path, edit))
+
+    def edit_json(folder):
+        path = folder / "id2name4Rec.json"
+        path.write_bytes(b'{"1": "a",\n "2": "\xfe"}')
+
+    with pytest.raises(DataError, match=r"id2name4Rec\.json:2: not UTF-8"):
+        load_dataset(_broken(synth, tmp_path / "json", edit_json))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"1": "a", "01": "b"}', "item ids '1' and '01' are the same id 1"),  # was silently merged
+        ('{"1": "a", "1": "b"}', "item ids '1' and '1' are the same id 1"),
+        ('{"-3": "a"}', r"item id '-3' is outside"),
+        ('{"x": "a"}', "item id 'x' is not an integer"),
+        ('{"1": 5}', "item 1: title 5 is not a string"),
+        ('{"1": "a",\n', r":2: not valid JSON"),
+    ],
+)
+def test_bad_catalogue_names_the_problem(synth, tmp_path, text, message):
+    def edit(folder):
+        (folder / "id2name4Rec.json").write_text(text)
+
+    with pytest.raises(DataError, match=rf"id2name4Rec\.json.*{message}"):
+        load_dataset(_broken(synth, tmp_path, edit))
+
+
+def test_users_own_prompt_strings(synth):
+    data = load_dataset(synth, instruction="Pick.", history_prefix="Had: ")
+    prompt = format_prompt(["a"], data.prompt)
+    assert '### Instruction:\nPick.\n\n### Input:\nHad: "a"\n \n' in prompt
+    assert load_dataset(synth, validation=False).valid == []
 
 
 def test_training_targets_equal_trie_paths(synth):

@@ -75,14 +75,16 @@ def test_bear_upstream_is_weighted_ce_with_bears_gradient_direction(case):
     zb = torch.where(allowed.sum(-1) >= 3, zb, z.masked_fill(~allowed, float("inf")).min(-1).values)
     delta = zb - logits.gather(-1, target.clamp(min=0)[..., None])[..., 0]
     w = (1 + (lam / xi) * torch.sigmoid(-delta / xi)) * counted
-    torch.testing.assert_close(total, (w * ce).sum() * counted.sum() / w.sum())
-    # Its gradient is bear's up to one scale factor (λ_u = λ/ξ, normalisation by Σw).
+    # the step normalisation divides Σ w·ce by counted rows, like every other loss
+    torch.testing.assert_close(total, (w * ce).sum())
+    assert n == int(counted.sum())
+    # its gradient is bear's (λ_u = λ/ξ); upstream's Σw normalisation is LossSettings'
+    # normalisation="micro-batch" (tests/test_loss_upstream.py)
     total.backward()
     y = logits.clone().requires_grad_(True)
     bear_total, _ = batch_loss(y, target, LossSettings("bear", 3, lam, xi), mask)
     bear_total.backward()
-    ratio = counted.sum() / w.sum()
-    torch.testing.assert_close(x.grad, y.grad * ratio)
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 def test_beam_sim_adds_the_prefix_threshold_term(case):

@@ -1,0 +1,115 @@
+"""The two evaluation protocols (SPEC §3): ours and the paper's (``UPSTREAM.md``), side by side.
+
+| setting          | ours                                | upstream (the paper's code)            |
+| ---------------- | ----------------------------------- | -------------------------------------- |
+| files            | ``train.csv`` / ``test.csv``        | ``train_10000.csv`` / ``test_5000.csv``|
+| validation       | last 10% of training rows by time   | none: every training row trains        |
+| inference prompt | the training prompt                 | a second space ending the first line   |
+| length penalty α | 0 (sum of log-probabilities)        | 1.0 (generate's default: score/length) |
+| loss normaliser  | counted rows of the optimiser step  | each micro-batch's own mean (upstream) |
+| reported         | test of the best epoch on valid     | test after every epoch; per-metric max |
+|                  | NDCG@10                             | over epochs                            |
+
+A run's protocol fills the settings the user left unset; an explicit flag wins and is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "PROTOCOLS",
+    "MAX_METRICS",
+    "ProtocolDefaults",
+    "max_over_epochs",
+    "upstream_metrics",
+    "epoch_checkpoint",
+    "resolved_settings",
+]
+
+# The paper's tables report these per-metric maxima over epochs (UPSTREAM.md §5); PR@K and the
+# violation share are lower-is-better diagnostics upstream does not report, kept per epoch only.
+MAX_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10")
+
+
+@dataclass(frozen=True)
+class ProtocolDefaults:
+    """What a protocol sets: the files, the split, the prompts, the decoding and the report."""
+
+    train_file: str
+    test_file: str
+    validation: bool  # hold out the last 10% of training rows (or valid.csv) for selection
+    inference_prompt: bool  # decode with upstream's inference prompt (bear.prompts)
+    length_penalty: float  # α of beam search: item score / length^α
+    normalisation: str  # one of bear.losses.NORMALISATIONS
+    selection: str  # what metrics.json reports, in words
+
+
+PROTOCOLS = {
+    "ours": ProtocolDefaults(
+        train_file="train.csv",
+        test_file="test.csv",
+        validation=True,
+        inference_prompt=False,
+        length_penalty=0.0,
+        normalisation="step",
+        selection="test metrics of the one epoch with the best validation ndcg@10",
+    ),
+    "upstream": ProtocolDefaults(
+        train_file="train_10000.csv",
+        test_file="test_5000.csv",
+        validation=False,
+        inference_prompt=True,
+        length_penalty=1.0,
+        normalisation="micro-batch",
+        selection="test metrics after every epoch; test_max = per-metric maximum over epochs",
+    ),
+}
+
+
+def max_over_epochs(epochs: list[dict]) -> dict[str, float | None]:
+    """Per metric of ``MAX_METRICS``, the maximum over epochs of ``epoch["test"][metric]``.
+
+    Epochs where a metric is None (an empty denominator) are skipped; None if it is None in
+    every epoch (or there are no epochs).
+    """
+    out = {}
+    for key in MAX_METRICS:
+        values = [e["test"][key] for e in epochs if e["test"].get(key) is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
+def upstream_metrics(epochs: list[dict], length_penalty: float) -> dict:
+    """RUN/metrics.json of the upstream protocol (SPEC §7): every epoch's test metrics and, per
+    metric of ``MAX_METRICS``, their maximum (``max_over_epochs``).
+
+    ``epochs``: ``[{"epoch": e, "test": {metric: value}}, ...]`` in training order.
+    """
+    return {
+        "protocol": "upstream",
+        "length_penalty": length_penalty,
+        "epochs": epochs,
+        "test_max": max_over_epochs(epochs),
+    }
+
+
+def epoch_checkpoint(epoch: float) -> str:
+    """The file name of the weights after ``epoch`` (a fraction for a stop mid-epoch)."""
+    return f"epoch_{epoch:g}.pt"
+
+
+def resolved_settings(cfg) -> dict:
+    """Every setting the run's protocol decides, as resolved for the run ``cfg`` (a
+    ``TrainConfig``: explicit flags included), for RUN/config.json."""
+    defaults = PROTOCOLS[cfg.protocol]
+    return {
+        "name": cfg.protocol,
+        "train_file": cfg.train_file,
+        "test_file": cfg.test_file,
+        "validation": defaults.validation,
+        "inference_prompt": "two spaces" if defaults.inference_prompt else "the training prompt",
+        "length_penalty": cfg.length_penalty,
+        "normalisation": cfg.normalisation,
+        "selection": defaults.selection,
+    }
