@@ -111,5 +111,8 @@ def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
     setup.model.load_state_dict(state, strict=False)
     for scoring in ("after", "before"):
-        args = (setup.model, setup, "test", 4, scoring, 2)
-        assert evaluate_split(*args) == evaluate_split(*args, exact_all=True)
+        for alpha in (0.0, 1.0):  # α = 1: the beam's scores are compared at α = 0
+            args = (setup.model, setup, "test", 4, scoring, 4)
+            assert evaluate_split(*args, length_penalty=alpha) == evaluate_split(
+                *args, exact_all=True, length_penalty=alpha
+            )

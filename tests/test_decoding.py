@@ -9,6 +9,7 @@ import bear.beam
 from bear.best_first import prefix_tokens
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
 from bear.kv_cache import check_tree_attention
+from bear.protocol import PROTOCOLS
 from bear.teacher_forcing import continuation_logits
 from bear.trie import ItemTrie
 from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
@@ -160,7 +161,7 @@ def _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha):
         prefix_allowed_tokens_fn=fn,
         do_sample=False,
         max_new_tokens=trie.max_len + 1,
-        length_penalty=alpha,
+        **({} if alpha is None else {"length_penalty": alpha}),  # None: generate's default
         early_stopping=False,
         output_scores=True,
         return_dict_in_generate=True,
@@ -200,6 +201,23 @@ def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing):
         assert [i for i, _ in got] == [i for i, _ in hf[u]], (u, got, hf[u])
         for (_, a), (_, b) in zip(got, hf[u], strict=True):
             assert abs(a - b) < 1e-4
+
+
+def test_upstream_length_penalty_is_generates_default(setup):
+    """The upstream protocol's α ranks as generate does when no length_penalty is given (the
+    paper's decoding), and differently from α = 0 (ours) for some prompt."""
+    model, seqs, ids, trie, input_ids, mask = setup
+    B = 6
+    alpha = PROTOCOLS["upstream"].length_penalty
+    ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha)
+    hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, None)
+    plain = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=0.0)
+    for u in range(input_ids.shape[0]):
+        got = [i for i in ours.item_ids[u].tolist() if i >= 0]
+        assert got == [i for i, _ in hf[u]], u
+        scores = [s for s in ours.scores[u].tolist() if s > float("-inf")]
+        torch.testing.assert_close(scores, [s for _, s in hf[u]], atol=1e-4, rtol=0)
+    assert not torch.equal(ours.item_ids, plain.item_ids)
 
 
 def test_beam_thresholds_match_a_reference_simulation(setup):

@@ -131,7 +131,7 @@ def test_msl_micro_batch_normalisation_is_upstreams(seed, tau):
     assert counted == denominator - 1
 
 
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("seed", [1, 2])  # rows with fewer than B allowed
 @pytest.mark.parametrize(("tau", "topk_weight", "topk_tau"), [(1.0, 0.25, 2.75), (0.5, 1.3, 0.8)])
 def test_bear_upstream_micro_batch_normalisation_is_upstreams(seed, tau, topk_weight, topk_tau):
     z, y, allowed, mask = _random_batch(seed)
