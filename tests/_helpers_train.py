@@ -43,3 +43,15 @@ def tiny_config(data: Path, out: Path, **overrides) -> TrainConfig:
 
 def last_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run) / "last.pt", weights_only=False)["model"]
+
+
+def write_six_columns(src: Path, dst: Path) -> None:
+    """Copy a user_id,item_ids,timestamp CSV to ``dst`` with the six columns of some published
+    test files (UPSTREAM.md §2): the three extra ones sit between item_ids and timestamp."""
+    rows = src.read_text().splitlines()
+    out = ["user_id,item_ids,mask,item_titles,replaced_item_titles,timestamp"]
+    for row in rows[1:]:
+        user, rest = row.split(",", 1)
+        ids, ts = rest.rsplit(",", 1)
+        out.append(f'{user},{ids},"[1, 1]","[\'a, b\']",x,{ts}')
+    dst.write_text("\n".join(out) + "\n")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers_train import SHARED_DATA, tiny_synth
+from _helpers_train import SHARED_DATA, tiny_synth, write_six_columns
 
 from bear.data import DataError, load_dataset, split_valid
 from bear.items import ContextError, check_in_context, collate, encode_prompts, item_sequences
@@ -146,13 +146,7 @@ def test_extra_csv_columns_are_ignored(synth, tmp_path):
     """Some published test files have six columns (UPSTREAM.md §2)."""
 
     def edit(folder):
-        rows = (folder / "test.csv").read_text().splitlines()
-        out = ["user_id,item_ids,mask,item_titles,replaced_item_titles,timestamp"]
-        for row in rows[1:]:
-            user, rest = row.split(",", 1)
-            ids, ts = rest.rsplit(",", 1)
-            out.append(f'{user},{ids},"[1, 1]","[\'a, b\']",x,{ts}')
-        (folder / "test.csv").write_text("\n".join(out) + "\n")
+        write_six_columns(folder / "test.csv", folder / "test.csv")
 
     plain = load_dataset(synth)
     wide = load_dataset(_broken(synth, tmp_path, edit))

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _helpers_train import tiny_config, tiny_synth
+from _helpers_train import tiny_config, tiny_synth, write_six_columns
 
 from bear.cli import main
 from bear.protocol import max_over_epochs
@@ -24,13 +24,7 @@ def paper_data(tmp_path_factory):
     """A synthetic folder with the paper's file names; its test file has upstream's six columns."""
     folder = tiny_synth(tmp_path_factory.mktemp("protocol") / "synth")
     shutil.copy(folder / "train.csv", folder / "train_10000.csv")
-    rows = (folder / "test.csv").read_text().splitlines()
-    wide = ["user_id,item_ids,mask,item_titles,replaced_item_titles,timestamp"]
-    for row in rows[1:]:
-        user, rest = row.split(",", 1)
-        ids, ts = rest.rsplit(",", 1)
-        wide.append(f"{user},{ids},[],[],[],{ts}")
-    (folder / "test_5000.csv").write_text("\n".join(wide) + "\n")
+    write_six_columns(folder / "test.csv", folder / "test_5000.csv")
     return folder
 
 
