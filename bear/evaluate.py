@@ -16,7 +16,7 @@ from bear.decoding import beam_search, exact_topk
 from bear.items import IGNORE_INDEX, collate
 from bear.metrics import hit_rate, ndcg, ranking_metrics, target_ranks
 from bear.model import autocast_for, response_logits, scoring_for
-from bear.protocol import upstream_metrics
+from bear.protocol import epoch_checkpoint, upstream_metrics
 from bear.run import (
     Setup,
     build_setup,
@@ -135,14 +135,17 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
         cfg.length_penalty = length_penalty
     old = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
     dev = resolve_device(device)
-    if cfg.protocol == "upstream":
-        checkpoints = sorted(run.glob("epoch_*.pt"), key=lambda p: float(p.stem[len("epoch_") :]))
-        if not checkpoints:
-            raise FileNotFoundError(f"{run}: no epoch_<e>.pt checkpoint; train the run first")
+    if cfg.protocol == "upstream":  # the epochs metrics.json lists (a resumed stop leaves others)
+        checkpoints = [run / epoch_checkpoint(e["epoch"]) for e in old.get("epochs", [])] or sorted(
+            run.glob("epoch_*.pt"), key=lambda p: float(p.stem[len("epoch_") :])
+        )
     else:
         checkpoints = [run / old.get("checkpoint", "best.pt")]
-        if not checkpoints[0].is_file():
-            raise FileNotFoundError(f"{checkpoints[0]}: missing; train the run to the end first")
+    missing = [str(c) for c in checkpoints if not c.is_file()] or (
+        [] if checkpoints else [str(run)]
+    )
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no checkpoint; train the run to the end first")
     setup = build_setup(cfg, run, fresh=False)
     model = setup.model.to(dev)
     scoring = scoring_for(cfg.loss)
