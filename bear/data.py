@@ -86,16 +86,20 @@ def _item_id(text: str, where: str, what: str) -> int:
     return item
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in order, repeated keys kept."""
+
+
 def _load_titles(path: Path) -> dict[int, str]:
     """Item id -> title, verbatim (empty and long titles included, as the published data)."""
     if not path.is_file():
         raise DataError(f"{path}: missing file (the item id -> title map)")
     text = _decode(path)
     try:
-        pairs = json.loads(text, object_pairs_hook=lambda kv: kv)
+        pairs = json.loads(text, object_pairs_hook=_Pairs)  # keeps repeated keys
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(pairs, list) or not pairs:
+    if not isinstance(pairs, _Pairs) or not pairs:
         raise DataError(f"{path}: expected a non-empty JSON object mapping item id to title")
     titles: dict[int, str] = {}
     keys: dict[int, str] = {}

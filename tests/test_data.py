@@ -204,6 +204,7 @@ def test_non_utf8_bytes_name_file_and_line(synth, tmp_path):
         ('{"x": "a"}', "item id 'x' is not an integer"),
         ('{"1": 5}', "item 1: title 5 is not a string"),
         ('{"1": "a",\n', r":2: not valid JSON"),
+        ('[["1", "a"]]', "expected a non-empty JSON object"),
     ],
 )
 def test_bad_catalogue_names_the_problem(synth, tmp_path, text, message):
