@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bear.losses import LOSSES, NORMALISATIONS, LossSettings
-from bear.protocol import PROTOCOLS
+from bear.protocol import PROTOCOLS, test_file_for
 
 __all__ = ["TrainConfig"]
 
@@ -107,7 +107,9 @@ class TrainConfig:
         None, "training CSV inside --data (default: train.csv; upstream: train_10000.csv)"
     )
     test_file: str | None = _setting(
-        None, "test CSV inside --data (default: test.csv; upstream: test_5000.csv)"
+        None,
+        "test CSV inside --data (default: test.csv; upstream: test_5000.csv, or test.csv where "
+        "the folder has none, as Office's)",
     )
     instruction: str | None = _setting(
         None, "the prompt's instruction sentence (default: the domain's, from the folder name)"
@@ -160,9 +162,11 @@ class TrainConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol: got {self.protocol!r}, expected one of {tuple(PROTOCOLS)}")
         defaults = PROTOCOLS[self.protocol]
-        for name in ("train_file", "test_file", "length_penalty", "normalisation"):
+        for name in ("train_file", "length_penalty", "normalisation"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
+        if self.test_file is None:
+            self.test_file = test_file_for(self.protocol, self.data)
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty: got {self.length_penalty}, expected a finite α")
         if (self.topk_weight, self.topk_tau) != (None, None) and self.loss != "bear-upstream":

@@ -3,6 +3,7 @@
 | setting          | ours                                | upstream (the paper's code)            |
 | ---------------- | ----------------------------------- | -------------------------------------- |
 | files            | ``train.csv`` / ``test.csv``        | ``train_10000.csv`` / ``test_5000.csv``|
+|                  |                                     | (``test.csv`` where no test_5000.csv)  |
 | validation       | last 10% of training rows by time   | none: every training row trains        |
 | inference prompt | the training prompt                 | a second space ending the first line   |
 | length penalty α | 0 (sum of log-probabilities)        | 1.0 (generate's default: score/length) |
@@ -16,6 +17,7 @@ A run's protocol fills the settings the user left unset; an explicit flag wins a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "PROTOCOLS",
@@ -25,6 +27,7 @@ __all__ = [
     "upstream_metrics",
     "epoch_checkpoint",
     "resolved_settings",
+    "test_file_for",
 ]
 
 # The paper's tables report these per-metric maxima over epochs (UPSTREAM.md §5); PR@K and the
@@ -92,6 +95,21 @@ def upstream_metrics(epochs: list[dict], length_penalty: float) -> dict:
         "epochs": epochs,
         "test_max": max_over_epochs(epochs),
     }
+
+
+# Upstream tests on a sample of at most 5000 test rows. A release whose whole test set is smaller
+# ships no test_5000.csv: its test.csv is that sample (Office: 1925 rows; ../shared/data/README.md).
+UPSTREAM_SMALL_TEST_FILE = "test.csv"
+
+
+def test_file_for(protocol: str, data_folder: str | Path) -> str:
+    """The protocol's test file in ``data_folder``: ``ProtocolDefaults.test_file``, except that
+    under ``upstream`` a folder without ``test_5000.csv`` tests on its ``test.csv`` (the whole test
+    set, smaller than the sample; recorded in RUN/config.json like every resolved setting)."""
+    default = PROTOCOLS[protocol].test_file
+    if protocol == "upstream" and not (Path(data_folder) / default).exists():
+        return UPSTREAM_SMALL_TEST_FILE
+    return default
 
 
 def epoch_checkpoint(epoch: float) -> str:

@@ -88,6 +88,18 @@ def test_upstream_protocol_needs_the_papers_files(tmp_path, capsys):
     assert "train_10000.csv: missing file" in capsys.readouterr().err
 
 
+def test_upstream_protocol_tests_on_test_csv_where_the_release_has_no_test_5000(tmp_path):
+    data = tiny_synth(tmp_path / "synth")  # Office's layout: train_10000.csv, test.csv only
+    shutil.copy(data / "train.csv", data / "train_10000.csv")
+    cfg = tiny_config(data, tmp_path / "r", protocol="upstream")
+    assert (cfg.train_file, cfg.test_file) == ("train_10000.csv", "test.csv")
+    (data / "test_5000.csv").write_bytes((data / "test.csv").read_bytes())
+    assert tiny_config(data, tmp_path / "r2", protocol="upstream").test_file == "test_5000.csv"
+    assert tiny_config(data, tmp_path / "r3", protocol="upstream", test_file="x.csv").test_file == (
+        "x.csv"
+    )
+
+
 def test_max_over_epochs_skips_null_metrics():
     epochs = [
         {"epoch": 1, "test": {"ndcg@10": 0.1, "hr@10": None, "pr@10": 0.9}},
