@@ -13,7 +13,8 @@ loaded with 128-bit loads, a zero word skipping its 32):
     (lowest value, then highest index) is the current threshold. Only a chunk whose maximum
     reaches the worst slot is searched: its tokens are taken best first (highest value, then
     lowest index) while the best beats the worst slot (greater value, or equal value and lower
-    index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique;
+    index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique; the
+    padding slots past K hold +inf, never the worst (no slot predicate is kept live);
   - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
     worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
     reference, and z_b is reloaded from memory.
@@ -120,15 +121,15 @@ def _bear_fwd_kernel(
     FUSED_GRAD: tl.constexpr,  # also write the gradient of the reduced BEAR loss (2nd pass)
     THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_z = logits_ptr + row * stride_z
-    row_m = mask_ptr + row * stride_m
-    y = tl.load(target_ptr + row)
-    supervised = y != ignore_index
+    row = tl.program_id(0)
+    row_z = logits_ptr + row.to(tl.int64) * stride_z
+    row_m = mask_ptr + row.to(tl.int64) * stride_m
+    y64 = tl.load(target_ptr + row)
+    supervised = y64 != ignore_index
+    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     v_end = tl.where(supervised, V, 0)  # an ignored row reads nothing
     scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
     slot = tl.arange(0, BEAM_PAD)
-    active = slot < tl.maximum(beam_width_in, 2)  # K = max(B, 2) slots
     neg_inf = float("-inf")
 
     # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
@@ -136,10 +137,11 @@ def _bear_fwd_kernel(
     # slots hold real tokens, so n itself is never counted
     m2 = tl.full([], neg_inf, COMPUTE)
     s = tl.zeros([BLOCK_V // 32, 32], COMPUTE)
-    buf_v = tl.full([BEAM_PAD], neg_inf, COMPUTE)
+    # K = max(B, 2) slots start empty at -inf; the slots past K hold +inf, never the worst
+    buf_v = tl.where(slot < tl.maximum(beam_width_in, 2), neg_inf, float("inf")).to(COMPUTE)
     buf_i = V + slot  # distinct sentinel indices >= V
-    worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
-    worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
+    worst_v = tl.min(buf_v, 0)
+    worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
     no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
 
     for start in range(0, v_end, BLOCK_V):
@@ -162,11 +164,11 @@ def _bear_fwd_kernel(
             best_v = chunk_max
             best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
             while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
-                is_worst = active & (buf_v == worst_v) & (buf_i == worst_i)
+                is_worst = (buf_v == worst_v) & (buf_i == worst_i)
                 buf_v = tl.where(is_worst, best_v, buf_v)
                 buf_i = tl.where(is_worst, best_i, buf_i)
-                worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
-                worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
+                worst_v = tl.min(buf_v, 0)
+                worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
                 after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
                 best_v = _max2(tl.where(after, t, neg_inf))
                 best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
@@ -174,7 +176,7 @@ def _bear_fwd_kernel(
     s = tl.sum(tl.sum(s, 1), 0)
     # 4. b: the B'-th best real token (index < V), B' = min(B, n): the worst real slot, or the
     #    best one when B = 1 (two slots are kept then); z_(B') is reloaded from it
-    real = active & (buf_i < V)
+    real = buf_i < V
     n_real = tl.sum(real.to(tl.int32), 0)  # min(K, n)
     low_v = tl.min(tl.where(real, buf_v, float("inf")), 0)
     low_i = tl.max(tl.where(real & (buf_v == low_v), buf_i, -1), 0)
@@ -183,7 +185,7 @@ def _bear_fwd_kernel(
     b = tl.where(beam_width_in == 1, top_i, low_i)
     # 2-3. lse and ce = lse - x_y; the target and threshold logits are scalar loads
     counted = supervised & (n_real > 1)
-    y_in = counted & (y >= 0) & (y < V)
+    y_in = counted & (y >= 0)
     x_y = tl.load(row_z + tl.where(y_in, y, 0)).to(COMPUTE) * inv_tau
     x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
     lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
@@ -209,12 +211,12 @@ def _bear_fwd_kernel(
         else:
             a = c_y
         _write_grad_row(
-            grad_ptr + row * stride_g,
+            grad_ptr + row.to(tl.int64) * stride_g,
             row_z,
             row_m,
             V,
             tl.where(counted, V, 0),
-            tl.where(y_in, y, -1).to(tl.int32),
+            tl.where(y_in, y, -1),
             tl.where(counted, b, -1),
             tl.where(counted, lse, 0.0),
             a,
