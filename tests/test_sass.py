@@ -1,8 +1,9 @@
 """SASS gate: the machine code of every kernel the Triton path launches, read on a CPU machine.
 
 benchmarks._sass compiles what bear_kernels._triton launches (bf16, V = 128256, its real
-specialisation) for sm_80, sm_90 and sm_100, in one subprocess per architecture (the kernels
-must be compiled without TRITON_INTERPRET). Selected with `-k sass`.
+specialisation; one row on 132 SMs for the split-V launches) for sm_80, sm_90 and sm_100, in
+one subprocess per architecture (the kernels must be compiled without TRITON_INTERPRET).
+Selected with `-k sass`.
 """
 
 import json
@@ -58,7 +59,11 @@ SM80_SPILLS = pytest.mark.xfail(strict=True, reason="sm_80 unmasked fused forwar
 @pytest.mark.parametrize("arch", [pytest.param(80, marks=SM80_SPILLS), 90, 100])
 def test_sass_every_kernel_compiles_without_spills(sass_rows, arch):
     kernels = {row["kernel"] for row in sass_rows[arch]}
-    assert kernels == {"fwd", "fwd_grad", "fwd_grad_thr", "bwd", "scale"}
+    assert kernels == {"fwd", "fwd_grad", "fwd_grad_thr", "bwd", "scale"} | {
+        "span",
+        "merge",
+        "merge_grad",
+    }
     spills = {row["kernel"]: row["spill_bytes"] for row in sass_rows[arch] if row["spill_bytes"]}
     assert spills == {}
 
@@ -73,6 +78,7 @@ def test_sass_hot_loops_load_logits_128_bits_with_and_without_mask(sass_rows, ar
         for loop in loops:
             assert {(kernel, False, loop), (kernel, True, loop)} <= found
     assert {("bwd", False, "gradient"), ("bwd", True, "gradient")} <= found
+    assert {("span", False, "forward"), ("span", True, "forward")} <= found  # split-V
     narrow = {
         name: (stats["loads_128"], stats["loads_scalar"])
         for name, _, _, stats in _loops(sass_rows[arch])
