@@ -88,9 +88,10 @@ def test_sass_hot_loops_load_logits_128_bits_with_and_without_mask(sass_rows, ar
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sass_at_most_one_mask_word_load_per_32_tokens(sass_rows, arch):
-    # each thread loads each mask word it needs once (its 8 tokens share one word; the threads
-    # of a word load it in one broadcast load), not once per token
+def test_sass_one_mask_word_load_per_thread_per_chunk(sass_rows, arch):
+    # each thread loads each mask word it needs once (its 8 tokens share one word; the 4 threads
+    # of a word load it in one broadcast load), not once per token; benchmarks/README.md says
+    # why not one load per 32 tokens
     heavy = {
         name: stats["mask_loads_per_word"]
         for name, _, _, stats in _loops(sass_rows[arch])
