@@ -118,11 +118,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         _fwd_split(z, y, mask, params, fused_grad, span, (ce, margin, lse, b))
         return ce, margin, lse, b
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
-    if fused_grad is None:
-        grad, scale, reg_weight, reg_temperature = z, lse, 0.0, 1.0  # placeholders, never read
-    else:
-        grad, scale, fused = fused_grad
-        reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
+    grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
     _bear_fwd_kernel[(n_rows,)](
         ce,
         margin,
@@ -151,6 +147,15 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         **_launch_kwargs(),
     )
     return ce, margin, lse, b
+
+
+def _fused_args(fused_grad, z, lse):
+    """(grad, scale, reg_weight, reg_temperature) of a fused launch; placeholders otherwise
+    (z and lse: tensors the kernels never read without FUSED_GRAD)."""
+    if fused_grad is None:
+        return z, lse, 0.0, 1.0
+    grad, scale, fused = fused_grad
+    return grad, scale, fused.reg_weight, fused.reg_temperature
 
 
 def _beam_pad(params: LossParams) -> int:
@@ -189,10 +194,7 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
     )
     ce, margin, lse, b = outputs
     coefficients = [torch.empty_like(lse) for _ in range(3)]  # (a, c_y, c_b), fused only
-    scale, reg_weight, reg_temperature = lse, 0.0, 1.0  # placeholders unless fused
-    if fused_grad is not None:
-        grad, scale, fused = fused_grad
-        reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
+    grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
     _bear_merge_kernel[(n_rows,)](
         ce,
         margin,
