@@ -13,12 +13,15 @@ loaded with 128-bit loads, a zero word skipping its 32):
     (lowest value, then highest index) is the current threshold. Only a chunk whose maximum
     reaches the worst slot is searched: its tokens are taken best first (highest value, then
     lowest index) while the best beats the worst slot (greater value, or equal value and lower
-    index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique;
+    index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique; the
+    padding slots past K hold +inf, never the worst (no slot predicate is kept live);
   - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
     worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
     reference, and z_b is reloaded from memory.
-Backward, per row: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see bear_kernels._common
-for the derivation of a, c_y, c_b), written once in the logits dtype.
+Split-V (bear_kernels._kernels_split) runs the same loop over spans of a row and merges them.
+Backward, per row or per span: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see
+bear_kernels._common for the derivation of a, c_y, c_b), written once in the logits dtype; the
+fused gradient pass reads the row backwards, from the chunks the forward pass read last.
 """
 
 import triton
@@ -50,10 +53,12 @@ def _load_chunk(row_z, row_m, start, limit, HAS_MASK: tl.constexpr, WORDS: tl.co
 
 
 @triton.jit
-def _write_grad_row(
+def _write_grad_span(
     row_g,  # pointer to the row of grad (logits dtype)
     row_z,  # pointer to the row of logits
     row_m,  # pointer to the row of the mask (unused when HAS_MASK is False)
+    lo,  # first token of the span (a multiple of BLOCK_V)
+    hi,  # end of the span (<= V; a span of a whole number of chunks ends at hi or V)
     V,  # vocabulary size
     v_read,  # V on a counted row, 0 on an uncounted row (then nothing is read, zeros written)
     y,  # target index (int32; -1 on an uncounted row)
@@ -67,14 +72,18 @@ def _write_grad_row(
     HAS_CB: tl.constexpr,  # c_b may be non-zero (threshold_grad)
     BLOCK_V: tl.constexpr,
     COMPUTE: tl.constexpr,
+    REVERSE: tl.constexpr,  # last chunk first (the forward pass just read it: still in cache)
 ):
-    """d_j = a · p_j - c_y · [j = y] + c_b · [j = b] on A, 0 outside A; one write per token.
+    """d_j = a · p_j - c_y · [j = y] + c_b · [j = b] on A, 0 outside A, for j in lo .. hi.
 
     p_j = exp(z_j / tau - lse) = exp2(z_j · log2(e) / tau - lse · log2(e)): one FMA and one ex2.
     """
     scale2 = inv_tau * LOG2E
     lse2 = lse * LOG2E
-    for start in range(0, V, BLOCK_V):
+    last = lo + (tl.cdiv(hi - lo, BLOCK_V) - 1) * BLOCK_V
+    for start in range(lo, hi, BLOCK_V):
+        if REVERSE:
+            start = last - (start - lo)
         idx, z, keep = _load_chunk(row_z, row_m, start, v_read, HAS_MASK, BLOCK_V // 32)
         d = tl.where(keep, a * tl.exp2(z.to(COMPUTE) * scale2 - lse2), 0.0)
         d = tl.where(idx == y, d - c_y, d)
@@ -91,6 +100,120 @@ def _max2(x):
 @triton.jit
 def _min2(x):
     return tl.min(tl.min(x, 1), 0)
+
+
+@triton.jit
+def _scan_span(
+    row_z,  # pointer to the row of logits
+    row_m,  # pointer to the row of the mask (unused when HAS_MASK is False)
+    lo,  # first token (a multiple of BLOCK_V)
+    hi,  # end of the span (<= V; lo when nothing is read)
+    V,  # vocabulary size
+    scale2,  # log2(e) / tau
+    beam_width_in,  # B
+    HAS_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BEAM_PAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
+    """Steps 1, 2 and 4 of the reference over tokens lo .. hi: (m2, s, buf_v, buf_i).
+
+    m2 = max of t = z·log2(e)/tau over the span's allowed tokens, s = Σ exp2(t - m2) (0 when
+    m2 = -inf), (buf_v, buf_i) the span's K = max(B, 2) best (value, index) slots: real slots
+    have index < V, empty ones (-inf, V + slot), padding ones past K (+inf, V + slot).
+    """
+    slot = tl.arange(0, BEAM_PAD)
+    neg_inf = float("-inf")
+    # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
+    # after the loop), top-K slots (value, index) with K = max(B, 2): n > 1 exactly when two
+    # slots hold real tokens, so n itself is never counted
+    m2 = tl.full([], neg_inf, COMPUTE)
+    s = tl.zeros([BLOCK_V // 32, 32], COMPUTE)
+    # K = max(B, 2) slots start empty at -inf; the slots past K hold +inf, never the worst
+    buf_v = tl.where(slot < tl.maximum(beam_width_in, 2), neg_inf, float("inf")).to(COMPUTE)
+    buf_i = V + slot  # distinct sentinel indices >= V
+    worst_v = tl.min(buf_v, 0)
+    worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
+    no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
+
+    for start in range(lo, hi, BLOCK_V):
+        # 1. t = z · log2(e) / tau on A (-inf elsewhere), loaded in the input dtype
+        idx, z, allowed = _load_chunk(row_z, row_m, start, V, HAS_MASK, BLOCK_V // 32)
+        t = tl.where(allowed, z.to(COMPUTE) * scale2, neg_inf)
+        # 2. online logsumexp; m_safe keeps a chunk of only -inf from computing -inf - -inf
+        chunk_max = _max2(t)
+        m_new = tl.maximum(m2, chunk_max)
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        s = s * tl.exp2(m2 - m_safe) + tl.exp2(t - m_safe)
+        m2 = m_new
+        # 4. running top-B: the chunk's allowed tokens are taken best first (highest value,
+        #    then lowest index) while the best one beats the worst slot (greater value, or equal
+        #    value and lower index). Entered only when the chunk maximum reaches the worst slot:
+        #    after the first chunks almost never.
+        #    The next candidate is the best token ranked after the one that just entered, so
+        #    the loop carries scalars only.
+        if chunk_max >= worst_v:
+            best_v = chunk_max
+            best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
+            while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
+                is_worst = (buf_v == worst_v) & (buf_i == worst_i)
+                buf_v = tl.where(is_worst, best_v, buf_v)
+                buf_i = tl.where(is_worst, best_i, buf_i)
+                worst_v = tl.min(buf_v, 0)
+                worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
+                after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
+                best_v = _max2(tl.where(after, t, neg_inf))
+                best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
+    return m2, tl.sum(tl.sum(s, 1), 0), buf_v, buf_i
+
+
+@triton.jit
+def _finish_row(
+    row_z, V, y, supervised, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
+):
+    """Steps 2-5 from the merged statistics: (counted, b, lse, ce, margin).
+
+    n_real = min(K, n) real slots, top_i / low_i the best / worst of them. b is the worst real
+    slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the reference; the
+    target and threshold logits are scalar loads. counted: supervised and n > 1.
+    """
+    b = tl.where(beam_width_in == 1, top_i, low_i)
+    counted = supervised & (n_real > 1)
+    x_y = tl.load(row_z + tl.where(counted & (y >= 0), y, 0)).to(COMPUTE) * inv_tau
+    x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
+    lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
+    # 3. ce = lse - x_y; 5. Δ = x_b - x_y = log β - log p_y
+    return counted, b, lse, lse - x_y, x_b - x_y
+
+
+@triton.jit
+def _store_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, row, counted, b, lse, ce, margin):
+    """The per-row outputs, 0 (b: -1) on uncounted rows."""
+    tl.store(ce_ptr + row, tl.where(counted, ce, 0.0))
+    tl.store(margin_ptr + row, tl.where(counted, margin, 0.0))
+    tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
+    tl.store(b_ptr + row, tl.where(counted, b, -1))
+
+
+@triton.jit
+def _fused_coefficients(
+    counted, margin, scale_ptr, reg_weight, inv_xi, inv_tau, COMPUTE, THRESHOLD_GRAD
+):
+    """(a, c_y, c_b) of the reduced loss's gradient (0 on uncounted rows).
+
+    row loss = ce + λ·log σ(Δ/ξ): d/dce = 1, d/dΔ = (λ/ξ)·σ(-Δ/ξ); times the reduction's scale,
+    these are the g_ce, g_Δ of bear_kernels._common's derivation.
+    """
+    scale = tl.load(scale_ptr).to(COMPUTE)
+    g_ce = tl.where(counted, scale, 0.0)
+    sig = 1.0 / (1.0 + tl.exp(margin * inv_xi))  # σ(-Δ/ξ)
+    g_m = tl.where(counted, g_ce * reg_weight * inv_xi * sig, 0.0)
+    c_y = (g_ce + g_m) * inv_tau
+    if THRESHOLD_GRAD:
+        a = g_ce * inv_tau
+    else:
+        a = c_y
+    return a, c_y, g_m * inv_tau
 
 
 @triton.jit
@@ -120,111 +243,55 @@ def _bear_fwd_kernel(
     FUSED_GRAD: tl.constexpr,  # also write the gradient of the reduced BEAR loss (2nd pass)
     THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_z = logits_ptr + row * stride_z
-    row_m = mask_ptr + row * stride_m
-    y = tl.load(target_ptr + row)
-    supervised = y != ignore_index
+    row = tl.program_id(0)
+    row_z = logits_ptr + row.to(tl.int64) * stride_z
+    row_m = mask_ptr + row.to(tl.int64) * stride_m
+    y64 = tl.load(target_ptr + row)
+    supervised = y64 != ignore_index
+    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     v_end = tl.where(supervised, V, 0)  # an ignored row reads nothing
     scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
-    slot = tl.arange(0, BEAM_PAD)
-    active = slot < tl.maximum(beam_width_in, 2)  # K = max(B, 2) slots
-    neg_inf = float("-inf")
-
-    # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
-    # after the loop), top-K slots (value, index) with K = max(B, 2): n > 1 exactly when two
-    # slots hold real tokens, so n itself is never counted
-    m2 = tl.full([], neg_inf, COMPUTE)
-    s = tl.zeros([BLOCK_V // 32, 32], COMPUTE)
-    buf_v = tl.full([BEAM_PAD], neg_inf, COMPUTE)
-    buf_i = V + slot  # distinct sentinel indices >= V
-    worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
-    worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
-    no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
-
-    for start in range(0, v_end, BLOCK_V):
-        # 1. t = z · log2(e) / tau on A (-inf elsewhere), loaded in the input dtype
-        idx, z, allowed = _load_chunk(row_z, row_m, start, V, HAS_MASK, BLOCK_V // 32)
-        t = tl.where(allowed, z.to(COMPUTE) * scale2, neg_inf)
-        # 2. online logsumexp; m_safe keeps a chunk of only -inf from computing -inf - -inf
-        chunk_max = _max2(t)
-        m_new = tl.maximum(m2, chunk_max)
-        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
-        s = s * tl.exp2(m2 - m_safe) + tl.exp2(t - m_safe)
-        m2 = m_new
-        # 4. running top-B: the chunk's allowed tokens are taken best first (highest value,
-        #    then lowest index) while the best one beats the worst slot (greater value, or equal
-        #    value and lower index). Entered only when the chunk maximum reaches the worst slot:
-        #    after the first chunks almost never.
-        #    The next candidate is the best token ranked after the one that just entered, so
-        #    the loop carries scalars only.
-        if chunk_max >= worst_v:
-            best_v = chunk_max
-            best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
-            while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
-                is_worst = active & (buf_v == worst_v) & (buf_i == worst_i)
-                buf_v = tl.where(is_worst, best_v, buf_v)
-                buf_i = tl.where(is_worst, best_i, buf_i)
-                worst_v = tl.min(tl.where(active, buf_v, float("inf")), 0)
-                worst_i = tl.max(tl.where(active & (buf_v == worst_v), buf_i, -1), 0)
-                after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
-                best_v = _max2(tl.where(after, t, neg_inf))
-                best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
-
-    s = tl.sum(tl.sum(s, 1), 0)
-    # 4. b: the B'-th best real token (index < V), B' = min(B, n): the worst real slot, or the
-    #    best one when B = 1 (two slots are kept then); z_(B') is reloaded from it
-    real = active & (buf_i < V)
-    n_real = tl.sum(real.to(tl.int32), 0)  # min(K, n)
+    m2, s, buf_v, buf_i = _scan_span(
+        row_z, row_m, 0, v_end, V, scale2, beam_width_in, HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE
+    )
+    # 4. the real slots (index < V) number min(K, n); their best and worst
+    real = buf_i < V
+    n_real = tl.sum(real.to(tl.int32), 0)
     low_v = tl.min(tl.where(real, buf_v, float("inf")), 0)
     low_i = tl.max(tl.where(real & (buf_v == low_v), buf_i, -1), 0)
-    top_v = tl.max(tl.where(real, buf_v, neg_inf), 0)
-    top_i = tl.min(tl.where(real & (buf_v == top_v), buf_i, no_index), 0)
-    b = tl.where(beam_width_in == 1, top_i, low_i)
-    # 2-3. lse and ce = lse - x_y; the target and threshold logits are scalar loads
-    counted = supervised & (n_real > 1)
-    y_in = counted & (y >= 0) & (y < V)
-    x_y = tl.load(row_z + tl.where(y_in, y, 0)).to(COMPUTE) * inv_tau
-    x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
-    lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
-    ce = lse - x_y
-    # 5. Δ = x_b - x_y = log β - log p_y
-    margin = x_b - x_y
-    tl.store(ce_ptr + row, tl.where(counted, ce, 0.0))
-    tl.store(margin_ptr + row, tl.where(counted, margin, 0.0))
-    tl.store(lse_ptr + row, tl.where(counted, lse, 0.0))
-    tl.store(b_ptr + row, tl.where(counted, b, -1))
+    top_v = tl.max(tl.where(real, buf_v, float("-inf")), 0)
+    top_i = tl.min(tl.where(real & (buf_v == top_v), buf_i, V), 0)
+    counted, b, lse, ce, margin = _finish_row(
+        row_z, V, y, supervised, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
+    )
+    _store_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, row, counted, b, lse, ce, margin)
 
     if FUSED_GRAD:
-        # 6. gradient of the reduced loss, written while the row is still in cache.
-        #    row loss = ce + λ·log σ(Δ/ξ): d/dce = 1, d/dΔ = (λ/ξ)·σ(-Δ/ξ); times the
-        #    reduction's scale, these are the g_ce, g_Δ of bear_kernels._torch's derivation.
-        scale = tl.load(scale_ptr).to(COMPUTE)
-        g_ce = tl.where(counted, scale, 0.0)
-        sig = 1.0 / (1.0 + tl.exp(margin * inv_xi))  # σ(-Δ/ξ)
-        g_m = tl.where(counted, g_ce * reg_weight * inv_xi * sig, 0.0)
-        c_y = (g_ce + g_m) * inv_tau
-        if THRESHOLD_GRAD:
-            a = g_ce * inv_tau
-        else:
-            a = c_y
-        _write_grad_row(
-            grad_ptr + row * stride_g,
+        # 6. gradient of the reduced loss, written while the row is still in cache, last chunk
+        #    first (the forward pass read it last)
+        a, c_y, c_b = _fused_coefficients(
+            counted, margin, scale_ptr, reg_weight, inv_xi, inv_tau, COMPUTE, THRESHOLD_GRAD
+        )
+        _write_grad_span(
+            grad_ptr + row.to(tl.int64) * stride_g,
             row_z,
             row_m,
+            0,
+            V,
             V,
             tl.where(counted, V, 0),
-            tl.where(y_in, y, -1).to(tl.int32),
+            tl.where(counted, y, -1),
             tl.where(counted, b, -1),
             tl.where(counted, lse, 0.0),
             a,
             c_y,
-            g_m * inv_tau,
+            c_b,
             inv_tau,
             HAS_MASK,
             THRESHOLD_GRAD,
             BLOCK_V,
             COMPUTE,
+            True,
         )
 
 
@@ -240,6 +307,7 @@ def _bear_bwd_kernel(
     cy_ptr,  # (N,) in, COMPUTE: subtracted at j = y
     cb_ptr,  # (N,) in, COMPUTE: added at j = b
     V,  # vocabulary size
+    span,  # tokens per program along V when SPLIT (a multiple of BLOCK_V; grid (N, cdiv(V, span)))
     stride_z,  # row stride of logits (elements)
     stride_g,  # row stride of grad (elements)
     stride_m,  # row stride of the mask (words)
@@ -248,36 +316,40 @@ def _bear_bwd_kernel(
     BLOCK_V: tl.constexpr,  # tokens per chunk (power of two)
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
     THRESHOLD_GRAD: tl.constexpr,  # c_b may be non-zero (else it is not read)
+    SPLIT: tl.constexpr,  # split-V: program (row, k) writes tokens k·span .. (k + 1)·span
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_z = logits_ptr + row * stride_z
-    row_g = grad_ptr + row * stride_g
-    row_m = mask_ptr + row * stride_m
+    row = tl.program_id(0)
+    if SPLIT:
+        lo = tl.program_id(1) * span
+        hi = tl.minimum(lo + span, V)
+    else:
+        lo = 0
+        hi = V
     b = tl.load(b_ptr + row)
     skip = b < 0  # uncounted row: write zeros, read nothing
     y = tl.load(target_ptr + row)
     y = tl.where(skip | (y < 0) | (y >= V), -1, y).to(tl.int32)
-    lse = tl.load(lse_ptr + row)
-    a = tl.load(a_ptr + row)
-    c_y = tl.load(cy_ptr + row)
     c_b = tl.load(cb_ptr + row) if THRESHOLD_GRAD else 0.0
-    _write_grad_row(
-        row_g,
-        row_z,
-        row_m,
+    _write_grad_span(
+        grad_ptr + row.to(tl.int64) * stride_g,
+        logits_ptr + row.to(tl.int64) * stride_z,
+        mask_ptr + row.to(tl.int64) * stride_m,
+        lo,
+        hi,
         V,
         tl.where(skip, 0, V),
         y,
         b,
-        lse,
-        a,
-        c_y,
+        tl.load(lse_ptr + row),
+        tl.load(a_ptr + row),
+        tl.load(cy_ptr + row),
         c_b,
         inv_tau,
         HAS_MASK,
         THRESHOLD_GRAD,
         BLOCK_V,
         COMPUTE,
+        False,
     )
 
 

@@ -22,6 +22,7 @@ try:
     import triton.language as tl
 
     from ._kernels import _bear_bwd_kernel, _bear_fwd_kernel, _scale_kernel
+    from ._kernels_split import _bear_merge_kernel, _bear_span_kernel
 
     HAS_TRITON = True
 except ImportError:  # triton is an optional dependency (setup.py extra "triton")
@@ -37,6 +38,13 @@ MAX_BEAM = 64
 BLOCK_V_GPU = 2048
 BLOCK_V_INTERPRET = 1024
 NUM_WARPS_GPU = 8
+# Split-V: with fewer rows than SPLIT_ROWS_PER_SM per SM, each row's vocabulary is cut into spans
+# of at least SPLIT_MIN_CHUNKS chunks (each span fills its own top-B from scratch), read by
+# separate programs and merged. CPU tensors (the interpreter) assume SM_COUNT_CPU SMs: 0, never
+# split, unless a test sets it.
+SPLIT_ROWS_PER_SM = 2
+SPLIT_MIN_CHUNKS = 4
+SM_COUNT_CPU = 0
 
 
 def interpreting() -> bool:
@@ -51,6 +59,24 @@ def _block_v(vocab: int) -> int:
 
 def _launch_kwargs() -> dict:
     return {} if interpreting() else {"num_warps": NUM_WARPS_GPU}
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SM_COUNT_CPU
+
+
+def _span(n_rows: int, vocab: int, block_v: int, device) -> int:
+    """Tokens per program along V: the whole row (rounded up to chunks) unless split-V applies.
+
+    Split when N < SPLIT_ROWS_PER_SM · SMs: about that many programs in all, no span shorter
+    than SPLIT_MIN_CHUNKS chunks.
+    """
+    chunks = triton.cdiv(vocab, block_v)
+    programs = SPLIT_ROWS_PER_SM * _sm_count(device)
+    splits = min(triton.cdiv(programs, max(n_rows, 1)), chunks // SPLIT_MIN_CHUNKS)
+    return triton.cdiv(chunks, max(splits, 1)) * block_v
 
 
 def _compute_dtype(z):
@@ -74,25 +100,25 @@ def _check_limits(z, params: LossParams):
 
 
 def _fwd(z, y, mask, params: LossParams, fused_grad=None):
-    """Launch the forward kernel: per-row ce, Δ, lse (COMPUTE dtype) and b (int32).
+    """Launch the forward: per-row ce, Δ, lse (COMPUTE dtype) and b (int32).
 
     fused_grad = (grad (N, V), scale (), FusedParams) also writes the gradient of the reduced
-    BEAR loss into grad (second pass over each row, right after the first).
+    BEAR loss into grad: in the same kernel (second pass over each row, right after the first),
+    or, split-V, by the backward kernel from the coefficients the merge writes.
     """
     n_rows, vocab = z.shape
     tdtype, tl_dtype = _compute_dtype(z)
-    ce = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
-    margin = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
-    lse = torch.empty(n_rows, dtype=tdtype, device=z.device)  # (N,)
+    ce, margin, lse = (torch.empty(n_rows, dtype=tdtype, device=z.device) for _ in range(3))
     b = torch.empty(n_rows, dtype=torch.int32, device=z.device)  # (N,)
     if n_rows == 0:
         return ce, margin, lse, b
+    block_v = _block_v(vocab)
+    span = _span(n_rows, vocab, block_v, z.device)
+    if span < vocab:
+        _fwd_split(z, y, mask, params, fused_grad, span, (ce, margin, lse, b))
+        return ce, margin, lse, b
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
-    if fused_grad is None:
-        grad, scale, reg_weight, reg_temperature = z, lse, 0.0, 1.0  # placeholders, never read
-    else:
-        grad, scale, fused = fused_grad
-        reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
+    grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
     _bear_fwd_kernel[(n_rows,)](
         ce,
         margin,
@@ -113,8 +139,8 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         float(reg_weight),
         1.0 / reg_temperature,
         HAS_MASK=mask is not None,
-        BLOCK_V=_block_v(vocab),
-        BEAM_PAD=max(2, triton.next_power_of_2(params.beam_width)),
+        BLOCK_V=block_v,
+        BEAM_PAD=_beam_pad(params),
         COMPUTE=tl_dtype,
         FUSED_GRAD=fused_grad is not None,
         THRESHOLD_GRAD=params.threshold_grad,
@@ -123,15 +149,101 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
     return ce, margin, lse, b
 
 
+def _fused_args(fused_grad, z, lse):
+    """(grad, scale, reg_weight, reg_temperature) of a fused launch; placeholders otherwise
+    (z and lse: tensors the kernels never read without FUSED_GRAD)."""
+    if fused_grad is None:
+        return z, lse, 0.0, 1.0
+    grad, scale, fused = fused_grad
+    return grad, scale, fused.reg_weight, fused.reg_temperature
+
+
+def _beam_pad(params: LossParams) -> int:
+    return max(2, triton.next_power_of_2(params.beam_width))
+
+
+def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
+    """Split-V forward into outputs = (ce, margin, lse, b): span kernel, merge, [gradient]."""
+    n_rows, vocab = z.shape
+    n_spans = triton.cdiv(vocab, span)
+    tdtype, tl_dtype = _compute_dtype(z)
+    beam_pad = _beam_pad(params)
+    part_m, part_s = (torch.empty(n_rows, n_spans, dtype=tdtype, device=z.device) for _ in "ms")
+    part_v = torch.empty(n_rows, n_spans, beam_pad, dtype=tdtype, device=z.device)
+    part_i = torch.empty(n_rows, n_spans, beam_pad, dtype=torch.int32, device=z.device)
+    _bear_span_kernel[(n_rows, n_spans)](
+        part_m,
+        part_s,
+        part_v,
+        part_i,
+        z,
+        y,
+        mask if mask is not None else y,
+        vocab,
+        span,
+        z.stride(0),
+        mask.stride(0) if mask is not None else 0,
+        1.0 / params.temperature,
+        params.ignore_index,
+        params.beam_width,
+        HAS_MASK=mask is not None,
+        BLOCK_V=_block_v(vocab),
+        BEAM_PAD=beam_pad,
+        COMPUTE=tl_dtype,
+        **_launch_kwargs(),
+    )
+    ce, margin, lse, b = outputs
+    coefficients = [torch.empty_like(lse) for _ in range(3)]  # (a, c_y, c_b), fused only
+    grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
+    _bear_merge_kernel[(n_rows,)](
+        ce,
+        margin,
+        lse,
+        b,
+        *coefficients,
+        part_m,
+        part_s,
+        part_v,
+        part_i,
+        z,
+        y,
+        scale,
+        vocab,
+        n_spans,
+        z.stride(0),
+        1.0 / params.temperature,
+        params.ignore_index,
+        params.beam_width,
+        float(reg_weight),
+        1.0 / reg_temperature,
+        SPAN_PAD=triton.next_power_of_2(n_spans),
+        BEAM_PAD=beam_pad,
+        COMPUTE=tl_dtype,
+        FUSED_GRAD=fused_grad is not None,
+        THRESHOLD_GRAD=params.threshold_grad,
+    )
+    if fused_grad is not None:
+        _bwd_into(grad, z, y, mask, lse, b, *coefficients, params)
+
+
 def _bwd(z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
     """Launch the backward kernel: grad (N, V) in the logits dtype, written once."""
-    n_rows, vocab = z.shape
-    _, tl_dtype = _compute_dtype(z)
     grad = torch.empty_like(z)  # (N, V)
+    _bwd_into(grad, z, y, mask, lse, b, a, c_y, c_b, params)
+    return grad
+
+
+def _bwd_into(grad, z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
+    """Write d(loss)/dz into grad (N, V), one program per (row, span) (see _span)."""
+    n_rows, vocab = z.shape
     if n_rows == 0:
-        return grad
+        return
+    _, tl_dtype = _compute_dtype(z)
+    block_v = _block_v(vocab)
+    span = _span(n_rows, vocab, block_v, z.device)
     mask_arg = mask if mask is not None else y
-    _bear_bwd_kernel[(n_rows,)](
+    n_spans = triton.cdiv(vocab, span)
+    _bear_bwd_kernel[(n_rows, n_spans)](
         grad,
         z,
         y,
@@ -142,17 +254,18 @@ def _bwd(z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
         c_y,
         c_b,
         vocab,
+        span,
         z.stride(0),
         grad.stride(0),
         mask.stride(0) if mask is not None else 0,
         1.0 / params.temperature,
         HAS_MASK=mask is not None,
-        BLOCK_V=_block_v(vocab),
+        BLOCK_V=block_v,
         COMPUTE=tl_dtype,
         THRESHOLD_GRAD=params.threshold_grad,
+        SPLIT=n_spans > 1,
         **_launch_kwargs(),
     )
-    return grad
 
 
 class _CEMarginTriton(torch.autograd.Function):

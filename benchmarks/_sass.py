@@ -57,6 +57,10 @@ class Case:
     beam_width: int  # B
     fused: bool  # bear_loss with a reduction (gradient from the forward) or ce_margin
     threshold_grad: bool = False
+    split: bool = False  # few rows on an H100 (SPLIT_SMS SMs): split-V
+
+
+SPLIT_SMS = 132  # H100 SXM
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,14 +90,28 @@ def _recording(calls):
             setattr(launcher, name, kernel)
 
 
+@contextlib.contextmanager
+def _sm_count(count):
+    previous = launcher.SM_COUNT_CPU
+    launcher.SM_COUNT_CPU = count
+    try:
+        yield
+    finally:
+        launcher.SM_COUNT_CPU = previous
+
+
 def record_launches(case: Case, vocab: int = VOCAB, n_rows: int = 1):
-    """[(JITFunction, grid, args, kwargs)] that the launcher makes for one forward + backward."""
+    """[(JITFunction, grid, args, kwargs)] that the launcher makes for one forward + backward.
+
+    The CPU tensors stand for a device with SPLIT_SMS SMs when case.split, else with none
+    (no split whatever n_rows).
+    """
     z = torch.zeros(n_rows, vocab, dtype=DTYPES[case.dtype], requires_grad=True)
     y = torch.zeros(n_rows, dtype=torch.int64)
     mask = torch.zeros(n_rows, -(-vocab // 32), dtype=torch.int32) if case.masked else None
     params = LossParams(case.beam_width, 1.0, -100, case.threshold_grad)
     calls = []
-    with _recording(calls):
+    with _recording(calls), _sm_count(SPLIT_SMS if case.split else 0):
         if case.fused:
             loss = launcher.bear_loss_triton_fused(z, y, mask, params, FusedParams(1.0, 1.0, "sum"))
             loss.backward(torch.tensor(2.0))  # g != 1: the scale kernel
@@ -277,9 +295,12 @@ def shortest_iteration(header, blocks, succ, instrs_by_addr):
 
 
 def _load_lines(kernel):
-    """{(file, line): 'logits' | 'mask'} of the tl.load calls in the kernel's modules."""
+    """{(file, line): 'logits' | 'mask'} of the tl.load calls in the kernel's modules.
+
+    Its own module and bear_kernels._kernels, whose helpers every kernel inlines.
+    """
     kinds = {}
-    for module in {sys.modules[kernel.fn.__module__]}:
+    for module in {sys.modules[kernel.fn.__module__], sys.modules["bear_kernels._kernels"]}:
         path = inspect.getsourcefile(module)
         text = open(path).read()
         for m in re.finditer(r"tl\.load\(", text):
@@ -367,10 +388,16 @@ def analyse_case(case: Case, arch: int, vocab: int = VOCAB, seen=None):
                 continue
             seen.add(key)
         compiled = compile_launch(kernel, args, kwargs, arch)
-        block_v = kwargs.get("BLOCK_V", kwargs.get("BLOCK"))
-        result = analyse(compiled, kernel, block_v, kwargs.get("num_warps", 4))
+        result = analyse(compiled, kernel, _tile_elements(kwargs), kwargs.get("num_warps", 4))
         rows.append({"kernel": key[0], "arch": arch, **dataclasses.asdict(case), **result})
     return rows
+
+
+def _tile_elements(kwargs):
+    """Elements of the kernel's main tile: BLOCK_V (chunk), BLOCK (scale), spans x slots (merge)."""
+    if "BLOCK_V" in kwargs:
+        return kwargs["BLOCK_V"]
+    return kwargs.get("BLOCK", kwargs.get("SPAN_PAD", 1) * kwargs.get("BEAM_PAD", 1))
 
 
 def _specialisation(kernel, args, kwargs):
@@ -382,7 +409,8 @@ def _specialisation(kernel, args, kwargs):
 
 
 def kernel_label(kernel, kwargs):
-    """fwd, fwd_grad (the fused forward), fwd_grad_thr (with threshold_grad), bwd, scale ..."""
+    """fwd, fwd_grad (the fused forward), fwd_grad_thr (with threshold_grad), bwd, scale, span,
+    merge, merge_grad ..."""
     name = kernel.fn.__name__.strip("_").removesuffix("_kernel").removeprefix("bear_")
     if kwargs.get("FUSED_GRAD"):
         name += "_grad_thr" if kwargs.get("THRESHOLD_GRAD") else "_grad"
@@ -395,6 +423,8 @@ GATE_CASES = (
     Case("bf16", True, 50, fused=True, threshold_grad=True),
     Case("bf16", False, 10, fused=False),
     Case("bf16", True, 10, fused=False),
+    Case("bf16", True, 10, fused=True, split=True),
+    Case("bf16", False, 50, fused=False, split=True),
 )
 
 

@@ -2,8 +2,8 @@
 
     python benchmarks/sass_report.py [--arch 90] [--out benchmarks/results/sass_sm90.csv]
 
-One row per (kernel, dtype, masked, beam_width, loop): registers and spill bytes of the kernel,
-then, for its forward or gradient loop, the instructions per logits element and per thread
+One row per (kernel, dtype, masked, beam_width, split, loop): registers and spill bytes of the
+kernel, then, for its forward or gradient loop, the instructions per logits element and per thread
 (`instr_per_elem`, the loop body over BLOCK_V / threads; the rare top-B entry, an inner loop, is
 left out), the 128-bit logits loads and the narrower ones (`loads_scalar`). V = 128256.
 The kernels are compiled without TRITON_INTERPRET (the variable is dropped here).
@@ -22,12 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._sass import VOCAB, Case, analyse_case  # noqa: E402
 
-COLUMNS = ["kernel", "dtype", "masked", "beam_width", "registers", "spill_bytes", "loop"]
+COLUMNS = ["kernel", "dtype", "masked", "beam_width", "split", "registers", "spill_bytes", "loop"]
 COLUMNS += ["instr_per_elem", "loads_128", "loads_scalar"]
 
 
 def cases():
-    """bf16 at B = 10 and 50, with and without a mask, every path; fp16 at B = 10.
+    """bf16 at B = 10 and 50, with and without a mask, every path; fp16 at B = 10; split-V.
 
     fp32 is left out: its loads carry the source line of a neighbouring statement in the line
     table, so they cannot be told from the mask's.
@@ -38,6 +38,10 @@ def cases():
                 yield Case(dtype, masked, beam_width, fused=False)
                 yield Case(dtype, masked, beam_width, fused=True)
                 yield Case(dtype, masked, beam_width, fused=True, threshold_grad=True)
+    for beam_width in (10, 50):  # split-V: one row on 132 SMs
+        for masked in (False, True):
+            yield Case("bf16", masked, beam_width, fused=False, split=True)
+            yield Case("bf16", masked, beam_width, fused=True, threshold_grad=True, split=True)
 
 
 def main():

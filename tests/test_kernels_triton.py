@@ -168,3 +168,40 @@ def test_nan_logits_propagate():
     z[0, 2500] = float("nan")
     loss = bear_loss(z, torch.tensor([1, 2]), reduction="none", impl="triton")
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+
+
+SPLIT_CASES = [
+    # (N, V, BLOCK_V, B, mask kind, ignored rows, tau, threshold_grad, reduction, dtype)
+    (3, 4099, 1024, 10, "mixed", (1,), 0.7, True, "mean", torch.float32),  # last span: 3 tokens
+    (2, 2085, 256, 50, "random", (), 1.0, False, "sum", torch.float16),  # B > a span's allowed
+    (5, 33, 32, 50, "none", (4,), 1.3, True, "none", torch.float32),  # B > V, two spans
+]
+
+
+@pytest.mark.parametrize("n,v,block_v,b,kind,ignored,tau,tg,reduction,dtype", SPLIT_CASES)
+def test_split_v_matches_reference(
+    monkeypatch, n, v, block_v, b, kind, ignored, tau, tg, reduction, dtype
+):
+    # few rows on many SMs: each row is read in spans by separate programs, then merged
+    import bear_kernels._triton as tri
+
+    monkeypatch.setattr(tri, "SM_COUNT_CPU", 8)
+    monkeypatch.setattr(tri, "SPLIT_MIN_CHUNKS", 1)
+    monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", block_v)
+    assert tri._span(n, v, block_v, torch.device("cpu")) < v
+    z, y, mask = make_case(n, v, kind, seed=n + v, ignore_rows=ignored, dtype=dtype, beam_width=b)
+    kw = dict(beam_width=b, temperature=tau, allowed_mask=mask, threshold_grad=tg)
+    check_parity(_triton_bear, z, y, reduction=reduction, reg_weight=0.7, **kw)
+    check_parity(_triton_ce, z, y, loss="ce", **kw)
+
+
+def test_split_v_ties_across_spans_go_to_the_lower_index(monkeypatch):
+    import bear_kernels._triton as tri
+
+    monkeypatch.setattr(tri, "SM_COUNT_CPU", 8)
+    monkeypatch.setattr(tri, "SPLIT_MIN_CHUNKS", 1)
+    monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 64)
+    g = torch.Generator().manual_seed(16)
+    z = torch.randint(0, 3, (3, 300), generator=g).float()  # ties at the cut in every span
+    y = torch.tensor([5, 299, 64])
+    check_parity(_triton_ce, z, y, loss="ce", beam_width=6, threshold_grad=True)
