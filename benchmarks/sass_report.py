@@ -12,14 +12,15 @@ The kernels are compiled without TRITON_INTERPRET (the variable is dropped here)
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._common import write_csv  # noqa: E402
 from benchmarks._sass import VOCAB, Case, analyse_case  # noqa: E402
 
 COLUMNS = ["kernel", "dtype", "masked", "beam_width", "split", "registers", "spill_bytes", "loop"]
@@ -55,10 +56,7 @@ def main():
         for result in analyse_case(case, args.arch, VOCAB, seen):
             for loop, stats in result["loops"].items():
                 rows.append({**result, **stats, "loop": loop})
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(Path(out), [{c: row[c] for c in COLUMNS} for row in rows])
     for row in rows:
         print(", ".join(str(row[c]) for c in COLUMNS))
     print(f"wrote {out}")
