@@ -71,6 +71,21 @@ def check_reduction(reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_first_order():
+    """Inside a fused backward: RuntimeError if it runs under create_graph=True.
+
+    A backward runs with grad mode on iff create_graph was requested; the fused backwards are
+    not differentiable, so a double backward must fail loudly rather than return a gradient
+    without a graph.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "bear_loss / ce_margin do not support double backward (create_graph=True): their "
+            "fused backward is not differentiable. For higher-order gradients use "
+            "bear_kernels.bear_loss_reference (plain autograd)."
+        )
+
+
 def check_flag(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import FusedParams, LossParams, row_coefficients
+from ._common import FusedParams, LossParams, check_first_order, row_coefficients
 from .bitmask import allowed_count
 
 # Rows per chunk are chosen so that one chunk of float32 logits is about this many elements
@@ -41,7 +41,7 @@ def _rows_per_chunk(vocab: int) -> int:
 def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
     """int32 (R, W) bitmask -> (R, V) additive bias in dtype: 0 on A, -inf outside A.
 
-    (A masked logit of +inf would give NaN here; the Triton path selects instead of adding.)
+    (A masked logit of +inf or NaN gives NaN once added; `_scaled_rows` then selects instead.)
     """
     key = (mask_rows.device, dtype)
     table = _BYTE_BIAS.get(key)
@@ -104,14 +104,19 @@ def _chunks(rows: torch.Tensor, n_rows: int, vocab: int):
             yield rows[s : s + step], slice(s, min(s + step, rows.numel()))
 
 
-def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab):
+def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select=False):
     """Chunk of scaled logits z/tau restricted to A (R, V) in cdtype (-inf outside A).
 
     One pass where possible: with a mask, the fresh bias buffer takes z/tau in place (the dtype
-    conversion happens inside the add). Without one the result may be a view of z: callers only
-    read it.
+    conversion happens inside the add). That add turns a masked +inf or NaN into NaN, so a chunk
+    holding one is redone with `select=True`: masked entries are set to -inf whatever they hold
+    (SPEC §2: logits outside A have no effect). Without a mask the result may be a view of z:
+    callers only read it.
     """
     x = z[sel]  # (R, V)
+    if mask is not None and select:
+        allowed = _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
+        return torch.where(allowed, x.to(cdtype) * inv_tau, float("-inf"))  # (R, V)
     if mask is not None:
         return _mask_bias(mask[sel], vocab, cdtype).add_(x, alpha=inv_tau)  # (R, V)
     if x.dtype != cdtype:
@@ -132,14 +137,26 @@ def _counted(z, y, mask, params: LossParams):
 
 
 def _chunk_forward(z, y, mask, sel, idx, n_all, params: LossParams, cdtype):
-    """Steps 1-4 of the reference on one chunk: (p (R, V), ce (R,), Δ (R,), b (R,) or None)."""
+    """Steps 1-4 of the reference on one chunk.
+
+    Returns (p (R, V), ce (R,), Δ (R,), b (R,) or None, select): `select` says whether the
+    chunk's masked logits had to be selected away (see `_scaled_rows`); backward does the same.
+    """
     vocab = z.shape[1]
+    inv_tau = 1.0 / params.temperature
     # 1. scaled logits of the chunk, restricted to A
-    x = _scaled_rows(z, mask, sel, 1.0 / params.temperature, cdtype, vocab)  # (R, V)
+    x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
     y_r = y[idx][:, None]  # (R, 1)
     # 2. z_(B') with B' = min(B, n); b only when the gradient needs it (threshold_grad)
     beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
-    z_b, z_max, i_max = _kth_largest(x, beam, min(params.beam_width, vocab))  # (R,) each
+    k = min(params.beam_width, vocab)
+    z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
+    # topk ranks NaN first, so z_(1) is NaN iff the row of x holds a NaN; with a mask that may
+    # come from a masked +inf / NaN: redo the chunk by selection (one host sync, masks only).
+    select = mask is not None and bool(torch.isnan(z_max).any())
+    if select:
+        x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select=True)  # (R, V)
+        z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
     b = None
     if params.threshold_grad:
         allowed = None if mask is None else _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
@@ -150,7 +167,7 @@ def _chunk_forward(z, y, mask, sel, idx, n_all, params: LossParams, cdtype):
     lse = z_max - torch.log(p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
     z_y = x.gather(1, y_r).squeeze(1)  # (R,)
     # 4. Δ = (z_(B') - z_y) / tau
-    return p, lse - z_y, z_b - z_y, b
+    return p, lse - z_y, z_b - z_y, b, select
 
 
 def _write_chunk_grad(grad, sel, p, a_r, cy_r, cb_r, y_r, b_r, threshold_grad):
@@ -190,27 +207,33 @@ class _CEMarginTorch(torch.autograd.Function):
         ce = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         margin = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         b_idx = torch.zeros(n_rows, dtype=torch.int64, device=z.device)  # (N,)
+        selected = []  # per chunk: masked logits selected away (see _scaled_rows)
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,) row ids of this chunk
-            _, ce[idx], margin[idx], b = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
+            _, ce[idx], margin[idx], b, select = _chunk_forward(
+                z, y, mask, sel, idx, n_all, params, cdtype
+            )
+            selected.append(select)
             if b is not None:
                 b_idx[idx] = b
         ctx.save_for_backward(z, y, mask, rows, b_idx, counted)
-        ctx.params = params
+        ctx.params, ctx.selected = params, selected
         ctx.mark_non_differentiable(counted)
         return ce, margin, counted
 
     @staticmethod
     def backward(ctx, g_ce, g_margin, _g_counted):
+        check_first_order()
         z, y, mask, rows, b_idx, counted = ctx.saved_tensors
         params = ctx.params
         n_rows, vocab = z.shape
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, params, cdtype)  # (N,) each
         grad = _grad_buffer(z, rows)  # (N, V)
-        for sel, part in _chunks(rows, n_rows, vocab):
+        for (sel, part), select in zip(_chunks(rows, n_rows, vocab), ctx.selected, strict=True):
             idx = rows[part]  # (R,)
-            x = _scaled_rows(z, mask, sel, 1.0 / params.temperature, cdtype, vocab)  # (R, V)
+            inv_tau = 1.0 / params.temperature
+            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select)  # (R, V)
             p = torch.softmax(x, dim=-1)  # (R, V), 0 outside A
             _write_chunk_grad(
                 grad,
@@ -245,7 +268,7 @@ class _BEARLossTorchFused(torch.autograd.Function):
         grad = _grad_buffer(z, rows)  # (N, V)
         for sel, part in _chunks(rows, n_rows, vocab):
             idx = rows[part]  # (R,)
-            p, ce, margin, b = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
+            p, ce, margin, b, _ = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
             # 5-6. row loss = ce + λ·log σ(Δ/ξ); its gradient has g_ce = scale and
             #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in _common's derivation
             total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
@@ -266,6 +289,7 @@ class _BEARLossTorchFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        check_first_order()
         if ctx.used:
             raise RuntimeError("bear_loss(impl='torch') supports one backward per forward")
         ctx.used = True

@@ -16,6 +16,7 @@ from ._common import (
     FusedParams,
     LossParams,
     bear_row_loss,
+    check_first_order,
     check_flag,
     check_hyper,
     check_reduction,
@@ -50,6 +51,25 @@ def _resolve_impl(impl, z, beam_width):
     return impl
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the logits whose backward refuses create_graph=True.
+
+    The fused backwards of both paths compute the gradient with kernels (or in the forward), so
+    the gradient they return is not itself differentiable. Without this guard a double backward
+    (e.g. `autograd.grad(loss, z, create_graph=True)` for a gradient penalty) would silently
+    return a gradient that carries no graph. A backward runs with grad mode on iff create_graph.
+    """
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.view_as(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        check_first_order()
+        return grad
+
+
 # --------------------------------------------------------------------------------------------
 # the per-row terms and the loss
 # --------------------------------------------------------------------------------------------
@@ -76,6 +96,8 @@ def _prepare(
         logits, target, allowed_mask, ignore_index, allow_float64=True, validate=validate_target
     )
     impl = _resolve_impl(impl, z, beam_width)
+    if z.requires_grad and torch.is_grad_enabled():
+        z = _FirstOrderOnly.apply(z)  # (N, V) the same values
     params = LossParams(int(beam_width), float(temperature), int(ignore_index), threshold_grad)
     return z, y, mask, shape, impl, params
 
@@ -126,6 +148,8 @@ def ce_margin(
         TypeError for arguments of the wrong type; ValueError naming the argument for a
         non-positive B or tau, non-finite values, mismatched shapes / dtypes / devices, a target
         outside [0, V) or outside A, an unknown impl, or impl="triton" it cannot serve.
+        RuntimeError in backward under create_graph=True: the fused backward is first-order
+        only (bear_loss too); bear_loss_reference gives higher-order gradients.
     """
     z, y, mask, shape, impl, params = _prepare(
         logits,
@@ -176,7 +200,7 @@ def bear_loss(
     With a sum / mean reduction and logits that require grad, the gradient is computed in the
     forward (each row is read while in cache) and held until backward: N·V values in the logits
     dtype, the memory a separate backward would allocate anyway. Evaluate under torch.no_grad().
-    Such a loss supports one backward (no create_graph); use ce_margin for anything else.
+    Such a loss supports one backward; use ce_margin to backpropagate several times.
 
     Raises:
         As `ce_margin`, plus ValueError for a negative or non-finite λ, a bad ξ or reduction.

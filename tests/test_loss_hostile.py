@@ -1,0 +1,74 @@
+"""Hostile inputs of the loss (SPEC §10): non-finite logits outside A, double backward."""
+
+import pytest
+import torch
+
+from bear_kernels import bear_loss, bear_loss_reference, ce_margin, pack_allowed_mask
+
+V = 70  # three bitmask words, the last one partial
+IMPLS = ("torch", "triton")
+
+
+def _masked_case(bad_value):
+    """Logits whose masked-out entries hold `bad_value`, and the same logits with 0 there."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(3, V, generator=g)
+    allowed = torch.rand(3, V, generator=g) < 0.4
+    allowed[:, :2] = True  # every row has at least 2 allowed tokens, target 0 or 1
+    hostile = torch.where(allowed, clean, bad_value)
+    clean = torch.where(allowed, clean, 0.0)
+    return hostile, clean, torch.tensor([0, 1, 0]), pack_allowed_mask(allowed)
+
+
+def _value_and_grad(fn, z):
+    z = z.clone().requires_grad_(True)
+    out = fn(z)
+    total = out if out.dim() == 0 else out.sum()
+    (grad,) = torch.autograd.grad(total, z)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["+inf", "nan"])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("form", ["ce", "margin", "mean", "none"])
+def test_nonfinite_logits_outside_the_allowed_set_have_no_effect(impl, bad, threshold_grad, form):
+    hostile, clean, y, mask = _masked_case(bad)
+    kw = dict(beam_width=3, allowed_mask=mask, impl=impl, threshold_grad=threshold_grad)
+    if form in ("ce", "margin"):
+        pick = 0 if form == "ce" else 1
+
+        def fn(z):
+            return ce_margin(z, y, **kw)[pick]
+    else:
+
+        def fn(z):
+            return bear_loss(z, y, reduction=form, **kw)
+
+    got, got_grad = _value_and_grad(fn, hostile)
+    want, want_grad = _value_and_grad(fn, clean)
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("form", ["ce_margin", "mean", "none"])
+def test_double_backward_raises_a_clear_error(impl, form):
+    z = torch.randn(4, V, requires_grad=True)
+    y = torch.tensor([0, 5, 9, 69])
+    if form == "ce_margin":
+        ce, margin = ce_margin(z, y, beam_width=3, impl=impl)
+        loss = (ce + margin).sum()
+    else:
+        loss = bear_loss(z, y, beam_width=3, reduction=form, impl=impl).sum()
+    with pytest.raises(RuntimeError, match="double backward.*bear_loss_reference"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_double_backward_of_the_reference_works():
+    z = torch.randn(4, V, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 5, 9, 69])
+    (g,) = torch.autograd.grad(bear_loss_reference(z, y, beam_width=3), z, create_graph=True)
+    (gg,) = torch.autograd.grad((g**2).sum(), z)
+    assert torch.isfinite(gg).all() and gg.abs().sum() > 0
