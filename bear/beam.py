@@ -12,7 +12,9 @@ import torch
 
 from bear.decode_common import (
     DecodeResult,
+    check_finite_float,
     check_inputs,
+    check_no_nan_scores,
     check_positive_int,
     child_logprobs,
     max_fanout,
@@ -37,6 +39,7 @@ class BeamStep:
         trie node (-1 when dead), the token that extends their parent (EOS when dead), the index
         of that parent among the current beams.
     alive: (U, nb) bool, score is finite.
+    nan: (U,) bool, some candidate score is NaN (the model's logits are; see check_no_nan_scores).
     """
 
     top: torch.Tensor
@@ -47,6 +50,7 @@ class BeamStep:
     token: torch.Tensor
     src: torch.Tensor
     alive: torch.Tensor
+    nan: torch.Tensor
 
 
 def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str):
@@ -86,6 +90,7 @@ def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scorin
         token=torch.where(alive, tok.gather(1, li), trie.eos_token_id),
         src=idx.gather(1, li) // width,
         alive=alive,
+        nan=torch.isnan(cand).any(1),
     )
 
 
@@ -132,11 +137,13 @@ def beam_search(
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
 
     Raises:
-        ValueError / TypeError: bad inputs (see `check_inputs`), beam_width < 1, unknown
-            kv_sharing, or kv_sharing="tree" with an attention that ignores 4-D masks.
+        ValueError / TypeError: bad inputs (see `check_inputs`), beam_width not an integer >= 1,
+            a non-finite length_penalty, unknown kv_sharing, or kv_sharing="tree" with an
+            attention that ignores 4-D masks; ValueError when the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
-    B, alpha = check_positive_int("beam_width", beam_width), float(length_penalty)
+    B = check_positive_int("beam_width", beam_width)
+    alpha = check_finite_float("length_penalty", length_penalty)
     if kv_sharing not in KV_SHARING:
         raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
     device = input_ids.device
@@ -170,10 +177,12 @@ def beam_search(
         best_live = score[:, 0] / _length_penalty(t + 1, alpha)
         full = torch.isfinite(pool_score[:, -1])
         done = ~step.alive[:, 0] | (full & ~(best_live > pool_score[:, -1]))
-        # The one host synchronisation of this step: which users are done, and the largest
-        # fan-out among the live beams' nodes (the candidate width of the next step).
-        host = torch.cat([done.long(), max_fanout(trie, node).view(1)]).cpu()
-        done_host, width = host[:-1].bool(), max(int(host[-1]), 1)
+        # The one host synchronisation of this step: which users are done, whose scores are
+        # NaN, and the largest fan-out among the live beams' nodes (the next candidate width).
+        host = torch.cat([done.long(), step.nan.long(), max_fanout(trie, node).view(1)]).cpu()
+        n_users = done.shape[0]
+        check_no_nan_scores(host[n_users:-1].bool(), users)
+        done_host, width = host[:n_users].bool(), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
             out_leaf[users[d]] = pool_leaf[d]
@@ -210,6 +219,9 @@ def beam_thresholds(
 
     Returns:
         (U, L_max + 1) float32; -inf where fewer than B candidates exist.
+
+    Raises:
+        As `beam_search`.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     B = check_positive_int("beam_width", beam_width)
@@ -227,7 +239,10 @@ def beam_thresholds(
         if step.top.shape[1] >= B:
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score
-        width = int(max_fanout(trie, node))  # one host synchronisation per step
+        # one host synchronisation per step: NaN scores, the next candidate width
+        host = torch.cat([step.nan.long(), max_fanout(trie, node).view(1)]).cpu()
+        check_no_nan_scores(host[:-1].bool())
+        width = int(host[-1])
         if width == 0 or t == trie.max_len:
             break
         logits = kv.step(step.src, step.token)

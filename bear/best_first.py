@@ -7,12 +7,13 @@ import torch
 from bear.decode_common import (
     DecodeResult,
     check_inputs,
+    check_no_nan_scores,
     check_positive_int,
     child_logprobs,
     ranked_result,
     topk_stable,
 )
-from bear.kv_cache import PromptKVCache
+from bear.kv_cache import PrefixKVCache
 from bear.trie import ItemTrie
 
 __all__ = ["exact_topk", "prefix_tokens"]
@@ -56,8 +57,10 @@ def exact_topk(
     Scores only fall along a trie path (each step adds log p <= 0), so when the best frontier
     prefix is a leaf no other item can beat it: leaves popped in order are exact. Each round pops
     the `expand_per_round` best frontier entries of every user; the leading leaves are emitted and
-    the inner nodes among them are expanded with batched forward passes of their prefixes on
-    copies of the prompts' KV cache (each prompt is prefilled once).
+    the inner nodes among them are expanded with one batched forward pass of one token each: the
+    prompts are prefilled once and every fed prefix token keeps its KV entry
+    (`bear.kv_cache.PrefixKVCache`), so an expansion costs one decoding step however long the
+    prefix (the search cost grows linearly with the titles' length).
 
     Args:
         model, input_ids, attention_mask, trie, scoring: as `bear.beam.beam_search`.
@@ -69,7 +72,8 @@ def exact_topk(
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
 
     Raises:
-        ValueError / TypeError: bad inputs (see `check_inputs`) or k < 1.
+        ValueError / TypeError: bad inputs (see `check_inputs`), k not an integer >= 1;
+            ValueError when the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     k = check_positive_int("k", k)
@@ -77,13 +81,16 @@ def exact_topk(
     trie = trie.to(device)
     U, P = input_ids.shape[0], max(1, int(expand_per_round))
     neg_inf = float("-inf")
-    # The prompts are prefilled once; the root's children form the first frontier (U, C).
-    prompts = PromptKVCache(model, input_ids, mask)
+    # The prompts are prefilled once; the root's children form the first frontier (U, C), each
+    # entry with the KV slot of its parent's token (-1: the parent is the root).
+    prefixes = PrefixKVCache(model, input_ids, mask)
     width = trie.depth_fanout_list[0]
     root = torch.zeros(U, 1, dtype=torch.int64, device=device)
-    logp, edge = child_logprobs(trie, prompts.logits[:, None], root, width, scoring)
+    logp, edge = child_logprobs(trie, prefixes.logits[:, None], root, width, scoring)
+    check_no_nan_scores(torch.isnan(logp).any(-1).any(-1).cpu())
     f_score = logp[:, 0]  # (U, F)
     f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
+    f_slot = torch.full_like(f_node, -1)  # (U, F)
     res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
     res_score = torch.full((U, k + 1), neg_inf, device=device)
     found = torch.zeros(U, dtype=torch.int64, device=device)
@@ -111,26 +118,34 @@ def exact_topk(
                 break
             continue
         exp_node, exp_score = nd[exp_u, exp_c], s[exp_u, exp_c]
-        prefix, depth = prefix_tokens(trie, exp_node)  # depth >= 1: the root is done
-        logits = prompts.next_logits(users[exp_u], prefix, depth)  # (R, V)
+        exp_parent = f_slot.gather(1, i)[exp_u, exp_c]
+        logits, exp_slot = prefixes.extend(
+            users[exp_u], exp_parent, trie.node_token[exp_node], trie.node_depth[exp_node]
+        )  # (R, V), (R,)
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
         new_score = (exp_score[:, None] + logp[:, 0]).reshape(-1)  # (R*F,)
         new_node = trie.child_node[edge[:, 0].clamp(min=0)].reshape(-1)
         new_user = exp_u[:, None].expand(-1, width).reshape(-1)
+        new_slot = exp_slot[:, None].expand(-1, width).reshape(-1)
+        nan = torch.zeros(U, dtype=torch.bool, device=device)
+        check_no_nan_scores(nan.index_put_((new_user,), torch.isnan(new_score)).cpu())
         # Rebuild the frontier: the finite old entries plus the new children, packed per user.
         old_u, old_c = torch.isfinite(f_score).nonzero(as_tuple=True)
         keep_new = torch.isfinite(new_score)
         all_u = torch.cat([old_u, new_user[keep_new]])
         all_s = torch.cat([f_score[old_u, old_c], new_score[keep_new]])
         all_n = torch.cat([f_node[old_u, old_c], new_node[keep_new]])
+        all_p = torch.cat([f_slot[old_u, old_c], new_slot[keep_new]])
         order = torch.argsort(all_u, stable=True)
-        all_u, all_s, all_n = all_u[order], all_s[order], all_n[order]
+        all_u, all_s, all_n, all_p = all_u[order], all_s[order], all_n[order], all_p[order]
         counts = torch.bincount(all_u, minlength=U)
         col = torch.arange(all_u.shape[0], device=device) - (counts.cumsum(0) - counts)[all_u]
         C = max(int(counts.max()), 1)
         f_score = torch.full((U, C), neg_inf, device=device)
         f_node = torch.full((U, C), -1, dtype=torch.int64, device=device)
+        f_slot = torch.full((U, C), -1, dtype=torch.int64, device=device)
         f_score[all_u, col] = all_s
         f_node[all_u, col] = all_n
+        f_slot[all_u, col] = all_p
     return ranked_result(trie, res_leaf[:, :k], res_score[:, :k])

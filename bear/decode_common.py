@@ -3,6 +3,8 @@ a stable top-k and the ranked result (SPEC §4; scoring modes in `bear.decoding`
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +13,9 @@ from bear.trie import ItemTrie
 
 __all__ = [
     "DecodeResult",
+    "check_finite_float",
     "check_inputs",
+    "check_no_nan_scores",
     "check_positive_int",
     "child_logprobs",
     "max_fanout",
@@ -47,14 +51,22 @@ def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tenso
     """Validate the arguments every decoder takes; return the (U, P) int64 attention mask.
 
     Raises:
-        TypeError: trie is not an ItemTrie.
-        ValueError: unknown scoring, input_ids not (U, P) or empty, a mask of another shape or not
-            left-padded, or trie tokens outside the model's vocabulary.
+        TypeError: trie is not an ItemTrie, input_ids is not an integer tensor.
+        ValueError: unknown scoring, input_ids not (U, P) or empty, token ids outside the
+            model's vocabulary, a mask of another shape or not left-padded, or trie tokens
+            outside the model's vocabulary.
     """
     if not isinstance(trie, ItemTrie):
         raise TypeError(f"trie must be a bear.trie.ItemTrie, got {type(trie).__name__}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(
+            f"input_ids must hold integer token ids (torch.int64), got dtype {input_ids.dtype}; "
+            "pass the tokenizer's ids, e.g. input_ids.long() if they were cast"
+        )
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (U, P), got shape {tuple(input_ids.shape)}")
     if attention_mask is None:
@@ -73,6 +85,13 @@ def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tenso
             "with 1 (use tokenizer.padding_side = 'left')"
         )
     vocab = model_vocab(model)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(
+            f"input_ids must be token ids in [0, {vocab if vocab is not None else 'V'}) (the "
+            f"model's vocabulary), got ids from {low} to {high}; tokenise with the model's "
+            "tokenizer and pad with its pad_token_id (padding positions too must be valid ids)"
+        )
     if vocab is not None and trie.vocab_size > vocab:
         raise ValueError(
             f"the trie's vocab_size={trie.vocab_size} exceeds the model's vocabulary ({vocab}); "
@@ -82,10 +101,46 @@ def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tenso
 
 
 def check_positive_int(name: str, value) -> int:
-    """`value` as an int; ValueError naming `name` unless it is an integer >= 1."""
-    if int(value) != value or value < 1:
+    """`value` as an int; TypeError naming `name` unless it is an integer (bools are not),
+    ValueError unless it is >= 1."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer >= 1, got the bool {value}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})"
+        ) from None
+    if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    return int(value)
+    return value
+
+
+def check_finite_float(name: str, value) -> float:
+    """`value` as a float; TypeError naming `name` unless it is a real number (bools are not),
+    ValueError unless it is finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value}")
+    return float(value)
+
+
+def check_no_nan_scores(nan_users: torch.Tensor, users: torch.Tensor | None = None) -> None:
+    """ValueError if the model scored any candidate NaN (SPEC §10: never empty rankings).
+
+    Args:
+        nan_users: (U',) bool on the host, True where a user's candidate scores hold NaN.
+        users: (U',) the global index of each row (default 0..U'-1), for the message.
+    """
+    if bool(nan_users.any()):
+        rows = nan_users.nonzero().view(-1)
+        bad = (rows if users is None else users.cpu()[rows])[:5].tolist()
+        raise ValueError(
+            f"the model's scores are NaN for users {bad} (input_ids rows); they cannot be "
+            "ranked. Check the model: NaN weights (a diverged training run) or an overflow in "
+            "float16 are the usual causes"
+        )
 
 
 def child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):

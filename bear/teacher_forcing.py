@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bear.decode_common import check_inputs, model_vocab
 from bear.trie import ItemTrie
@@ -41,11 +42,16 @@ def continuation_logits(model, input_ids, mask, rows, cont) -> torch.Tensor:
 
 
 def _step_logprobs(trie, logits, nodes, targets, scoring):
-    """log p of `targets` (N,) under `scoring` given logits (N, V) and trie nodes (N,)."""
+    """log p of `targets` (N,) under `scoring` given logits (N, V) and trie nodes (N,).
+
+    The trie's vocabulary may be smaller than the model's (a trie built without `vocab_size`
+    ends at its largest token): the model's extra tokens are never children.
+    """
     if scoring == "after":
         logp = torch.log_softmax(logits, dim=-1)
     else:
-        allowed = trie.children_dense(nodes)  # (N, V)
+        children = trie.children_dense(nodes)  # (N, trie V)
+        allowed = F.pad(children, (0, logits.shape[-1] - children.shape[-1]))  # (N, V)
         logp = torch.log_softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)
 

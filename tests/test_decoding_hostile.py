@@ -1,0 +1,125 @@
+"""Hostile inputs of decoding (SPEC §10): NaN models, bad widths and prompts, small tries, long
+titles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
+from bear.trie import ItemTrie
+from tests._helpers_decoding import EOS, VOCAB, build, prompts, random_catalogue, tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    return model, seqs, ids, trie, input_ids, mask
+
+
+@pytest.fixture(scope="module")
+def nan_model():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight[:, 0] = float("nan")  # every logit is NaN
+    return model
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+@pytest.mark.parametrize("decoder", ["beam", "thresholds", "exact"])
+def test_a_model_with_nan_scores_raises_instead_of_empty_rankings(setup, nan_model, scoring,
+                                                                   decoder):  # fmt: skip
+    _, _, _, trie, input_ids, mask = setup
+    run = {
+        "beam": lambda: beam_search(nan_model, input_ids, mask, trie, 3, scoring),
+        "thresholds": lambda: beam_thresholds(nan_model, input_ids, mask, trie, 3, scoring),
+        "exact": lambda: exact_topk(nan_model, input_ids, mask, trie, 3, scoring),
+    }[decoder]
+    with pytest.raises(ValueError, match=r"scores are NaN for users \[0, 1, 2\]"):
+        run()
+
+
+def test_nan_logits_outside_the_children_do_not_matter_when_scoring_before(setup):
+    model, _, _, trie, input_ids, mask = setup
+    hostile = tiny_model()
+    with torch.no_grad():
+        hostile.lm_head.weight[VOCAB - 1] = float("nan")  # a token no item uses
+    for fn in (beam_search, exact_topk):
+        want, got = fn(model, input_ids, mask, trie, 4), fn(hostile, input_ids, mask, trie, 4)
+        assert torch.equal(got.item_ids, want.item_ids)
+        torch.testing.assert_close(got.scores, want.scores)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"beam_width": True}, TypeError, "beam_width must be an integer >= 1, got the bool"),
+        ({"beam_width": 2.0}, TypeError, "beam_width must be an integer"),
+        ({"length_penalty": float("nan")}, ValueError, "length_penalty must be a finite"),
+        ({"length_penalty": float("-inf")}, ValueError, "length_penalty must be a finite"),
+        ({"length_penalty": True}, TypeError, "length_penalty must be a finite"),
+    ],
+)
+def test_beam_search_rejects_bad_widths_and_penalties(setup, kwargs, error, match):
+    model, _, _, trie, input_ids, mask = setup
+    with pytest.raises(error, match=match):
+        beam_search(model, input_ids, mask, trie, **({"beam_width": 3} | kwargs))
+
+
+def test_exact_topk_rejects_a_bool_k(setup):
+    model, _, _, trie, input_ids, mask = setup
+    with pytest.raises(TypeError, match="k must be an integer >= 1, got the bool"):
+        exact_topk(model, input_ids, mask, trie, k=True)
+
+
+@pytest.mark.parametrize("decoder", ["beam", "exact", "score"])
+def test_prompts_with_bad_token_ids_raise_naming_input_ids(setup, decoder):
+    model, _, ids, trie, input_ids, mask = setup
+    run = {
+        "beam": lambda x: beam_search(model, x, mask, trie, 3),
+        "exact": lambda x: exact_topk(model, x, mask, trie, 3),
+        "score": lambda x: score_items(model, x, mask, trie, torch.tensor([ids[:2]] * 3)),
+    }[decoder]
+    too_big = input_ids.clone()
+    too_big[1, -1] = VOCAB
+    with pytest.raises(ValueError, match=rf"input_ids must be token ids in \[0, {VOCAB}\)"):
+        run(too_big)
+    with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
+        run(input_ids.float())
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_a_trie_smaller_than_the_model_vocabulary_decodes_as_a_full_one(setup, scoring):
+    model, seqs, ids, full, input_ids, mask = setup
+    small = ItemTrie(seqs, ids, EOS)  # as SPEC §4 builds it: vocab_size = largest token + 1
+    assert small.vocab_size < VOCAB
+    items = torch.tensor([ids[:6]] * 3)
+    want = score_items(model, input_ids, mask, full, items, scoring)
+    torch.testing.assert_close(score_items(model, input_ids, mask, small, items, scoring), want)
+    for fn in (beam_search, exact_topk):
+        want, got = fn(model, input_ids, mask, full, 4), fn(model, input_ids, mask, small, 4)
+        assert torch.equal(got.item_ids, want.item_ids)
+        torch.testing.assert_close(got.scores, want.scores)
+
+
+def test_exact_topk_feeds_one_token_per_expansion_on_long_titles():
+    """A long title costs one decoding step per token, never a re-run of its whole prefix."""
+    model = tiny_model()
+    seqs, ids = random_catalogue(12)
+    seqs.append([3 + i % 8 for i in range(60)])  # a 60-token title
+    ids.append(max(ids) + 1)
+    trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+    input_ids, mask = prompts((5, 8))
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        top = exact_topk(model, input_ids, mask, trie, k=len(seqs))  # walks every title
+    finally:
+        hook.remove()
+    assert widths[0] == input_ids.shape[1]  # the prompts' prefill
+    assert set(widths[1:]) == {1}
+    assert (top.item_ids == ids[-1]).any(1).all()  # the long title was reached
