@@ -27,14 +27,19 @@ DEMO_EVAL = 150  # validation and test rows evaluated per run
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
 
 
+def _cell(value, fmt: str) -> str:
+    """A table cell of width 9; "n/a" for a null value (an empty denominator, SPEC §10)."""
+    return f"{'n/a':>9}" if value is None else f"{value:>9{fmt}}"
+
+
 def format_table(results: dict[str, dict]) -> str:
     """A plain-text table of test metrics per loss (PR: the share of pruned positives, lower is
-    better)."""
+    better); "n/a" where a metric has no cases (its count is 0 in metrics.json)."""
     head = f"{'loss':<8}" + "".join(f"{k:>9}" for k in TABLE_KEYS) + f"{'s/epoch':>9}"
     lines = [head, "-" * len(head)]
     for name, m in results.items():
-        row = "".join(f"{m['test'][k]:>9.4f}" for k in TABLE_KEYS)
-        lines.append(f"{name:<8}{row}{m['seconds_per_epoch']:>9.1f}")
+        row = "".join(_cell(m["test"][k], ".4f") for k in TABLE_KEYS)
+        lines.append(f"{name:<8}{row}{_cell(m['seconds_per_epoch'], '.1f')}")
     return "\n".join(lines)
 
 

@@ -104,8 +104,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     model.train(was_training)
     ranks = torch.cat(beam_ranks)
     if not full:
-        out = {f"ndcg@{k}": float(ndcg(ranks, k)) for k in (1, 5, 10)}
-        return out | {f"hr@{k}": float(hit_rate(ranks, k)) for k in (1, 5, 10)}
+        out = {f"ndcg@{k}": ndcg(ranks, k) for k in (1, 5, 10)}
+        return out | {f"hr@{k}": hit_rate(ranks, k) for k in (1, 5, 10)}
     return ranking_metrics(ranks, torch.cat(exact_ranks), torch.cat(violated))
 
 

@@ -1,12 +1,11 @@
 """Ranking metrics of SPEC §5: pure functions of integer ranks.
 
 A rank is the 0-based position of the target in a returned list, -1 when the target is absent.
-Every mean over an empty set is 0.0 (never NaN).
+A mean over an empty set is None (JSON null), never 0.0 or NaN (SPEC §10); `ranking_metrics` puts
+each ratio's denominator beside it (COUNT_KEYS).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -18,6 +17,7 @@ __all__ = [
     "violation_share",
     "ranking_metrics",
     "METRIC_KEYS",
+    "COUNT_KEYS",
 ]
 
 METRIC_KEYS = (
@@ -31,6 +31,9 @@ METRIC_KEYS = (
     "pr@10",
     "violation_share",
 )
+# The denominator of each ratio, reported beside it: test cases (HR, NDCG), cases whose target is
+# in the exact top-K (PR@K), pruned cases (violation share).
+COUNT_KEYS = ("users", "pr@5_count", "pr@10_count", "violation_share_count")
 PRUNED_AT = 10  # the cut-off of `violation_share` in ranking_metrics: pruned = counted in PR@10
 
 
@@ -47,8 +50,9 @@ def _check_k(k) -> int:
     return int(k)
 
 
-def _mean(num: torch.Tensor, den: int) -> float:
-    return float(num.sum()) / den if den > 0 else 0.0
+def _mean(num: torch.Tensor, den: int) -> float | None:
+    """sum(num) / den, None when den = 0 (an empty denominator is not a value of 0)."""
+    return float(num.sum()) / den if den > 0 else None
 
 
 def target_ranks(item_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -73,25 +77,27 @@ def target_ranks(item_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(hit.any(dim=1), first, torch.full_like(first, -1)).to(torch.int64)
 
 
-def hit_rate(ranks, k: int) -> float:
-    """HR@K = (1/U) sum_u [0 <= r_u < K]."""
+def hit_rate(ranks, k: int) -> float | None:
+    """HR@K = (1/U) sum_u [0 <= r_u < K]; None when U = 0."""
     r, k = _ranks(ranks), _check_k(k)
     return _mean(((r >= 0) & (r < k)).double(), r.numel())
 
 
-def ndcg(ranks, k: int) -> float:
-    """NDCG@K = (1/U) sum_u [0 <= r_u < K] / log2(r_u + 2) (one relevant item, so IDCG = 1)."""
+def ndcg(ranks, k: int) -> float | None:
+    """NDCG@K = (1/U) sum_u [0 <= r_u < K] / log2(r_u + 2) (one relevant item, so IDCG = 1);
+    None when U = 0."""
     r, k = _ranks(ranks), _check_k(k)
     hit = (r >= 0) & (r < k)
     gain = torch.where(hit, 1.0 / torch.log2(r.clamp(min=0).double() + 2.0), 0.0)
     return _mean(gain, r.numel())
 
 
-def pruning_rate(exact_ranks, beam_ranks, k: int) -> float:
+def pruning_rate(exact_ranks, beam_ranks, k: int) -> float | None:
     """Incorrect-pruning rate PR@K (paper §4.2).
 
     PR@K = |{u : 0 <= e_u < K and b_u = -1}| / |{u : 0 <= e_u < K}|, with e_u the target's rank
-    in the exact top-K by full score and b_u its rank in the beam-search list.
+    in the exact top-K by full score and b_u its rank in the beam-search list; None when no
+    target is in the exact top-K.
     """
     e, b, k = _ranks(exact_ranks), _ranks(beam_ranks), _check_k(k)
     if e.shape != b.shape:
@@ -100,10 +106,10 @@ def pruning_rate(exact_ranks, beam_ranks, k: int) -> float:
     return _mean((eligible & (b < 0)).double(), int(eligible.sum()))
 
 
-def violation_share(pruned, violated) -> float:
+def violation_share(pruned, violated) -> float | None:
     """Among pruned cases, the share where some target token has margin Δ > 0 (paper Fig. 4).
 
-    share = |{u : pruned_u and violated_u}| / |{u : pruned_u}|.
+    share = |{u : pruned_u and violated_u}| / |{u : pruned_u}|; None when no case is pruned.
     """
     p = torch.as_tensor(pruned).reshape(-1).bool()
     v = torch.as_tensor(violated, device=p.device).reshape(-1).bool()
@@ -112,11 +118,12 @@ def violation_share(pruned, violated) -> float:
     return _mean((p & v).double(), int(p.sum()))
 
 
-def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float]:
-    """The metrics of SPEC §5 as a dict with the keys of METRIC_KEYS.
+def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int | None]:
+    """The metrics of SPEC §5: the keys of METRIC_KEYS, then their denominators (COUNT_KEYS).
 
     HR and NDCG at 1, 5, 10 from the beam-search ranks; PR@5 and PR@10 from both; the violation
-    share among cases pruned at K = 10 (0 <= exact rank < 10 and absent from the beam).
+    share among cases pruned at K = 10 (0 <= exact rank < 10 and absent from the beam). A ratio
+    whose denominator is 0 is None, e.g. {"pr@10": None, ..., "pr@10_count": 0}.
     """
     b, e = _ranks(beam_ranks), _ranks(exact_ranks)
     out = {}
@@ -128,5 +135,10 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float]:
         out[f"pr@{k}"] = pruning_rate(e, b, k)
     pruned = (e >= 0) & (e < PRUNED_AT) & (b < 0)
     out["violation_share"] = violation_share(pruned, violated)
-    assert all(math.isfinite(v) for v in out.values())
-    return {key: out[key] for key in METRIC_KEYS}
+    counts = {
+        "users": b.numel(),
+        "pr@5_count": int(((e >= 0) & (e < 5)).sum()),
+        "pr@10_count": int(((e >= 0) & (e < 10)).sum()),
+        "violation_share_count": int(pruned.sum()),
+    }
+    return {key: out[key] for key in METRIC_KEYS} | counts

@@ -16,6 +16,11 @@ __all__ = ["read_log", "plot_run", "plot_comparison"]
 CURVE_METRICS = ("ndcg@10", "hr@10")  # per-epoch validation runs the beam search only
 
 
+def _value(x) -> float:
+    """A metric as a float to plot; a null metric (empty denominator) is NaN, drawn as a gap."""
+    return float("nan") if x is None else float(x)
+
+
 def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(step records, validation records) of a run's log.jsonl; a resumed run's repeats collapse."""
     steps, valid = {}, {}
@@ -36,7 +41,8 @@ def plot_run(run: str | Path) -> Path:
     ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
     ax_loss.set(xlabel="optimiser step", ylabel="training loss", title="loss")
     for key in CURVE_METRICS:
-        ax_val.plot([v["epoch"] for v in valid], [v[key] for v in valid], marker="o", label=key)
+        ys = [_value(v[key]) for v in valid]
+        ax_val.plot([v["epoch"] for v in valid], ys, marker="o", label=key)
     ax_val.set(xlabel="epoch", ylabel="validation", title="validation (beam search)")
     ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_val.legend()
@@ -48,15 +54,19 @@ def plot_run(run: str | Path) -> Path:
 
 
 def plot_comparison(results: dict[str, dict], out: str | Path, title: str = "") -> Path:
-    """Bar chart of test metrics per loss; ``results`` maps loss name -> metrics.json's "test"."""
+    """Bar chart of test metrics per loss; ``results`` maps loss name -> metrics.json's "test".
+
+    A null metric (no cases) has no bar and the label "n/a"."""
     keys = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
     names = list(results)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.8 / max(1, len(names))
     for j, name in enumerate(names):
         xs = [i + j * width for i in range(len(keys))]
-        bars = ax.bar(xs, [results[name][k] for k in keys], width, label=name)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        values = [results[name][k] for k in keys]
+        bars = ax.bar(xs, [_value(v) for v in values], width, label=name)
+        labels = ["n/a" if v is None else f"{v:.2f}" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize=7)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylabel="test value", title=title or "test metrics (PR: lower is better)")
     ax.legend()

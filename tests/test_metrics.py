@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bear.metrics import (
+    COUNT_KEYS,
     METRIC_KEYS,
     hit_rate,
     ndcg,
@@ -41,14 +42,14 @@ def test_pruning_rate_by_hand():
     assert pruning_rate(exact, beam, 5) == pytest.approx(1 / 3)
     # K=10: eligible 0, 1, 2, 4; pruned 0 and 2 -> 2/4
     assert pruning_rate(exact, beam, 10) == 0.5
-    assert pruning_rate(torch.tensor([-1]), torch.tensor([-1]), 5) == 0.0  # empty -> 0
+    assert pruning_rate(torch.tensor([-1]), torch.tensor([-1]), 5) is None  # empty -> None
 
 
 def test_violation_share_by_hand():
     pruned = torch.tensor([True, True, False, True])
     violated = torch.tensor([True, False, True, True])
     assert violation_share(pruned, violated) == pytest.approx(2 / 3)
-    assert violation_share(torch.tensor([False]), torch.tensor([True])) == 0.0
+    assert violation_share(torch.tensor([False]), torch.tensor([True])) is None
 
 
 def test_ranking_metrics_dict():
@@ -56,13 +57,30 @@ def test_ranking_metrics_dict():
     exact = torch.tensor([0, 2, 4, 12])
     violated = torch.tensor([False, True, False, True])
     m = ranking_metrics(beam, exact, violated)
-    assert tuple(m) == METRIC_KEYS
+    assert tuple(m) == METRIC_KEYS + COUNT_KEYS
     assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["hr@10"] == 0.5
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 4)
     assert m["pr@5"] == pytest.approx(1 / 3) and m["pr@10"] == pytest.approx(1 / 3)
     assert m["violation_share"] == 1.0  # only user 1 is pruned (user 3: exact rank 12 >= 10)
-    empty = ranking_metrics(torch.tensor([-1]), torch.tensor([-1]), torch.tensor([False]))
-    assert all(v == 0.0 for v in empty.values())
+    assert (m["users"], m["pr@5_count"], m["pr@10_count"], m["violation_share_count"]) == (
+        4,
+        3,
+        3,
+        1,
+    )
+
+
+def test_empty_denominators_are_none_with_their_count():
+    # SPEC §10: no target in the exact top-K, so PR@K and the violation share have no cases
+    m = ranking_metrics(torch.tensor([-1]), torch.tensor([-1]), torch.tensor([False]))
+    assert m["hr@10"] == 0.0 and m["ndcg@10"] == 0.0 and m["users"] == 1
+    for key in ("pr@5", "pr@10", "violation_share"):
+        assert m[key] is None and m[f"{key}_count"] == 0
+    none = ranking_metrics(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
+                           torch.tensor([], dtype=torch.bool))  # fmt: skip
+    assert none["users"] == 0 and all(none[key] is None for key in METRIC_KEYS)
+    assert hit_rate(torch.tensor([], dtype=torch.long), 5) is None
+    assert ndcg(torch.tensor([], dtype=torch.long), 5) is None
 
 
 def test_bad_inputs_raise():
@@ -72,3 +90,14 @@ def test_bad_inputs_raise():
         ndcg(torch.tensor([0.5]), 5)
     with pytest.raises(ValueError, match="differ"):
         pruning_rate(torch.tensor([0, 1]), torch.tensor([0]), 5)
+
+
+def test_reports_show_null_metrics_as_na(tmp_path):
+    from bear.demo import format_table
+    from bear.plots import plot_comparison
+
+    test = ranking_metrics(torch.tensor([0, 3]), torch.tensor([-1, -1]), torch.tensor([0, 0]))
+    assert test["pr@10"] is None and test["pr@10_count"] == 0
+    table = format_table({"sft": {"test": test, "seconds_per_epoch": None}})
+    assert "n/a" in table.splitlines()[-1] and "0.0000" not in table.splitlines()[-1]
+    assert plot_comparison({"sft": test}, tmp_path / "plot.png").is_file()
