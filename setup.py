@@ -25,7 +25,14 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.1"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "triton>=3.1", "trl>=1.0,<2"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "hypothesis>=6.100",
+            "ruff>=0.6",
+            "triton>=3.1",
+            "trl>=1.0,<2",
+        ],
     },
     entry_points={"console_scripts": ["bear=bear.cli:main"]},
 )
