@@ -3,10 +3,11 @@
 - `CopiedKVCache`: one cache row per beam, rows copied and reordered every step (any model).
 - `TreeKVCache`: one cache row per user; the beams' tokens are appended side by side and a 4-D
   attention mask (tree attention) keeps each beam to its own ancestors (sdpa / eager attention).
-- `PromptKVCache`: the prompts' cache kept intact; each batch of continuations runs on a copy.
+- `PrefixKVCache`: the prompts' cache plus one stored entry per fed prefix token, so that any
+  prefix extends by one token (best-first search).
 
-Only public cache API is used (`Cache.batch_select_indices`); no private Hugging Face method is
-overridden.
+Only public cache API is used (`Cache.batch_select_indices`, `Cache.update`, the layers' `keys`
+and `values`); no private Hugging Face method is overridden.
 """
 
 from __future__ import annotations
@@ -304,10 +305,7 @@ def _layer_tensors(cache, length: int):
     ValueError when a layer does not hold all `length` positions (a sliding-window or
     quantised cache): PrefixKVCache needs them all.
     """
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        pairs = [(layer.keys, layer.values) for layer in cache.layers]
-    else:
-        pairs = list(zip(cache.key_cache, cache.value_cache, strict=True))
+    pairs = [(layer.keys, layer.values) for layer in cache.layers]  # transformers >= 4.56
     for k, _ in pairs:
         if k is None or k.dim() != 4 or k.shape[2] != length:
             raise ValueError(
