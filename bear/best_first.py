@@ -16,30 +16,7 @@ from bear.decode_common import (
 from bear.kv_cache import PrefixKVCache
 from bear.trie import ItemTrie
 
-__all__ = ["exact_topk", "prefix_tokens"]
-
-
-def prefix_tokens(trie: ItemTrie, nodes: torch.Tensor):
-    """Tokens from the root to each node.
-
-    Args:
-        nodes: (R,) trie node ids.
-
-    Returns:
-        tokens (R, D) left-aligned, -1 padded (D = the deepest node's depth, at least 1), and
-        depth (R,).
-    """
-    depth = trie.node_depth[nodes]
-    D = int(depth.max()) if nodes.numel() else 0
-    out = torch.full((nodes.shape[0], max(D, 1)), -1, dtype=torch.int64, device=nodes.device)
-    rows = torch.arange(nodes.shape[0], device=nodes.device)
-    cur = nodes
-    for _ in range(D):
-        d = trie.node_depth[cur]
-        live = d > 0
-        out[rows[live], d[live] - 1] = trie.node_token[cur[live]]
-        cur = torch.where(live, trie.node_parent[cur].clamp(min=0), cur)
-    return out, depth
+__all__ = ["exact_topk"]
 
 
 @torch.no_grad()

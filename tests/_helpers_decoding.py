@@ -64,3 +64,26 @@ def prompts(lengths, seed: int = 2):
 def build(num: int = 40, seed: int = 1):
     seqs, ids = random_catalogue(num, seed)
     return seqs, ids, ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+
+
+def prefix_tokens(trie: ItemTrie, nodes: torch.Tensor):
+    """Tokens from the root to each node (the reference simulation's teacher-forcing input).
+
+    Args:
+        nodes: (R,) trie node ids.
+
+    Returns:
+        tokens (R, D) left-aligned, -1 padded (D = the deepest node's depth, at least 1), and
+        depth (R,).
+    """
+    depth = trie.node_depth[nodes]
+    D = int(depth.max()) if nodes.numel() else 0
+    out = torch.full((nodes.shape[0], max(D, 1)), -1, dtype=torch.int64, device=nodes.device)
+    rows = torch.arange(nodes.shape[0], device=nodes.device)
+    cur = nodes
+    for _ in range(D):
+        d = trie.node_depth[cur]
+        live = d > 0
+        out[rows[live], d[live] - 1] = trie.node_token[cur[live]]
+        cur = torch.where(live, trie.node_parent[cur].clamp(min=0), cur)
+    return out, depth

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import bear.beam
-from bear.best_first import prefix_tokens
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
 from bear.kv_cache import check_tree_attention
 from bear.protocol import PROTOCOLS
 from bear.teacher_forcing import continuation_logits
 from bear.trie import ItemTrie
-from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
+from tests._helpers_decoding import EOS, PAD, VOCAB, build, prefix_tokens, prompts, tiny_model
 
 LENGTHS = (7, 4, 9)  # prompts of different lengths, left-padded into one batch
 
