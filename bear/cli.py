@@ -9,7 +9,7 @@ import sys
 import types
 import typing
 
-from bear.config import TrainConfig
+from bear.config import TrainConfig, flag_name
 from bear.protocol import PROTOCOLS
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
@@ -43,7 +43,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     """
     hints = typing.get_type_hints(config_cls)
     for f in _cli_fields(config_cls):
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = flag_name(f)
         kind = hints[f.name]
         if kind is bool:
             action = "store_false" if f.default else "store_true"
@@ -115,11 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; input errors (bad data, run-folder conflicts) print one line, exit 2."""
+    """Run one command; errors that name their cause (bad input or flag, run-folder conflicts,
+    unreadable files, a non-finite training loss) print one line and exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, OSError, FloatingPointError) as exc:
         print(f"bear {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

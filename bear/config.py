@@ -4,7 +4,11 @@ Each field carries its help text in ``metadata`` and the command line (``bear.cl
 ``train`` flag per field from it, so a default or a help text is written once, here. Metadata keys:
 
 - ``help``: what the field means (the flag's help text; the default is appended by the CLI);
-- ``positive``: an integer that must be >= 1 (checked when the flag is parsed);
+- ``positive``: an integer that must be >= 1 (checked when the flag is parsed and by the config);
+- ``at_least`` / ``above`` / ``at_most``: bounds of a number, which must also be finite (checked
+  when the config is built, so a bad value fails before any work);
+- ``resume_may_change``: ``True`` for a setting that cannot change the trained weights, so
+  ``--resume`` accepts a new value (every other setting must equal the run's config.json);
 - ``choices``: the allowed values;
 - ``flag``: the flag's name where it is not ``--field-name`` (a boolean that defaults to True is
   cleared by a ``--no-...`` flag);
@@ -14,13 +18,14 @@ Each field carries its help text in ``metadata`` and the command line (``bear.cl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import operator
+from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
 from bear.losses import LOSSES, NORMALISATIONS, LossSettings
 from bear.protocol import PROTOCOLS, test_file_for
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "flag_name"]
 
 
 def _setting(default: Any, help: str, **cli: Any):
@@ -28,12 +33,47 @@ def _setting(default: Any, help: str, **cli: Any):
     return field(default=default, metadata={"help": help, **cli})
 
 
+def flag_name(f: Field) -> str:
+    """The command-line flag of a config field (``--field-name`` unless metadata names another)."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+# metadata key -> (how the bound reads, the test a value must pass)
+_BOUNDS = {
+    "at_least": (">=", operator.ge),
+    "above": (">", operator.gt),
+    "at_most": ("<=", operator.le),
+}
+
+
+def _check_field(f: Field, value: Any) -> None:
+    """Raise ValueError/TypeError if ``value`` breaks the bounds in ``f.metadata``."""
+    if value is None:
+        return
+    where = flag_name(f) if f.metadata.get("cli", True) else f.name
+    if f.metadata.get("positive"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: got {value!r}, expected an integer >= 1")
+        if value < 1:
+            raise ValueError(f"{where}: got {value}, expected an integer >= 1")
+    bounds = [(*_BOUNDS[key], f.metadata[key]) for key in _BOUNDS if key in f.metadata]
+    if not bounds:
+        return
+    expected = "a finite number " + " and ".join(f"{op} {limit}" for op, _, limit in bounds)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: got {value!r}, expected {expected}")
+    if not (math.isfinite(value) and all(test(value, limit) for _, test, limit in bounds)):
+        raise ValueError(f"{where}: got {value}, expected {expected} ({f.metadata['help']})")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved as RUN/config.json."""
 
     data: str = field(metadata={"help": "dataset folder (upstream format)"})
-    out: str = field(metadata={"help": "run folder (checkpoints, log, metrics.json)"})
+    out: str = field(
+        metadata={"help": "run folder (checkpoints, log, metrics.json)", "resume_may_change": True}
+    )
     loss: str = _setting("bear", "training loss", choices=LOSSES)
     protocol: str = _setting(
         "ours",
@@ -50,10 +90,16 @@ class TrainConfig:
     )
     epochs: int = _setting(3, "training epochs: passes over the training rows", positive=True)
     max_steps: int | None = _setting(
-        None, "stop after this many optimiser steps (the schedule keeps --epochs)", positive=True
+        None,
+        "stop after this many optimiser steps (the schedule keeps --epochs)",
+        positive=True,
+        resume_may_change=True,
     )
     limit_eval: int | None = _setting(
-        None, "evaluate on the first N validation and test rows", positive=True
+        None,
+        "evaluate on the first N validation and test rows",
+        positive=True,
+        resume_may_change=True,
     )
     limit_train: int | None = _setting(None, "train on the first N training rows", positive=True)
     seed: int = _setting(0, "seed of model init and data order")
@@ -62,18 +108,21 @@ class TrainConfig:
         1.0,
         "λ of the regulariser (bear, beam-sim); for bear-upstream, upstream's topk_weight is "
         "λ/ξ unless --topk-weight is given",
+        at_least=0.0,
     )
     reg_temperature: float = _setting(
-        1.0, "ξ of the regulariser (upstream's topk_tau for bear-upstream)"
+        1.0, "ξ of the regulariser (upstream's topk_tau for bear-upstream)", above=0.0
     )
     topk_weight: float | None = _setting(
-        None, "bear-upstream only: upstream's topk_weight λ_u itself (default λ/ξ)"
+        None, "bear-upstream only: upstream's topk_weight λ_u itself (default λ/ξ)", at_least=0.0
     )
     topk_tau: float | None = _setting(
-        None, "bear-upstream only: upstream's topk_tau ξ (replaces --reg-temperature)"
+        None, "bear-upstream only: upstream's topk_tau ξ (replaces --reg-temperature)", above=0.0
     )
     temperature: float = _setting(
-        1.0, "τ: the loss's softmax is over z/τ (msl, bear, bear-upstream; upstream's --tau)"
+        1.0,
+        "τ: the loss's softmax is over z/τ (msl, bear, bear-upstream; upstream's --tau)",
+        above=0.0,
     )
     normalisation: str | None = _setting(
         None,
@@ -88,7 +137,9 @@ class TrainConfig:
         "α of beam search at evaluation: item score / length^α "
         "(default: the protocol's, 0 for ours, 1.0 for upstream)",
     )
-    lr: float | None = _setting(None, "peak AdamW learning rate (default 1e-3 tiny, 1e-4 LoRA)")
+    lr: float | None = _setting(
+        None, "peak AdamW learning rate (default 1e-3 tiny, 1e-4 LoRA)", above=0.0
+    )
     batch_size: int = _setting(
         32, "examples per optimiser step (all ranks together)", positive=True
     )
@@ -98,10 +149,14 @@ class TrainConfig:
         positive=True,
     )
     warmup_ratio: float = _setting(
-        0.05, "share of steps with a linear warm-up, then linear decay to 0", cli=False
+        0.05,
+        "share of steps with a linear warm-up, then linear decay to 0",
+        cli=False,
+        at_least=0.0,
+        at_most=1.0,
     )
-    weight_decay: float = _setting(0.0, "AdamW weight decay", cli=False)
-    max_grad_norm: float = _setting(1.0, "gradient clipping; 0 disables", cli=False)
+    weight_decay: float = _setting(0.0, "AdamW weight decay", cli=False, at_least=0.0)
+    max_grad_norm: float = _setting(1.0, "gradient clipping; 0 disables", cli=False, at_least=0.0)
     max_history: int = _setting(10, "newest history items per prompt (upstream: 10)", positive=True)
     train_file: str | None = _setting(
         None, "training CSV inside --data (default: train.csv; upstream: train_10000.csv)"
@@ -126,12 +181,32 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = _setting(
         ("q_proj", "v_proj"), "LoRA target modules for a checkpoint model"
     )
-    eval_batch_size: int = _setting(32, "prompts per decoding batch", positive=True)
+    eval_batch_size: int = _setting(
+        32, "prompts per decoding batch", positive=True, resume_may_change=True
+    )
     device: str = _setting("auto", "auto (cuda if available), cpu or cuda")
-    overwrite: bool = _setting(False, "reuse a non-empty run folder (its contents are replaced)")
-    resume: bool = _setting(False, "continue from RUN/last.pt")
+    overwrite: bool = _setting(
+        False,
+        "reuse a folder that holds a bear run: the files bear wrote there are replaced",
+        resume_may_change=True,
+    )
+    resume: bool = _setting(
+        False,
+        "continue the run in --out from RUN/last.pt (from its start if killed before the first "
+        "checkpoint); every setting that can change the weights must be the run's",
+        resume_may_change=True,
+    )
+    save_every: int = _setting(
+        100,
+        "also write RUN/last.pt every N optimiser steps (it is written at each epoch end)",
+        positive=True,
+        resume_may_change=True,
+    )
     progress: bool = _setting(
-        True, "tqdm progress bars; --no-progress hides them", flag="--no-progress"
+        True,
+        "tqdm progress bars; --no-progress hides them",
+        flag="--no-progress",
+        resume_may_change=True,
     )
     validate: bool = _setting(
         True,
@@ -140,15 +215,15 @@ class TrainConfig:
     )
     extra: dict = field(
         default_factory=dict,
-        metadata={"help": "free-form notes stored with the config", "cli": False},
-    )
+        metadata={"help": "free-form notes stored with the config", "cli": False,
+                  "resume_may_change": True},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss: got {self.loss!r}, expected one of {LOSSES}")
-        for name in ("epochs", "batch_size", "beam_width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: got {getattr(self, name)}, expected >= 1")
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
         if self.lr is None:
             self.lr = 1e-3 if self.model == "tiny" else 1e-4
         if self.micro_batch_size is None:

@@ -25,6 +25,7 @@ from bear.run import (
     resolve_device,
     write_json_atomic,
 )
+from bear.run_folder import read_checkpoint
 from bear_kernels import ce_margin, counted_rows
 
 __all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
@@ -151,8 +152,8 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
     scoring = scoring_for(cfg.loss)
 
     def test(checkpoint: Path, split: str = "test") -> tuple[dict, dict]:
-        state = torch.load(checkpoint, map_location=dev, weights_only=False)
-        load_weights(model, state["model"])
+        state = read_checkpoint(checkpoint, fix="train the run to the end first")
+        load_weights(model, state["model"], source=str(checkpoint))
         return state, evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
                                      cfg.eval_batch_size, dev,
                                      length_penalty=cfg.length_penalty)  # fmt: skip

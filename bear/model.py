@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -13,6 +14,7 @@ __all__ = [
     "TinyConfig",
     "LoraSettings",
     "build_tiny_model",
+    "check_model_folder",
     "load_pretrained",
     "trainable_state",
     "response_logits",
@@ -61,6 +63,38 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyConfig,
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+# What a Hugging Face checkpoint folder holds: its config, weights (one file or a sharded index)
+# and a tokenizer (a fast tokenizer.json, or a slow tokenizer's vocabulary / sentencepiece model).
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")  # fmt: skip
+CHECKPOINT_TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
+                        "vocab.txt")  # fmt: skip
+
+
+def check_model_folder(path: str | Path) -> None:
+    """Raise unless ``path`` is a local Hugging Face checkpoint folder that ``load_pretrained`` can
+    read: CHECKPOINT_CONFIG, one of CHECKPOINT_WEIGHTS and one of CHECKPOINT_TOKENIZER.
+
+    Raises FileNotFoundError if ``path`` is not a folder, ValueError naming what is missing.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {path}: not 'tiny' and not a local folder")
+    missing = []
+    if not (folder / CHECKPOINT_CONFIG).is_file():
+        missing.append(CHECKPOINT_CONFIG)
+    for kind, names in (("weights", CHECKPOINT_WEIGHTS), ("tokenizer", CHECKPOINT_TOKENIZER)):
+        if not any((folder / name).is_file() for name in names):
+            missing.append(f"{kind} ({' or '.join(names)})")
+    if missing:
+        raise ValueError(
+            f"--model {path}: not a Hugging Face checkpoint folder, it lacks {'; '.join(missing)}; "
+            "a checkpoint folder holds config.json, the weights and the tokenizer files, as "
+            "save_pretrained writes them"
+        )
 
 
 def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.float32):

@@ -1,9 +1,9 @@
 """The run folder: what a run is built from (``Setup``), how its folder is prepared, and its files.
 
 ``build_setup`` turns a ``TrainConfig`` into data, tokenizer, model, item tokens and trie; training
-and ``python -m bear evaluate`` both start from it. ``prepare_run`` applies the folder rules
-(``--overwrite`` replaces only a bear run, ``--resume`` refuses changed settings). Checkpoints and
-JSON files are written atomically (a temporary file in the same folder, then a rename).
+and ``python -m bear evaluate`` both start from it; the folder rules are ``bear.run_folder``.
+Checkpoints and JSON files are written atomically (a temporary file in the same folder, then a
+rename).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +20,18 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bear.config import TrainConfig
 from bear.data import Dataset, load_dataset
+from bear.faults import fault_point
 from bear.items import check_in_context, encode_prompts, item_sequences
-from bear.model import LoraSettings, TinyConfig, build_tiny_model, load_pretrained
+from bear.model import (
+    LoraSettings,
+    TinyConfig,
+    build_tiny_model,
+    check_model_folder,
+    load_pretrained,
+)
 from bear.prompts import format_prompt, format_response
 from bear.protocol import PROTOCOLS
+from bear.run_folder import read_saved_config, temp_file_beside
 from bear.tokenizer import train_tokenizer
 from bear.trie import ItemTrie
 
@@ -33,7 +39,6 @@ __all__ = [
     "Setup",
     "build_setup",
     "resolve_device",
-    "prepare_run",
     "load_run_config",
     "write_json_atomic",
     "save_atomic",
@@ -44,9 +49,6 @@ __all__ = [
 
 TOKENIZER_SAMPLE = 2000  # training prompts the tiny tokenizer learns from (plus every title)
 CONTEXT_CHECK = 512  # training rows whose in-context tokenisation is verified at start
-RESUME_KEYS = ("data", "loss", "model", "seed", "batch_size", "lr", "epochs", "beam_width",
-               "protocol", "train_file", "temperature", "normalisation", "topk_weight", "topk_tau",
-               "instruction", "history_prefix")  # fmt: skip
 
 
 @dataclass
@@ -64,12 +66,28 @@ class Setup:
 
 
 def resolve_device(device: str) -> torch.device:
-    """The torch device of ``--device``: "auto" is this rank's GPU (LOCAL_RANK) if any, else CPU."""
+    """The torch device of ``--device``: "auto" is this rank's GPU (LOCAL_RANK) if any, else CPU.
+
+    Raises ValueError for a name that is not cpu, cuda or cuda:N, or a GPU this machine lacks.
+    """
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (resolved.index or 0):
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s); "
+                "use --device cpu or auto"
+            )
+    return resolved
 
 
 def _tokenizer_texts(data: Dataset) -> list[str]:
@@ -82,8 +100,9 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
     """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie.
 
     ``fresh=False`` reuses the tiny tokenizer saved in RUN/tokenizer when there is one.
-    Raises FileNotFoundError for a ``--model`` that is neither "tiny" nor a folder, and the data
-    errors of ``bear.data`` / ``bear.items``.
+    Raises FileNotFoundError / ValueError for a ``--model`` that is neither "tiny" nor a
+    checkpoint folder (``bear.model.check_model_folder``), and the data errors of ``bear.data`` /
+    ``bear.items``.
     """
     protocol = PROTOCOLS[cfg.protocol]
     data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history,
@@ -107,8 +126,7 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
             len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
         )
     else:
-        if not Path(cfg.model).is_dir():
-            raise FileNotFoundError(f"--model {cfg.model}: not 'tiny' and not a local folder")
+        check_model_folder(cfg.model)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         model, tokenizer = load_pretrained(cfg.model, LoraSettings(target_modules=cfg.lora_targets))
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -134,75 +152,55 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
     )
 
 
-def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
-    """Check the run folder against ``--resume`` / ``--overwrite`` and create it (rank 0).
-
-    ``--resume`` needs RUN/last.pt and the settings of RESUME_KEYS unchanged (ValueError names the
-    setting and both values). Otherwise a non-empty folder needs ``--overwrite`` and must hold a
-    bear run (RUN/config.json); rank 0 then empties it. Raises FileNotFoundError /
-    FileExistsError / ValueError; nothing is deleted before every check passed.
-    """
-    if cfg.resume:
-        if not (run / "last.pt").is_file():
-            raise FileNotFoundError(f"--resume: {run / 'last.pt'} missing; nothing to resume")
-        saved = json.loads((run / "config.json").read_text())
-        for key in RESUME_KEYS:
-            if saved.get(key) != getattr(cfg, key):
-                raise ValueError(
-                    f"--resume: {key} is {getattr(cfg, key)!r} but the run used {saved.get(key)!r}"
-                )
-        return
-    if run.exists() and any(run.iterdir()):
-        if not cfg.overwrite:
-            raise FileExistsError(f"{run}: exists and is not empty; pass --overwrite to reuse it")
-        if not (run / "config.json").is_file():
-            raise FileExistsError(f"{run}: not a bear run folder (no config.json); not deleting it")
-        if rank == 0:
-            shutil.rmtree(run)
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-
-
 def load_run_config(run: Path) -> TrainConfig:
     """The ``TrainConfig`` saved in RUN/config.json (keys this version does not know are dropped).
 
-    Raises FileNotFoundError if RUN/config.json is missing.
+    Raises FileNotFoundError if RUN/config.json is missing, ValueError if it is not a JSON object.
     """
-    config_path = run / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; is {run} a bear run folder?")
-    saved = json.loads(config_path.read_text())
+    saved = read_saved_config(run, fix=f"is {run} a bear run folder?")
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write ``obj`` as indented JSON to a temporary file beside ``path``, then rename it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    _replace_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
 def save_atomic(path: Path, obj) -> None:
     """torch.save to a temporary file in the same folder, then rename (never a torn checkpoint)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    _replace_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _replace_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path`` (``bear.run_folder.temp_file_beside``),
+    then rename it onto ``path``; the temporary file is removed if the write fails."""
+    tmp = temp_file_beside(path)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy a checkpoint's parameters (``bear.model.trainable_state``) into ``model`` in place.
 
-    Raises ValueError if the checkpoint names a parameter the model does not have.
+    Raises ValueError naming ``source`` (the checkpoint file) if it names a parameter the model
+    does not have or one of another shape (a checkpoint of another model size).
     """
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
-        raise ValueError(f"checkpoint: parameters {missing[:3]} not in the model")
+        raise ValueError(f"{source}: parameters {missing[:3]} not in the model")
+    for n, v in state.items():
+        if tuple(v.shape) != tuple(params[n].shape):
+            raise ValueError(
+                f"{source}: parameter {n} has shape {tuple(v.shape)}, the model's is "
+                f"{tuple(params[n].shape)}; the checkpoint belongs to another model size"
+            )
     with torch.no_grad():
         for n, v in state.items():
             params[n].copy_(v.to(params[n].device))

@@ -6,7 +6,10 @@ its row terms divided by the counted rows of the *whole step* (all-reduced acros
 gradient equals one large batch whatever the accumulation and the number of processes. Gradients are
 all-reduced once per step (the ``no_sync`` + one all-reduce of DDP). Each epoch ends with a
 validation by constrained beam search; the best epoch by validation NDCG@10 is kept and tested.
-The run's config is ``bear.config.TrainConfig``; its setup, folder and files, ``bear.run``.
+RUN/last.pt is written at each epoch end and every ``save_every`` steps, so a killed run resumes to
+the weights of an uninterrupted one; a non-finite loss stops training before its update.
+The run's config is ``bear.config.TrainConfig``; its setup and files, ``bear.run``; the folder
+rules, ``bear.run_folder``.
 """
 
 from __future__ import annotations
@@ -23,24 +26,26 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bear.config import TrainConfig
+from bear.data import VALID_FRACTION
 from bear.decoding import beam_thresholds
 from bear.evaluate import evaluate_split
+from bear.faults import fault_point
 from bear.items import collate, right_align
 from bear.losses import UPSTREAM_EPS, batch_loss, num_counted_rows, uses_trie_mask
 from bear.model import autocast_for, response_logits, scoring_for, trainable_state
 from bear.plots import plot_run
-from bear.protocol import epoch_checkpoint, resolved_settings, upstream_metrics
+from bear.protocol import PROTOCOLS, epoch_checkpoint, resolved_settings, upstream_metrics
 from bear.run import (
     Setup,
     build_setup,
     load_weights,
-    prepare_run,
     resolve_device,
     rng_state,
     save_atomic,
     set_rng_state,
     write_json_atomic,
 )
+from bear.run_folder import LAST_KEYS, check_run_folder, prepare_run, read_checkpoint
 
 __all__ = ["train", "accumulate_gradients"]
 
@@ -130,8 +135,43 @@ def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=F
     return float(step_loss)
 
 
+def _check_valid_rows(cfg: TrainConfig, setup: Setup) -> None:
+    if cfg.validate and PROTOCOLS[cfg.protocol].validation and not setup.targets["valid"]:
+        raise ValueError(
+            f"{Path(cfg.data) / cfg.train_file}: {len(setup.targets['train'])} training row(s) "
+            f"leave no validation rows (the last {VALID_FRACTION:.0%} by timestamp, or "
+            "valid.csv); add rows or a valid.csv, or pass --no-eval"
+        )
+
+
+def _read_resume_point(cfg: TrainConfig, run: Path, model) -> dict | None:
+    """RUN/last.pt for ``--resume``, its weights loaded into ``model``; None without --resume or
+    when the run was killed before its first checkpoint (it then restarts from step 0)."""
+    last = run / "last.pt"
+    if not cfg.resume or not last.is_file():
+        return None
+    fix = "delete it and --resume restarts the run from its first step"
+    ckpt = read_checkpoint(last, LAST_KEYS, fix)
+    load_weights(model, ckpt["model"], source=str(last))
+    return ckpt
+
+
+def _non_finite_loss(step: int, loss: float, run: Path, saved_step: int | None):
+    kept = "no checkpoint was written yet"
+    if saved_step is not None:
+        kept = f"{run / 'last.pt'} keeps the last good state (step {saved_step})"
+    return FloatingPointError(
+        f"step {step}: the training loss is {loss}; training stopped before applying it and "
+        f"{kept}; lower --lr or check the data"
+    )
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train, validate each epoch, test the best epoch; return RUN/metrics.json's content."""
+    """Train, validate each epoch, test the best epoch; return RUN/metrics.json's content.
+
+    Every input is checked before the run folder is touched (ValueError / OSError naming the
+    setting or file). Raises FloatingPointError at a non-finite loss (the last checkpoint stays).
+    """
     world = int(os.environ.get("WORLD_SIZE", 1))
     distributed = world > 1
     device = resolve_device(cfg.device)
@@ -140,17 +180,19 @@ def train(cfg: TrainConfig) -> dict:
     rank = dist.get_rank() if distributed else 0
     run = Path(cfg.out)
     # Everything that can fail on the input runs before the run folder is touched.
+    check_run_folder(cfg, run)
     setup = build_setup(cfg, run, fresh=not cfg.resume)
+    _check_valid_rows(cfg, setup)
+    resume_from = _read_resume_point(cfg, run, setup.model)
     prepare_run(cfg, run, rank)
     if distributed:
         dist.barrier()
     log = _Log(run / "log.jsonl", rank == 0)
-    if rank == 0 and not cfg.resume:
-        write_json_atomic(
-            run / "config.json", asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
-        )
-        if cfg.model == "tiny":
+    if rank == 0:
+        if cfg.model == "tiny" and not cfg.resume:
             setup.tokenizer.save_pretrained(run / "tokenizer")
+        config = asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
+        write_json_atomic(run / "config.json", config)  # last: the run's start is complete
     log(event="config", world_size=world, resolved_device=str(device), **asdict(cfg))
     if rank == 0:
         print(json.dumps({"config": asdict(cfg), "world_size": world}, default=str), flush=True)
@@ -169,23 +211,27 @@ def train(cfg: TrainConfig) -> dict:
     )
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
              "epoch_seconds": []}  # fmt: skip
-    if cfg.resume:
-        ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-        load_weights(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        (run / "partial.pt").unlink(missing_ok=True)
+    if resume_from is not None:
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        set_rng_state(resume_from["rng"])
+        state = resume_from["state"]
     else:
         torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        log(event="resume", step=state["global_step"], from_checkpoint=resume_from is not None)
+        if rank == 0:
+            (run / "partial.pt").unlink(missing_ok=True)
+    saved_step = state["global_step"] if resume_from is not None else None
 
     def save_last():
+        nonlocal saved_step
         if rank == 0:
             save_atomic(run / "last.pt", {"model": trainable_state(model),
                                           "optimizer": optimizer.state_dict(),
                                           "scheduler": scheduler.state_dict(),
                                           "rng": rng_state(), "state": state})  # fmt: skip
+        saved_step = state["global_step"]
 
     scoring = scoring_for(cfg.loss)
     stopped = False
@@ -202,6 +248,9 @@ def train(cfg: TrainConfig) -> dict:
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
             micro = _micro_batches(setup, idx[rank::world], cfg, trie_dev, device)
             step_loss = accumulate_gradients(model, micro, settings, trie_dev, device, distributed)
+            fault_point(f"backward:{state['global_step'] + 1}")
+            if not math.isfinite(step_loss):
+                raise _non_finite_loss(state["global_step"] + 1, step_loss, run, saved_step)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -212,6 +261,9 @@ def train(cfg: TrainConfig) -> dict:
             log(event="step", step=state["global_step"], epoch=epoch + (s + 1) / steps_per_epoch,
                 loss=float(step_loss), lr=scheduler.get_last_lr()[0])  # fmt: skip
             bar.set_postfix(loss=f"{float(step_loss):.4f}")
+            fault_point(f"step:{state['global_step']}")
+            if state["global_step"] % cfg.save_every == 0 and s + 1 < steps_per_epoch:
+                save_last()  # mid-epoch; the epoch's end saves after validation
             if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
                 stopped = state["step_in_epoch"] < steps_per_epoch
                 break
@@ -311,9 +363,9 @@ def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_
                 save_atomic(run / checkpoint, {"model": trainable_state(model), "epoch": epoch})
     if distributed:
         dist.barrier()
-    weights = torch.load(run / checkpoint, map_location="cpu", weights_only=False)["model"]
+    weights = read_checkpoint(run / checkpoint)["model"]
     final = trainable_state(model)
-    load_weights(model, weights)
+    load_weights(model, weights, source=str(run / checkpoint))
     args = (model, setup, cfg, scoring, device, rank, distributed)
     valid = _validate(*args, split="valid", full=True)
     test = _validate(*args, split="test", full=True)

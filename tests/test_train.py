@@ -95,7 +95,7 @@ def test_resume_continues_to_the_uninterrupted_result(synth, tmp_path):
     assert {"config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png"} <= {
         p.name for p in run.iterdir()
     }
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".bear-run"]  # no temp
     metrics = json.loads((run / "metrics.json").read_text())
     keys = {"ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "pr@5", "pr@10"}
     counts = {"users", "pr@5_count", "pr@10_count", "violation_share_count"}  # denominators

@@ -1,0 +1,212 @@
+"""The run folder's rules (SPEC §10): what ``--overwrite`` may delete, what ``--resume`` accepts,
+temporary files, and checkpoints read with errors that name the file.
+
+A folder is a bear run when it holds the marker file ``.bear-run``, written when the run is
+created. ``--overwrite`` replaces only such a folder, and only the files bear writes there
+(``RUN_FILES``); anything else in it stays. Every check runs before anything is touched.
+``--resume`` refuses a changed setting unless its ``TrainConfig`` field carries
+``metadata["resume_may_change"]`` (settings that cannot change the trained weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import MISSING, Field, asdict, fields
+from pathlib import Path
+
+import torch
+
+from bear.config import TrainConfig, flag_name
+
+__all__ = [
+    "MARKER",
+    "RUN_FILES",
+    "RUN_FILE_PATTERNS",
+    "TEMP_SUFFIX",
+    "check_run_folder",
+    "prepare_run",
+    "resume_conflicts",
+    "read_saved_config",
+    "temp_file_beside",
+    "remove_temp_files",
+    "read_checkpoint",
+    "LAST_KEYS",
+]
+
+MARKER = ".bear-run"
+# Every file or folder bear writes in a run folder: all --overwrite deletes (add new ones here).
+RUN_FILES = ("config.json", "log.jsonl", "tokenizer", "last.pt", "best.pt", "partial.pt",
+             "metrics.json", "curves.png")  # fmt: skip
+RUN_FILE_PATTERNS = ("epoch_*.pt",)  # the upstream protocol's per-epoch weights (bear.protocol)
+TEMP_SUFFIX = ".bear-tmp"  # temporary files of atomic writes: .NAME.<random>.bear-tmp
+LAST_KEYS = ("model", "optimizer", "scheduler", "rng", "state")  # what RUN/last.pt holds
+_MARKER_TEXT = (
+    "This folder holds a bear training run. `python -m bear train --overwrite` may replace the\n"
+    "files bear wrote here, and only those.\n"
+)
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(run: Path) -> None:
+    if run.exists() and not run.is_dir():
+        raise FileExistsError(f"--out {run}: is a file, not a folder; give a folder path")
+    existing = _nearest_existing(run)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {run}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--out {run}: {existing} is not writable; choose a folder you can write to"
+        )
+
+
+def _default_value(f: Field):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from a run's saved config.json, as "--flag is NEW but the
+    run used OLD" (empty: the run may resume). Fields with ``metadata["resume_may_change"]`` may
+    differ; a field the saved config lacks (an older bear) counts as its default."""
+    now = _as_json(asdict(cfg))
+    conflicts = []
+    for f in fields(cfg):
+        if f.metadata.get("resume_may_change"):
+            continue
+        before = saved[f.name] if f.name in saved else _as_json(_default_value(f))
+        if now[f.name] != before:
+            name = flag_name(f) if f.metadata.get("cli", True) else f.name
+            conflicts.append(f"{name} is {now[f.name]!r} but the run used {before!r}")
+    return conflicts
+
+
+def _check_resume(cfg: TrainConfig, run: Path) -> None:
+    if not (run / MARKER).is_file():
+        raise FileNotFoundError(
+            f"--resume: {run} holds no bear run (no {MARKER} file); nothing to resume"
+        )
+    fix = "the run stopped before it began; start it anew with --overwrite"
+    conflicts = resume_conflicts(read_saved_config(run, fix), cfg)
+    if conflicts:
+        raise ValueError(
+            f"--resume: {'; '.join(conflicts)}; these change the trained weights, so resume with "
+            f"the run's settings ({run / 'config.json'}) or start a new run"
+        )
+
+
+def read_saved_config(run: Path, fix: str) -> dict:
+    """The JSON object in RUN/config.json. Raises FileNotFoundError (ending with ``fix``) if it is
+    missing, ValueError if it is not a JSON object."""
+    config_path = run / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; {fix}")
+    try:
+        saved = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_path}: expected a JSON object of TrainConfig fields")
+    return saved
+
+
+def check_run_folder(cfg: TrainConfig, run: Path) -> None:
+    """Raise if ``run`` cannot take this run; touches nothing.
+
+    ``--out`` must be a writable folder path. ``--resume`` needs a bear run whose config.json
+    matches ``cfg`` (``resume_conflicts``). Otherwise a non-empty folder needs ``--overwrite``
+    and the marker file. Raises FileExistsError, FileNotFoundError, NotADirectoryError,
+    PermissionError or ValueError, each naming the folder or setting and the fix.
+    """
+    _check_writable(run)
+    if cfg.resume:
+        _check_resume(cfg, run)
+        return
+    if run.exists() and any(run.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{run}: exists and is not empty; pass --overwrite to reuse it")
+        if not (run / MARKER).is_file():
+            raise FileExistsError(
+                f"{run}: holds no bear run (no {MARKER} file), so --overwrite deletes nothing "
+                "there; choose another --out"
+            )
+
+
+def _remove_run_files(run: Path) -> None:
+    remove_temp_files(run)
+    patterned = [p for pattern in RUN_FILE_PATTERNS for p in run.glob(pattern)]
+    for path in [run / name for name in RUN_FILES] + patterned:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
+    """Check the run folder (``check_run_folder``), then on rank 0 create it with its marker file.
+
+    ``--overwrite`` of a bear run first deletes the files bear wrote there (``RUN_FILES``,
+    ``RUN_FILE_PATTERNS`` and temporary files), nothing else; ``--resume`` deletes the temporary
+    files of a killed write.
+    """
+    check_run_folder(cfg, run)
+    if rank != 0:
+        return
+    if (run / MARKER).is_file():
+        if cfg.resume:
+            remove_temp_files(run)
+        else:
+            _remove_run_files(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / MARKER).write_text(_MARKER_TEXT)
+
+
+def temp_file_beside(path: Path) -> Path:
+    """A new empty temporary file in ``path``'s folder, named ``.NAME.<random>.bear-tmp``, for a
+    write that is then renamed onto ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def remove_temp_files(run: Path) -> None:
+    """Delete the temporary files bear's atomic writes left in ``run`` (a killed write)."""
+    for path in run.glob(f".*{TEMP_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
+def read_checkpoint(path: Path, keys: tuple[str, ...] = ("model",), fix: str = "") -> dict:
+    """The dict bear saved in a checkpoint file, loaded on the CPU.
+
+    Raises FileNotFoundError if ``path`` is missing and ValueError if it cannot be read (a
+    truncated, empty or foreign file) or lacks ``keys``; both name the file and end with ``fix``
+    (default: train the run anew).
+    """
+    fix = fix or "train the run anew with --overwrite"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises many types on a damaged file
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {cause}); "
+            f"the file is damaged; {fix}"
+        ) from exc
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not a bear checkpoint (no {', '.join(missing)}); {fix}")
+    return ckpt
