@@ -156,15 +156,16 @@ def _remove_run_files(run: Path) -> None:
 
 
 def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
-    """Check the run folder (``check_run_folder``), then on rank 0 create it with its marker file.
+    """On rank 0: check the run folder again (``check_run_folder``), then create it with its
+    marker file; other ranks do nothing (they checked it before, and rank 0 is now changing it).
 
     ``--overwrite`` of a bear run first deletes the files bear wrote there (``RUN_FILES``,
     ``RUN_FILE_PATTERNS`` and temporary files), nothing else; ``--resume`` deletes the temporary
     files of a killed write.
     """
-    check_run_folder(cfg, run)
     if rank != 0:
         return
+    check_run_folder(cfg, run)
     if (run / MARKER).is_file():
         if cfg.resume:
             remove_temp_files(run)

@@ -184,6 +184,8 @@ def train(cfg: TrainConfig) -> dict:
     setup = build_setup(cfg, run, fresh=not cfg.resume)
     _check_valid_rows(cfg, setup)
     resume_from = _read_resume_point(cfg, run, setup.model)
+    if distributed:
+        dist.barrier()  # every rank checked the folder before rank 0 changes it
     prepare_run(cfg, run, rank)
     if distributed:
         dist.barrier()
