@@ -8,8 +8,8 @@ and compares the weights with an uninterrupted run); without it ``fault_point`` 
 
 - ``backward:S``: mid-step, the gradients of optimiser step S are accumulated, not yet applied;
 - ``step:S``: optimiser step S is applied, its checkpoint (if any) not yet written;
-- ``write:FILE``: a checkpoint's temporary file (FILE = last.pt, best.pt, ...) is written, not yet
-  renamed onto RUN/FILE.
+- ``write:FILE``: the temporary file of an atomic write (FILE = last.pt, best.pt, config.json,
+  metrics.json, ...) is written, not yet renamed onto RUN/FILE.
 """
 
 from __future__ import annotations
