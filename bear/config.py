@@ -136,6 +136,7 @@ class TrainConfig:
         None,
         "α of beam search at evaluation: item score / length^α "
         "(default: the protocol's, 0 for ours, 1.0 for upstream)",
+        resume_may_change=True,
     )
     lr: float | None = _setting(
         None, "peak AdamW learning rate (default 1e-3 tiny, 1e-4 LoRA)", above=0.0
@@ -165,6 +166,7 @@ class TrainConfig:
         None,
         "test CSV inside --data (default: test.csv; upstream: test_5000.csv, or test.csv where "
         "the folder has none, as Office's)",
+        resume_may_change=True,
     )
     instruction: str | None = _setting(
         None, "the prompt's instruction sentence (default: the domain's, from the folder name)"
