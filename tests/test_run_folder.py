@@ -5,6 +5,7 @@ setting, damaged files give one line naming the file (exit 2), never a traceback
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from _helpers_train import tiny_config, tiny_synth
 
 from bear.cli import main
 from bear.config import TrainConfig
-from bear.run import load_weights
+from bear.run import load_run_config, load_weights
 from bear.train import train
 
 # The CLI twin of _helpers_train.tiny_config (msl, one epoch, 16 rows): seconds on a CPU.
@@ -150,10 +151,10 @@ def test_resume_accepts_settings_that_cannot_change_the_weights(finished, tmp_pa
     from bear.run_folder import check_run_folder
 
     run = _copy(finished, tmp_path)
-    saved = json.loads((run / "config.json").read_text())
-    cfg = TrainConfig(**{**saved, "resume": True, "out": str(tmp_path / "moved"), "limit_eval": 5,
-                         "progress": True, "max_steps": 9, "save_every": 3,
-                         "eval_batch_size": 4})  # fmt: skip
+    cfg = dataclasses.replace(load_run_config(run), resume=True, out=str(tmp_path / "moved"),
+                              limit_eval=5, progress=True, max_steps=9, save_every=3,
+                              eval_batch_size=4, test_file="valid.csv",
+                              length_penalty=0.5)  # fmt: skip
     shutil.move(run, tmp_path / "moved")
     check_run_folder(cfg, tmp_path / "moved")
 
