@@ -246,14 +246,15 @@ def _bear_fwd_kernel(
     row = tl.program_id(0)
     row_z = logits_ptr + row.to(tl.int64) * stride_z
     row_m = mask_ptr + row.to(tl.int64) * stride_m
-    y64 = tl.load(target_ptr + row)
-    supervised = y64 != ignore_index
-    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
-    v_end = tl.where(supervised, V, 0)  # an ignored row reads nothing
+    v_end = tl.where(tl.load(target_ptr + row) != ignore_index, V, 0)  # ignored row: read nothing
     scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
     m2, s, buf_v, buf_i = _scan_span(
         row_z, row_m, 0, v_end, V, scale2, beam_width_in, HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE
     )
+    # the target is read again here rather than kept in registers across the loop
+    y64 = tl.load(target_ptr + row)
+    supervised = y64 != ignore_index
+    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     # 4. the real slots (index < V) number min(K, n); their best and worst
     real = buf_i < V
     n_real = tl.sum(real.to(tl.int32), 0)
