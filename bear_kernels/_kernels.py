@@ -14,7 +14,9 @@ loaded with 128-bit loads, a zero word skipping its 32):
     reaches the worst slot is searched: its tokens are taken best first (highest value, then
     lowest index) while the best beats the worst slot (greater value, or equal value and lower
     index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique; the
-    padding slots past K hold +inf, never the worst (no slot predicate is kept live);
+    padding slots past K hold +inf, never the worst (no slot predicate is kept live). From
+    KEY_SLOTS slots on (B > 16, fp32 compute) the search runs on packed int64 keys (value,
+    then lower index: _order_key), one max per token instead of two reductions;
   - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
     worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
     reference, and z_b is reloaded from memory.
@@ -92,6 +94,34 @@ def _write_grad_span(
         tl.store(row_g + idx, d.to(row_g.dtype.element_ty), mask=idx < V)
 
 
+# below every key of a token or slot: a token outside A never enters the running top-B
+NO_KEY = tl.constexpr(-(2**63))
+# slots (BEAM_PAD) from which the running top-B runs on packed keys (B > 16), fp32 only
+KEY_SLOTS = tl.constexpr(32)
+
+
+@triton.jit
+def _order_key(t, idx, allowed):
+    """int64 keys ordered as (t, then lower idx): one max finds the best (value, index) pair.
+
+    High 32 bits: t's fp32 bits made order-preserving as an int32 (a negative value becomes
+    minus its magnitude, so -0 and +0 are equal), INT32_MIN where not allowed (below -inf);
+    low 32 bits: INT32_MAX - idx, zero-extended.
+    """
+    bits = t.to(tl.float32).to(tl.int32, bitcast=True)
+    ordered = tl.where(allowed, tl.where(bits < 0, -(bits & 0x7FFFFFFF), bits), -(2**31))
+    low = (0x7FFFFFFF - idx).to(tl.uint32, bitcast=True).to(tl.int64)
+    return (ordered.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def _key_value(key):
+    """The fp32 value t of an _order_key key."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered < 0, (-ordered) | (-(2**31)), ordered)
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _max2(x):
     return tl.max(tl.max(x, 1), 0)
@@ -100,6 +130,44 @@ def _max2(x):
 @triton.jit
 def _min2(x):
     return tl.min(tl.min(x, 1), 0)
+
+
+@triton.jit
+def _enter_pairs(t, idx, allowed, chunk_max, buf_v, buf_i, worst_v, worst_i, no_index):
+    """Top-B entry on (value, index) pairs: (buf_v, buf_i, worst_v, worst_i) after the chunk.
+
+    The next candidate is the best token ranked after the one that just entered (two chunk
+    reductions per token: max value, then lowest index at it), so the loop carries scalars.
+    """
+    best_v = chunk_max
+    best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
+    while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
+        is_worst = (buf_v == worst_v) & (buf_i == worst_i)
+        buf_v = tl.where(is_worst, best_v, buf_v)
+        buf_i = tl.where(is_worst, best_i, buf_i)
+        worst_v = tl.min(buf_v, 0)
+        worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
+        after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
+        best_v = _max2(tl.where(after, t, float("-inf")))
+        best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
+    return buf_v, buf_i, worst_v, worst_i
+
+
+@triton.jit
+def _enter_keys(t, idx, allowed, buf_k, worst_k):
+    """Top-B entry on packed keys (_order_key): (buf_k, worst_k) after the chunk.
+
+    One 64-bit max over the chunk per token (the best key below the one that just entered) and
+    one min over the slots; building the keys costs more per chunk entered than the pairs' first
+    reduction, so it pays from KEY_SLOTS slots on (many tokens per chunk entered, wide slots).
+    """
+    keys = _order_key(t, idx, allowed)
+    best_k = _max2(keys)
+    while best_k > worst_k:
+        buf_k = tl.where(buf_k == worst_k, best_k, buf_k)
+        worst_k = tl.min(buf_k, 0)
+        best_k = _max2(tl.where(keys < best_k, keys, NO_KEY))
+    return buf_k, worst_k
 
 
 @triton.jit
@@ -134,7 +202,8 @@ def _scan_span(
     buf_i = V + slot  # distinct sentinel indices >= V
     worst_v = tl.min(buf_v, 0)
     worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
-    no_index = V + BEAM_PAD  # above every real and sentinel index: never beats a slot
+    buf_k = _order_key(buf_v, buf_i, True)  # the same slots as keys (KEY_SLOTS or more)
+    worst_k = tl.min(buf_k, 0)
 
     for start in range(lo, hi, BLOCK_V):
         # 1. t = z · log2(e) / tau on A (-inf elsewhere), loaded in the input dtype
@@ -150,20 +219,17 @@ def _scan_span(
         #    then lowest index) while the best one beats the worst slot (greater value, or equal
         #    value and lower index). Entered only when the chunk maximum reaches the worst slot:
         #    after the first chunks almost never.
-        #    The next candidate is the best token ranked after the one that just entered, so
-        #    the loop carries scalars only.
         if chunk_max >= worst_v:
-            best_v = chunk_max
-            best_i = _min2(tl.where(allowed & (t == best_v), idx, no_index))
-            while (best_v > worst_v) | ((best_v == worst_v) & (best_i < worst_i)):
-                is_worst = (buf_v == worst_v) & (buf_i == worst_i)
-                buf_v = tl.where(is_worst, best_v, buf_v)
-                buf_i = tl.where(is_worst, best_i, buf_i)
-                worst_v = tl.min(buf_v, 0)
-                worst_i = tl.max(tl.where(buf_v == worst_v, buf_i, -1), 0)
-                after = allowed & ((t < best_v) | ((t == best_v) & (idx > best_i)))
-                best_v = _max2(tl.where(after, t, neg_inf))
-                best_i = _min2(tl.where(after & (t == best_v), idx, no_index))
+            if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
+                buf_k, worst_k = _enter_keys(t, idx, allowed, buf_k, worst_k)
+                worst_v = _key_value(worst_k)
+            else:
+                buf_v, buf_i, worst_v, worst_i = _enter_pairs(
+                    t, idx, allowed, chunk_max, buf_v, buf_i, worst_v, worst_i, V + BEAM_PAD
+                )
+    if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
+        buf_v = _key_value(buf_k)
+        buf_i = 0x7FFFFFFF - (buf_k & 0x7FFFFFFF).to(tl.int32)
     return m2, tl.sum(tl.sum(s, 1), 0), buf_v, buf_i
 
 
@@ -246,14 +312,15 @@ def _bear_fwd_kernel(
     row = tl.program_id(0)
     row_z = logits_ptr + row.to(tl.int64) * stride_z
     row_m = mask_ptr + row.to(tl.int64) * stride_m
-    y64 = tl.load(target_ptr + row)
-    supervised = y64 != ignore_index
-    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
-    v_end = tl.where(supervised, V, 0)  # an ignored row reads nothing
+    v_end = tl.where(tl.load(target_ptr + row) != ignore_index, V, 0)  # ignored row: read nothing
     scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
     m2, s, buf_v, buf_i = _scan_span(
         row_z, row_m, 0, v_end, V, scale2, beam_width_in, HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE
     )
+    # the target is read again here rather than kept in registers across the loop
+    y64 = tl.load(target_ptr + row)
+    supervised = y64 != ignore_index
+    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     # 4. the real slots (index < V) number min(K, n); their best and worst
     real = buf_i < V
     n_real = tl.sum(real.to(tl.int32), 0)

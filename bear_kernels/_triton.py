@@ -33,8 +33,9 @@ MAX_VOCAB = 262144
 MAX_BEAM = 64
 # Tokens per chunk on a GPU and under the interpreter. Untuned (no GPU was available): 2048 bf16
 # values are one 16-byte load per thread at 8 warps, and a smaller chunk makes each entry into
-# the running top-B cheaper (two reductions over the chunk; about B·(1 + ln(V/BLOCK_V)) entries
-# per row on random logits). Under the interpreter, numpy work per chunk makes 1024 faster.
+# the running top-B cheaper (per token taken in, two reductions over the chunk, or one 64-bit
+# max for B > 16; about B·(1 + ln(V/BLOCK_V)) tokens per row on random logits). Under the
+# interpreter, numpy work per chunk makes 1024 faster.
 BLOCK_V_GPU = 2048
 BLOCK_V_INTERPRET = 1024
 NUM_WARPS_GPU = 8

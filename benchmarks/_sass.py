@@ -369,6 +369,13 @@ def analyse(compiled, kernel, block_v, num_warps):
         hot = shortest_iteration(header, outer, succ, by_addr)
         stats["hot_instructions"] = hot
         stats["instr_per_elem"] = round(hot / elems, 2)
+        # the top-B entry: per token taken in (an iteration of the inner loop), and per chunk
+        # entered (the loop body's instructions off the hot path, the inner loop left out)
+        entries = [
+            shortest_iteration(h, o, succ, by_addr) for h, o, _ in loops if o.keys() < blocks.keys()
+        ]
+        stats["entry_per_token"] = max(entries, default=0)
+        stats["entry_per_chunk"] = stats["instructions"] - hot if entries else 0
         name = "gradient" if stats["global_stores"] else "forward"
         if stats["loads_128"] + stats["loads_scalar"] + stats["global_stores"]:
             result["loops"][name] = stats

@@ -5,7 +5,10 @@
 One row per (kernel, dtype, masked, beam_width, split, loop): registers and spill bytes of the
 kernel, then, for its forward or gradient loop, the instructions per logits element and per thread
 (`instr_per_elem`, the loop body over BLOCK_V / threads; the rare top-B entry, an inner loop, is
-left out), the 128-bit logits loads and the narrower ones (`loads_scalar`). V = 128256.
+left out), the cost of the top-B entry (`entry_per_chunk`: instructions of the loop body off that
+cheapest path, paid once per chunk entered; `entry_per_token`: one iteration of the inner loop,
+paid per token taken in), the 128-bit logits loads and the narrower ones (`loads_scalar`).
+V = 128256.
 The kernels are compiled without TRITON_INTERPRET (the variable is dropped here).
 """
 
@@ -24,7 +27,7 @@ from benchmarks._common import write_csv  # noqa: E402
 from benchmarks._sass import VOCAB, Case, analyse_case  # noqa: E402
 
 COLUMNS = ["kernel", "dtype", "masked", "beam_width", "split", "registers", "spill_bytes", "loop"]
-COLUMNS += ["instr_per_elem", "loads_128", "loads_scalar"]
+COLUMNS += ["instr_per_elem", "entry_per_chunk", "entry_per_token", "loads_128", "loads_scalar"]
 
 
 def cases():

@@ -154,6 +154,18 @@ def test_many_ties_and_ascending_logits(impl):
     check_parity(fn, z, y, loss="ce", beam_width=6, threshold_grad=True)
 
 
+@pytest.mark.parametrize("beam_width", [6, 50])
+def test_signed_zeros_tie_and_negative_logits_rank_by_value(beam_width):
+    # the kernel ranks tokens by an integer key built from the float bits: -0.0 and +0.0 must
+    # tie (then the lower index wins) and negative values must rank below by magnitude
+    g = torch.Generator().manual_seed(18)
+    values = torch.tensor([-2.0, -0.5, -0.0, 0.0])
+    z = values[torch.randint(0, 4, (3, 2100), generator=g)]
+    z[2, :1500] = -3.0  # few tokens at the top: the cut falls among the signed zeros
+    y = torch.tensor([5, 7, 2099])
+    check_parity(_triton_ce, z, y, loss="ce", beam_width=beam_width, threshold_grad=True)
+
+
 def test_gpu_block_size_under_the_interpreter(monkeypatch):
     # the CUDA launch uses BLOCK_V = 4096; run that block size through the interpreter too
     import bear_kernels._triton as tri

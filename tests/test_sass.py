@@ -51,12 +51,7 @@ def _loops(rows):
             yield f"{row['kernel']} masked={row['masked']} {loop}", row, loop, stats
 
 
-# sm_80: ptxas keeps the unmasked fused forward kernel to 64 registers and spills 24 bytes
-# outside the chunk loop (thread-index values kept across the forward loop); not fixed yet
-SM80_SPILLS = pytest.mark.xfail(strict=True, reason="sm_80 unmasked fused forward: 24 B")
-
-
-@pytest.mark.parametrize("arch", [pytest.param(80, marks=SM80_SPILLS), 90, 100])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sass_every_kernel_compiles_without_spills(sass_rows, arch):
     kernels = {row["kernel"] for row in sass_rows[arch]}
     assert kernels == {"fwd", "fwd_grad", "fwd_grad_thr", "bwd", "scale"} | {
