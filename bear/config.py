@@ -86,7 +86,8 @@ class TrainConfig:
     model: str = _setting(
         "tiny",
         "'tiny' (small Llama + BPE trained on the data, full fine-tuning) or a local "
-        "Hugging Face checkpoint folder (LoRA r 8, alpha 16, dropout 0.05)",
+        "Hugging Face checkpoint folder (LoRA: --lora-r, --lora-alpha, --lora-dropout, "
+        "--lora-targets)",
     )
     epochs: int = _setting(3, "training epochs: passes over the training rows", positive=True)
     max_steps: int | None = _setting(
@@ -183,6 +184,26 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = _setting(
         ("q_proj", "v_proj"), "LoRA target modules for a checkpoint model"
     )
+    lora_r: int = _setting(8, "LoRA rank r for a checkpoint model", positive=True)
+    lora_alpha: float = _setting(
+        16.0, "LoRA alpha (the adapter is scaled by alpha / r)", above=0.0
+    )
+    lora_dropout: float = _setting(0.05, "dropout on the LoRA input", at_least=0.0, at_most=1.0)
+    dtype: str = _setting(
+        "fp32",
+        "dtype of the base weights (LoRA adapters stay fp32; tiny: the whole model)",
+        choices=("fp32", "bf16"),
+    )
+    gradient_checkpointing: bool = _setting(
+        False,
+        "recompute each decoder block's activations in the backward (less memory)",
+        resume_may_change=True,
+    )
+    fsdp: bool = _setting(
+        False,
+        "shard the model across ranks with FSDP2 (fully_shard) instead of replicating it",
+        resume_may_change=True,
+    )
     eval_batch_size: int = _setting(
         32, "prompts per decoding batch", positive=True, resume_may_change=True
     )
@@ -231,6 +252,10 @@ class TrainConfig:
         if self.micro_batch_size is None:
             self.micro_batch_size = self.batch_size
         self.lora_targets = tuple(self.lora_targets)
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype: got {self.dtype!r}, expected 'fp32' or 'bf16'")
+        if not self.lora_targets:
+            raise ValueError("lora_targets: empty; name at least one module, e.g. q_proj v_proj")
         self._resolve_protocol()
         self.loss_settings()  # validates the loss hyper-parameters before any work
 

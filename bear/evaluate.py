@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bear.decoding import beam_search, exact_topk
 from bear.items import IGNORE_INDEX, collate
@@ -48,7 +49,8 @@ def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
-                   exact_all: bool = False, length_penalty: float = 0.0) -> dict:  # fmt: skip
+                   exact_all: bool = False, length_penalty: float = 0.0, rank: int = 0,
+                   world: int = 1) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
 
     ``length_penalty``: α of the beam search (item score / length^α; upstream's generate: 1.0).
@@ -61,15 +63,20 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     items outrank the target, so it is not in the exact top-``EXACT_K`` (rank -1) and the search
     is skipped. ``exact_all=True`` runs it for every row (tests check the two agree).
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
+    ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
+    contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
+    returns the metrics of one process.
     """
     device = torch.device(device or "cpu")
     prompts, targets = setup.prompts[split], setup.targets[split]
-    if limit is not None:
-        prompts, targets = prompts[:limit], targets[:limit]
+    n = len(prompts) if limit is None else min(limit, len(prompts))
+    share = slice(n * rank // world, n * (rank + 1) // world)
+    prompts, targets = prompts[share], targets[share]
     trie = setup.trie.to(device)
     was_training = model.training
     model.eval()
-    beam_ranks, exact_ranks, violated = [], [], []
+    empty = torch.empty(0, dtype=torch.long)
+    beam_ranks, exact_ranks, violated = [empty], [empty], [empty.bool()]
     for start in range(0, len(prompts), batch_size):
         sl = slice(start, start + batch_size)
         batch = collate(prompts[sl], targets[sl], setup.items, setup.trie, setup.pad_id).to(device)
@@ -103,11 +110,16 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
             ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
         exact_ranks.append(ranks)
     model.train(was_training)
-    ranks = torch.cat(beam_ranks)
+    per_row = (torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, per_row)
+        per_row = tuple(torch.cat(parts) for parts in zip(*shares, strict=True))
+    ranks, exact, violated_rows = per_row
     if not full:
         out = {f"ndcg@{k}": ndcg(ranks, k) for k in (1, 5, 10)}
         return out | {f"hr@{k}": hit_rate(ranks, k) for k in (1, 5, 10)}
-    return ranking_metrics(ranks, torch.cat(exact_ranks), torch.cat(violated))
+    return ranking_metrics(ranks, exact, violated_rows)
 
 
 def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "auto",

@@ -1,26 +1,35 @@
-"""Models: a tiny Llama built from a config (full fine-tuning) or a local checkpoint with LoRA, and
-the helpers that call them the same way in training and evaluation."""
+"""Models: a tiny Llama built from a config (full fine-tuning) or a local checkpoint with LoRA, the
+helpers that call them the same way in training and evaluation, and a run's model in Hugging Face
+format (``RUN/model/``: ``save_run_model`` writes it, ``load_run`` opens it)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 __all__ = [
+    "DTYPES",
     "TinyConfig",
     "LoraSettings",
     "build_tiny_model",
     "check_model_folder",
     "load_pretrained",
     "trainable_state",
+    "save_run_model",
+    "load_run",
     "response_logits",
     "autocast_for",
     "scoring_for",
 ]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype -> the base weights' dtype
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,10 @@ class TinyConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA for ``--model PATH``, upstream's values."""
+    """LoRA for ``--model PATH`` (defaults: upstream's values)."""
 
     r: int = 8  # rank
-    alpha: int = 16  # scaling numerator (scale = alpha / r)
+    alpha: float = 16  # scaling numerator (scale = alpha / r)
     dropout: float = 0.05  # dropout on the LoRA input
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get adapters
 
@@ -98,9 +107,14 @@ def check_model_folder(path: str | Path) -> None:
 
 
 def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.float32):
-    """(model with LoRA adapters, tokenizer) from a local Hugging Face checkpoint folder."""
+    """(model with LoRA adapters, tokenizer) from a local Hugging Face checkpoint folder.
+
+    The base weights are loaded in ``dtype``; the adapters are float32 (peft's default upcast). The
+    folder is recorded by its absolute path (``adapter_config.json``'s base model).
+    """
     from peft import LoraConfig, get_peft_model
 
+    path = str(Path(path).resolve())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {path}: the tokenizer has no EOS token; responses end with EOS")
@@ -119,8 +133,51 @@ def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.fl
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     """CPU copies of the trainable parameters by name (all of the tiny model; the adapters under
-    LoRA): what a checkpoint stores and ``bear.run.load_weights`` restores."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    LoRA): what a checkpoint stores and ``bear.run.load_weights`` restores. FSDP2-sharded
+    parameters are gathered whole, so under ``--fsdp`` every rank must call it."""
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_run_model(model, tokenizer, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (a ``trainable_state``) as ``model.save_pretrained`` does, with the tokenizer.
+
+    A peft model gives its LoRA adapter (adapter_config.json + adapter_model.safetensors, the base
+    model by path); the tiny model, the whole model. Written to a hidden folder beside ``folder``,
+    then renamed into place.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_run(run_dir, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a training run's ``RUN/model/``, in eval mode, for inference.
+
+    A LoRA run loads its base model (from the path in adapter_config.json) in ``dtype`` and adds the
+    adapter (``peft.PeftModel``); a tiny run loads the whole model in ``dtype``.
+    Raises FileNotFoundError if RUN/model/ is missing (a run that has not finished).
+    """
+    folder = Path(run_dir) / "model"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: missing; RUN/model/ is written when training ends")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=dtype)
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    return model.eval(), tokenizer
 
 
 def response_logits(model, batch) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bear.config import TrainConfig
@@ -23,6 +24,7 @@ from bear.data import Dataset, load_dataset
 from bear.faults import fault_point
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import (
+    DTYPES,
     LoraSettings,
     TinyConfig,
     build_tiny_model,
@@ -124,11 +126,14 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
         )
         model = build_tiny_model(
             len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
-        )
+        ).to(DTYPES[cfg.dtype])
     else:
         check_model_folder(cfg.model)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
-        model, tokenizer = load_pretrained(cfg.model, LoraSettings(target_modules=cfg.lora_targets))
+        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model, tokenizer = load_pretrained(cfg.model, lora, DTYPES[cfg.dtype])
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab = model.get_output_embeddings().weight.shape[0]
     items = item_sequences(tokenizer, data.titles, data.prompt)
     ids = data.item_ids
@@ -186,7 +191,8 @@ def _replace_atomic(path: Path, write) -> None:
 def load_weights(
     model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint"
 ) -> None:
-    """Copy a checkpoint's parameters (``bear.model.trainable_state``) into ``model`` in place.
+    """Copy a checkpoint's parameters (``bear.model.trainable_state``) into ``model`` in place
+    (an FSDP2-sharded parameter takes this rank's shard).
 
     Raises ValueError naming ``source`` (the checkpoint file) if it names a parameter the model
     does not have or one of another shape (a checkpoint of another model size).
@@ -203,7 +209,10 @@ def load_weights(
             )
     with torch.no_grad():
         for n, v in state.items():
-            params[n].copy_(v.to(params[n].device))
+            p, v = params[n], v.to(params[n].device)
+            if isinstance(p, DTensor):
+                v = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(v)
 
 
 def rng_state() -> dict:

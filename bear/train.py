@@ -3,9 +3,11 @@
 Per optimiser step: a global batch of ``batch_size`` examples (a seeded permutation per epoch) is
 split across data-parallel ranks and then into micro-batches; each micro-batch's loss is the sum of
 its row terms divided by the counted rows of the *whole step* (all-reduced across ranks), so the
-gradient equals one large batch whatever the accumulation and the number of processes. Gradients are
-all-reduced once per step (the ``no_sync`` + one all-reduce of DDP). Each epoch ends with a
-validation by constrained beam search; the best epoch by validation NDCG@10 is kept and tested.
+gradient equals one large batch whatever the accumulation and the number of processes. Under
+several processes the model runs through DDP or FSDP2 (``bear.distributed``), which reduce the
+gradients once per step, on the last micro-batch. Each epoch ends with a validation by constrained
+beam search, sharded across ranks; the best epoch by validation NDCG@10 is kept, tested and saved in
+Hugging Face format in RUN/model/. Steps and metrics go to RUN/log.jsonl and TensorBoard events.
 RUN/last.pt is written at each epoch end and every ``save_every`` steps, so a killed run resumes to
 the weights of an uninterrupted one; a non-finite loss stops training before its update.
 The run's config is ``bear.config.TrainConfig``; its setup and files, ``bear.run``; the folder
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,11 +29,20 @@ from tqdm import tqdm
 from bear.config import TrainConfig
 from bear.data import VALID_FRACTION
 from bear.decoding import beam_thresholds
+from bear.distributed import (
+    check_launcher_environment,
+    decoding_model,
+    gradient_sync,
+    init_distributed,
+    load_optimizer_state,
+    optimizer_state,
+    wrap_model,
+)
 from bear.evaluate import evaluate_split
 from bear.faults import fault_point
 from bear.items import collate, right_align
 from bear.losses import UPSTREAM_EPS, batch_loss, num_counted_rows, uses_trie_mask
-from bear.model import autocast_for, response_logits, scoring_for, trainable_state
+from bear.model import autocast_for, response_logits, save_run_model, scoring_for, trainable_state
 from bear.plots import plot_run
 from bear.protocol import PROTOCOLS, epoch_checkpoint, resolved_settings, upstream_metrics
 from bear.run import (
@@ -46,6 +56,7 @@ from bear.run import (
     write_json_atomic,
 )
 from bear.run_folder import LAST_KEYS, check_run_folder, prepare_run, read_checkpoint
+from bear.tensorboard import ScalarEventWriter
 
 __all__ = ["train", "accumulate_gradients"]
 
@@ -62,75 +73,89 @@ def _schedule(total: int, warmup: int):
 
 
 class _Log:
+    """RUN/log.jsonl records; those with a ``step`` also go to TensorBoard as ``event/key``."""
+
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.board = ScalarEventWriter(path.parent) if enabled else None
 
     def __call__(self, **rec) -> None:
         if self.enabled:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({**rec, "time": round(time.time(), 3)}, default=str) + "\n")
+            if "step" in rec:
+                prefix = "train" if rec["event"] == "step" else rec["event"]
+                scalars = {f"{prefix}/{k}": float(v) for k, v in rec.items()
+                           if isinstance(v, int | float) and k not in ("step", "partial")}  # fmt: skip
+                self.board.add_scalars(rec["step"], scalars)
 
 
-def _micro_batches(setup: Setup, idx, cfg: TrainConfig, trie_dev, device):
-    """Collated micro-batches of one rank's share of a step, with allowed masks."""
+def _micro_batches(setup: Setup, idx, cfg: TrainConfig, trie_dev, device, rank=0, world=1):
+    """(batch, allowed mask, weight) micro-batches of rank ``rank``'s share ``idx[rank::world]``.
+
+    Every rank gets as many micro-batches as the largest share needs (FSDP2's forwards are
+    collective): a shorter share is topped up with stand-ins of weight 0, the step's first example,
+    whose forward and backward run and add nothing.
+    """
     out = []
     prompts, targets = setup.prompts["train"], setup.targets["train"]
-    for s in range(0, len(idx), cfg.micro_batch_size):
-        part = idx[s : s + cfg.micro_batch_size]
+    share, size = idx[rank::world], cfg.micro_batch_size
+    parts = [(share[s : s + size], 1.0) for s in range(0, len(share), size)]
+    needed = math.ceil(math.ceil(len(idx) / world) / size)
+    for part, weight in parts + [(idx[:1], 0.0)] * (needed - len(parts)):
         batch = collate([prompts[i] for i in part], [targets[i] for i in part], setup.items,
                         setup.trie, setup.pad_id).to(device)  # fmt: skip
         U, W = batch.target.shape
         mask = trie_dev.allowed_mask(batch.node_ids.reshape(-1)).reshape(U, W, -1)
-        out.append((batch, mask))
+        out.append((batch, mask, weight))
     return out
 
 
-def accumulate_gradients(model, micro, settings, trie_dev, device, distributed=False) -> float:
+def accumulate_gradients(engine, micro, settings, trie_dev, device, world=1) -> float:
     """Forward/backward of one optimiser step's micro-batches; returns the step's loss.
 
-    ``step`` normalisation: each micro-batch contributes (sum of its row losses) / (counted rows
-    of the whole step, all ranks), so the accumulated gradient is that of one batch holding the
-    whole step. ``micro-batch`` (upstream's): each contributes its own mean loss divided by the
-    number of micro-batches of the step (all ranks), as DDP averages upstream's per-GPU losses.
-    Gradients are summed across ranks once at the end (DDP's no_sync + a single all-reduce).
+    ``step`` normalisation: each micro-batch contributes weight · (sum of its row losses) /
+    (counted rows of the whole step, all ranks), so the accumulated gradient is that of one batch
+    holding the whole step. ``micro-batch`` (upstream's): each contributes weight · its own mean
+    loss divided by the number of micro-batches of the step (all ranks), as DDP averages
+    upstream's per-GPU losses. ``engine`` is the model or its DDP / FSDP2 form
+    (``bear.distributed.wrap_model``); it reduces gradients across ranks on the last micro-batch
+    only, as a mean, so the backward runs on ``world`` times the loss to make that mean the sum
+    over ranks.
     """
     vocab = trie_dev.vocab_size
     per_micro = settings.normalisation == "micro-batch"
     count = torch.zeros((), dtype=torch.float64)
-    for batch, mask in micro:
+    for batch, mask, weight in micro:
         if per_micro:
-            count += 1
+            count += weight
         else:
-            count += num_counted_rows(
+            count += weight * num_counted_rows(
                 batch.target, mask if uses_trie_mask(settings.name) else None, vocab
             )
-    if distributed:
+    if world > 1:
         dist.all_reduce(count)
     step_loss = torch.zeros((), dtype=torch.float64)
-    for batch, mask in micro:
+    for i, (batch, mask, weight) in enumerate(micro):
         thresholds = None
         if settings.name == "beam-sim":
-            model.eval()
-            with autocast_for(device):
+            with decoding_model(engine) as model, autocast_for(device):
+                model.eval()
                 theta = beam_thresholds(model, batch.prompt_ids, batch.prompt_mask, trie_dev,
                                         settings.beam_width, scoring="before")  # fmt: skip
-            model.train()
+                model.train()
             thresholds = right_align(theta.float(), batch.response_len.to(theta.device),
                                      batch.width, float("-inf"))  # fmt: skip
-        with autocast_for(device):
-            logits = response_logits(model, batch)  # (U, W, V)
-        total_loss, denominator = batch_loss(logits, batch.target, settings, mask, thresholds)
-        if per_micro:
-            total_loss = total_loss / denominator.clamp(min=UPSTREAM_EPS)
-        loss = total_loss / count.clamp(min=1).to(total_loss.dtype)
-        loss.backward()
+        with gradient_sync(engine, enabled=i == len(micro) - 1):
+            with autocast_for(device):
+                logits = response_logits(engine, batch)  # (U, W, V)
+            total_loss, denominator = batch_loss(logits, batch.target, settings, mask, thresholds)
+            if per_micro:
+                total_loss = total_loss / denominator.clamp(min=UPSTREAM_EPS)
+            loss = weight * total_loss / count.clamp(min=1).to(total_loss.dtype)
+            (loss * world).backward()
         step_loss += loss.detach().double().cpu()
-    if distributed:
-        for p in model.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
+    if world > 1:
         dist.all_reduce(step_loss)
     return float(step_loss)
 
@@ -172,12 +197,10 @@ def train(cfg: TrainConfig) -> dict:
     Every input is checked before the run folder is touched (ValueError / OSError naming the
     setting or file). Raises FloatingPointError at a non-finite loss (the last checkpoint stays).
     """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    distributed = world > 1
+    check_launcher_environment(cfg)
     device = resolve_device(cfg.device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if distributed else 0
+    rank, world = init_distributed(device)
+    distributed = world > 1
     run = Path(cfg.out)
     # Everything that can fail on the input runs before the run folder is touched.
     check_run_folder(cfg, run)
@@ -201,6 +224,7 @@ def train(cfg: TrainConfig) -> dict:
 
     model = setup.model.to(device)
     model.train()
+    engine = wrap_model(model, cfg, device, world)  # FSDP2 shards `model` in place
     trie_dev = setup.trie.to(device)
     settings = cfg.loss_settings()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,7 +238,7 @@ def train(cfg: TrainConfig) -> dict:
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
              "epoch_seconds": []}  # fmt: skip
     if resume_from is not None:
-        optimizer.load_state_dict(resume_from["optimizer"])
+        load_optimizer_state(optimizer, resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
         set_rng_state(resume_from["rng"])
         state = resume_from["state"]
@@ -228,9 +252,9 @@ def train(cfg: TrainConfig) -> dict:
 
     def save_last():
         nonlocal saved_step
+        weights, optim = trainable_state(model), optimizer_state(optimizer)  # collective (FSDP2)
         if rank == 0:
-            save_atomic(run / "last.pt", {"model": trainable_state(model),
-                                          "optimizer": optimizer.state_dict(),
+            save_atomic(run / "last.pt", {"model": weights, "optimizer": optim,
                                           "scheduler": scheduler.state_dict(),
                                           "rng": rng_state(), "state": state})  # fmt: skip
         saved_step = state["global_step"]
@@ -248,8 +272,8 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         for s in bar:
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
-            micro = _micro_batches(setup, idx[rank::world], cfg, trie_dev, device)
-            step_loss = accumulate_gradients(model, micro, settings, trie_dev, device, distributed)
+            micro = _micro_batches(setup, idx, cfg, trie_dev, device, rank, world)
+            step_loss = accumulate_gradients(engine, micro, settings, trie_dev, device, world)
             fault_point(f"backward:{state['global_step'] + 1}")
             if not math.isfinite(step_loss):
                 raise _non_finite_loss(state["global_step"] + 1, step_loss, run, saved_step)
@@ -276,99 +300,103 @@ def train(cfg: TrainConfig) -> dict:
         state["epoch_seconds"].append(time.perf_counter() - t0)
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
         if cfg.protocol == "upstream":
-            _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch + 1)
+            _test_epoch(engine, model, setup, cfg, scoring, device, rank, world, state, epoch + 1,
+                        log)  # fmt: skip
             save_last()
             if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
                 break
             continue
-        valid = (
-            _validate(model, setup, cfg, scoring, device, rank, distributed) if cfg.validate else {}
-        )
+        valid = _validate(engine, setup, cfg, scoring, device, rank, world) if cfg.validate else {}
         state["history"].append({"epoch": epoch + 1, **valid})
-        log(event="valid", epoch=epoch + 1, **valid)
+        log(event="valid", epoch=epoch + 1, step=state["global_step"], **valid)
         if (
             not cfg.validate
             or state["best"] is None
             or valid[SELECT_METRIC] > state["best"]["valid"][SELECT_METRIC]
         ):
             state["best"] = {"epoch": epoch + 1, "valid": valid}
+            weights = trainable_state(model)  # collective under FSDP2
             if rank == 0:
-                save_atomic(run / "best.pt", {"model": trainable_state(model), "epoch": epoch + 1})
+                save_atomic(run / "best.pt", {"model": weights, "epoch": epoch + 1})
         save_last()
         if cfg.max_steps is not None and state["global_step"] >= cfg.max_steps:
             break
-    result = _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_per_epoch,
-                     stopped)  # fmt: skip
+    result = _finish(engine, model, setup, cfg, state, scoring, device, rank, world,
+                     steps_per_epoch, stopped, log)  # fmt: skip
     if distributed:
         dist.barrier()
     return result
 
 
-def _validate(model, setup, cfg, scoring, device, rank, distributed, split="valid", full=False):
-    """Metrics of a split computed on rank 0 and shared with the other ranks (``full``: with
-    exact top-K, PR@K and violation share; per-epoch validation runs the beam search only)."""
-    box = [None]
-    if rank == 0:
-        box[0] = evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
-                                cfg.eval_batch_size, device, full=full,
-                                length_penalty=cfg.length_penalty)  # fmt: skip
-    if distributed:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _validate(engine, setup, cfg, scoring, device, rank, world, split="valid", full=False):
+    """Metrics of a split, each rank decoding its share of the rows (``full``: with exact top-K,
+    PR@K and violation share; per-epoch validation runs the beam search only)."""
+    with decoding_model(engine) as model:
+        return evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
+                              cfg.eval_batch_size, device, full=full,
+                              length_penalty=cfg.length_penalty, rank=rank,
+                              world=world)  # fmt: skip
 
 
-def _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch) -> None:
+def _test_epoch(engine, model, setup, cfg, scoring, device, rank, world, state, epoch,
+                log) -> None:  # fmt: skip
     """Upstream's protocol after an epoch (or a partial one): the test metrics (unless --no-eval)
     into the history, and the weights as RUN/epoch_<epoch>.pt (upstream saves every epoch)."""
-    test = _validate(model, setup, cfg, scoring, device, rank, distributed, split="test",
+    test = _validate(engine, setup, cfg, scoring, device, rank, world, split="test",
                      full=True) if cfg.validate else {}  # fmt: skip
     state["history"].append({"epoch": epoch, "test": test})
-    _Log(Path(cfg.out) / "log.jsonl", rank == 0)(event="test", epoch=epoch, **test)
+    log(event="test", epoch=epoch, step=state["global_step"], **test)
+    weights = trainable_state(model)  # collective under FSDP2
     if rank == 0:
-        save_atomic(Path(cfg.out) / epoch_checkpoint(epoch),
-                    {"model": trainable_state(model), "epoch": epoch})  # fmt: skip
+        save_atomic(Path(cfg.out) / epoch_checkpoint(epoch), {"model": weights, "epoch": epoch})
 
 
-def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_per_epoch,
-            stopped) -> dict:  # fmt: skip
+def _finish(engine, model, setup, cfg, state, scoring, device, rank, world, steps_per_epoch,
+            stopped, log) -> dict:  # fmt: skip
     """Choose the checkpoint (best validation epoch; a stop mid-epoch competes as a partial epoch),
-    test it and write RUN/metrics.json and RUN/curves.png. Under the upstream protocol: test a
-    stop mid-epoch as a partial epoch and report every epoch's test metrics and their maxima."""
+    test it and write RUN/metrics.json, RUN/curves.png and RUN/model/ (Hugging Face format).
+    Under the upstream protocol: test a stop mid-epoch as a partial epoch, report every epoch's
+    test metrics and their maxima, and write the last weights to RUN/model/ (no selection)."""
     run = Path(cfg.out)
+    distributed = world > 1
     best, checkpoint = state["best"], "best.pt"
     seconds = state["epoch_seconds"]
     per_epoch = sum(seconds) / len(seconds) if seconds else None
     if cfg.protocol == "upstream":
         if stopped:
             epoch = state["epoch"] + state["step_in_epoch"] / steps_per_epoch
-            _test_epoch(model, setup, cfg, scoring, device, rank, distributed, state, epoch)
+            _test_epoch(engine, model, setup, cfg, scoring, device, rank, world, state, epoch, log)
         metrics = upstream_metrics(state["history"], cfg.length_penalty) | {
             "seconds_per_epoch": per_epoch
         }
+        weights = trainable_state(model)  # collective under FSDP2
         if rank == 0:
             write_json_atomic(run / "metrics.json", metrics)
+            save_run_model(model, setup.tokenizer, run / "model", weights)
         return metrics
     if not cfg.validate:
         metrics = {"protocol": "ours", "valid": {}, "test": {}, "best_epoch": state["epoch"],
                    "seconds_per_epoch": per_epoch, "checkpoint": "last.pt"}  # fmt: skip
+        weights = trainable_state(model)  # collective under FSDP2
         if rank == 0:
             write_json_atomic(run / "metrics.json", metrics)
+            save_run_model(model, setup.tokenizer, run / "model", weights)
         return metrics
     if stopped:
-        valid = _validate(model, setup, cfg, scoring, device, rank, distributed)
+        valid = _validate(engine, setup, cfg, scoring, device, rank, world)
         epoch = state["epoch"] + state["step_in_epoch"] / steps_per_epoch
-        Log = _Log(run / "log.jsonl", rank == 0)
-        Log(event="valid", epoch=epoch, partial=True, **valid)
+        log(event="valid", epoch=epoch, step=state["global_step"], partial=True, **valid)
         if best is None or valid[SELECT_METRIC] > best["valid"][SELECT_METRIC]:
             best, checkpoint = {"epoch": epoch, "valid": valid}, "partial.pt"
+            weights = trainable_state(model)  # collective under FSDP2
             if rank == 0:
-                save_atomic(run / checkpoint, {"model": trainable_state(model), "epoch": epoch})
+                save_atomic(run / checkpoint, {"model": weights, "epoch": epoch})
     if distributed:
         dist.barrier()
     weights = read_checkpoint(run / checkpoint)["model"]
     final = trainable_state(model)
     load_weights(model, weights, source=str(run / checkpoint))
-    args = (model, setup, cfg, scoring, device, rank, distributed)
+    args = (engine, setup, cfg, scoring, device, rank, world)
     valid = _validate(*args, split="valid", full=True)
     test = _validate(*args, split="test", full=True)
     metrics = {
@@ -380,9 +408,10 @@ def _finish(model, setup, cfg, state, scoring, device, rank, distributed, steps_
         "seconds_per_epoch": per_epoch,
         "checkpoint": checkpoint,
     }
+    log(event="test", epoch=best["epoch"], step=state["global_step"], **test)
     if rank == 0:
-        _Log(run / "log.jsonl", True)(event="test", epoch=best["epoch"], **test)
         write_json_atomic(run / "metrics.json", metrics)
+        save_run_model(model, setup.tokenizer, run / "model", weights)
         plot_run(run)
     load_weights(model, final)  # callers (tests) see the last weights, as trained
     return metrics
