@@ -55,3 +55,21 @@ def write_six_columns(src: Path, dst: Path) -> None:
         ids, ts = rest.rsplit(",", 1)
         out.append(f'{user},{ids},"[1, 1]","[\'a, b\']",x,{ts}')
     dst.write_text("\n".join(out) + "\n")
+
+
+def tiny_checkpoint(data: Path, folder: Path) -> Path:
+    """A small Llama and its tokenizer saved in Hugging Face format (a ``--model PATH`` base)."""
+    from bear.data import load_dataset
+    from bear.model import TinyConfig, build_tiny_model
+    from bear.prompts import format_prompt, format_response
+    from bear.tokenizer import train_tokenizer
+
+    dataset = load_dataset(data)
+    texts = [format_response(t) for t in dataset.titles.values()]
+    tok = train_tokenizer(texts + [format_prompt(["a"], "generic")], 400)
+    size = TinyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2)  # fmt: skip
+    model = build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id, size, seed=0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,17 +1,14 @@
-"""The training loop: accumulation = one large batch, 2 DDP processes = 1, resume = uninterrupted,
-run-folder rules. Tiny settings; no timing assertions."""
+"""The training loop: accumulation = one large batch, resume = uninterrupted, run-folder rules
+(several processes: test_distributed.py). Tiny settings; no timing assertions."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_train import last_weights, tiny_config, tiny_synth
+from _helpers_train import last_weights, tiny_checkpoint, tiny_config, tiny_synth
 
 from bear.data import DataError
 from bear.losses import LossSettings
@@ -63,23 +60,6 @@ def test_accumulation_equals_one_large_batch(synth, tmp_path, loss):
     _assert_same_weights(last_weights(tmp_path / "big"), last_weights(tmp_path / "acc"), 1e-5)
 
 
-def test_two_ddp_processes_equal_one(synth, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU) reaches the weights of a single process."""
-    args = ["--data", str(synth), "--loss", "bear", "--epochs", "1", "--limit-train", "16",
-            "--batch-size", "8", "--vocab-size", "320", "--hidden-size", "32", "--num-layers", "1",
-            "--max-history", "4", "--no-eval", "--no-progress", "--device", "cpu"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29517"]  # fmt: skip
-    subprocess.run([*torchrun, "-m", "bear", "train", "--out", str(tmp_path / "ddp"), *args],
-                   check=True, env=env, cwd=REPO, capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, "-m", "bear", "train", "--out", str(tmp_path / "one"), *args],
-                   check=True, env=env, cwd=REPO, capture_output=True)  # fmt: skip
-    _assert_same_weights(last_weights(tmp_path / "one"), last_weights(tmp_path / "ddp"), 1e-5)
-    log = [json.loads(x) for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    assert log[0]["world_size"] == 2
-
-
 def test_resume_continues_to_the_uninterrupted_result(synth, tmp_path):
     """Stop after 4 of 6 optimiser steps (mid epoch 2), resume: the same weights and metrics."""
     common = dict(loss="bear", epochs=2, limit_train=24, batch_size=8, limit_eval=1, beam_width=4)
@@ -92,9 +72,8 @@ def test_resume_continues_to_the_uninterrupted_result(synth, tmp_path):
     assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
     assert resumed["best_epoch"] == whole["best_epoch"]
     run = tmp_path / "whole"
-    assert {"config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png"} <= {
-        p.name for p in run.iterdir()
-    }
+    files = {"config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png", "model"}
+    assert files <= {p.name for p in run.iterdir()}
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".bear-run"]  # no temp
     metrics = json.loads((run / "metrics.json").read_text())
     keys = {"ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "pr@5", "pr@10"}
@@ -119,19 +98,7 @@ def test_run_folder_needs_overwrite_and_bad_data_writes_nothing(synth, tmp_path)
 def test_local_checkpoint_gets_lora_adapters(synth, tmp_path):
     """--model PATH: a saved Hugging Face checkpoint is fine-tuned through LoRA on q_proj, v_proj
     (only the adapters are trained and saved)."""
-    from bear.data import load_dataset
-    from bear.model import TinyConfig, build_tiny_model
-    from bear.prompts import format_prompt, format_response
-    from bear.tokenizer import train_tokenizer
-
-    data = load_dataset(synth)
-    texts = [format_response(t) for t in data.titles.values()] + [format_prompt(["a"], "generic")]
-    tok = train_tokenizer(texts, 400)
-    size = TinyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2)  # fmt: skip
-    model = build_tiny_model(len(tok), tok.pad_token_id, tok.eos_token_id, size, seed=0)
-    model.save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
+    tiny_checkpoint(synth, tmp_path / "ckpt")
     train(tiny_config(synth, tmp_path / "run", model=str(tmp_path / "ckpt"), validate=False))
     names = sorted(last_weights(tmp_path / "run"))
     assert len(names) == 4 and all("lora_" in n for n in names)

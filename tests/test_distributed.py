@@ -1,0 +1,93 @@
+"""Several processes (SPEC §9): DDP under torchrun and FSDP2 under accelerate launch equal one
+process (weights and the sharded evaluation's metrics), and the launchers' environment contract.
+Two gloo processes on the CPU; the tiny model keeps each launch to seconds of work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers_train import last_weights, tiny_synth
+
+from bear.config import TrainConfig
+from bear.distributed import check_launcher_environment
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+# 17 rows in steps of 8, 8 and 1 over 2 ranks, micro-batches of 3: ranks hold 4/4, 4/4 and 1/0
+# examples, so the last step runs a weight-0 stand-in on rank 1; 12 evaluation rows in batches of
+# 4 give each rank a share of 6 rows with a partial batch; lr 0.05 moves the model off chance so
+# that the metrics compared are not all zero.
+ARGS = ["--loss", "bear", "--epochs", "1", "--limit-train", "17", "--batch-size", "8",
+        "--micro-batch-size", "3", "--vocab-size", "320", "--hidden-size", "32",
+        "--num-layers", "1", "--max-history", "4", "--limit-eval", "12", "--eval-batch-size", "4",
+        "--lr", "0.05", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def _train(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
+    cmd = [*launcher, "-m", "bear", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
+    done = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """(dataset, run folder) of the single-process reference run."""
+    root = tmp_path_factory.mktemp("dist")
+    data = tiny_synth(root / "synth")
+    _train([sys.executable], data, root / "one")
+    return data, root / "one"
+
+
+def _assert_equals_one_process(one: Path, run: Path) -> None:
+    a, b = last_weights(one), last_weights(run)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in (one, run)]
+    assert metrics[0]["valid"]["ndcg@10"] > 0 and metrics[0]["test"]["ndcg@10"] > 0
+    for split in ("valid", "test"):
+        assert metrics[1][split] == pytest.approx(metrics[0][split], abs=1e-12), split
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert log[0]["world_size"] == 2
+
+
+def test_ddp_under_torchrun_equals_one_process(one_process, tmp_path):
+    """torchrun --nproc_per_node 2: DDP (no_sync accumulation) reaches the single process's weights;
+    the evaluation, sharded across the two ranks, gives its metrics."""
+    data, one = one_process
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29517"]  # fmt: skip
+    _train(torchrun, data, tmp_path / "ddp")
+    _assert_equals_one_process(one, tmp_path / "ddp")
+
+
+def test_fsdp_under_accelerate_launch_equals_one_process(one_process, tmp_path):
+    """accelerate launch --num_processes 2 with --fsdp (FSDP2 shards, gathers for decoding) reaches
+    the single process's weights and metrics; RUN/model is written from the sharded model."""
+    data, one = one_process
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", "29518"]  # fmt: skip
+    _train(accelerate, data, tmp_path / "fsdp", "--fsdp")
+    _assert_equals_one_process(one, tmp_path / "fsdp")
+    assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file()
+
+
+def test_accelerate_config_that_bear_cannot_honour_is_refused():
+    """An accelerate config is read, not ignored: FSDP without --fsdp, DeepSpeed and fp16 raise."""
+    cfg = TrainConfig(data="d", out="o")
+    check_launcher_environment(cfg, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    with pytest.raises(ValueError, match="--fsdp"):
+        check_launcher_environment(cfg, {"ACCELERATE_USE_FSDP": "true"})
+    with_fsdp = TrainConfig(data="d", out="o", fsdp=True)
+    check_launcher_environment(with_fsdp, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        check_launcher_environment(cfg, {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(ValueError, match="fp16"):
+        check_launcher_environment(cfg, {"ACCELERATE_MIXED_PRECISION": "fp16"})

@@ -1,0 +1,192 @@
+"""A run in the Hugging Face world: RUN/model/ opens in transformers / peft with the trained logits,
+the dtype / gradient-checkpointing / LoRA-shape flags do what they say, TensorBoard events hold the
+run's scalars."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers_train import last_weights, tiny_checkpoint, tiny_config, tiny_synth
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bear.losses import LossSettings
+from bear.model import load_run
+from bear.run import build_setup, load_weights
+from bear.tensorboard import _masked_crc32c
+from bear.train import _micro_batches, accumulate_gradients, train
+
+TOKENS = torch.tensor([[5, 9, 2, 7, 11, 3]])  # any in-vocabulary ids
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tiny_synth(tmp_path_factory.mktemp("hf") / "synth")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hf") / "tiny"
+    train(tiny_config(synth, run, limit_eval=2, beam_width=4))
+    return run
+
+
+def _trained_logits(cfg) -> torch.Tensor:
+    """Logits of the run's own model rebuilt by bear with its selected (here: last) weights."""
+    setup = build_setup(cfg, Path(cfg.out), fresh=False)
+    load_weights(setup.model, last_weights(cfg.out))
+    with torch.no_grad():
+        return setup.model.eval()(input_ids=TOKENS).logits
+
+
+def test_tiny_run_opens_in_transformers_with_the_trained_logits(synth, tiny_run):
+    folder = tiny_run / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    direct = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model, tokenizer = load_run(tiny_run)
+    with torch.no_grad():
+        logits = direct(input_ids=TOKENS).logits
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, logits, rtol=0, atol=0)
+    cfg = tiny_config(synth, tiny_run, limit_eval=2, beam_width=4)
+    torch.testing.assert_close(_trained_logits(cfg), logits, rtol=0, atol=0)
+    assert (
+        tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tiny_run / "tokenizer").get_vocab()
+    )
+
+
+def test_lora_run_is_a_peft_adapter_with_the_lora_flags(synth, tmp_path):
+    base = tiny_checkpoint(synth, tmp_path / "ckpt")
+    cfg = tiny_config(synth, tmp_path / "run", model=str(base), validate=False, lr=1e-2,
+                      lora_r=4, lora_alpha=8.0, lora_dropout=0.1,
+                      lora_targets=("q_proj", "k_proj"))  # fmt: skip
+    train(cfg)
+    folder = tmp_path / "run" / "model"
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8.0, 0.1)
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj"}
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert (folder / "tokenizer.json").is_file()
+    direct = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder).eval()
+    model, _ = load_run(tmp_path / "run")
+    with torch.no_grad():
+        logits = direct(input_ids=TOKENS).logits
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, logits, rtol=0, atol=0)
+        plain = AutoModelForCausalLM.from_pretrained(base)(input_ids=TOKENS).logits
+    torch.testing.assert_close(_trained_logits(cfg), logits, rtol=0, atol=0)
+    assert not torch.equal(plain, logits)  # the adapter was trained and is applied
+
+
+def test_load_run_needs_a_finished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="RUN/model"):
+        load_run(tmp_path)
+
+
+def test_dtype_bf16_stores_the_base_in_bf16_and_keeps_adapters_fp32(synth, tmp_path):
+    base = tiny_checkpoint(synth, tmp_path / "ckpt")
+    cfg = tiny_config(synth, tmp_path / "run", model=str(base), dtype="bf16")
+    model = build_setup(cfg, tmp_path / "run", fresh=True).model
+    dtypes = {p.requires_grad: p.dtype for p in model.parameters()}
+    assert dtypes == {True: torch.float32, False: torch.bfloat16}
+    tiny = build_setup(tiny_config(synth, tmp_path / "t", dtype="bf16"), tmp_path / "t", True)
+    assert {p.dtype for p in tiny.model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype"):
+        tiny_config(synth, tmp_path / "t", dtype="fp16")
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(synth, tmp_path):
+    grads = []
+    for checkpointing in (False, True):
+        cfg = tiny_config(
+            synth, tmp_path / "r", limit_train=5, gradient_checkpointing=checkpointing
+        )
+        setup = build_setup(cfg, tmp_path / "r", fresh=True)
+        assert setup.model.is_gradient_checkpointing == checkpointing
+        setup.model.train()
+        micro = _micro_batches(setup, list(range(5)), cfg, setup.trie, torch.device("cpu"))
+        accumulate_gradients(setup.model, micro, LossSettings("bear", beam_width=4), setup.trie,
+                             torch.device("cpu"))  # fmt: skip
+        grads.append({n: p.grad for n, p in setup.model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-6, msg=name)
+
+
+def _read_events(path: Path) -> list[tuple[int, dict[str, float]]]:
+    """(step, {tag: value}) of each scalar event of a TFRecord event file, checking both CRCs."""
+    data, out, pos = path.read_bytes(), [], 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        assert struct.unpack_from("<I", data, pos + 8)[0] == _masked_crc32c(data[pos : pos + 8])
+        event = data[pos + 12 : pos + 12 + length]
+        assert struct.unpack_from("<I", data, pos + 12 + length)[0] == _masked_crc32c(event)
+        pos += 16 + length
+        fields = dict(_fields(event))
+        if 5 in fields:  # summary
+            values = [dict(_fields(v)) for n, v in _fields(fields[5]) if n == 1]
+            scalars = {v[1].decode(): struct.unpack("<f", v[2])[0] for v in values}
+            out.append((fields[2], scalars))
+    return out
+
+
+def _fields(buf: bytes):
+    """(field number, value) pairs of a protobuf message (varint, 64-bit, bytes, 32-bit)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos : pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + size], pos + size
+        else:
+            value, pos = buf[pos : pos + 4], pos + 4
+        yield number, value
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def test_crc32c_is_castagnoli():
+    crc = 0xE3069283  # CRC-32C of b"123456789", the standard check value
+    masked = ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+    assert _masked_crc32c(b"123456789") == masked
+
+
+def test_tensorboard_events_hold_loss_and_validation_metrics(tiny_run):
+    (events,) = tiny_run.glob("events.out.tfevents.*")
+    scalars = _read_events(events)
+    log = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "step"]
+    losses = [(s, v["train/loss"]) for s, v in scalars if "train/loss" in v]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    (valid,) = [v for _, v in scalars if "valid/ndcg@10" in v]
+    (test,) = [v for _, v in scalars if "test/pr@10" in v]
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert valid["valid/hr@10"] == pytest.approx(metrics["valid"]["hr@10"])
+    assert test["test/ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"])
+
+
+def test_tensorboard_reads_the_events(tiny_run):
+    """Where tensorboard is installed, its own reader sees the same scalars."""
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    acc = event_accumulator.EventAccumulator(str(tiny_run))
+    acc.Reload()
+    assert {"train/loss", "valid/ndcg@10", "test/ndcg@10"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
