@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_train import last_weights, tiny_synth
+from _helpers_train import tiny_synth
 
 from bear.config import TrainConfig
 from bear.distributed import check_launcher_environment
@@ -45,10 +45,16 @@ def one_process(tmp_path_factory):
 
 
 def _assert_equals_one_process(one: Path, run: Path) -> None:
-    a, b = last_weights(one), last_weights(run)
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)
+    """Same weights (Adam turns float noise in near-zero gradients into updates up to lr a step,
+    hence atol 2e-3·lr), same gradient moments (which, unlike Adam's update, would show a wrong
+    scale of the gradient), same metrics."""
+    a, b = (torch.load(r / "last.pt", weights_only=False) for r in (one, run))
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], atol=1e-4, rtol=0)
+    for i, state in a["optimizer"]["state"].items():
+        moment = b["optimizer"]["state"][i]["exp_avg"]
+        torch.testing.assert_close(moment, state["exp_avg"], atol=1e-6, rtol=1e-4)
     metrics = [json.loads((r / "metrics.json").read_text()) for r in (one, run)]
     assert metrics[0]["valid"]["ndcg@10"] > 0 and metrics[0]["test"]["ndcg@10"] > 0
     for split in ("valid", "test"):
