@@ -1,4 +1,4 @@
-"""Several processes (SPEC §9): the process group, the DDP / FSDP2 wrappers and what differs under them.
+"""Several processes (SPEC §9): the process group, the DDP and FSDP2 wrappers, what they change.
 
 ``torchrun`` and ``accelerate launch`` start the processes with the same environment contract
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); ``init_distributed`` reads it. The model
@@ -156,11 +156,12 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load an ``optimizer_state`` checkpoint, sharding each state like its parameter under FSDP2."""
+    """Load an ``optimizer_state`` checkpoint; under FSDP2 each state is sharded like its param."""
     optimizer.load_state_dict(state)
     for param, entry in optimizer.state.items():
         if isinstance(param, DTensor):
             for key, value in entry.items():
                 if value.shape == param.shape and not isinstance(value, DTensor):
-                    entry[key] = distribute_tensor(value.to(param.device), param.device_mesh,
-                                                   param.placements, src_data_rank=None)  # fmt: skip
+                    local = value.to(param.device)
+                    entry[key] = distribute_tensor(local, param.device_mesh, param.placements,
+                                                   src_data_rank=None)  # fmt: skip

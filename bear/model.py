@@ -143,7 +143,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_run_model(model, tokenizer, folder: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write ``state`` (a ``trainable_state``) as ``model.save_pretrained`` does, with the tokenizer.
+    """Write ``state`` (a ``trainable_state``) as ``model.save_pretrained`` does, and the tokenizer.
 
     A peft model gives its LoRA adapter (adapter_config.json + adapter_model.safetensors, the base
     model by path); the tiny model, the whole model. Written to a hidden folder beside ``folder``,

@@ -1,9 +1,9 @@
 """TensorBoard scalars without the tensorboard package: an event file written by hand.
 
 An event file (``events.out.tfevents.*``) is a sequence of TFRecords, each holding one serialised
-``tensorflow.Event`` protocol buffer. A record is::
+``tensorflow.Event`` protocol buffer. A record is (little-endian)::
 
-    uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)   (little-endian)
+    uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
 
 with masked_crc32c(x) = ((crc >> 15) | (crc << 17)) + 0xA282EAD8 (mod 2^32), crc = CRC-32C. The
 first event carries ``file_version = "brain.Event:2"``; each later one a wall time, a step and a

@@ -85,8 +85,9 @@ class _Log:
                 fh.write(json.dumps({**rec, "time": round(time.time(), 3)}, default=str) + "\n")
             if "step" in rec:
                 prefix = "train" if rec["event"] == "step" else rec["event"]
-                scalars = {f"{prefix}/{k}": float(v) for k, v in rec.items()
-                           if isinstance(v, int | float) and k not in ("step", "partial")}  # fmt: skip
+                numbers = {k: v for k, v in rec.items() if isinstance(v, int | float)}
+                scalars = {f"{prefix}/{k}": float(v) for k, v in numbers.items()
+                           if k not in ("step", "partial")}  # fmt: skip
                 self.board.add_scalars(rec["step"], scalars)
 
 
