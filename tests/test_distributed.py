@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,13 @@ ARGS = ["--loss", "bear", "--epochs", "1", "--limit-train", "17", "--batch-size"
         "--micro-batch-size", "3", "--vocab-size", "320", "--hidden-size", "32",
         "--num-layers", "1", "--max-history", "4", "--limit-eval", "12", "--eval-batch-size", "4",
         "--lr", "0.05", "--no-progress", "--device", "cpu"]  # fmt: skip
+
+
+def _free_port() -> str:
+    """A TCP port free now (other sessions' tests run beside these: no fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def _train(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
@@ -68,7 +76,7 @@ def test_ddp_under_torchrun_equals_one_process(one_process, tmp_path):
     the evaluation, sharded across the two ranks, gives its metrics."""
     data, one = one_process
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", "29517"]  # fmt: skip
+                "--master_port", _free_port()]  # fmt: skip
     _train(torchrun, data, tmp_path / "ddp")
     _assert_equals_one_process(one, tmp_path / "ddp")
 
@@ -79,7 +87,7 @@ def test_fsdp_under_accelerate_launch_equals_one_process(one_process, tmp_path):
     data, one = one_process
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--main_process_port", "29518"]  # fmt: skip
+                  "--dynamo_backend", "no", "--main_process_port", _free_port()]  # fmt: skip
     _train(accelerate, data, tmp_path / "fsdp", "--fsdp")
     _assert_equals_one_process(one, tmp_path / "fsdp")
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file()
