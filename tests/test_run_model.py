@@ -175,7 +175,7 @@ def test_tensorboard_events_hold_loss_and_validation_metrics(tiny_run):
     losses = [(s, v["train/loss"]) for s, v in scalars if "train/loss" in v]
     assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
     (valid,) = [v for _, v in scalars if "valid/ndcg@10" in v]
-    (test,) = [v for _, v in scalars if "test/pr@10" in v]
+    (test,) = [v for _, v in scalars if "test/ndcg@10" in v]
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert valid["valid/hr@10"] == pytest.approx(metrics["valid"]["hr@10"])
     assert test["test/ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"])
