@@ -185,9 +185,7 @@ class TrainConfig:
         ("q_proj", "v_proj"), "LoRA target modules for a checkpoint model"
     )
     lora_r: int = _setting(8, "LoRA rank r for a checkpoint model", positive=True)
-    lora_alpha: float = _setting(
-        16.0, "LoRA alpha (the adapter is scaled by alpha / r)", above=0.0
-    )
+    lora_alpha: float = _setting(16.0, "LoRA alpha (the adapter is scaled by alpha / r)", above=0.0)
     lora_dropout: float = _setting(0.05, "dropout on the LoRA input", at_least=0.0, at_most=1.0)
     dtype: str = _setting(
         "fp32",

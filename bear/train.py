@@ -85,7 +85,8 @@ class _Log:
                 fh.write(json.dumps({**rec, "time": round(time.time(), 3)}, default=str) + "\n")
             if "step" in rec:
                 prefix = "train" if rec["event"] == "step" else rec["event"]
-                numbers = {k: v for k, v in rec.items() if isinstance(v, int | float)}
+                numbers = {k: v for k, v in rec.items()
+                           if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
                 scalars = {f"{prefix}/{k}": float(v) for k, v in numbers.items()
                            if k not in ("step", "partial")}  # fmt: skip
                 self.board.add_scalars(rec["step"], scalars)

@@ -190,3 +190,13 @@ def test_tensorboard_reads_the_events(tiny_run):
     acc.Reload()
     assert {"train/loss", "valid/ndcg@10", "test/ndcg@10"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_overwrite_replaces_the_model_folder_and_the_event_file(synth, tmp_path):
+    """RUN/model/ and the TensorBoard events are files bear writes: --overwrite replaces them, so
+    TensorBoard does not show the old run's steps beside the new one's."""
+    train(tiny_config(synth, tmp_path / "run", validate=False))
+    (tmp_path / "run" / "model" / "stale.txt").write_text("from the first run")
+    train(tiny_config(synth, tmp_path / "run", validate=False, overwrite=True))
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+    assert not (tmp_path / "run" / "model" / "stale.txt").exists()

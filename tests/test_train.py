@@ -72,7 +72,15 @@ def test_resume_continues_to_the_uninterrupted_result(synth, tmp_path):
     assert resumed["valid"] == whole["valid"] and resumed["test"] == whole["test"]
     assert resumed["best_epoch"] == whole["best_epoch"]
     run = tmp_path / "whole"
-    files = {"config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json", "curves.png", "model"}
+    files = {
+        "config.json",
+        "log.jsonl",
+        "last.pt",
+        "best.pt",
+        "metrics.json",
+        "curves.png",
+        "model",
+    }
     assert files <= {p.name for p in run.iterdir()}
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".bear-run"]  # no temp
     metrics = json.loads((run / "metrics.json").read_text())
