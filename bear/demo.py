@@ -4,6 +4,10 @@ Sized to finish in under 10 minutes on a 2-core CPU: a DEMO_USERS-user synthetic
 beam pruning matters (bear.synth), prompts of the last DEMO_HISTORY purchases, a 2-layer width-128
 Llama, DEMO_EPOCHS epochs, and validation / test metrics (the test's PR@K needs the exact top-K
 search) on the first DEMO_EVAL users of each split.
+
+``--model smollm2-135m`` (or any checkpoint ``bear train`` accepts) runs the same comparison with
+LoRA on a slice of Office (``--data``, default ``OFFICE``): the first CHECKPOINT_TRAIN training
+rows, prompts of the last DEMO_HISTORY purchases, one epoch, CHECKPOINT_EVAL users per split.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ DEMO_HISTORY = 5  # history items per prompt
 DEMO_EPOCHS = 3  # enough for the tiny model to learn the synthetic catalogue
 DEMO_EVAL = 150  # validation and test rows evaluated per run
 TABLE_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
+OFFICE = Path("../shared/data/amazon/Office")  # the checkpoint demo's default data (this project)
+CHECKPOINT_TRAIN = 48  # training rows of the checkpoint demo
+CHECKPOINT_BATCH = 8  # examples per optimiser step (6 steps)
+CHECKPOINT_LR = 5e-4  # LoRA learning rate: a few steps must move the model
+CHECKPOINT_EVAL = 16  # validation and test rows evaluated per run
 
 
 def _cell(value, fmt: str) -> str:
@@ -48,32 +57,40 @@ def run_demo(args) -> dict[str, dict]:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    tiny = args.model == "tiny"
+    data = Path(args.data) if args.data else (out / "data" if tiny else OFFICE)
+    if not tiny and not data.is_dir():
+        raise FileNotFoundError(f"--data {data}: not a folder; the --model {args.model} demo "
+                                "needs an upstream dataset folder such as Office")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(args.data) if args.data else out / "data"
-    if not args.data:
+    if tiny and not args.data:
         write_synth(data, SynthConfig(seed=args.seed, num_users=DEMO_USERS), overwrite=True)
         print(f"synthetic data: {data}", flush=True)
+    sizes = {} if tiny else {"limit_train": CHECKPOINT_TRAIN, "batch_size": CHECKPOINT_BATCH,
+                             "lr": CHECKPOINT_LR, "dtype": "bf16"}  # fmt: skip
     results = {}
     for loss in DEMO_LOSSES:
         cfg = TrainConfig(
             data=str(data),
             out=str(out / loss),
             loss=loss,
-            epochs=args.epochs or DEMO_EPOCHS,
-            limit_eval=args.limit_eval or DEMO_EVAL,
+            model=args.model,
+            epochs=args.epochs or (DEMO_EPOCHS if tiny else 1),
+            limit_eval=args.limit_eval or (DEMO_EVAL if tiny else CHECKPOINT_EVAL),
             max_history=DEMO_HISTORY,
             seed=args.seed,
             overwrite=True,
             progress=not args.no_progress,
+            **sizes,
         )
         t0 = time.perf_counter()
         results[loss] = train(cfg)
         print(f"{loss}: trained and evaluated in {time.perf_counter() - t0:.0f} s", flush=True)
     table = format_table(results)
     tests = {loss: m["test"] for loss, m in results.items()}
-    label = data.name if args.data else "synthetic data"
+    label = data.name if (args.data or not tiny) else "synthetic data"
     png = plot_comparison(
-        tests, out / "demo.png", title=f"test metrics, {label} (PR: lower is better)"
+        tests, out / "demo.png", title=f"test metrics, {label}, {args.model} (PR: lower is better)"
     )
     (out / "demo.json").write_text(json.dumps(results, indent=2))
     print()

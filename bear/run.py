@@ -19,6 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from bear.checkpoints import resolve_checkpoint
 from bear.config import TrainConfig
 from bear.data import Dataset, load_dataset
 from bear.faults import fault_point
@@ -102,8 +103,9 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
     """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie.
 
     ``fresh=False`` reuses the tiny tokenizer saved in RUN/tokenizer when there is one.
-    Raises FileNotFoundError / ValueError for a ``--model`` that is neither "tiny" nor a
-    checkpoint folder (``bear.model.check_model_folder``), and the data errors of ``bear.data`` /
+    Raises FileNotFoundError / ValueError for a ``--model`` that
+    ``bear.checkpoints.resolve_checkpoint`` cannot resolve or that resolves to a folder without a
+    checkpoint (``bear.model.check_model_folder``), and the data errors of ``bear.data`` /
     ``bear.items``.
     """
     protocol = PROTOCOLS[cfg.protocol]
@@ -128,10 +130,11 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
             len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
         ).to(DTYPES[cfg.dtype])
     else:
-        check_model_folder(cfg.model)
+        folder = resolve_checkpoint(cfg.model)
+        check_model_folder(folder)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        model, tokenizer = load_pretrained(cfg.model, lora, DTYPES[cfg.dtype])
+        model, tokenizer = load_pretrained(folder, lora, DTYPES[cfg.dtype])
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab = model.get_output_embeddings().weight.shape[0]

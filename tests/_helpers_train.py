@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -9,7 +10,11 @@ import torch
 from bear.config import TrainConfig
 from bear.synth import SynthConfig, write_synth
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+# the real datasets beside the checkout; BEAR_AMAZON_DATA points elsewhere (e.g. from a worktree)
+SHARED_DATA = Path(
+    os.environ.get("BEAR_AMAZON_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon"
+)
 TINY_SYNTH = SynthConfig(seed=3, num_users=30, num_brands=3, lines_per_brand=2, max_events=8)
 
 
