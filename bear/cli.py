@@ -138,10 +138,12 @@ def _run(args) -> int:
         )
         print(f"wrote {out}")
     elif args.command == "train":
+        from bear.distributed import close_distributed
         from bear.train import train
 
         cfg = config_from_args(TrainConfig, args)
         metrics = train(cfg)
+        close_distributed()
         print(json.dumps(metrics, indent=2))
     elif args.command == "evaluate":
         from bear.evaluate import evaluate_run

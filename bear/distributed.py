@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bear.config import TrainConfig
 
 __all__ = [
+    "close_distributed",
     "PROCESS_GROUP_TIMEOUT",
     "init_distributed",
     "check_launcher_environment",
@@ -54,6 +55,17 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
     return dist.get_rank(), world
+
+
+def close_distributed() -> None:
+    """Leave the process group together (barrier, then destroy) when one was started.
+
+    Without it a gloo rank whose peer has already exited can abort in its own teardown
+    ("terminate called without an active exception"), failing the launch after a good run.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def check_launcher_environment(cfg: TrainConfig, environ=os.environ) -> None:

@@ -7,6 +7,7 @@ step's gradient of the LoRA parameters (after DDP's all-reduce) to GRAD_FILE.
 import sys
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer
 
 from bear_kernels.transformers import apply_bear_loss
@@ -36,6 +37,10 @@ def main(out_dir: str, grad_file: str) -> None:
     trainer.train()
     if trainer.args.process_index == 0:
         torch.save(capture.grad, grad_file)
+    # Leave together: a rank whose gloo peer has already exited can abort in its own teardown
+    # ("terminate called without an active exception", SIGABRT), failing the launch.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
