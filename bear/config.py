@@ -189,9 +189,10 @@ class TrainConfig:
     lora_alpha: float = _setting(16.0, "LoRA alpha (the adapter is scaled by alpha / r)", above=0.0)
     lora_dropout: float = _setting(0.05, "dropout on the LoRA input", at_least=0.0, at_most=1.0)
     dtype: str = _setting(
-        "fp32",
-        "dtype of the base weights (LoRA adapters stay fp32; tiny: the whole model)",
-        choices=("fp32", "bf16"),
+        "auto",
+        "dtype of the base weights (LoRA adapters stay fp32; tiny: the whole model); auto: bf16 "
+        "for a checkpoint model on a GPU or CPU with native bf16 (AVX512-BF16/AMX), else fp32",
+        choices=("auto", "fp32", "bf16"),
     )
     gradient_checkpointing: bool = _setting(
         False,
@@ -251,8 +252,8 @@ class TrainConfig:
         if self.micro_batch_size is None:
             self.micro_batch_size = self.batch_size
         self.lora_targets = tuple(self.lora_targets)
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype: got {self.dtype!r}, expected 'fp32' or 'bf16'")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype: got {self.dtype!r}, expected 'auto', 'fp32' or 'bf16'")
         if not self.lora_targets:
             raise ValueError("lora_targets: empty; name at least one module, e.g. q_proj v_proj")
         self._resolve_protocol()

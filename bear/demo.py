@@ -67,7 +67,7 @@ def run_demo(args) -> dict[str, dict]:
         write_synth(data, SynthConfig(seed=args.seed, num_users=DEMO_USERS), overwrite=True)
         print(f"synthetic data: {data}", flush=True)
     sizes = {} if tiny else {"limit_train": CHECKPOINT_TRAIN, "batch_size": CHECKPOINT_BATCH,
-                             "lr": CHECKPOINT_LR, "dtype": "bf16"}  # fmt: skip
+                             "lr": CHECKPOINT_LR}  # fmt: skip
     results = {}
     for loss in DEMO_LOSSES:
         cfg = TrainConfig(

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 __all__ = [
     "DTYPES",
+    "native_bf16",
+    "resolve_dtype",
     "TinyConfig",
     "LoraSettings",
     "build_tiny_model",
@@ -30,6 +32,29 @@ __all__ = [
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype -> the base weights' dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matrix products natively: a CUDA GPU that supports bf16, or
+    a CPU with AVX512-BF16 or AMX (there a LoRA step of SmolLM2-135M measured 1.4-1.6x faster in
+    bf16 than in fp32: benchmarks/README.md, "Training step with a real checkpoint")."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(dtype: str, model: str, device: torch.device) -> torch.dtype:
+    """The base weights' dtype of ``--dtype`` (``fp32``, ``bf16`` or ``auto``).
+
+    ``auto``: bf16 for a checkpoint model (``--model`` other than ``tiny``) on a device with
+    ``native_bf16``, fp32 otherwise (the tiny model is small enough that fp32 costs little and
+    its tests compare fp32 results). Raises ValueError for another name.
+    """
+    if dtype == "auto":
+        return torch.bfloat16 if model != "tiny" and native_bf16(device) else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from bear.data import Dataset, load_dataset
 from bear.faults import fault_point
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import (
-    DTYPES,
     LoraSettings,
     TinyConfig,
     build_tiny_model,
     check_model_folder,
     load_pretrained,
+    resolve_dtype,
 )
 from bear.prompts import format_prompt, format_response
 from bear.protocol import PROTOCOLS
@@ -114,6 +114,7 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
                         history_prefix=cfg.history_prefix)  # fmt: skip
     if cfg.limit_train is not None:
         data.train = data.train[: cfg.limit_train]
+    dtype = resolve_dtype(cfg.dtype, cfg.model, resolve_device(cfg.device))
     if cfg.model == "tiny":
         tok_dir = run / "tokenizer"
         if not fresh and tok_dir.is_dir():
@@ -128,13 +129,13 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
         )
         model = build_tiny_model(
             len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
-        ).to(DTYPES[cfg.dtype])
+        ).to(dtype)
     else:
         folder = resolve_checkpoint(cfg.model)
         check_model_folder(folder)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
         lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        model, tokenizer = load_pretrained(folder, lora, DTYPES[cfg.dtype])
+        model, tokenizer = load_pretrained(folder, lora, dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab = model.get_output_embeddings().weight.shape[0]

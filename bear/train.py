@@ -97,11 +97,16 @@ def _micro_batches(setup: Setup, idx, cfg: TrainConfig, trie_dev, device, rank=0
 
     Every rank gets as many micro-batches as the largest share needs (FSDP2's forwards are
     collective): a shorter share is topped up with stand-ins of weight 0, the step's first example,
-    whose forward and backward run and add nothing.
+    whose forward and backward run and add nothing. Under ``step`` normalisation the step's
+    gradient does not depend on how its rows are split, so the share is sorted by length first
+    and each micro-batch pads to rows of similar length (16 random Office rows carry 18 %
+    padding in micro-batches of 4, sorted 5 %); ``micro-batch`` normalisation keeps the order.
     """
     out = []
     prompts, targets = setup.prompts["train"], setup.targets["train"]
-    share, size = idx[rank::world], cfg.micro_batch_size
+    share, size = list(idx[rank::world]), cfg.micro_batch_size
+    if cfg.normalisation == "step":
+        share.sort(key=lambda i: len(prompts[i]) + len(setup.items[targets[i]]))
     parts = [(share[s : s + size], 1.0) for s in range(0, len(share), size)]
     needed = math.ceil(math.ceil(len(idx) / world) / size)
     for part, weight in parts + [(idx[:1], 0.0)] * (needed - len(parts)):

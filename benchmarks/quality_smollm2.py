@@ -85,8 +85,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per decoding batch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
-                   help="base weights (bf16: faster on an AVX512-BF16 CPU)")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="base weights (auto: bf16 where the device has native bf16)")  # fmt: skip
     add_results_args(p)
     args = p.parse_args()
     name = Path(args.data).resolve().name.lower()

@@ -99,6 +99,22 @@ def test_dtype_bf16_stores_the_base_in_bf16_and_keeps_adapters_fp32(synth, tmp_p
         tiny_config(synth, tmp_path / "t", dtype="fp16")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_is_bf16_for_a_checkpoint_where_bf16_is_native(synth, tmp_path, monkeypatch,
+                                                                    native):  # fmt: skip
+    """--dtype auto (the default): a checkpoint's base weights in bf16 on a device with native
+    bf16 (this CPU has AVX512-BF16), fp32 elsewhere; the tiny model stays fp32 either way."""
+    monkeypatch.setattr("bear.model.native_bf16", lambda device: native)
+    base = tiny_checkpoint(synth, tmp_path / "ckpt")
+    cfg = tiny_config(synth, tmp_path / "run", model=str(base))
+    assert cfg.dtype == "auto"
+    model = build_setup(cfg, tmp_path / "run", fresh=True).model
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16 if native else torch.float32}
+    tiny = build_setup(tiny_config(synth, tmp_path / "t"), tmp_path / "t", True)
+    assert {p.dtype for p in tiny.model.parameters()} == {torch.float32}
+
+
 def test_gradient_checkpointing_gives_the_same_gradient(synth, tmp_path):
     grads = []
     for checkpointing in (False, True):

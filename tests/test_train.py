@@ -49,6 +49,35 @@ def test_accumulated_gradient_equals_one_large_batch(synth, tmp_path, loss):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-5, msg=name)
 
 
+def _padding(micro) -> int:
+    """Padding positions of a step's micro-batches (prompt and response windows)."""
+    return sum(int((~b.attention_mask.bool()).sum()) for b, _, _ in micro)
+
+
+@pytest.mark.parametrize("normalisation", ["step", "micro-batch"])
+def test_micro_batches_grouped_by_length_only_under_step(synth, tmp_path, normalisation):
+    """Under step normalisation a step's rows are split into micro-batches in order of length
+    (less padding, same gradient: test above); under upstream's micro-batch normalisation the
+    split changes the loss, so the rows keep the step's order."""
+    cfg = tiny_config(synth, tmp_path / "r", limit_train=40, micro_batch_size=2,
+                      normalisation=normalisation)  # fmt: skip
+    setup = build_setup(cfg, tmp_path / "r", fresh=True)
+    prompts, targets = setup.prompts["train"], setup.targets["train"]
+    lengths = [len(p) + len(setup.items[t]) for p, t in zip(prompts, targets, strict=True)]
+    idx = sorted(range(40), key=lambda i: (lengths[i] * 7919) % 97)[:8]  # a scrambled step
+    assert sorted(lengths[i] for i in idx) != [lengths[i] for i in idx]
+    micro = _micro_batches(setup, idx, cfg, setup.trie, torch.device("cpu"))
+    rows = [int(b.attention_mask.sum(1)[k]) for b, _, _ in micro for k in range(len(b.target))]
+    expected = (
+        sorted(lengths[i] for i in idx) if normalisation == "step" else [lengths[i] for i in idx]
+    )
+    assert rows == expected
+    if normalisation == "step":
+        cfg.normalisation = "micro-batch"
+        kept = _micro_batches(setup, idx, cfg, setup.trie, torch.device("cpu"))
+        assert _padding(micro) < _padding(kept)
+
+
 @pytest.mark.parametrize("loss", ["sft", "bear"])
 def test_accumulation_equals_one_large_batch(synth, tmp_path, loss):
     """7 examples per step as micro-batches of 3, 3 and 1 (a partial last window) give the same
