@@ -21,7 +21,7 @@ from bear.decode_common import (
     ranked_result,
     topk_stable,
 )
-from bear.kv_cache import CopiedKVCache, TreeKVCache
+from bear.kv_cache import CopiedKVCache, TreeKVCache, keeps_logits
 from bear.trie import ItemTrie
 
 __all__ = ["BeamStep", "beam_search", "beam_thresholds", "expand_beams"]
@@ -94,6 +94,16 @@ def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scorin
     )
 
 
+def _advance(kv, src, tokens, keep, one_child: bool, trie: ItemTrie) -> torch.Tensor:
+    """The next beams' logits (U' * Bn, V) from the cache's step. ``one_child`` (every next beam
+    on a node with one child, "before" scoring): the step is deferred (``TreeKVCache``) and
+    zeros stand in for the logits, which give that child log p = 0 as any finite logits do."""
+    if one_child:
+        kv.step(src, tokens, keep, defer=True)
+        return torch.zeros((), device=src.device).expand(tokens.numel(), trie.vocab_size)
+    return kv.step(src, tokens, keep)
+
+
 def _length_penalty(length: int, alpha: float) -> float:
     return float(length) ** alpha
 
@@ -118,7 +128,11 @@ def beam_search(
     (Hugging Face's `early_stopping=False` test; exact for alpha = 0), or when no beam is live.
 
     Each prompt is prefilled once and its KV cache expanded to the beams after the first step;
-    one host synchronisation per step (which users are done).
+    one host synchronisation per step (which users are done). Under "before" scoring with the
+    tree cache, a step after which every live beam sits on a node with one child runs no
+    forward: that child's log-probability is 0 whatever the logits, so its tokens are fed with
+    those of the next step that branches (item titles end in long unshared tails; the model's
+    NaN check covers the steps that run it).
 
     Args:
         model: a Hugging Face causal LM.
@@ -151,6 +165,7 @@ def beam_search(
     U = input_ids.shape[0]
     neg_inf = float("-inf")
     kv = (TreeKVCache if kv_sharing == "tree" else CopiedKVCache)(model, input_ids, mask)
+    defer = kv_sharing == "tree" and scoring == "before" and keeps_logits(model)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
     out_score = torch.full((U, B), neg_inf, device=device)
     users = torch.arange(U, device=device)  # global index of each active user
@@ -192,7 +207,7 @@ def beam_search(
         keep = (~done_host).nonzero().view(-1).to(device)
         users, node, score = users[keep], node[keep], score[keep]
         pool_leaf, pool_score = pool_leaf[keep], pool_score[keep]
-        logits = kv.step(step.src[keep], step.token[keep], keep)
+        logits = _advance(kv, step.src[keep], step.token[keep], keep, defer and width == 1, trie)
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
     return ranked_result(trie, out_leaf, out_score)
@@ -215,7 +230,7 @@ def beam_thresholds(
 
     Args:
         model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV
-            cache is shared as kv_sharing="tree").
+            cache is shared as kv_sharing="tree", one-child steps deferred as there).
 
     Returns:
         (U, L_max + 1) float32; -inf where fewer than B candidates exist.
@@ -230,6 +245,7 @@ def beam_thresholds(
     U = input_ids.shape[0]
     theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
     kv = TreeKVCache(model, input_ids, mask)
+    defer = scoring == "before" and keeps_logits(model)
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)
     logits = kv.logits
@@ -245,5 +261,5 @@ def beam_thresholds(
         width = int(host[-1])
         if width == 0 or t == trie.max_len:
             break
-        logits = kv.step(step.src, step.token)
+        logits = _advance(kv, step.src, step.token, None, defer and width == 1, trie)
     return theta

@@ -23,6 +23,7 @@ __all__ = [
     "TreeKVCache",
     "cache_kwarg",
     "check_tree_attention",
+    "keeps_logits",
     "prefill",
 ]
 
@@ -71,6 +72,13 @@ def output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (Hugging Face causal LMs: an int, the
+    last positions, or a tensor of positions). A peft model passes it on to its base model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     """Run the left-padded prompts once with a cache.
 
@@ -86,7 +94,7 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     """
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (U, P)
     extra = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if keeps_logits(model):
         extra["logits_to_keep"] = 1
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
     return output_cache(out), pos[:, -1], out.logits[:, -1].float()
@@ -141,6 +149,12 @@ class TreeKVCache:
     its own ancestors only, which is exactly the attention of a separate sequence per beam;
     positions are prompt length + t for every beam. Nothing is copied between beams and the cache
     is never reordered; users that leave are dropped through `Cache.batch_select_indices`.
+
+    A step whose logits nobody needs (`step(..., defer=True)`: every next beam has one trie
+    child, whose "before" log-probability is 0 whatever the logits) is only recorded; the next
+    step that needs logits feeds each beam's deferred tokens and its new one in one forward
+    (k tokens per beam side by side, causal along the beam, logits of its last token only).
+    Beams never split across deferred steps (one child each), so no token is fed twice.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
@@ -154,41 +168,67 @@ class TreeKVCache:
         )
         self.generated = 0  # slots appended after the prompt
         self.dtype = next(model.parameters()).dtype
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # deferred (src, tokens)
 
     def _select_users(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
         self.prompt_mask = self.prompt_mask[keep]
         self.last_pos = self.last_pos[keep]
         self.ancestors = self.ancestors[keep]
+        self.pending = [(src[keep], tok[keep]) for src, tok in self.pending]
 
     def step(
-        self, src: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits."""
+        self,
+        src: torch.Tensor,
+        tokens: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        defer: bool = False,
+    ) -> torch.Tensor | None:
+        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits; with
+        ``defer`` the step is recorded and None returned (see the class docstring)."""
         if keep is not None and keep.shape[0] < self.prompt_mask.shape[0]:
             self._select_users(keep)
+        self.pending.append((src, tokens))
+        if defer:
+            return None
+        # each final beam's chain through the pending steps: its tokens, oldest first, and
+        # its parent among the beams whose slots `ancestors` holds
+        chain, parent = [tokens], src
+        for s, tok in reversed(self.pending[:-1]):
+            chain.append(tok.gather(1, parent))
+            parent = s.gather(1, parent)
+        self.pending = []
+        k = len(chain)
         U, Bn = tokens.shape
-        G = self.generated
-        new_slot = G + torch.arange(Bn, device=tokens.device).expand(U, Bn)  # (U, Bn)
-        t = self.ancestors.shape[2]
-        anc = self.ancestors.gather(1, src[..., None].expand(-1, -1, t))  # (U, Bn, t)
-        self.ancestors = torch.cat([anc, new_slot[..., None]], dim=2)  # (U, Bn, t + 1)
-        own = torch.zeros(U, Bn, G + Bn, dtype=torch.bool, device=tokens.device)
-        own.scatter_(2, self.ancestors, True)  # each beam sees its ancestors' slots and itself
-        allowed = torch.cat([self.prompt_mask[:, None, :].expand(-1, Bn, -1), own], dim=2)
+        G, t = self.generated, self.ancestors.shape[2]
+        device = tokens.device
+        # beam j's i-th token goes to slot G + j·k + i
+        new_slot = G + torch.arange(Bn * k, device=device).view(1, Bn, k).expand(U, -1, -1)
+        anc = self.ancestors.gather(1, parent[..., None].expand(-1, -1, t))  # (U, Bn, t)
+        self.ancestors = torch.cat([anc, new_slot], dim=2)  # (U, Bn, t + k)
+        own = torch.zeros(U, Bn, k, G + Bn * k, dtype=torch.bool, device=device)
+        own.scatter_(3, anc[:, :, None, :].expand(-1, -1, k, -1), True)  # the beam's ancestors
+        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()  # its own tokens <= i
+        own.scatter_(3, new_slot[:, :, None, :].expand(-1, -1, k, -1), causal.expand(U, Bn, k, k))
+        prompt = self.prompt_mask[:, None, None, :].expand(-1, Bn, k, -1)
+        allowed = torch.cat([prompt, own], dim=3).reshape(U, Bn * k, -1)
         neg = torch.finfo(self.dtype).min
-        mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device)
-        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn, P + G + Bn)
-        pos = (self.last_pos + t + 1)[:, None].expand(U, Bn)  # (U, Bn)
+        mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn·k, P + G + Bn·k)
+        pos = self.last_pos[:, None] + t + 1 + torch.arange(k, device=device)  # (U, k)
+        extra = {}
+        if k > 1:  # the logits of each beam's last token only
+            extra["logits_to_keep"] = torch.arange(k - 1, Bn * k, k, device=device)
         out = self.model(
-            input_ids=tokens,
+            input_ids=torch.stack(chain[::-1], dim=2).reshape(U, Bn * k),
             attention_mask=mask4d,
-            position_ids=pos,
+            position_ids=pos[:, None, :].expand(-1, Bn, -1).reshape(U, Bn * k),
             use_cache=True,
             **{self.cache_kw: self.cache},
+            **extra,
         )
         self.cache = output_cache(out)
-        self.generated = G + Bn
+        self.generated = G + Bn * k
         self.logits = out.logits.float().reshape(U * Bn, -1)
         return self.logits
 

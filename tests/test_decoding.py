@@ -11,7 +11,17 @@ from bear.kv_cache import check_tree_attention
 from bear.protocol import PROTOCOLS
 from bear.teacher_forcing import continuation_logits
 from bear.trie import ItemTrie
-from tests._helpers_decoding import EOS, PAD, VOCAB, build, prefix_tokens, prompts, tiny_model
+from tests._helpers_decoding import (
+    EOS,
+    FIRST_TOKEN,
+    ITEM_TOKENS,
+    PAD,
+    VOCAB,
+    build,
+    prefix_tokens,
+    prompts,
+    tiny_model,
+)
 
 LENGTHS = (7, 4, 9)  # prompts of different lengths, left-padded into one batch
 
@@ -95,6 +105,45 @@ def test_kv_sharing_modes_agree(setup, scoring):
     b = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="copy")
     assert torch.equal(a.item_ids, b.item_ids)
     torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+
+
+def _long_tail_catalogue():
+    """12 two-token heads, each with one or two tails of 3-7 tokens (one tail per head forks
+    again half way): long runs of one-child nodes, as item titles have."""
+    g = torch.Generator().manual_seed(5)
+    seqs = []
+    for head in range(12):
+        prefix = [FIRST_TOKEN + head % 3, FIRST_TOKEN + 3 + head // 3]
+        for _ in range(1 + head % 2):
+            n = int(torch.randint(3, 8, (1,), generator=g))
+            seqs.append(
+                prefix + torch.randint(FIRST_TOKEN, ITEM_TOKENS, (n,), generator=g).tolist()
+            )
+        seqs.append(seqs[-1][:4] + [FIRST_TOKEN + (seqs[-1][4] + 1 - FIRST_TOKEN) % 8] * 2)
+    return ItemTrie(seqs, list(range(len(seqs))), EOS, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
+    """Under "before" scoring the tree cache runs no forward for a step after which every beam
+    sits on a one-child node (log p = 0) and feeds those tokens with the next branching step:
+    fewer forwards, and the same items and scores as the copy cache's one forward per step."""
+    model, input_ids, mask = setup[0], setup[4], setup[5]
+    trie = _long_tail_catalogue()
+    calls = {"tree": 0, "copy": 0}
+    results = {}
+    for kv in calls:
+        hook = model.register_forward_hook(lambda *_, kv=kv: calls.__setitem__(kv, calls[kv] + 1))
+        try:
+            results[kv] = beam_search(model, input_ids, mask, trie, 3, scoring, kv_sharing=kv)
+        finally:
+            hook.remove()
+    assert torch.equal(results["tree"].item_ids, results["copy"].item_ids)
+    torch.testing.assert_close(results["tree"].scores, results["copy"].scores, atol=1e-5, rtol=0)
+    if scoring == "before":
+        assert calls["tree"] < calls["copy"]
+    else:
+        assert calls["tree"] == calls["copy"]
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
