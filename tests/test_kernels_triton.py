@@ -141,6 +141,23 @@ def test_fused_gradient_scales_with_the_upstream_gradient(reduction, threshold_g
         torch.testing.assert_close(bear_loss(z, y, impl="triton", **kw), ref.detach())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_beam_entries_over_several_chunks(dtype):
+    """B = 50 (packed keys) over 4 chunks of 1024 tokens (the interpreter's BLOCK_V): chunk 1
+    fills the slots, chunk 2 plants 5 tokens above all of them, chunk 3 plants 20 above those
+    (each entry evicts the worst slot, chunk 2's tokens stay), chunk 4 enters few or none; in
+    row 1 ties to chunk 1's 41st value cross the cut. Every row equals the reference."""
+    g = torch.Generator().manual_seed(19)
+    z = torch.randn(4, 4000, generator=g)
+    top = z[:, :1024].max(1, keepdim=True).values
+    z[:, 1024 + torch.arange(5) * 97] = top + 1 + torch.arange(5.0)
+    z[:, 2048 + torch.arange(20) * 41] = top + 0.5 + torch.arange(20.0) / 4
+    z[1, 3000:3010] = z[1, :1024].sort(descending=True).values[40]  # ties at the 50th value
+    y = torch.tensor([3, 1024, 2048 + 41, 3005])
+    check_parity(_triton_ce, z.to(dtype), y, loss="ce", beam_width=50, threshold_grad=True)
+    check_parity(_triton_bear, z.to(dtype), y, beam_width=50, threshold_grad=True)
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_many_ties_and_ascending_logits(impl):
     # integer logits: many exact ties at the top-B cut, resolved to the lower index everywhere;
@@ -151,7 +168,8 @@ def test_many_ties_and_ascending_logits(impl):
     z = torch.cat([ties, ascending])
     y = torch.tensor([5, 7, 2099, 100, 3])
     fn = lambda a, b, **k: ce_margin(a, b, impl=impl, **k)  # noqa: E731
-    check_parity(fn, z, y, loss="ce", beam_width=6, threshold_grad=True)
+    for beam_width in (6, 50):  # (value, index) pairs; packed keys
+        check_parity(fn, z, y, loss="ce", beam_width=beam_width, threshold_grad=True)
 
 
 @pytest.mark.parametrize("beam_width", [6, 50])
