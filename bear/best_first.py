@@ -28,6 +28,7 @@ def exact_topk(
     k: int = 10,
     scoring: str = "before",
     expand_per_round: int = 16,
+    floor: torch.Tensor | None = None,
 ) -> DecodeResult:
     """The k best items by full score (α = 0), by best-first search over the trie.
 
@@ -44,6 +45,10 @@ def exact_topk(
         k: K >= 1.
         expand_per_round: frontier entries popped per user and round (values below 1 count as
             1); a speed knob, the result does not depend on it.
+        floor: None, or (U,) scores: prefixes scoring below their user's floor are dropped
+            (their items could only score lower), so the search returns the best min(k, n)
+            items among the n scoring >= floor, -1 / -inf padded. Ranking a known item needs no
+            more (``bear.evaluate`` floors at the target's score).
 
     Returns:
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
@@ -66,6 +71,9 @@ def exact_topk(
     logp, edge = child_logprobs(trie, prefixes.logits[:, None], root, width, scoring)
     check_no_nan_scores(torch.isnan(logp).any(-1).any(-1).cpu())
     f_score = logp[:, 0]  # (U, F)
+    if floor is not None:
+        floor = floor.to(device=device, dtype=f_score.dtype)
+        f_score = torch.where(f_score >= floor[:, None], f_score, neg_inf)
     f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
     f_slot = torch.full_like(f_node, -1)  # (U, F)
     res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
@@ -107,6 +115,8 @@ def exact_topk(
         new_slot = exp_slot[:, None].expand(-1, width).reshape(-1)
         nan = torch.zeros(U, dtype=torch.bool, device=device)
         check_no_nan_scores(nan.index_put_((new_user,), torch.isnan(new_score)).cpu())
+        if floor is not None:
+            new_score = torch.where(new_score >= floor[new_user], new_score, neg_inf)
         # Rebuild the frontier: the finite old entries plus the new children, packed per user.
         old_u, old_c = torch.isfinite(f_score).nonzero(as_tuple=True)
         keep_new = torch.isfinite(new_score)

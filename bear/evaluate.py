@@ -33,6 +33,10 @@ __all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
 
 EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
 SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
+# the exact search drops prefixes below s_y - SCORE_TOLERANCE - FLOOR_MARGIN·|s_y|: the relative
+# part leaves the target in the search when a bf16 model's incremental scores differ from its
+# teacher-forced ones (bf16 keeps about 3 significant digits)
+FLOOR_MARGIN = 0.05
 
 
 def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
@@ -47,6 +51,12 @@ def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _search_floor(s_y: torch.Tensor) -> torch.Tensor:
+    """Per row, the score below which the exact search drops prefixes: items under it cannot
+    outrank the target (scores only fall along a trie path)."""
+    return s_y - SCORE_TOLERANCE - FLOOR_MARGIN * s_y.abs()
+
+
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
                    exact_all: bool = False, length_penalty: float = 0.0, rank: int = 0,
@@ -61,7 +71,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     The exact search runs only where it can matter: if the beam already returned
     ``EXACT_K`` items whose scores beat the target's teacher-forced score s_y, at least that many
     items outrank the target, so it is not in the exact top-``EXACT_K`` (rank -1) and the search
-    is skipped. ``exact_all=True`` runs it for every row (tests check the two agree).
+    is skipped; where it runs, it drops prefixes scoring below the target's (``_search_floor``).
+    ``exact_all=True`` runs it for every row, without the floor (tests check the two agree).
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
     ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
     contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
@@ -106,7 +117,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         if rows.numel():
             with autocast_for(device):
                 exact = exact_topk(model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
-                                   k=EXACT_K, scoring=scoring)  # fmt: skip
+                                   k=EXACT_K, scoring=scoring,
+                                   floor=None if exact_all else _search_floor(s_y[rows]))  # fmt: skip
             ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
         exact_ranks.append(ranks)
     model.train(was_training)

@@ -71,6 +71,32 @@ def test_exact_topk_equals_brute_force_for_every_k(setup, scoring):
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
+def test_exact_topk_floor_keeps_every_item_above_it(setup, scoring):
+    """With a floor per user (here the score of the user's 3rd and 7th best items, and -inf)
+    the search returns exactly the unbounded top-k's items at or above it, with fewer forwards
+    where it cuts (tokens fed to the model, the prompts' prefill included)."""
+    model, seqs, ids, trie, input_ids, mask = setup
+    calls = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kwargs, _o: calls.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        full = exact_topk(model, input_ids, mask, trie, 10, scoring)
+        n_full = sum(calls)
+        floor = torch.stack([full.scores[0, 2], full.scores[1, 6], torch.tensor(float("-inf"))])
+        calls.clear()
+        cut = exact_topk(model, input_ids, mask, trie, 10, scoring, floor=floor - 1e-6)
+    finally:
+        hook.remove()
+    kept = full.scores >= floor[:, None] - 1e-6
+    assert kept.sum(1).tolist() == [3, 7, 10]
+    assert torch.equal(cut.item_ids, torch.where(kept, full.item_ids, -1))
+    torch.testing.assert_close(cut.scores[kept], full.scores[kept])
+    assert torch.isneginf(cut.scores[~kept]).all()
+    assert sum(calls) < n_full
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
 def test_score_items_equals_teacher_forcing(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup
     pick = torch.tensor([ids[0], ids[-1], ids[-2], ids[5]])
