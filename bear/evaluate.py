@@ -115,10 +115,10 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         ranks = torch.full((U,), -1, dtype=torch.long)
         rows = need.nonzero().flatten()
         if rows.numel():
+            floor = None if exact_all else _search_floor(s_y[rows])
             with autocast_for(device):
                 exact = exact_topk(model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
-                                   k=EXACT_K, scoring=scoring,
-                                   floor=None if exact_all else _search_floor(s_y[rows]))  # fmt: skip
+                                   k=EXACT_K, scoring=scoring, floor=floor)  # fmt: skip
             ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
         exact_ranks.append(ranks)
     model.train(was_training)
