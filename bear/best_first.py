@@ -29,6 +29,7 @@ def exact_topk(
     scoring: str = "before",
     expand_per_round: int = 16,
     floor: torch.Tensor | None = None,
+    max_expansions: int | None = None,
 ) -> DecodeResult:
     """The k best items by full score (α = 0), by best-first search over the trie.
 
@@ -49,6 +50,9 @@ def exact_topk(
             (their items could only score lower), so the search returns the best min(k, n)
             items among the n scoring >= floor, -1 / -inf padded. Ranking a known item needs no
             more (``bear.evaluate`` floors at the target's score).
+        max_expansions: None, or the prefixes a user may expand (tokens fed) before its search
+            stops; the result's ``complete`` is then False where a user stopped with fewer than
+            k items (those it holds are the best ones, in order: leaves are emitted in order).
 
     Returns:
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
@@ -80,6 +84,8 @@ def exact_topk(
     res_score = torch.full((U, k + 1), neg_inf, device=device)
     found = torch.zeros(U, dtype=torch.int64, device=device)
     users = torch.arange(U, device=device)
+    spent = torch.zeros(U, dtype=torch.int64, device=device)  # prefixes expanded per user
+    stopped = torch.zeros(U, dtype=torch.bool, device=device)  # at the budget, k not found
     while True:
         p = min(P, f_score.shape[1])
         s, i = topk_stable(f_score, p)  # (U, p)
@@ -94,8 +100,15 @@ def exact_topk(
         res_score.scatter_(1, slot, torch.where(emit, s, neg_inf))
         found = found + emit.sum(1)
         expand = fin & ~is_leaf & (found < k)[:, None]
+        if max_expansions is not None:  # the budget: users past it stop, their frontier dropped
+            over = (spent + expand.sum(1) > max_expansions) & (found < k)
+            stopped |= over
+            expand &= ~over[:, None]
+            spent += expand.sum(1)
         removed = emit | expand
         f_score = f_score.scatter(1, i, torch.where(removed, neg_inf, s))
+        if max_expansions is not None:
+            f_score = torch.where(stopped[:, None], neg_inf, f_score)
         open_users = (found < k) & torch.isfinite(f_score).any(1)
         exp_u, exp_c = expand.nonzero(as_tuple=True)
         if exp_u.numel() == 0:
@@ -135,4 +148,7 @@ def exact_topk(
         f_score[all_u, col] = all_s
         f_node[all_u, col] = all_n
         f_slot[all_u, col] = all_p
-    return ranked_result(trie, res_leaf[:, :k], res_score[:, :k])
+    result = ranked_result(trie, res_leaf[:, :k], res_score[:, :k])
+    if max_expansions is not None:
+        result.complete = ~stopped
+    return result

@@ -33,10 +33,14 @@ class DecodeResult:
 
     item_ids: (U, K) int64 canonical item ids, best first, -1 where fewer than K items exist.
     scores:   (U, K) float32 scores, -inf where padded.
+    complete: (U,) bool, False where a search stopped at its budget before finding K items
+        (``exact_topk(max_expansions=)``): the items it holds are still the best, in order; None
+        from searches without a budget.
     """
 
     item_ids: torch.Tensor
     scores: torch.Tensor
+    complete: torch.Tensor | None = None
 
 
 def model_vocab(model) -> int | None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from bear.decoding import beam_search, exact_topk
 from bear.items import IGNORE_INDEX, collate
-from bear.metrics import hit_rate, ndcg, ranking_metrics, target_ranks
+from bear.metrics import UNDECIDED, hit_rate, ndcg, ranking_metrics, target_ranks
 from bear.model import autocast_for, response_logits, scoring_for
 from bear.protocol import epoch_checkpoint, upstream_metrics
 from bear.run import (
@@ -60,7 +60,7 @@ def _search_floor(s_y: torch.Tensor) -> torch.Tensor:
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
                    exact_all: bool = False, length_penalty: float = 0.0, rank: int = 0,
-                   world: int = 1) -> dict:  # fmt: skip
+                   world: int = 1, exact_budget: int | None = None) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
 
     ``length_penalty``: α of the beam search (item score / length^α; upstream's generate: 1.0).
@@ -73,6 +73,10 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     items outrank the target, so it is not in the exact top-``EXACT_K`` (rank -1) and the search
     is skipped; where it runs, it drops prefixes scoring below the target's (``_search_floor``).
     ``exact_all=True`` runs it for every row, without the floor (tests check the two agree).
+    ``exact_budget``: None (exact), or the prefixes the search may expand per row; a row whose
+    search stops there before finding the target or EXACT_K items above it is UNDECIDED: in no
+    PR@K, counted as "exact_undecided" (a weak model's flat scores can make the exact top-10 of
+    a real catalogue cost thousands of expansions per row).
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
     ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
     contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
@@ -118,8 +122,12 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
             floor = None if exact_all else _search_floor(s_y[rows])
             with autocast_for(device):
                 exact = exact_topk(model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
-                                   k=EXACT_K, scoring=scoring, floor=floor)  # fmt: skip
-            ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
+                                   k=EXACT_K, scoring=scoring, floor=floor,
+                                   max_expansions=exact_budget)  # fmt: skip
+            found = target_ranks(exact.item_ids, canon[rows])
+            if exact.complete is not None:
+                found = torch.where(exact.complete | (found >= 0), found, UNDECIDED)
+            ranks[rows.cpu()] = found.cpu()
         exact_ranks.append(ranks)
     model.train(was_training)
     per_row = (torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))

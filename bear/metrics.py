@@ -18,6 +18,7 @@ __all__ = [
     "ranking_metrics",
     "METRIC_KEYS",
     "COUNT_KEYS",
+    "UNDECIDED",
 ]
 
 METRIC_KEYS = (
@@ -33,7 +34,10 @@ METRIC_KEYS = (
 )
 # The denominator of each ratio, reported beside it: test cases (HR, NDCG), cases whose target is
 # in the exact top-K (PR@K), pruned cases (violation share).
-COUNT_KEYS = ("users", "pr@5_count", "pr@10_count", "violation_share_count")
+COUNT_KEYS = ("users", "pr@5_count", "pr@10_count", "violation_share_count", "exact_undecided")
+# an exact rank the search could not decide within its budget (bear.evaluate's exact_budget):
+# such a case is in neither the numerator nor the denominator of PR@K, and is counted apart
+UNDECIDED = -2
 PRUNED_AT = 10  # the cut-off of `violation_share` in ranking_metrics: pruned = counted in PR@10
 
 
@@ -123,7 +127,8 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int 
 
     HR and NDCG at 1, 5, 10 from the beam-search ranks; PR@5 and PR@10 from both; the violation
     share among cases pruned at K = 10 (0 <= exact rank < 10 and absent from the beam). A ratio
-    whose denominator is 0 is None, e.g. {"pr@10": None, ..., "pr@10_count": 0}.
+    whose denominator is 0 is None, e.g. {"pr@10": None, ..., "pr@10_count": 0}. Exact ranks of
+    UNDECIDED (-2) count in no PR@K and are reported as "exact_undecided".
     """
     b, e = _ranks(beam_ranks), _ranks(exact_ranks)
     out = {}
@@ -140,5 +145,6 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int 
         "pr@5_count": int(((e >= 0) & (e < 5)).sum()),
         "pr@10_count": int(((e >= 0) & (e < 10)).sum()),
         "violation_share_count": int(pruned.sum()),
+        "exact_undecided": int((e == UNDECIDED).sum()),
     }
     return {key: out[key] for key in METRIC_KEYS} | counts

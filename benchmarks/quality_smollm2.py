@@ -6,7 +6,9 @@ epoch is tested: model selection by validation would multiply the evaluation cos
 the test split's first ``--limit-eval`` users: HR@5/10, NDCG@5/10 from the beam search (B = 10),
 PR@5/10 from the beam and the exact top-10, each with its denominator and binomial standard error
 sqrt(p (1 - p) / n) (for NDCG, whose per-user gains lie in [0, 1], this is an upper bound of the
-standard error). Writes results/quality_<data>_smollm2_<device>[_tag].json and .md.
+standard error). The exact search expands at most ``--exact-budget`` prefixes per user; users it
+leaves undecided are in no PR (their number is reported). Writes
+results/quality_<data>_smollm2_<device>[_tag].json and .md.
 
     python benchmarks/quality_smollm2.py --data ../shared/data/amazon/Office --limit-train 2000
 """
@@ -50,15 +52,18 @@ def _cell(entry: dict) -> str:
 
 def table(results: dict[str, dict]) -> str:
     """Markdown: one row per loss, value ± standard error, PR@10's denominator."""
-    lines = ["| loss | " + " | ".join(KEYS) + " | PR@10 n |", "|" + " --- |" * (len(KEYS) + 2)]
+    head = "| loss | " + " | ".join(KEYS) + " | PR@10 n | undecided | train s | test s |"
+    lines = [head, "|" + " --- |" * (len(KEYS) + 5)]
     for loss, r in results.items():
         se = r["with_se"]
         cells = [_cell(se[k]) for k in KEYS]
-        lines.append(f"| {loss} | " + " | ".join(cells) + f" | {se['pr@10']['n']} |")
+        lines.append(f"| {loss} | " + " | ".join(cells) + f" | {se['pr@10']['n']} | "
+                     f"{r['test']['exact_undecided']} | {r['train_seconds']:.0f} | "
+                     f"{r['test_seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device) -> dict:
+def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device, budget: int) -> dict:
     """Full test metrics (with denominators) of the run's last checkpoint."""
     setup = build_setup(cfg, run, fresh=False)
     model = setup.model.to(device)
@@ -66,7 +71,8 @@ def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device) -> dict:
         model, torch.load(run / "last.pt", map_location=device, weights_only=False)["model"]
     )
     return evaluate_split(model, setup, "test", cfg.beam_width, scoring_for(cfg.loss),
-                          cfg.limit_eval, cfg.eval_batch_size, device)  # fmt: skip
+                          cfg.limit_eval, cfg.eval_batch_size, device,
+                          exact_budget=budget)  # fmt: skip
 
 
 def main() -> None:
@@ -84,6 +90,8 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per decoding batch")
+    p.add_argument("--exact-budget", type=int, default=64,
+                   help="prefixes the exact top-10 search may expand per test user")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="base weights (auto: bf16 where the device has native bf16)")  # fmt: skip
@@ -103,22 +111,28 @@ def main() -> None:
                           lr=args.lr, eval_batch_size=args.eval_batch_size, seed=args.seed,
                           device=args.device, dtype=args.dtype, overwrite=True, validate=False,
                           progress=False)  # fmt: skip
+        t_loss = time.perf_counter()
         trained = train(cfg)
-        test = _test_last_epoch(cfg, run, resolve_device(args.device))
+        t_test = time.perf_counter()
+        test = _test_last_epoch(cfg, run, resolve_device(args.device), args.exact_budget)
         results[loss] = {"test": test, "with_se": standard_errors(test),
-                         "seconds_per_epoch": trained["seconds_per_epoch"]}  # fmt: skip
+                         "seconds_per_epoch": trained["seconds_per_epoch"],
+                         "train_seconds": t_test - t_loss,
+                         "test_seconds": time.perf_counter() - t_test}  # fmt: skip
         print(f"{loss}: {table({loss: results[loss]}).splitlines()[-1]} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
-    md = table(results)
-    write_json(stem.with_suffix(".json"), {
-        "device": device,
-        "data": name,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")},
-        "results": results,
-        "wall_seconds": time.perf_counter() - t0,
-    })  # fmt: skip
-    stem.with_suffix(".md").write_text(md)
-    print(md)
+        # after every loss, so that a run cut short keeps what it measured
+        partial = loss != args.losses[-1]
+        write_json(stem.with_suffix(".json"), {
+            "device": device,
+            "data": name,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")},
+            "results": results,
+            "wall_seconds": time.perf_counter() - t0,
+            "partial": partial,
+        })  # fmt: skip
+        stem.with_suffix(".md").write_text(table(results))
+    print(table(results))
     print(f"wrote {stem}.json and .md")
 
 

@@ -96,6 +96,22 @@ def test_exact_topk_floor_keeps_every_item_above_it(setup, scoring):
     assert sum(calls) < n_full
 
 
+def test_exact_topk_budget_keeps_the_best_found_in_order(setup):
+    """A search stopped by max_expansions holds a prefix of the unbounded ranking and says it is
+    incomplete; a budget it does not reach changes nothing."""
+    model, seqs, ids, trie, input_ids, mask = setup
+    full = exact_topk(model, input_ids, mask, trie, 10, "after")
+    roomy = exact_topk(model, input_ids, mask, trie, 10, "after", max_expansions=10**6)
+    assert torch.equal(roomy.item_ids, full.item_ids) and roomy.complete.all()
+    assert full.complete is None
+    cut = exact_topk(model, input_ids, mask, trie, 10, "after", max_expansions=3)
+    assert not cut.complete.any()
+    n = (cut.item_ids >= 0).sum(1)
+    assert (n < 10).all()
+    for u in range(3):
+        assert torch.equal(cut.item_ids[u, : n[u]], full.item_ids[u, : n[u]])
+
+
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_score_items_equals_teacher_forcing(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup

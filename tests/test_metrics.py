@@ -8,6 +8,7 @@ import torch
 from bear.metrics import (
     COUNT_KEYS,
     METRIC_KEYS,
+    UNDECIDED,
     hit_rate,
     ndcg,
     pruning_rate,
@@ -68,6 +69,19 @@ def test_ranking_metrics_dict():
         3,
         1,
     )
+
+
+def test_undecided_exact_ranks_count_in_no_pruning_rate():
+    """An exact rank the budgeted search left UNDECIDED is neither a case of PR@K nor a miss:
+    the rates equal those without the row, and the row is counted apart."""
+    beam, exact = torch.tensor([0, -1, 4, -1, -1]), torch.tensor([0, 2, 4, 12, UNDECIDED])
+    violated = torch.tensor([False, True, False, True, True])
+    m = ranking_metrics(beam, exact, violated)
+    without = ranking_metrics(beam[:4], exact[:4], violated[:4])
+    assert {k: m[k] for k in ("pr@5", "pr@10", "violation_share")} == {
+        k: without[k] for k in ("pr@5", "pr@10", "violation_share")
+    }
+    assert (m["pr@10_count"], m["exact_undecided"], without["exact_undecided"]) == (3, 1, 0)
 
 
 def test_empty_denominators_are_none_with_their_count():
