@@ -294,6 +294,7 @@ def _bear_fwd_kernel(
     grad_ptr,  # (N, V) out, logits dtype: d(loss)/dz when FUSED_GRAD (else unused)
     scale_ptr,  # () in, COMPUTE: d(loss)/d(row loss) of a counted row, 1 or 1/#counted
     V,  # vocabulary size
+    n_rows,  # N (read only when ROW_LOOP)
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
     stride_g,  # row stride of grad (elements)
@@ -308,8 +309,33 @@ def _bear_fwd_kernel(
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
     FUSED_GRAD: tl.constexpr,  # also write the gradient of the reduced BEAR loss (2nd pass)
     THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
+    ROW_LOOP: tl.constexpr,  # fewer programs than rows: program p takes rows p, p + grid, ...
 ):
-    row = tl.program_id(0)
+    if not ROW_LOOP:
+        _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr,
+                      grad_ptr, scale_ptr, tl.program_id(0), V, stride_z, stride_m, stride_g,
+                      inv_tau, ignore_index, beam_width_in, reg_weight, inv_xi, HAS_MASK, BLOCK_V,
+                      BEAM_PAD, COMPUTE, FUSED_GRAD, THRESHOLD_GRAD)  # fmt: skip
+    else:
+        # fewer rows in flight (bear_kernels._triton.FUSED_PROGRAMS_PER_SM): the fused gradient
+        # pass may then find its row still in L2
+        first, programs = tl.program_id(0), tl.num_programs(0)
+        for i in range(0, tl.cdiv(n_rows - first, programs)):
+            row = first + i * programs
+            _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr,
+                          grad_ptr, scale_ptr, row, V, stride_z, stride_m, stride_g, inv_tau,
+                          ignore_index, beam_width_in, reg_weight, inv_xi, HAS_MASK, BLOCK_V,
+                          BEAM_PAD, COMPUTE, FUSED_GRAD, THRESHOLD_GRAD)  # fmt: skip
+
+
+@triton.jit
+def _bear_fwd_row(
+    ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr, grad_ptr, scale_ptr,
+    row, V, stride_z, stride_m, stride_g, inv_tau, ignore_index, beam_width_in, reg_weight,
+    inv_xi, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, BEAM_PAD: tl.constexpr,
+    COMPUTE: tl.constexpr, FUSED_GRAD: tl.constexpr, THRESHOLD_GRAD: tl.constexpr,
+):  # fmt: skip
+    """One row of _bear_fwd_kernel (its arguments, the row's index in place of n_rows)."""
     row_z = logits_ptr + row.to(tl.int64) * stride_z
     row_m = mask_ptr + row.to(tl.int64) * stride_m
     v_end = tl.where(tl.load(target_ptr + row) != ignore_index, V, 0)  # ignored row: read nothing

@@ -46,6 +46,12 @@ NUM_WARPS_GPU = 8
 SPLIT_ROWS_PER_SM = 2
 SPLIT_MIN_CHUNKS = 4
 SM_COUNT_CPU = 0
+# Rows in flight in the fused forward + gradient: None launches one program per row (about 3
+# blocks of 8 warps run per SM: ~400 rows x 256 KB of bf16 at V = 128256, twice an H100's L2, so
+# the gradient pass mostly re-reads from memory); k launches k programs per SM, each looping over
+# rows (fewer rows in L2 at once, fewer loads in flight per SM). Untuned: `make gpu-bench`
+# measures impl triton_1sm (k = 1) beside triton.
+FUSED_PROGRAMS_PER_SM = None
 
 
 def interpreting() -> bool:
@@ -120,7 +126,10 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         return ce, margin, lse, b
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
     grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
-    _bear_fwd_kernel[(n_rows,)](
+    programs = n_rows
+    if FUSED_PROGRAMS_PER_SM is not None and fused_grad is not None and _sm_count(z.device) > 0:
+        programs = min(n_rows, FUSED_PROGRAMS_PER_SM * _sm_count(z.device))
+    _bear_fwd_kernel[(programs,)](
         ce,
         margin,
         lse,
@@ -131,6 +140,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         grad,
         scale,
         vocab,
+        n_rows,
         z.stride(0),
         mask.stride(0) if mask is not None else 0,
         grad.stride(0),
@@ -145,6 +155,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         COMPUTE=tl_dtype,
         FUSED_GRAD=fused_grad is not None,
         THRESHOLD_GRAD=params.threshold_grad,
+        ROW_LOOP=programs < n_rows,
         **_launch_kwargs(),
     )
     return ce, margin, lse, b

@@ -58,6 +58,7 @@ class Case:
     fused: bool  # bear_loss with a reduction (gradient from the forward) or ce_margin
     threshold_grad: bool = False
     split: bool = False  # few rows on an H100 (SPLIT_SMS SMs): split-V
+    row_loop: bool = False  # FUSED_PROGRAMS_PER_SM = 1 on SPLIT_SMS SMs with 2·SPLIT_SMS rows
 
 
 SPLIT_SMS = 132  # H100 SXM
@@ -100,18 +101,31 @@ def _sm_count(count):
         launcher.SM_COUNT_CPU = previous
 
 
+@contextlib.contextmanager
+def _programs_per_sm(k):
+    previous = launcher.FUSED_PROGRAMS_PER_SM
+    launcher.FUSED_PROGRAMS_PER_SM = k
+    try:
+        yield
+    finally:
+        launcher.FUSED_PROGRAMS_PER_SM = previous
+
+
 def record_launches(case: Case, vocab: int = VOCAB, n_rows: int = 1):
     """[(JITFunction, grid, args, kwargs)] that the launcher makes for one forward + backward.
 
     The CPU tensors stand for a device with SPLIT_SMS SMs when case.split, else with none
     (no split whatever n_rows).
     """
+    if case.row_loop:  # more rows than split-V's threshold, one program per SM
+        n_rows = max(n_rows, launcher.SPLIT_ROWS_PER_SM * SPLIT_SMS)
     z = torch.zeros(n_rows, vocab, dtype=DTYPES[case.dtype], requires_grad=True)
     y = torch.zeros(n_rows, dtype=torch.int64)
     mask = torch.zeros(n_rows, -(-vocab // 32), dtype=torch.int32) if case.masked else None
     params = LossParams(case.beam_width, 1.0, -100, case.threshold_grad)
     calls = []
-    with _recording(calls), _sm_count(SPLIT_SMS if case.split else 0):
+    sms = SPLIT_SMS if case.split or case.row_loop else 0
+    with _recording(calls), _sm_count(sms), _programs_per_sm(1 if case.row_loop else None):
         if case.fused:
             loss = launcher.bear_loss_triton_fused(z, y, mask, params, FusedParams(1.0, 1.0, "sum"))
             loss.backward(torch.tensor(2.0))  # g != 1: the scale kernel
@@ -360,11 +374,22 @@ def analyse(compiled, kernel, block_v, num_warps):
     result = {"registers": field("REG"), "spill_bytes": spills, "whole": whole, "loops": {}}
     loops = natural_loops(instrs, labels)
     by_addr = {ins.addr: ins for ins in instrs}
-    for header, blocks, succ in loops:
-        if any(blocks.keys() < other.keys() for _, other, _ in loops):
-            continue  # inner loop (the top-B entry), counted apart
+
+    def own(blocks):  # the loop's blocks outside the loops nested in it
         inner = set().union(*(o.keys() for _, o, _ in loops if o.keys() < blocks.keys()))
-        outer = {b: addrs for b, addrs in blocks.items() if b not in inner}
+        return {b: addrs for b, addrs in blocks.items() if b not in inner}
+
+    def touches_memory(blocks):  # logits loads or global stores in the loop's own blocks
+        st = loop_stats(instrs, {a for addrs in own(blocks).values() for a in addrs}, kinds, 1)
+        return st["loads_128"] + st["loads_scalar"] + st["global_stores"] > 0
+
+    chunk_loops = []  # loops over a row's chunks: they touch memory, and no loop inside does
+    for header, blocks, succ in loops:
+        inside = [o for _, o, _ in loops if o.keys() < blocks.keys()]
+        if touches_memory(blocks) and not any(touches_memory(o) for o in inside):
+            chunk_loops.append((header, blocks, succ))
+    for header, blocks, succ in chunk_loops:  # the inner loops left are the top-B entry
+        outer = own(blocks)
         stats = loop_stats(instrs, {a for addrs in outer.values() for a in addrs}, kinds, elems)
         hot = shortest_iteration(header, outer, succ, by_addr)
         stats["hot_instructions"] = hot
@@ -376,9 +401,7 @@ def analyse(compiled, kernel, block_v, num_warps):
         ]
         stats["entry_per_token"] = max(entries, default=0)
         stats["entry_per_chunk"] = stats["instructions"] - hot if entries else 0
-        name = "gradient" if stats["global_stores"] else "forward"
-        if stats["loads_128"] + stats["loads_scalar"] + stats["global_stores"]:
-            result["loops"][name] = stats
+        result["loops"]["gradient" if stats["global_stores"] else "forward"] = stats
     return result
 
 

@@ -3,7 +3,9 @@
     python benchmarks/kernel_speed.py                       # the default grid on this machine
     python benchmarks/kernel_speed.py --n-rows 256 --vocab 4096 --beam-width 10 --dtype fp32
 
-Impls: `torch` and `triton` (bear_loss with that impl), `torch_ce` (F.cross_entropy: the plain SFT
+Impls: `torch` and `triton` (bear_loss with that impl), `triton_1sm` (triton with the fused path's
+grid bounded to one program per SM, each looping over rows: fewer rows in flight, so the gradient
+pass may re-read its row from L2), `torch_ce` (F.cross_entropy: the plain SFT
 cost), `torch_compile` (torch.compile of bear_loss_reference; CUDA only), `liger_ce` (Liger-Kernel's
 cross entropy; only when `liger_kernel` imports and CUDA is used). `triton` runs on CUDA only here
 (the interpreter is a test tool, not a benchmark). Modes: `fwd`, `bwd` (backward alone, after an
@@ -36,6 +38,7 @@ from _common import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bear_kernels import _triton as launcher  # noqa: E402
 from bear_kernels import bear_loss, bear_loss_reference, pack_allowed_mask  # noqa: E402
 
 COLUMNS = [
@@ -53,7 +56,7 @@ COLUMNS = [
     "peak_mem_mb",
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("torch", "triton", "torch_ce", "torch_compile", "liger_ce")
+IMPLS = ("torch", "triton", "triton_1sm", "torch_ce", "torch_compile", "liger_ce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -90,6 +93,19 @@ def make_loss_fn(impl, beam_width, mask, device):
         return lambda z, y: bear_loss(
             z, y, beam_width=beam_width, allowed_mask=mask, impl=impl, validate_target=False
         )
+    if impl == "triton_1sm":  # the fused path with one program per SM looping over rows
+        if device.type != "cuda":
+            return None
+
+        def one_per_sm(z, y):
+            launcher.FUSED_PROGRAMS_PER_SM = 1
+            try:
+                return bear_loss(z, y, beam_width=beam_width, allowed_mask=mask, impl="triton",
+                                 validate_target=False)  # fmt: skip
+            finally:
+                launcher.FUSED_PROGRAMS_PER_SM = None
+
+        return one_per_sm
     if impl == "torch_ce":
         return lambda z, y: F.cross_entropy(z, y)  # plain SFT cost: no mask, no top-B
     if impl == "torch_compile":

@@ -184,6 +184,24 @@ def test_signed_zeros_tie_and_negative_logits_rank_by_value(beam_width):
     check_parity(_triton_ce, z, y, loss="ce", beam_width=beam_width, threshold_grad=True)
 
 
+def test_fused_rows_in_a_loop_over_fewer_programs(monkeypatch):
+    """FUSED_PROGRAMS_PER_SM = 2 on a 1-SM device: 2 programs take 7 rows in turn (ROW_LOOP);
+    loss and gradient equal the reference, ignored rows included."""
+    import bear_kernels._triton as launcher
+
+    monkeypatch.setattr(launcher, "SM_COUNT_CPU", 1)
+    monkeypatch.setattr(launcher, "FUSED_PROGRAMS_PER_SM", 2)
+    launches = []
+    kernel = launcher._bear_fwd_kernel
+    monkeypatch.setattr(
+        launcher, "_bear_fwd_kernel", type("K", (), {"__getitem__": lambda _, grid: (
+            launches.append(grid) or kernel[grid])})(),
+    )  # fmt: skip
+    z, y, mask = make_case(7, 3000, "mixed", seed=21, ignore_rows=(3,), beam_width=10)
+    check_parity(_triton_bear, z, y, beam_width=10, allowed_mask=mask, threshold_grad=True)
+    assert launches and all(grid == (2,) for grid in launches)
+
+
 def test_gpu_block_size_under_the_interpreter(monkeypatch):
     # the CUDA launch uses BLOCK_V = 4096; run that block size through the interpreter too
     import bear_kernels._triton as tri
