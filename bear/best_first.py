@@ -45,24 +45,38 @@ def exact_topk(
         model, input_ids, attention_mask, trie, scoring: as `bear.beam.beam_search`.
         k: K >= 1.
         expand_per_round: frontier entries popped per user and round (values below 1 count as
-            1); a speed knob, the result does not depend on it.
+            1); a speed knob, the result does not depend on it (without a budget).
         floor: None, or (U,) scores: prefixes scoring below their user's floor are dropped
             (their items could only score lower), so the search returns the best min(k, n)
             items among the n scoring >= floor, -1 / -inf padded. Ranking a known item needs no
             more (``bear.evaluate`` floors at the target's score).
-        max_expansions: None, or the prefixes a user may expand (tokens fed) before its search
-            stops; the result's ``complete`` is then False where a user stopped with fewer than
-            k items (those it holds are the best ones, in order: leaves are emitted in order).
+        max_expansions: None, or the prefixes (>= 0) a user may expand (tokens fed) before its
+            search stops; the result's ``complete`` is then False where a user stopped with
+            fewer than k items (those it holds are the best ones, in order: leaves are emitted in
+            order). Which prefixes a budget reaches may depend on ``expand_per_round``.
 
     Returns:
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
 
     Raises:
-        ValueError / TypeError: bad inputs (see `check_inputs`), k not an integer >= 1;
-            ValueError when the model scores a candidate NaN.
+        ValueError / TypeError: bad inputs (see `check_inputs`), k not an integer >= 1, a floor
+            not of shape (U,) or with NaN, max_expansions not an integer >= 0; ValueError when
+            the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     k = check_positive_int("k", k)
+    if floor is not None:
+        floor = torch.as_tensor(floor)
+        if floor.shape != (input_ids.shape[0],) or floor.isnan().any():
+            raise ValueError(
+                f"floor: expected one score per prompt, shape ({input_ids.shape[0]},) without "
+                f"NaN, got shape {tuple(floor.shape)}"
+            )
+    if max_expansions is not None:
+        if isinstance(max_expansions, bool) or not isinstance(max_expansions, int):
+            raise TypeError(f"max_expansions must be an int or None, got {max_expansions!r}")
+        if max_expansions < 0:
+            raise ValueError(f"max_expansions must be >= 0, got {max_expansions}")
     device = input_ids.device
     trie = trie.to(device)
     U, P = input_ids.shape[0], max(1, int(expand_per_round))
@@ -100,10 +114,10 @@ def exact_topk(
         res_score.scatter_(1, slot, torch.where(emit, s, neg_inf))
         found = found + emit.sum(1)
         expand = fin & ~is_leaf & (found < k)[:, None]
-        if max_expansions is not None:  # the budget: users past it stop, their frontier dropped
-            over = (spent + expand.sum(1) > max_expansions) & (found < k)
-            stopped |= over
-            expand &= ~over[:, None]
+        if max_expansions is not None:  # the budget, spent in score order; a user who wants
+            left = max_expansions - spent  # to expand with none left stops, frontier dropped
+            stopped |= expand.any(1) & (left == 0)
+            expand &= expand.long().cumsum(1) <= left[:, None]
             spent += expand.sum(1)
         removed = emit | expand
         f_score = f_score.scatter(1, i, torch.where(removed, neg_inf, s))

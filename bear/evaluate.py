@@ -33,9 +33,11 @@ __all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
 
 EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
 SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
-# the exact search drops prefixes below s_y - SCORE_TOLERANCE - FLOOR_MARGIN·|s_y|: the relative
-# part leaves the target in the search when a bf16 model's incremental scores differ from its
-# teacher-forced ones (bf16 keeps about 3 significant digits)
+# the exact search drops prefixes below s_y - FLOOR_ABSOLUTE - FLOOR_MARGIN·|s_y|: margins that
+# leave the target in the search when a bf16 model's incremental scores differ from its
+# teacher-forced ones (bf16 keeps about 3 significant digits: logits of 16-32 round to steps of
+# 0.06-0.125). A search that still misses the target is UNDECIDED, never a miss.
+FLOOR_ABSOLUTE = 0.5
 FLOOR_MARGIN = 0.05
 
 
@@ -50,13 +52,13 @@ def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
     return torch.where(torch.isfinite(scores), scores * lengths**length_penalty, scores)
 
 
-@torch.no_grad()
 def _search_floor(s_y: torch.Tensor) -> torch.Tensor:
     """Per row, the score below which the exact search drops prefixes: items under it cannot
     outrank the target (scores only fall along a trie path)."""
-    return s_y - SCORE_TOLERANCE - FLOOR_MARGIN * s_y.abs()
+    return s_y - FLOOR_ABSOLUTE - FLOOR_MARGIN * s_y.abs()
 
 
+@torch.no_grad()
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
                    exact_all: bool = False, length_penalty: float = 0.0, rank: int = 0,
@@ -74,7 +76,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     is skipped; where it runs, it drops prefixes scoring below the target's (``_search_floor``).
     ``exact_all=True`` runs it for every row, without the floor (tests check the two agree).
     ``exact_budget``: None (exact), or the prefixes the search may expand per row; a row whose
-    search stops there before finding the target or EXACT_K items above it is UNDECIDED: in no
+    search stops there (or whose floor, under score noise, cut the target itself) before finding
+    the target or EXACT_K items above it is UNDECIDED: in no
     PR@K, counted as "exact_undecided" (a weak model's flat scores can make the exact top-10 of
     a real catalogue cost thousands of expansions per row).
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
@@ -125,8 +128,10 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
                                    k=EXACT_K, scoring=scoring, floor=floor,
                                    max_expansions=exact_budget)  # fmt: skip
             found = target_ranks(exact.item_ids, canon[rows])
-            if exact.complete is not None:
-                found = torch.where(exact.complete | (found >= 0), found, UNDECIDED)
+            # the target not found: decided only by EXACT_K items above it; a search that ended
+            # short (its budget, or the floor cutting the target itself: score noise) cannot say
+            decided = (found >= 0) | ((exact.item_ids >= 0).sum(1) == EXACT_K)
+            found = torch.where(decided, found, UNDECIDED)
             ranks[rows.cpu()] = found.cpu()
         exact_ranks.append(ranks)
     model.train(was_training)
@@ -179,7 +184,7 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
     )
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no checkpoint; train the run to the end first")
-    setup = build_setup(cfg, run, fresh=False)
+    setup = build_setup(cfg, run, fresh=False, device=dev)
     model = setup.model.to(dev)
     scoring = scoring_for(cfg.loss)
 

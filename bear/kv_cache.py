@@ -144,9 +144,10 @@ class TreeKVCache:
     """KV cache with one row per user that its beams share through tree attention
     (kv_sharing="tree").
 
-    The row holds the prompt, then every step appends the user's Bn beam tokens (slots
-    P + Bn*t + j). A 4-D attention mask lets each new token attend to its prompt and the slots of
-    its own ancestors only, which is exactly the attention of a separate sequence per beam;
+    The row holds the prompt, then every step appends the user's Bn beam tokens (after G slots
+    so far, beam j's token at slot G + j; k tokens per beam after deferred steps: G + j·k + i).
+    A 4-D attention mask lets each new token attend to its prompt and the slots of its own
+    ancestors only, which is exactly the attention of a separate sequence per beam;
     positions are prompt length + t for every beam. Nothing is copied between beams and the cache
     is never reordered; users that leave are dropped through `Cache.batch_select_indices`.
 
@@ -216,8 +217,8 @@ class TreeKVCache:
         mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn·k, P + G + Bn·k)
         pos = self.last_pos[:, None] + t + 1 + torch.arange(k, device=device)  # (U, k)
-        extra = {}
-        if k > 1:  # the logits of each beam's last token only
+        extra, keep_last = {}, k > 1 and keeps_logits(self.model)
+        if keep_last:  # the logits of each beam's last token only
             extra["logits_to_keep"] = torch.arange(k - 1, Bn * k, k, device=device)
         out = self.model(
             input_ids=torch.stack(chain[::-1], dim=2).reshape(U, Bn * k),
@@ -229,7 +230,8 @@ class TreeKVCache:
         )
         self.cache = output_cache(out)
         self.generated = G + Bn * k
-        self.logits = out.logits.float().reshape(U * Bn, -1)
+        logits = out.logits if keep_last or k == 1 else out.logits[:, k - 1 :: k]
+        self.logits = logits.float().reshape(U * Bn, -1)
         return self.logits
 
 

@@ -33,7 +33,8 @@ METRIC_KEYS = (
     "violation_share",
 )
 # The denominator of each ratio, reported beside it: test cases (HR, NDCG), cases whose target is
-# in the exact top-K (PR@K), pruned cases (violation share).
+# in the exact top-K (PR@K), pruned cases (violation share); then the cases left out of PR@K
+# because their exact rank is UNDECIDED.
 COUNT_KEYS = ("users", "pr@5_count", "pr@10_count", "violation_share_count", "exact_undecided")
 # an exact rank the search could not decide within its budget (bear.evaluate's exact_budget):
 # such a case is in neither the numerator nor the denominator of PR@K, and is counted apart

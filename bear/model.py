@@ -39,7 +39,8 @@ def native_bf16(device: torch.device) -> bool:
     a CPU with AVX512-BF16 or AMX (there a LoRA step of SmolLM2-135M measured 1.4-1.6x faster in
     bf16 than in fp32: benchmarks/README.md, "Training step with a real checkpoint")."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 

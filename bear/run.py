@@ -99,10 +99,13 @@ def _tokenizer_texts(data: Dataset) -> list[str]:
     return titles + [format_prompt([data.titles[i] for i in e.history], data.prompt) for e in rows]
 
 
-def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
+def build_setup(
+    cfg: TrainConfig, run: Path, fresh: bool, device: torch.device | None = None
+) -> Setup:
     """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie.
 
-    ``fresh=False`` reuses the tiny tokenizer saved in RUN/tokenizer when there is one.
+    ``fresh=False`` reuses the tiny tokenizer saved in RUN/tokenizer when there is one. ``device``:
+    where the model will run, which ``--dtype auto`` decides on (default: ``cfg.device``).
     Raises FileNotFoundError / ValueError for a ``--model`` that
     ``bear.checkpoints.resolve_checkpoint`` cannot resolve or that resolves to a folder without a
     checkpoint (``bear.model.check_model_folder``), and the data errors of ``bear.data`` /
@@ -114,7 +117,9 @@ def build_setup(cfg: TrainConfig, run: Path, fresh: bool) -> Setup:
                         history_prefix=cfg.history_prefix)  # fmt: skip
     if cfg.limit_train is not None:
         data.train = data.train[: cfg.limit_train]
-    dtype = resolve_dtype(cfg.dtype, cfg.model, resolve_device(cfg.device))
+    if cfg.dtype == "auto" and device is None:
+        device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, cfg.model, device)
     if cfg.model == "tiny":
         tok_dir = run / "tokenizer"
         if not fresh and tok_dir.is_dir():

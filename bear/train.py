@@ -211,7 +211,7 @@ def train(cfg: TrainConfig) -> dict:
     run = Path(cfg.out)
     # Everything that can fail on the input runs before the run folder is touched.
     check_run_folder(cfg, run)
-    setup = build_setup(cfg, run, fresh=not cfg.resume)
+    setup = build_setup(cfg, run, fresh=not cfg.resume, device=device)
     _check_valid_rows(cfg, setup)
     resume_from = _read_resume_point(cfg, run, setup.model)
     if distributed:
@@ -225,7 +225,10 @@ def train(cfg: TrainConfig) -> dict:
             setup.tokenizer.save_pretrained(run / "tokenizer")
         config = asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
         write_json_atomic(run / "config.json", config)  # last: the run's start is complete
-    log(event="config", world_size=world, resolved_device=str(device), **asdict(cfg))
+    base_dtype = str(next(setup.model.parameters()).dtype).removeprefix("torch.")  # --dtype auto
+    log(event="config", world_size=world, resolved_device=str(device),
+        resolved_dtype={"bfloat16": "bf16", "float32": "fp32"}.get(base_dtype, base_dtype),
+        **asdict(cfg))  # fmt: skip
     if rank == 0:
         print(json.dumps({"config": asdict(cfg), "world_size": world}, default=str), flush=True)
 

@@ -65,7 +65,7 @@ def table(results: dict[str, dict]) -> str:
 
 def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device, budget: int) -> dict:
     """Full test metrics (with denominators) of the run's last checkpoint."""
-    setup = build_setup(cfg, run, fresh=False)
+    setup = build_setup(cfg, run, fresh=False, device=device)
     model = setup.model.to(device)
     load_weights(
         model, torch.load(run / "last.pt", map_location=device, weights_only=False)["model"]

@@ -79,7 +79,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bear_step_profile_"))
     cfg = TrainConfig(data=args.data, out=str(work), model=args.model, loss=args.loss,
                       limit_train=args.rows, batch_size=args.rows,
-                      max_history=args.max_history, device="cpu")  # fmt: skip
+                      max_history=args.max_history, device="cpu", dtype="fp32")  # fmt: skip
     setup = build_setup(cfg, work, fresh=True)
     settings = cfg.loss_settings()
     idx = list(range(args.rows))

@@ -94,6 +94,31 @@ def test_synth_train_evaluate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["test"] == trained["test"]
 
 
+def test_evaluation_records_no_gradients(tmp_path, monkeypatch):
+    """evaluate_split runs without autograd: the teacher-forced logits it scores carry no graph
+    (with one, every test batch would keep its activations and (U, W, V) logits alive)."""
+    import torch
+    from _helpers_train import tiny_config, tiny_synth
+
+    import bear.evaluate
+    from bear.run import build_setup
+
+    cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
+    setup = build_setup(cfg, tmp_path / "run", fresh=True)
+    seen = []
+    forward = bear.evaluate.response_logits
+
+    def recording(*args):
+        logits = forward(*args)
+        seen.append(logits.requires_grad)
+        return logits
+
+    monkeypatch.setattr(bear.evaluate, "response_logits", recording)
+    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 4)
+    assert seen == [False]
+    assert torch.is_grad_enabled()
+
+
 def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     """evaluate_split skips exact_topk where the beam proves the target is outside the exact
     top-10; the metrics equal those of running exact_topk on every row."""

@@ -97,19 +97,71 @@ def test_exact_topk_floor_keeps_every_item_above_it(setup, scoring):
 
 
 def test_exact_topk_budget_keeps_the_best_found_in_order(setup):
-    """A search stopped by max_expansions holds a prefix of the unbounded ranking and says it is
-    incomplete; a budget it does not reach changes nothing."""
+    """A search stopped by max_expansions feeds at most that many prefix tokens per user, holds a
+    prefix of the unbounded ranking and says it is incomplete; a budget it does not reach
+    changes nothing."""
     model, seqs, ids, trie, input_ids, mask = setup
+    U = input_ids.shape[0]
     full = exact_topk(model, input_ids, mask, trie, 10, "after")
     roomy = exact_topk(model, input_ids, mask, trie, 10, "after", max_expansions=10**6)
     assert torch.equal(roomy.item_ids, full.item_ids) and roomy.complete.all()
     assert full.complete is None
-    cut = exact_topk(model, input_ids, mask, trie, 10, "after", max_expansions=3)
-    assert not cut.complete.any()
-    n = (cut.item_ids >= 0).sum(1)
-    assert (n < 10).all()
-    for u in range(3):
-        assert torch.equal(cut.item_ids[u, : n[u]], full.item_ids[u, : n[u]])
+    fed = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kwargs, _o: fed.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    partial = 0  # users stopped with some but not all of their items
+    try:
+        for budget in (0, 4, 8, 16):
+            fed.clear()
+            cut = exact_topk(model, input_ids, mask, trie, 10, "after", expand_per_round=1,
+                             max_expansions=budget)  # fmt: skip
+            assert sum(fed[1:]) <= U * budget  # fed[0]: the prompts' prefill
+            n = (cut.item_ids >= 0).sum(1)
+            assert torch.equal(cut.complete, n == 10)
+            for u in range(U):
+                assert torch.equal(cut.item_ids[u, : n[u]], full.item_ids[u, : n[u]])
+            partial += int(((n > 0) & (n < 10)).sum())
+    finally:
+        hook.remove()
+    assert partial > 0
+
+
+def test_exact_topk_rejects_a_bad_floor_or_budget(setup):
+    model, seqs, ids, trie, input_ids, mask = setup
+    with pytest.raises(ValueError, match="floor"):
+        exact_topk(model, input_ids, mask, trie, 3, floor=torch.zeros(len(input_ids), 1))
+    with pytest.raises(ValueError, match="floor"):
+        exact_topk(model, input_ids, mask, trie, 3, floor=torch.full((len(input_ids),), torch.nan))
+    with pytest.raises(ValueError, match="max_expansions"):
+        exact_topk(model, input_ids, mask, trie, 3, max_expansions=-1)
+    with pytest.raises(TypeError, match="max_expansions"):
+        exact_topk(model, input_ids, mask, trie, 3, max_expansions=2.5)
+
+
+def test_tree_cache_deferred_steps_equal_one_step_at_a_time(setup):
+    """TreeKVCache: three steps recorded with defer=True (a user dropped in the middle, beams
+    reordered and one duplicated) then one that feeds them: the logits equal those of feeding
+    every step at once, and the next step after that agrees too."""
+    from bear.kv_cache import TreeKVCache
+
+    model, input_ids, mask = setup[0], setup[4], setup[5]
+    tok = lambda *rows: torch.tensor(rows)  # noqa: E731
+    steps = [  # (src, tokens, keep) per step; step 0 expands each user's root to 2 beams
+        (tok([0, 0], [0, 0], [0, 0]), tok([3, 4], [5, 6], [7, 8]), None),
+        (tok([1, 0], [0, 1], [1, 1]), tok([9, 3], [4, 5], [6, 7]), None),
+        (tok([0, 1], [1, 0]), tok([8, 9], [3, 4]), torch.tensor([0, 2])),
+        (tok([1, 1], [0, 1]), tok([5, 6], [7, 8]), None),
+        (tok([0, 1], [1, 0]), tok([9, 3], [4, 5]), None),
+    ]
+    eager, lazy = TreeKVCache(model, input_ids, mask), TreeKVCache(model, input_ids, mask)
+    for t, (src, tokens, keep) in enumerate(steps):
+        want = eager.step(src, tokens, keep)
+        got = lazy.step(src, tokens, keep, defer=t in (1, 2))
+        if t in (1, 2):
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])

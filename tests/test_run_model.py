@@ -115,6 +115,16 @@ def test_dtype_auto_is_bf16_for_a_checkpoint_where_bf16_is_native(synth, tmp_pat
     assert {p.dtype for p in tiny.model.parameters()} == {torch.float32}
 
 
+def test_build_setup_does_not_need_the_training_device(synth, tmp_path):
+    """Re-evaluating a run elsewhere: a config saved with --device cuda builds on the CPU when
+    the caller names the device (and with an explicit --dtype, without asking for any)."""
+    base = tiny_checkpoint(synth, tmp_path / "ckpt")
+    for dtype in ("fp32", "auto"):
+        cfg = tiny_config(synth, tmp_path / dtype, model=str(base), device="cuda", dtype=dtype)
+        setup = build_setup(cfg, tmp_path / dtype, True, device=torch.device("cpu"))
+        assert setup.model is not None
+
+
 def test_gradient_checkpointing_gives_the_same_gradient(synth, tmp_path):
     grads = []
     for checkpointing in (False, True):
