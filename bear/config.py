@@ -103,6 +103,13 @@ class TrainConfig:
         positive=True,
         resume_may_change=True,
     )
+    exact_budget: int | None = _setting(
+        None,
+        "bound the exact top-10 search of PR@K to N prefix expansions per test row (default: "
+        "exact); rows it leaves undecided are in no PR@K and counted as exact_undecided",
+        positive=True,
+        resume_may_change=True,
+    )
     limit_train: int | None = _setting(None, "train on the first N training rows", positive=True)
     seed: int = _setting(0, "seed of model init and data order")
     beam_width: int = _setting(10, "beam width B, for the loss, validation and test", positive=True)

@@ -193,7 +193,8 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
         load_weights(model, state["model"], source=str(checkpoint))
         return state, evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
                                      cfg.eval_batch_size, dev,
-                                     length_penalty=cfg.length_penalty)  # fmt: skip
+                                     length_penalty=cfg.length_penalty,
+                                     exact_budget=cfg.exact_budget)  # fmt: skip
 
     if cfg.protocol == "upstream":
         epochs = []

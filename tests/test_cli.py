@@ -119,6 +119,25 @@ def test_evaluation_records_no_gradients(tmp_path, monkeypatch):
     assert torch.is_grad_enabled()
 
 
+def test_exact_budget_flag_reaches_the_test_metrics(tmp_path):
+    """--exact-budget bounds the exact search of the final test: with 1 expansion per row no
+    row's exact rank is decided by a full search, so every searched row is undecided."""
+    import json
+
+    from _helpers_train import tiny_synth
+
+    data = tiny_synth(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(run), "--loss", "sft", "--epochs", "1",
+            "--limit-train", "16", "--limit-eval", "4", "--vocab-size", "320", "--hidden-size",
+            "32", "--num-layers", "1", "--max-history", "4", "--device", "cpu", "--no-progress",
+            "--exact-budget", "1"]  # fmt: skip
+    assert main(args) == 0
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["exact_undecided"] > 0
+    assert test["exact_undecided"] + test["pr@10_count"] <= test["users"]
+
+
 def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     """evaluate_split skips exact_topk where the beam proves the target is outside the exact
     top-10; the metrics equal those of running exact_topk on every row."""
