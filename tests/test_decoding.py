@@ -127,6 +127,28 @@ def test_exact_topk_budget_keeps_the_best_found_in_order(setup):
     assert partial > 0
 
 
+def test_exact_topk_skips_one_child_chains_under_before_scoring(setup):
+    """Every item of a catalogue of long unshared tails, by "before" scoring: the ranking of
+    teacher forcing every item, with fewer prefix tokens fed than the catalogue's inner nodes
+    (one expansion each without the skip)."""
+    model, input_ids, mask = setup[0], setup[4], setup[5]
+    trie = _long_tail_catalogue()
+    ids = trie.leaf_item[trie.leaf_item >= 0].tolist()
+    items, scores = brute_force(model, input_ids, mask, trie, ids, "before")
+    fed = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kwargs, _o: fed.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    try:
+        top = exact_topk(model, input_ids, mask, trie, items.shape[1], "before")
+    finally:
+        hook.remove()
+    assert torch.equal(top.item_ids, items)
+    torch.testing.assert_close(top.scores, scores, atol=1e-5, rtol=1e-5)
+    inner = int(((trie.leaf_item < 0) & (trie.node_parent >= 0)).sum())  # nodes but root, leaves
+    assert sum(fed[1:]) < input_ids.shape[0] * inner / 2
+
+
 def test_exact_topk_rejects_a_bad_floor_or_budget(setup):
     model, seqs, ids, trie, input_ids, mask = setup
     with pytest.raises(ValueError, match="floor"):
