@@ -16,6 +16,7 @@ results/quality_<data>_smollm2_<device>[_tag].json and .md.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -95,11 +96,20 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="base weights (auto: bf16 where the device has native bf16)")  # fmt: skip
+    p.add_argument("--retest", action="store_true",
+                   help="test the runs in --out again (after a change of the evaluation code) "
+                        "without training; their training figures come from the results file "
+                        "this command wrote before (same --tag and --results-dir)")  # fmt: skip
     add_results_args(p)
     args = p.parse_args()
     name = Path(args.data).resolve().name.lower()
     device = device_label(args.device)
     stem = results_stem(args.results_dir, f"quality_{name}_smollm2", device, args.tag)
+    trained_before = {}
+    if args.retest:
+        if not stem.with_suffix(".json").is_file():
+            raise SystemExit(f"--retest: {stem}.json not found; run without --retest first")
+        trained_before = json.loads(stem.with_suffix(".json").read_text())["results"]
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     for loss in args.losses:
@@ -112,13 +122,19 @@ def main() -> None:
                           device=args.device, dtype=args.dtype, overwrite=True, validate=False,
                           progress=False)  # fmt: skip
         t_loss = time.perf_counter()
-        trained = train(cfg)
+        if args.retest:
+            if loss not in trained_before or not (run / "last.pt").is_file():
+                raise SystemExit(f"--retest: no trained {loss} run in {run} or {stem}.json")
+            trained = trained_before[loss]
+        else:
+            trained = train(cfg)
         t_test = time.perf_counter()
         test = _test_last_epoch(cfg, run, resolve_device(args.device), args.exact_budget)
         results[loss] = {"test": test, "with_se": standard_errors(test),
                          "seconds_per_epoch": trained["seconds_per_epoch"],
-                         "train_seconds": t_test - t_loss,
-                         "test_seconds": time.perf_counter() - t_test}  # fmt: skip
+                         "train_seconds": trained.get("train_seconds", t_test - t_loss),
+                         "test_seconds": time.perf_counter() - t_test,
+                         "retested": args.retest}  # fmt: skip
         print(f"{loss}: {table({loss: results[loss]}).splitlines()[-1]} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
         # after every loss, so that a run cut short keeps what it measured

@@ -63,7 +63,7 @@ def test_tiny_run_opens_in_transformers_with_the_trained_logits(synth, tiny_run)
 def test_lora_run_is_a_peft_adapter_with_the_lora_flags(synth, tmp_path):
     base = tiny_checkpoint(synth, tmp_path / "ckpt")
     cfg = tiny_config(synth, tmp_path / "run", model=str(base), validate=False, lr=1e-2,
-                      lora_r=4, lora_alpha=8.0, lora_dropout=0.1,
+                      lora_r=4, lora_alpha=8.0, lora_dropout=0.1, dtype="fp32",
                       lora_targets=("q_proj", "k_proj"))  # fmt: skip
     train(cfg)
     folder = tmp_path / "run" / "model"
