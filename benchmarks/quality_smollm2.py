@@ -97,9 +97,10 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="base weights (auto: bf16 where the device has native bf16)")  # fmt: skip
     p.add_argument("--retest", action="store_true",
-                   help="test the runs in --out again (after a change of the evaluation code) "
-                        "without training; their training figures come from the results file "
-                        "this command wrote before (same --tag and --results-dir)")  # fmt: skip
+                   help="test the runs of --losses in --out again (after a change of the "
+                        "evaluation code) without training; their training figures come from the "
+                        "results file this command wrote before (same --tag and --results-dir), "
+                        "whose other losses are kept")  # fmt: skip
     add_results_args(p)
     args = p.parse_args()
     name = Path(args.data).resolve().name.lower()
@@ -110,7 +111,7 @@ def main() -> None:
         if not stem.with_suffix(".json").is_file():
             raise SystemExit(f"--retest: {stem}.json not found; run without --retest first")
         trained_before = json.loads(stem.with_suffix(".json").read_text())["results"]
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = dict(trained_before)  # a retest replaces the losses it tests
     t0 = time.perf_counter()
     for loss in args.losses:
         run = Path(args.out) / f"{name}_{loss}_s{args.seed}"
