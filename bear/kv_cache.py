@@ -170,6 +170,7 @@ class TreeKVCache:
         self.generated = 0  # slots appended after the prompt
         self.dtype = next(model.parameters()).dtype
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # deferred (src, tokens)
+        self.keeps_logits = keeps_logits(model)  # a flush asks for its last tokens' logits only
 
     def _select_users(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
@@ -217,7 +218,7 @@ class TreeKVCache:
         mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn·k, P + G + Bn·k)
         pos = self.last_pos[:, None] + t + 1 + torch.arange(k, device=device)  # (U, k)
-        extra, keep_last = {}, k > 1 and keeps_logits(self.model)
+        extra, keep_last = {}, k > 1 and self.keeps_logits
         if keep_last:  # the logits of each beam's last token only
             extra["logits_to_keep"] = torch.arange(k - 1, Bn * k, k, device=device)
         out = self.model(

@@ -42,7 +42,14 @@ from bear.evaluate import evaluate_split
 from bear.faults import fault_point
 from bear.items import collate, right_align
 from bear.losses import UPSTREAM_EPS, batch_loss, num_counted_rows, uses_trie_mask
-from bear.model import autocast_for, response_logits, save_run_model, scoring_for, trainable_state
+from bear.model import (
+    DTYPES,
+    autocast_for,
+    response_logits,
+    save_run_model,
+    scoring_for,
+    trainable_state,
+)
 from bear.plots import plot_run
 from bear.protocol import PROTOCOLS, epoch_checkpoint, resolved_settings, upstream_metrics
 from bear.run import (
@@ -225,9 +232,9 @@ def train(cfg: TrainConfig) -> dict:
             setup.tokenizer.save_pretrained(run / "tokenizer")
         config = asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
         write_json_atomic(run / "config.json", config)  # last: the run's start is complete
-    base_dtype = str(next(setup.model.parameters()).dtype).removeprefix("torch.")  # --dtype auto
+    base_dtype = next(setup.model.parameters()).dtype  # what --dtype auto chose
     log(event="config", world_size=world, resolved_device=str(device),
-        resolved_dtype={"bfloat16": "bf16", "float32": "fp32"}.get(base_dtype, base_dtype),
+        resolved_dtype=next(name for name, d in DTYPES.items() if d == base_dtype),
         **asdict(cfg))  # fmt: skip
     if rank == 0:
         print(json.dumps({"config": asdict(cfg), "world_size": world}, default=str), flush=True)
