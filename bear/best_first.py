@@ -14,53 +14,10 @@ from bear.decode_common import (
     topk_stable,
 )
 from bear.kv_cache import PrefixKVCache
+from bear.prefix_search import feed_paths, pack_by_user, through_single_children
 from bear.trie import ItemTrie
 
 __all__ = ["exact_topk"]
-
-
-def _through_single_children(trie: ItemTrie, node, pend, scoring: str):
-    """Under "before" scoring, move each frontier node down its chain of one-child nodes: the
-    only child of a node has log p = 0 whatever the model says, so the score stays and no
-    forward is needed until the chain branches or ends in a leaf (a title's unshared tail costs
-    nothing). Returns (node, pend): pend counts the path's nodes whose tokens are not fed yet,
-    the entry's own included (1 without a jump). "after" scoring: unchanged."""
-    if scoring != "before":
-        return node, pend
-    while True:
-        n = node.clamp(min=0)
-        one = (node >= 0) & (trie.child_ptr[n + 1] - trie.child_ptr[n] == 1)
-        if not bool(one.any()):
-            return node, pend
-        first = trie.child_ptr[n].clamp(max=trie.child_node.shape[0] - 1)  # a leaf has none
-        node = torch.where(one, trie.child_node[first], node)
-        pend = pend + one.long()
-
-
-def _feed(prefixes: PrefixKVCache, trie: ItemTrie, rows, parent, node, pend):
-    """Feed the last ``pend`` tokens of each node's path after its fed prefix (slot ``parent``),
-    oldest first, one batched forward per position: (logits after the node (R, V), its slot)."""
-    steps = int(pend.max())
-    # path[r, j]: the node whose token goes j-th (j < pend[r]); walk up from the node
-    path = torch.full((node.shape[0], steps), -1, dtype=torch.int64, device=node.device)
-    cur = node
-    for back in range(steps):
-        j = pend - 1 - back  # position of `cur` among the row's tokens to feed
-        live = j >= 0
-        path[live, j[live]] = cur[live]
-        cur = torch.where(live, trie.node_parent[cur.clamp(min=0)], cur)
-    slot, logits = parent.clone(), None
-    for j in range(steps):
-        live = (j < pend).nonzero().view(-1)
-        step_nodes = path[live, j]
-        out, new_slot = prefixes.extend(rows[live], slot[live], trie.node_token[step_nodes],
-                                        trie.node_depth[step_nodes])  # fmt: skip
-        slot[live] = new_slot
-        if logits is None:
-            logits = out.new_empty(node.shape[0], out.shape[1])
-        last = pend[live] == j + 1
-        logits[live[last]] = out[last]
-    return logits, slot
 
 
 @torch.no_grad()
@@ -140,7 +97,7 @@ def exact_topk(
         f_score = torch.where(f_score >= floor[:, None], f_score, neg_inf)
     f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
     f_slot = torch.full_like(f_node, -1)  # (U, F)
-    f_node, f_pend = _through_single_children(trie, f_node, torch.ones_like(f_node), scoring)
+    f_node, f_pend = through_single_children(trie, f_node, torch.ones_like(f_node), scoring)
     res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
     res_score = torch.full((U, k + 1), neg_inf, device=device)
     found = torch.zeros(U, dtype=torch.int64, device=device)
@@ -180,7 +137,7 @@ def exact_topk(
             continue
         exp_node, exp_score = nd[exp_u, exp_c], s[exp_u, exp_c]
         exp_parent = f_slot.gather(1, i)[exp_u, exp_c]
-        logits, exp_slot = _feed(prefixes, trie, users[exp_u], exp_parent, exp_node,
+        logits, exp_slot = feed_paths(prefixes, trie, users[exp_u], exp_parent, exp_node,
                                  pend[exp_u, exp_c])  # fmt: skip
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
@@ -188,7 +145,7 @@ def exact_topk(
         new_node = trie.child_node[edge[:, 0].clamp(min=0)].reshape(-1)
         new_user = exp_u[:, None].expand(-1, width).reshape(-1)
         new_slot = exp_slot[:, None].expand(-1, width).reshape(-1)
-        new_node, new_pend = _through_single_children(
+        new_node, new_pend = through_single_children(
             trie, new_node, torch.ones_like(new_node), scoring
         )
         nan = torch.zeros(U, dtype=torch.bool, device=device)
@@ -203,20 +160,9 @@ def exact_topk(
         all_n = torch.cat([f_node[old_u, old_c], new_node[keep_new]])
         all_p = torch.cat([f_slot[old_u, old_c], new_slot[keep_new]])
         all_k = torch.cat([f_pend[old_u, old_c], new_pend[keep_new]])
-        order = torch.argsort(all_u, stable=True)
-        all_u, all_s, all_n, all_p = all_u[order], all_s[order], all_n[order], all_p[order]
-        all_k = all_k[order]
-        counts = torch.bincount(all_u, minlength=U)
-        col = torch.arange(all_u.shape[0], device=device) - (counts.cumsum(0) - counts)[all_u]
-        C = max(int(counts.max()), 1)
-        f_score = torch.full((U, C), neg_inf, device=device)
-        f_node = torch.full((U, C), -1, dtype=torch.int64, device=device)
-        f_slot = torch.full((U, C), -1, dtype=torch.int64, device=device)
-        f_pend = torch.ones((U, C), dtype=torch.int64, device=device)
-        f_score[all_u, col] = all_s
-        f_node[all_u, col] = all_n
-        f_slot[all_u, col] = all_p
-        f_pend[all_u, col] = all_k
+        f_score, f_node, f_slot, f_pend = pack_by_user(
+            U, all_u, [(all_s, neg_inf), (all_n, -1), (all_p, -1), (all_k, 1)]
+        )
     result = ranked_result(trie, res_leaf[:, :k], res_score[:, :k])
     if max_expansions is not None:
         result.complete = ~stopped

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bear.count_above import count_items_above
 from bear.decoding import beam_search, exact_topk
 from bear.items import IGNORE_INDEX, collate
 from bear.metrics import UNDECIDED, hit_rate, ndcg, ranking_metrics, target_ranks
@@ -33,12 +34,6 @@ __all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
 
 EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
 SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
-# the exact search drops prefixes below s_y - FLOOR_ABSOLUTE - FLOOR_MARGIN·|s_y|: margins that
-# leave the target in the search when a bf16 model's incremental scores differ from its
-# teacher-forced ones (bf16 keeps about 3 significant digits: logits of 16-32 round to steps of
-# 0.06-0.125). A search that still misses the target is UNDECIDED, never a miss.
-FLOOR_ABSOLUTE = 0.5
-FLOOR_MARGIN = 0.05
 
 
 def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
@@ -52,12 +47,6 @@ def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
     return torch.where(torch.isfinite(scores), scores * lengths**length_penalty, scores)
 
 
-def _search_floor(s_y: torch.Tensor) -> torch.Tensor:
-    """Per row, the score below which the exact search drops prefixes: items under it cannot
-    outrank the target (scores only fall along a trie path)."""
-    return s_y - FLOOR_ABSOLUTE - FLOOR_MARGIN * s_y.abs()
-
-
 @torch.no_grad()
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
@@ -68,18 +57,16 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     ``length_penalty``: α of the beam search (item score / length^α; upstream's generate: 1.0).
     The exact top-K (PR@K) ranks by full score (α = 0) whatever α is.
 
-    Beam ranks come from ``beam_search``; exact ranks (for PR@K) from ``exact_topk(k=10)``; the
+    Beam ranks come from ``beam_search``; exact ranks (for PR@K) as below; the
     violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
-    The exact search runs only where it can matter: if the beam already returned
-    ``EXACT_K`` items whose scores beat the target's teacher-forced score s_y, at least that many
-    items outrank the target, so it is not in the exact top-``EXACT_K`` (rank -1) and the search
-    is skipped; where it runs, it drops prefixes scoring below the target's (``_search_floor``).
-    ``exact_all=True`` runs it for every row, without the floor (tests check the two agree).
-    ``exact_budget``: None (exact), or the prefixes the search may expand per row; a row whose
-    search stops there (or whose floor, under score noise, cut the target itself) before finding
-    the target or EXACT_K items above it is UNDECIDED: in no
-    PR@K, counted as "exact_undecided" (a weak model's flat scores can make the exact top-10 of
-    a real catalogue cost thousands of expansions per row).
+    The exact rank is needed only where it can matter: if the beam already returned
+    ``EXACT_K`` other items whose scores beat the target's teacher-forced score s_y (by more than
+    SCORE_TOLERANCE), the target is not in the exact top-``EXACT_K`` (rank -1); elsewhere
+    ``count_items_above`` counts the other items beating s_y, up to ``EXACT_K`` with the beam's:
+    fewer is the exact rank. ``exact_all=True`` instead runs ``exact_topk`` for every row and
+    ranks the target among its items (tests check the two agree).
+    ``exact_budget``: None (exact), or the prefix tokens the count may feed per row; a row whose
+    count stops there unsettled is UNDECIDED: in no PR@K, counted as "exact_undecided".
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
     ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
     contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
@@ -117,22 +104,27 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         if scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
             ce, _ = ce_margin(flat, target, beam_width=beam_width)
         s_y = -ce.reshape(U, W).sum(1)  # (U,) the target's score, α = 0
-        above = (_full_scores(beam, trie, length_penalty) > s_y[:, None] + SCORE_TOLERANCE).sum(1)
+        beats = _full_scores(beam, trie, length_penalty) > s_y[:, None] + SCORE_TOLERANCE
+        above = (beats & (beam.item_ids != canon[:, None])).sum(1)  # (U,)
         need = torch.ones_like(above, dtype=torch.bool) if exact_all else above < EXACT_K
         ranks = torch.full((U,), -1, dtype=torch.long)
         rows = need.nonzero().flatten()
-        if rows.numel():
-            floor = None if exact_all else _search_floor(s_y[rows])
+        if rows.numel() and exact_all:  # the K best items in order, the target's rank among them
             with autocast_for(device):
                 exact = exact_topk(model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
-                                   k=EXACT_K, scoring=scoring, floor=floor,
-                                   max_expansions=exact_budget)  # fmt: skip
-            found = target_ranks(exact.item_ids, canon[rows])
-            # the target not found: decided only by EXACT_K items above it; a search that ended
-            # short (its budget, or the floor cutting the target itself: score noise) cannot say
-            decided = (found >= 0) | ((exact.item_ids >= 0).sum(1) == EXACT_K)
-            found = torch.where(decided, found, UNDECIDED)
-            ranks[rows.cpu()] = found.cpu()
+                                   k=EXACT_K, scoring=scoring)  # fmt: skip
+            ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
+        elif rows.numel():  # the items above the target: the beam's, then counted up to K
+            seen = torch.where(beats, beam.item_ids, -1)[rows]  # (R, B) not counted again
+            with autocast_for(device):
+                count, complete = count_items_above(
+                    model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
+                    s_y[rows] + SCORE_TOLERANCE, k=EXACT_K - above[rows], scoring=scoring,
+                    exclude=torch.cat([canon[rows, None], seen], 1), max_expansions=exact_budget,
+                )  # fmt: skip
+            rank = above[rows] + count
+            found = torch.where(rank < EXACT_K, rank, -1)
+            ranks[rows.cpu()] = torch.where(complete, found, UNDECIDED).cpu()
         exact_ranks.append(ranks)
     model.train(was_training)
     per_row = (torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))

@@ -6,8 +6,10 @@ epoch is tested: model selection by validation would multiply the evaluation cos
 the test split's first ``--limit-eval`` users: HR@5/10, NDCG@5/10 from the beam search (B = 10),
 PR@5/10 from the beam and the exact top-10, each with its denominator and binomial standard error
 sqrt(p (1 - p) / n) (for NDCG, whose per-user gains lie in [0, 1], this is an upper bound of the
-standard error). The exact search expands at most ``--exact-budget`` prefixes per user; users it
-leaves undecided are in no PR (their number is reported). Writes
+standard error). The exact rank (``bear.count_above.count_items_above``: the items beating the
+target, counted up to 10) feeds at most ``--exact-budget`` prefix tokens per user; users it leaves
+undecided are in no PR (their number is reported). Each loss records its budget and the code
+(commit) that tested it. Writes
 results/quality_<data>_smollm2_<device>[_tag].json and .md.
 
     python benchmarks/quality_smollm2.py --data ../shared/data/amazon/Office --limit-train 2000
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,6 +67,15 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def code_version() -> str:
+    """The checkout's commit, with "+changes" when tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                          capture_output=True).stdout.strip() or "unknown"  # fmt: skip
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    return head + ("+changes" if dirty else "")
+
+
 def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device, budget: int) -> dict:
     """Full test metrics (with denominators) of the run's last checkpoint."""
     setup = build_setup(cfg, run, fresh=False, device=device)
@@ -91,8 +103,8 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=4, help="examples per forward")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per decoding batch")
-    p.add_argument("--exact-budget", type=int, default=64,
-                   help="prefixes the exact top-10 search may expand per test user")  # fmt: skip
+    p.add_argument("--exact-budget", type=int, default=1024,
+                   help="prefix tokens the exact rank's count may feed per test user")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="base weights (auto: bf16 where the device has native bf16)")  # fmt: skip
@@ -135,6 +147,7 @@ def main() -> None:
                          "seconds_per_epoch": trained["seconds_per_epoch"],
                          "train_seconds": trained.get("train_seconds", t_test - t_loss),
                          "test_seconds": time.perf_counter() - t_test,
+                         "exact_budget": args.exact_budget, "code": code_version(),
                          "retested": args.retest}  # fmt: skip
         print(f"{loss}: {table({loss: results[loss]}).splitlines()[-1]} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
