@@ -124,7 +124,7 @@ def main() -> None:
             raise SystemExit(f"--retest: {stem}.json not found; run without --retest first")
         trained_before = json.loads(stem.with_suffix(".json").read_text())["results"]
     results: dict[str, dict] = dict(trained_before)  # a retest replaces the losses it tests
-    t0 = time.perf_counter()
+    t0, code = time.perf_counter(), code_version()  # the code as it was when the run started
     for loss in args.losses:
         run = Path(args.out) / f"{name}_{loss}_s{args.seed}"
         cfg = TrainConfig(data=args.data, out=str(run), loss=loss, model=args.model,
@@ -147,7 +147,7 @@ def main() -> None:
                          "seconds_per_epoch": trained["seconds_per_epoch"],
                          "train_seconds": trained.get("train_seconds", t_test - t_loss),
                          "test_seconds": time.perf_counter() - t_test,
-                         "exact_budget": args.exact_budget, "code": code_version(),
+                         "exact_budget": args.exact_budget, "code": code,
                          "retested": args.retest}  # fmt: skip
         print(f"{loss}: {table({loss: results[loss]}).splitlines()[-1]} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
