@@ -35,7 +35,7 @@ def count_items_above(
     k: int | torch.Tensor = 10,
     scoring: str = "before",
     exclude: torch.Tensor | None = None,
-    expand_per_round: int = 4,
+    expand_per_round: int | None = None,
     max_expansions: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per user, the number of items whose full score (α = 0) is above ``threshold``, up to k.
@@ -59,7 +59,10 @@ def count_items_above(
         k: K >= 1, where counting stops: an int, or (U,) integers >= 0, one per user.
         exclude: None, or (U,) or (U, E) canonical item ids not counted (-1: none).
         expand_per_round: frontier prefixes expanded per user and round (values below 1 count
-            as 1); a speed knob, the counts do not depend on it (without a budget).
+            as 1); None (default): 4, or more while few users are left, so that a round feeds
+            about `PrefixKVCache.ROWS` prefixes (a forward of a few rows costs nearly as much
+            as one of 64 on a CPU). A speed knob: the counts do not depend on it (without a
+            budget).
         max_expansions: None, or the prefix tokens (>= 0) a user may feed before its search
             stops; its count is then a lower bound.
 
@@ -103,7 +106,7 @@ def count_items_above(
     trie = trie.to(device)
     exclude = exclude.to(device=device, dtype=torch.int64).reshape(U, -1)  # (U, E)
     k = k.to(device=device, dtype=torch.int64)
-    P, neg_inf = max(1, int(expand_per_round)), float("-inf")
+    neg_inf = float("-inf")
     prefixes = PrefixKVCache(model, input_ids, mask)
     threshold = threshold.to(device=device, dtype=prefixes.logits.dtype)
     count = torch.zeros(U, dtype=torch.int64, device=device)
@@ -141,7 +144,11 @@ def count_items_above(
         depth = trie.node_depth[f_node.clamp(min=0)].double()
         key = depth * _DEPTH_WEIGHT + f_score.double().clamp(min=_SCORE_FLOOR)
         key = torch.where(live, key, neg_inf)
-        key, col = key.topk(min(P, key.shape[1]), dim=1)  # (U, p) deepest, then best
+        if expand_per_round is None:
+            per_user = max(4, PrefixKVCache.ROWS // int(live.any(1).sum()))
+        else:
+            per_user = max(1, int(expand_per_round))
+        key, col = key.topk(min(per_user, key.shape[1]), dim=1)  # (U, p) deepest, then best
         pick = torch.isfinite(key)
         cost = f_pend.gather(1, col)
         if max_expansions is not None:  # as exact_topk: spent in priority order

@@ -45,7 +45,7 @@ def fed_tokens(model):
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
-@pytest.mark.parametrize("per_round", [1, 3, 64])
+@pytest.mark.parametrize("per_round", [1, 3, 64, None])
 def test_count_equals_brute_force(setup, scoring, per_round):
     """For thresholds between the items' scores, with and without an excluded item, the count is
     min(k, items other than the excluded one scoring above the threshold)."""
@@ -108,6 +108,26 @@ def test_count_reaches_k_items_in_k_dives():
         hook.remove()
     assert got.tolist() == [3] * U and complete.all()
     assert depth_first <= U * 3 * 12 < best_first
+
+
+def test_count_widens_its_rounds_when_few_users_are_left(setup):
+    """expand_per_round None: one user alone expands up to PrefixKVCache.ROWS prefixes a round
+    (4 per user while many are left); an explicit value is kept."""
+    model, trie, input_ids, mask, canon = setup
+    rows = []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _o: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    one = (input_ids[:1], mask[:1], trie, torch.full((1,), -1e30), 40, "after")
+    try:
+        wide, _ = count_items_above(model, *one)
+        widest = max(rows[1:])
+        rows.clear()
+        narrow, _ = count_items_above(model, *one, expand_per_round=4)
+    finally:
+        hook.remove()
+    assert torch.equal(wide, narrow)
+    assert widest > 4 and max(rows[1:]) <= 4
 
 
 def test_count_budget_gives_a_lower_bound_and_says_so(setup):
