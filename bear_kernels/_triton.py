@@ -52,6 +52,14 @@ SM_COUNT_CPU = 0
 # rows (fewer rows in L2 at once, fewer loads in flight per SM). Untuned: `make gpu-bench`
 # measures impl triton_1sm (k = 1) beside triton.
 FUSED_PROGRAMS_PER_SM = None
+# Warps per program of the whole-row forward (None: NUM_WARPS_GPU, chunks of BLOCK_V_GPU). Every
+# token taken into the running top-B is a reduction over the chunk that each warp of the program
+# executes in full, so a row read by w warps in chunks of 256·w tokens (still one 16-byte load
+# per thread) issues fewer instructions for the same entries: SASS-based estimates per row in
+# benchmarks/results/sass_warps_sm90.csv (benchmarks/sass_warps.py). Whether a lone warp hides
+# its reductions' latency only a GPU shows: off until `make gpu-bench` (impl triton_1warp) times
+# it. Split-V spans and the backward kernel keep NUM_WARPS_GPU.
+FORWARD_WARPS = None
 
 
 def interpreting() -> bool:
@@ -66,6 +74,15 @@ def _block_v(vocab: int) -> int:
 
 def _launch_kwargs() -> dict:
     return {} if interpreting() else {"num_warps": NUM_WARPS_GPU}
+
+
+def _forward_config(vocab: int) -> tuple[int, dict]:
+    """(BLOCK_V, launch kwargs) of the whole-row forward: FORWARD_WARPS warps with chunks of
+    256 tokens per warp where set (on a GPU), else the defaults."""
+    if FORWARD_WARPS is None or interpreting():
+        return _block_v(vocab), _launch_kwargs()
+    block = min(256 * FORWARD_WARPS, max(32, triton.next_power_of_2(vocab)))
+    return block, {"num_warps": FORWARD_WARPS}
 
 
 def _sm_count(device) -> int:
@@ -119,11 +136,11 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
     b = torch.empty(n_rows, dtype=torch.int32, device=z.device)  # (N,)
     if n_rows == 0:
         return ce, margin, lse, b
-    block_v = _block_v(vocab)
-    span = _span(n_rows, vocab, block_v, z.device)
+    span = _span(n_rows, vocab, _block_v(vocab), z.device)
     if span < vocab:
         _fwd_split(z, y, mask, params, fused_grad, span, (ce, margin, lse, b))
         return ce, margin, lse, b
+    block_v, launch = _forward_config(vocab)
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
     grad, scale, reg_weight, reg_temperature = _fused_args(fused_grad, z, lse)
     programs = n_rows
@@ -156,7 +173,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         FUSED_GRAD=fused_grad is not None,
         THRESHOLD_GRAD=params.threshold_grad,
         ROW_LOOP=programs < n_rows,
-        **_launch_kwargs(),
+        **launch,
     )
     return ce, margin, lse, b
 

@@ -59,6 +59,7 @@ class Case:
     threshold_grad: bool = False
     split: bool = False  # few rows on an H100 (SPLIT_SMS SMs): split-V
     row_loop: bool = False  # FUSED_PROGRAMS_PER_SM = 1 on SPLIT_SMS SMs with 2·SPLIT_SMS rows
+    forward_warps: int | None = None  # FORWARD_WARPS: warps of the whole-row forward
 
 
 SPLIT_SMS = 132  # H100 SXM
@@ -111,6 +112,16 @@ def _programs_per_sm(k):
         launcher.FUSED_PROGRAMS_PER_SM = previous
 
 
+@contextlib.contextmanager
+def _forward_warps(w):
+    previous = launcher.FORWARD_WARPS
+    launcher.FORWARD_WARPS = w
+    try:
+        yield
+    finally:
+        launcher.FORWARD_WARPS = previous
+
+
 def record_launches(case: Case, vocab: int = VOCAB, n_rows: int = 1):
     """[(JITFunction, grid, args, kwargs)] that the launcher makes for one forward + backward.
 
@@ -125,7 +136,12 @@ def record_launches(case: Case, vocab: int = VOCAB, n_rows: int = 1):
     params = LossParams(case.beam_width, 1.0, -100, case.threshold_grad)
     calls = []
     sms = SPLIT_SMS if case.split or case.row_loop else 0
-    with _recording(calls), _sm_count(sms), _programs_per_sm(1 if case.row_loop else None):
+    with (
+        _recording(calls),
+        _sm_count(sms),
+        _programs_per_sm(1 if case.row_loop else None),
+        _forward_warps(case.forward_warps),
+    ):
         if case.fused:
             loss = launcher.bear_loss_triton_fused(z, y, mask, params, FusedParams(1.0, 1.0, "sum"))
             loss.backward(torch.tensor(2.0))  # g != 1: the scale kernel
@@ -455,6 +471,7 @@ GATE_CASES = (
     Case("bf16", True, 10, fused=False),
     Case("bf16", True, 10, fused=True, split=True),
     Case("bf16", False, 50, fused=False, split=True),
+    Case("bf16", True, 50, fused=True, threshold_grad=True, forward_warps=1),  # opt-in variant
 )
 
 

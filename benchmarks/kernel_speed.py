@@ -5,7 +5,8 @@
 
 Impls: `torch` and `triton` (bear_loss with that impl), `triton_1sm` (triton with the fused path's
 grid bounded to one program per SM, each looping over rows: fewer rows in flight, so the gradient
-pass may re-read its row from L2), `torch_ce` (F.cross_entropy: the plain SFT
+pass may re-read its row from L2), `triton_1warp` (triton with the whole-row forward run by one
+warp per row, chunks of 256: `FORWARD_WARPS`), `torch_ce` (F.cross_entropy: the plain SFT
 cost), `torch_compile` (torch.compile of bear_loss_reference; CUDA only), `liger_ce` (Liger-Kernel's
 cross entropy; only when `liger_kernel` imports and CUDA is used). `triton` runs on CUDA only here
 (the interpreter is a test tool, not a benchmark). Modes: `fwd`, `bwd` (backward alone, after an
@@ -56,7 +57,7 @@ COLUMNS = [
     "peak_mem_mb",
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("torch", "triton", "triton_1sm", "torch_ce", "torch_compile", "liger_ce")
+IMPLS = ("torch", "triton", "triton_1sm", "triton_1warp", "torch_ce", "torch_compile", "liger_ce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
@@ -106,6 +107,19 @@ def make_loss_fn(impl, beam_width, mask, device):
                 launcher.FUSED_PROGRAMS_PER_SM = None
 
         return one_per_sm
+    if impl == "triton_1warp":  # the whole-row forward with one warp per row
+        if device.type != "cuda":
+            return None
+
+        def one_warp(z, y):
+            launcher.FORWARD_WARPS = 1
+            try:
+                return bear_loss(z, y, beam_width=beam_width, allowed_mask=mask, impl="triton",
+                                 validate_target=False)  # fmt: skip
+            finally:
+                launcher.FORWARD_WARPS = None
+
+        return one_warp
     if impl == "torch_ce":
         return lambda z, y: F.cross_entropy(z, y)  # plain SFT cost: no mask, no top-B
     if impl == "torch_compile":

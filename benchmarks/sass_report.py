@@ -2,12 +2,12 @@
 
     python benchmarks/sass_report.py [--arch 90] [--out benchmarks/results/sass_sm90.csv]
 
-One row per (kernel, dtype, masked, beam_width, split, row_loop, loop): registers and spill bytes
-of the kernel, then, for its forward or gradient loop, the instructions per logits element and
-per thread (`instr_per_elem`, the loop body over BLOCK_V / threads; the rare top-B entry, an inner
-loop, is left out), the cost of the top-B entry (`entry_per_chunk`: instructions of the loop body
-off that cheapest path, paid once per chunk entered; `entry_per_token`: one iteration of the
-inner loop, paid per token taken in), the 128-bit logits loads and the narrower ones
+One row per (kernel, dtype, masked, beam_width, split, row_loop, forward_warps, loop): registers,
+spill bytes of the kernel, then, for its forward or gradient loop, the instructions per logits
+element and per thread (`instr_per_elem`, the loop body over BLOCK_V / threads; the rare top-B
+entry, an inner loop, is left out), the cost of the top-B entry (`entry_per_chunk`: instructions of
+the loop body off that cheapest path, paid once per chunk entered; `entry_per_token`: one iteration
+of the inner loop, paid per token taken in), the 128-bit logits loads and the narrower ones
 (`loads_scalar`). V = 128256.
 The kernels are compiled without TRITON_INTERPRET (the variable is dropped here).
 """
@@ -26,7 +26,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import write_csv  # noqa: E402
 from benchmarks._sass import VOCAB, Case, analyse_case  # noqa: E402
 
-COLUMNS = ["kernel", "dtype", "masked", "beam_width", "split", "row_loop", "registers"]
+COLUMNS = [
+    "kernel",
+    "dtype",
+    "masked",
+    "beam_width",
+    "split",
+    "row_loop",
+    "forward_warps",
+    "registers",
+]
 COLUMNS += ["spill_bytes", "loop"]
 COLUMNS += ["instr_per_elem", "entry_per_chunk", "entry_per_token", "loads_128", "loads_scalar"]
 
@@ -51,6 +60,10 @@ def cases():
     for beam_width in (10, 50):  # the fused path with one program per SM looping over rows
         for masked in (False, True):
             yield Case("bf16", masked, beam_width, fused=True, threshold_grad=True, row_loop=True)
+    for beam_width in (10, 50):  # the whole-row forward run by one warp (FORWARD_WARPS = 1)
+        for masked in (False, True):
+            yield Case("bf16", masked, beam_width, fused=True, threshold_grad=True,
+                       forward_warps=1)  # fmt: skip
 
 
 def main():

@@ -211,6 +211,23 @@ def test_gpu_block_size_under_the_interpreter(monkeypatch):
     check_parity(_triton_bear, z, y, beam_width=10, allowed_mask=mask, threshold_grad=True)
 
 
+def test_forward_warps_launch_and_their_chunks(monkeypatch):
+    """FORWARD_WARPS = w launches the whole-row forward with w warps and chunks of 256·w tokens
+    on a GPU (the interpreter keeps its own block); 256-token chunks match the reference at
+    B = 50, whose entries then spread over many chunks."""
+    import bear_kernels._triton as tri
+
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
+    assert tri._forward_config(128256) == (tri.BLOCK_V_GPU, {"num_warps": tri.NUM_WARPS_GPU})
+    monkeypatch.setattr(tri, "FORWARD_WARPS", 1)
+    assert tri._forward_config(128256) == (256, {"num_warps": 1})
+    assert tri._forward_config(100) == (128, {"num_warps": 1})
+    monkeypatch.undo()
+    monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 256)
+    z, y, mask = make_case(3, 5000, "mixed", seed=16, beam_width=50)
+    check_parity(_triton_bear, z, y, beam_width=50, allowed_mask=mask, threshold_grad=True)
+
+
 def test_nan_logits_propagate():
     z = torch.randn(2, 3000)
     z[0, 2500] = float("nan")
