@@ -6,6 +6,7 @@ import torch
 
 from bear.decode_common import (
     DecodeResult,
+    check_budget,
     check_inputs,
     check_no_nan_scores,
     check_positive_int,
@@ -75,11 +76,7 @@ def exact_topk(
                 f"floor: expected one score per prompt, shape ({input_ids.shape[0]},) without "
                 f"NaN, got shape {tuple(floor.shape)}"
             )
-    if max_expansions is not None:
-        if isinstance(max_expansions, bool) or not isinstance(max_expansions, int):
-            raise TypeError(f"max_expansions must be an int or None, got {max_expansions!r}")
-        if max_expansions < 0:
-            raise ValueError(f"max_expansions must be >= 0, got {max_expansions}")
+    check_budget(max_expansions)
     device = input_ids.device
     trie = trie.to(device)
     U, P = input_ids.shape[0], max(1, int(expand_per_round))

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from bear.decode_common import check_inputs, check_no_nan_scores, check_positive_int, child_logprobs
+from bear.decode_common import (
+    check_budget,
+    check_inputs,
+    check_no_nan_scores,
+    check_positive_int,
+    child_logprobs,
+)
 from bear.kv_cache import PrefixKVCache
 from bear.prefix_search import feed_paths, pack_by_user, through_single_children
 from bear.trie import ItemTrie
@@ -98,11 +104,7 @@ def count_items_above(
             f"exclude: expected item ids per prompt (-1 for none), shape ({U},) or ({U}, E), got "
             f"shape {tuple(exclude.shape)}"
         )
-    if max_expansions is not None:
-        if isinstance(max_expansions, bool) or not isinstance(max_expansions, int):
-            raise TypeError(f"max_expansions must be an int or None, got {max_expansions!r}")
-        if max_expansions < 0:
-            raise ValueError(f"max_expansions must be >= 0, got {max_expansions}")
+    check_budget(max_expansions)
     trie = trie.to(device)
     exclude = exclude.to(device=device, dtype=torch.int64).reshape(U, -1)  # (U, E)
     k = k.to(device=device, dtype=torch.int64)

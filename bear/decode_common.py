@@ -120,6 +120,16 @@ def check_positive_int(name: str, value) -> int:
     return value
 
 
+def check_budget(max_expansions) -> None:
+    """A search budget: None, or an int >= 0 (TypeError / ValueError otherwise)."""
+    if max_expansions is None:
+        return
+    if isinstance(max_expansions, bool) or not isinstance(max_expansions, int):
+        raise TypeError(f"max_expansions must be an int or None, got {max_expansions!r}")
+    if max_expansions < 0:
+        raise ValueError(f"max_expansions must be >= 0, got {max_expansions}")
+
+
 def check_finite_float(name: str, value) -> float:
     """`value` as a float; TypeError naming `name` unless it is a real number (bools are not),
     ValueError unless it is finite."""

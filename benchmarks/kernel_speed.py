@@ -94,32 +94,21 @@ def make_loss_fn(impl, beam_width, mask, device):
         return lambda z, y: bear_loss(
             z, y, beam_width=beam_width, allowed_mask=mask, impl=impl, validate_target=False
         )
-    if impl == "triton_1sm":  # the fused path with one program per SM looping over rows
+    variants = {"triton_1sm": ("FUSED_PROGRAMS_PER_SM", 1), "triton_1warp": ("FORWARD_WARPS", 1)}
+    if impl in variants:  # triton with one launcher setting changed for the call
         if device.type != "cuda":
             return None
+        name, value = variants[impl]
 
-        def one_per_sm(z, y):
-            launcher.FUSED_PROGRAMS_PER_SM = 1
+        def variant(z, y):
+            setattr(launcher, name, value)
             try:
                 return bear_loss(z, y, beam_width=beam_width, allowed_mask=mask, impl="triton",
                                  validate_target=False)  # fmt: skip
             finally:
-                launcher.FUSED_PROGRAMS_PER_SM = None
+                setattr(launcher, name, None)
 
-        return one_per_sm
-    if impl == "triton_1warp":  # the whole-row forward with one warp per row
-        if device.type != "cuda":
-            return None
-
-        def one_warp(z, y):
-            launcher.FORWARD_WARPS = 1
-            try:
-                return bear_loss(z, y, beam_width=beam_width, allowed_mask=mask, impl="triton",
-                                 validate_target=False)  # fmt: skip
-            finally:
-                launcher.FORWARD_WARPS = None
-
-        return one_warp
+        return variant
     if impl == "torch_ce":
         return lambda z, y: F.cross_entropy(z, y)  # plain SFT cost: no mask, no top-B
     if impl == "torch_compile":
