@@ -4,6 +4,7 @@ Run by test_hf_stack.py through torchrun: `_hf_ddp_worker.py OUT_DIR GRAD_FILE`;
 step's gradient of the LoRA parameters (after DDP's all-reduce) to GRAD_FILE.
 """
 
+import gc
 import sys
 
 import torch
@@ -37,8 +38,12 @@ def main(out_dir: str, grad_file: str) -> None:
     trainer.train()
     if trainer.args.process_index == 0:
         torch.save(capture.grad, grad_file)
-    # Leave together: a rank whose gloo peer has already exited can abort in its own teardown
+    # The DDP-wrapped model goes while the process group is alive: released only when main returned,
+    # after destroy_process_group, it hung a rank's exit about one launch in five. Then leave
+    # together: a rank whose gloo peer has already exited can abort in its own teardown
     # ("terminate called without an active exception", SIGABRT), failing the launch.
+    del trainer, model
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _helpers_launch import launch
 from _helpers_train import tiny_synth
 
 from bear.config import TrainConfig
@@ -40,7 +40,7 @@ def _free_port() -> str:
 
 def _train(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
     cmd = [*launcher, "-m", "bear", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
-    done = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True)
+    done = launch(cmd, env=ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

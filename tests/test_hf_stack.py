@@ -32,6 +32,7 @@ from tests._helpers_hf import (
     training_args,
     word_tokenizer,
 )
+from tests._helpers_launch import launch
 
 # (per-device batch, accumulation steps): one step of 8 or 9 examples, split three ways
 SPLITS = [(8, 1), (2, 4), (3, 3)]
@@ -319,7 +320,8 @@ def test_two_processes_with_average_tokens_equal_one(tmp_path):
     out = tmp_path / "grad.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    subprocess.run([*cmd, str(worker), str(tmp_path), str(out)], check=True, env=env, cwd=REPO)
+    done = launch([*cmd, str(worker), str(tmp_path), str(out)], env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
     grad = torch.load(out)
     exs = examples(8, seed=19)
     reference = reference_grad(tiny_lora(), exs, "bear")
