@@ -21,7 +21,7 @@ from bear.decode_common import (
     ranked_result,
     topk_stable,
 )
-from bear.kv_cache import CopiedKVCache, TreeKVCache, keeps_logits
+from bear.kv_cache import CopiedKVCache, PromptCache, TreeKVCache, keeps_logits
 from bear.trie import ItemTrie
 
 __all__ = ["BeamStep", "beam_search", "beam_thresholds", "expand_beams"]
@@ -118,6 +118,7 @@ def beam_search(
     scoring: str = "before",
     length_penalty: float = 0.0,
     kv_sharing: str = "tree",
+    prompt: PromptCache | None = None,
 ) -> DecodeResult:
     """Trie-constrained beam search with Hugging Face semantics, batched over users and beams.
 
@@ -146,6 +147,8 @@ def beam_search(
             needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do).
             "copy": the cache is expanded to one row per beam and reordered every step through
             `Cache.batch_select_indices` (works with any model whose cache can be reordered).
+        prompt: None (the prompts are prefilled here), or a `bear.kv_cache.PromptCache` of these
+            prompts to read instead (shared with other readers of one prefill).
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
@@ -164,7 +167,7 @@ def beam_search(
     trie = trie.to(device)
     U = input_ids.shape[0]
     neg_inf = float("-inf")
-    kv = (TreeKVCache if kv_sharing == "tree" else CopiedKVCache)(model, input_ids, mask)
+    kv = (TreeKVCache if kv_sharing == "tree" else CopiedKVCache)(model, input_ids, mask, prompt)
     defer = kv_sharing == "tree" and scoring == "before" and keeps_logits(model)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
     out_score = torch.full((U, B), neg_inf, device=device)

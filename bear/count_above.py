@@ -20,7 +20,7 @@ from bear.decode_common import (
     check_positive_int,
     child_logprobs,
 )
-from bear.kv_cache import PrefixKVCache
+from bear.kv_cache import PrefixKVCache, PromptCache
 from bear.prefix_search import feed_paths, pack_by_user, through_single_children
 from bear.trie import ItemTrie
 
@@ -43,6 +43,7 @@ def count_items_above(
     exclude: torch.Tensor | None = None,
     expand_per_round: int | None = None,
     max_expansions: int | None = None,
+    prompt: PromptCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per user, the number of items whose full score (α = 0) is above ``threshold``, up to k.
 
@@ -71,6 +72,7 @@ def count_items_above(
             budget).
         max_expansions: None, or the prefix tokens (>= 0) a user may feed before its search
             stops; its count is then a lower bound.
+        prompt: None, or a `bear.kv_cache.PromptCache` of these prompts (see `beam_search`).
 
     Returns:
         (count (U,) int64 in [0, k_u], complete (U,) bool): complete is False where the budget
@@ -109,7 +111,7 @@ def count_items_above(
     exclude = exclude.to(device=device, dtype=torch.int64).reshape(U, -1)  # (U, E)
     k = k.to(device=device, dtype=torch.int64)
     neg_inf = float("-inf")
-    prefixes = PrefixKVCache(model, input_ids, mask)
+    prefixes = PrefixKVCache(model, input_ids, mask, prompt)
     threshold = threshold.to(device=device, dtype=prefixes.logits.dtype)
     count = torch.zeros(U, dtype=torch.int64, device=device)
     users = torch.arange(U, device=device)

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from bear.count_above import count_items_above
 from bear.decoding import beam_search, exact_topk
 from bear.items import IGNORE_INDEX, collate
+from bear.kv_cache import PromptCache
 from bear.metrics import UNDECIDED, hit_rate, ndcg, ranking_metrics, target_ranks
-from bear.model import autocast_for, response_logits, scoring_for
+from bear.model import autocast_for, scoring_for
 from bear.protocol import epoch_checkpoint, upstream_metrics
 from bear.run import (
     Setup,
@@ -28,6 +29,7 @@ from bear.run import (
     write_json_atomic,
 )
 from bear.run_folder import read_checkpoint
+from bear.teacher_forcing import item_logits
 from bear_kernels import ce_margin, counted_rows
 
 __all__ = ["EXACT_K", "evaluate_split", "evaluate_run"]
@@ -59,6 +61,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
 
     Beam ranks come from ``beam_search``; exact ranks (for PR@K) as below; the
     violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
+    A full test prefills each batch's prompts once (``PromptCache``): the beam search, the
+    teacher-forced target (``item_logits``) and the count all read that prefill.
     The exact rank is needed only where it can matter: if the beam already returned
     ``EXACT_K`` other items whose scores beat the target's teacher-forced score s_y (by more than
     SCORE_TOLERANCE), the target is not in the exact top-``EXACT_K`` (rank -1); elsewhere
@@ -86,17 +90,21 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         sl = slice(start, start + batch_size)
         batch = collate(prompts[sl], targets[sl], setup.items, setup.trie, setup.pad_id).to(device)
         canon = trie.canonical(batch.items)  # (U,)
-        with autocast_for(device):
+        with autocast_for(device):  # a full test reads one prefill of the prompts throughout
+            prompt = (
+                PromptCache.prefill(model, batch.prompt_ids, batch.prompt_mask) if full else None
+            )
             beam = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, beam_width,
-                               scoring=scoring, length_penalty=length_penalty)  # fmt: skip
+                               scoring=scoring, length_penalty=length_penalty,
+                               prompt=prompt)  # fmt: skip
         beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
         if not full:
             continue
         with autocast_for(device):
-            logits = response_logits(model, batch).float()  # (U, W, V)
+            logits, target, nodes = item_logits(model, prompt, trie, batch.items)  # (U, W, V)
         U, W, V = logits.shape
-        mask = trie.allowed_mask(batch.node_ids.reshape(-1))  # (U·W, words)
-        target = batch.target.reshape(-1)  # (U·W,)
+        mask = trie.allowed_mask(nodes.reshape(-1))  # (U·W, words)
+        target = target.reshape(-1)  # (U·W,)
         flat = logits.reshape(U * W, V)
         ce, margin = ce_margin(flat, target, beam_width=beam_width, allowed_mask=mask)
         counted = counted_rows(target, mask, vocab_size=V)
@@ -121,6 +129,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
                     model, batch.prompt_ids[rows], batch.prompt_mask[rows], trie,
                     s_y[rows] + SCORE_TOLERANCE, k=EXACT_K - above[rows], scoring=scoring,
                     exclude=torch.cat([canon[rows, None], seen], 1), max_expansions=exact_budget,
+                    prompt=prompt.select(rows),
                 )  # fmt: skip
             rank = above[rows] + count
             found = torch.where(rank < EXACT_K, rank, -1)

@@ -6,6 +6,9 @@
 - `PrefixKVCache`: the prompts' cache plus one stored entry per fed prefix token, so that any
   prefix extends by one token (best-first search).
 
+A `PromptCache` holds one prefill's entries so that several of these (and teacher forcing) share
+it: evaluation prefills each batch's prompts once for its beam search, margins and exact ranks.
+
 Only public cache API is used (`Cache.batch_select_indices`, `Cache.update`, the layers' `keys`
 and `values`); no private Hugging Face method is overridden.
 """
@@ -13,6 +16,7 @@ and `values`); no private Hugging Face method is overridden.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -20,6 +24,7 @@ from transformers import DynamicCache
 __all__ = [
     "CopiedKVCache",
     "PrefixKVCache",
+    "PromptCache",
     "TreeKVCache",
     "cache_kwarg",
     "check_tree_attention",
@@ -100,6 +105,60 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     return output_cache(out), pos[:, -1], out.logits[:, -1].float()
 
 
+@dataclass(frozen=True)
+class PromptCache:
+    """The KV entries of left-padded prompts after one prefill, reusable by any number of readers.
+
+    Readers never write into it: each gets a fresh `DynamicCache` (`dynamic_cache`) whose update
+    concatenates new entries into new tensors. Needs a cache that keeps every prompt position in
+    every layer (a full-attention DynamicCache, as Llama-style models return).
+
+    Fields: layers [(keys, values) (U, H, P, d)] per layer, mask (U, P) the prompts' attention
+    mask, last_pos (U,) position of each prompt's last token, logits (U, V) float32 of the next
+    token.
+    """
+
+    layers: list
+    mask: torch.Tensor
+    last_pos: torch.Tensor
+    logits: torch.Tensor
+
+    @classmethod
+    def prefill(cls, model, input_ids: torch.Tensor, mask: torch.Tensor) -> PromptCache:
+        """Prefill (U, P) prompts once; ValueError for a cache that drops positions."""
+        cache, last_pos, logits = prefill(model, input_ids, mask)
+        return cls(_layer_tensors(cache, input_ids.shape[1]), mask, last_pos, logits)
+
+    def select(self, rows: torch.Tensor) -> PromptCache:
+        """The prompts ``rows`` (R,) (repeats allowed), as a PromptCache of R rows."""
+        layers = [(k[rows], v[rows]) for k, v in self.layers]
+        return PromptCache(layers, self.mask[rows], self.last_pos[rows], self.logits[rows])
+
+    def dynamic_cache(self) -> DynamicCache:
+        """A new DynamicCache holding the prompts' entries (U rows)."""
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(self.layers):
+            cache.update(k, v, layer)
+        return cache
+
+    def check_prompts(self, input_ids: torch.Tensor) -> None:
+        """ValueError unless this cache was prefilled from prompts shaped as ``input_ids``."""
+        if tuple(self.mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"prompt: a PromptCache of prompts {tuple(self.mask.shape)} cannot serve "
+                f"input_ids of shape {tuple(input_ids.shape)}: prefill these prompts "
+                "(PromptCache.prefill) or pass prompt=None"
+            )
+
+
+def _prefilled(model, input_ids, mask, prompt: PromptCache | None):
+    """(cache, last_pos, logits) of the prompts: a copy of ``prompt``'s, or a new prefill."""
+    if prompt is None:
+        return prefill(model, input_ids, mask)
+    prompt.check_prompts(input_ids)
+    return prompt.dynamic_cache(), prompt.last_pos, prompt.logits
+
+
 class CopiedKVCache:
     """KV cache with one row per beam (kv_sharing="copy").
 
@@ -107,11 +166,11 @@ class CopiedKVCache:
     and reordered every step through the public `Cache.batch_select_indices`.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
         self.model = model
         self.cache_kw = cache_kwarg(model)
         self.mask = mask  # (R, P + t), R = users * beams
-        self.cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
+        self.cache, self.last_pos, self.logits = _prefilled(model, input_ids, mask, prompt)
         self.beams = 1  # cache rows per user
 
     def step(
@@ -158,12 +217,12 @@ class TreeKVCache:
     Beams never split across deferred steps (one child each), so no token is fed twice.
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
         check_tree_attention(model)
         self.model = model
         self.cache_kw = cache_kwarg(model)
         self.prompt_mask = mask.bool()  # (U, P)
-        self.cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
+        self.cache, self.last_pos, self.logits = _prefilled(model, input_ids, mask, prompt)
         self.ancestors = torch.zeros(
             input_ids.shape[0], 1, 0, dtype=torch.int64, device=mask.device
         )
@@ -250,11 +309,14 @@ class PrefixKVCache:
 
     ROWS = 64  # prefixes per forward pass (bounds the rebuilt cache)
 
-    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
         self.model, self.mask = model, mask
         self.cache_kw = cache_kwarg(model)
-        cache, self.last_pos, self.logits = prefill(model, input_ids, mask)  # (U,), (U, V)
-        self.prompt_kv = _layer_tensors(cache, input_ids.shape[1])  # [(K, V) (U, H, P, d)]
+        if prompt is None:
+            prompt = PromptCache.prefill(model, input_ids, mask)
+        prompt.check_prompts(input_ids)
+        self.last_pos, self.logits = prompt.last_pos, prompt.logits  # (U,), (U, V)
+        self.prompt_kv = prompt.layers  # [(K, V) (U, H, P, d)]
         # slot buffers: keys / values (H, capacity, d) per layer, chain (capacity, width)
         self.slot_kv = [(k[0, :, :0], v[0, :, :0]) for k, v in self.prompt_kv]  # (H, 0, d)
         self.chain = torch.full((0, 0), -1, dtype=torch.int64, device=mask.device)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from bear.decode_common import check_inputs, model_vocab
+from bear.kv_cache import PromptCache, cache_kwarg
 from bear.trie import ItemTrie
 
-__all__ = ["continuation_logits", "score_items"]
+__all__ = ["continuation_logits", "item_logits", "score_items"]
 
 ROW_BUDGET = 2**25  # logits elements per teacher-forcing chunk (~128 MB in float32)
 
@@ -39,6 +40,54 @@ def continuation_logits(model, input_ids, mask, rows, cont) -> torch.Tensor:
         logits = model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=False).logits
         outs.append(logits[:, P - 1 :].float())
     return torch.cat(outs, dim=0)
+
+
+@torch.no_grad()
+def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tensor):
+    """Teacher-forced logits of one item per prompt, read from the prompts' cache.
+
+    Step t of item i predicts token t of ``trie.item_tokens(i)`` (EOS last): step 0 is the
+    prompt's own next-token logits, step t >= 1 comes from feeding the item's first t tokens after
+    the cached prompt (one forward for all steps). Chunked to at most ROW_BUDGET logits elements
+    per forward.
+
+    Args:
+        prompt: a `PromptCache` of U prompts.
+        trie: the catalogue, on the prompts' device.
+        item_ids: (U,) one item per prompt.
+
+    Returns:
+        (logits (U, L + 1, V) float32, targets (U, L + 1) the item tokens with EOS, -100 after the
+        item's end, nodes (U, L + 1) the trie node each step chooses among, -1 after the end);
+        L is the longest title among the items.
+    """
+    targets = trie.item_tokens(item_ids)  # (U, L_max+1), -100 padded (catalogue's longest)
+    width = int((targets != -100).sum(1).max())  # these items' longest, EOS included
+    targets, nodes = targets[:, :width], trie.path_nodes(item_ids)[:, :width]  # (U, L+1)
+    cont = torch.where(targets[:, :-1] >= 0, targets[:, :-1], -1)  # inputs: all but the last
+    U, T = cont.shape
+    V = prompt.logits.shape[-1]
+    chunk = max(1, ROW_BUDGET // max(1, (T + 1) * V))
+    cache_kw = cache_kwarg(model)
+    outs = []
+    for s in range(0, U, chunk):
+        rows = torch.arange(s, min(s + chunk, U), device=cont.device)
+        part, c = prompt.select(rows), cont[rows]
+        first = part.logits[:, None]  # (r, 1, V) the prompt's next-token logits
+        if T == 0:
+            outs.append(first)
+            continue
+        mask = torch.cat([part.mask, (c >= 0).to(part.mask.dtype)], dim=1)
+        pos = part.last_pos[:, None] + 1 + torch.arange(T, device=c.device)  # (r, T)
+        out = model(
+            input_ids=c.clamp(min=0),
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{cache_kw: part.dynamic_cache()},
+        )
+        outs.append(torch.cat([first, out.logits.float()], dim=1))
+    return torch.cat(outs, dim=0), targets, nodes
 
 
 def _step_logprobs(trie, logits, nodes, targets, scoring):

@@ -8,7 +8,8 @@ PR@5/10 from the beam and the exact top-10, each with its denominator and binomi
 sqrt(p (1 - p) / n) (for NDCG, whose per-user gains lie in [0, 1], this is an upper bound of the
 standard error). The exact rank (``bear.count_above.count_items_above``: the items beating the
 target, counted up to 10) feeds at most ``--exact-budget`` prefix tokens per user; users it leaves
-undecided are in no PR (their number is reported). Each loss records its budget and the code
+undecided are in no PR (their number is reported, and the range PR@10 can take over their
+unknown ranks: ``bear.metrics.pruning_rate_bounds``). Each loss records its budget and the code
 (commit) that tested it. Writes
 results/quality_<data>_smollm2_<device>[_tag].json and .md.
 
@@ -54,15 +55,26 @@ def _cell(entry: dict) -> str:
     return f"{entry['value']:.4f} ± {entry['se']:.4f}"
 
 
+def _range(test: dict) -> str:
+    """PR@10's range over the undecided users' unknown exact ranks (``pr@10_low/high``)."""
+    if "pr@10_low" not in test:  # tested before the bounds were reported
+        return "n/a"
+    low, high = (
+        f"{x:.3f}" if x is not None else "n/a" for x in (test["pr@10_low"], test["pr@10_high"])
+    )
+    return f"[{low}, {high}]"
+
+
 def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per loss, value ± standard error, PR@10's denominator."""
-    head = "| loss | " + " | ".join(KEYS) + " | PR@10 n | undecided | train s | test s |"
-    lines = [head, "|" + " --- |" * (len(KEYS) + 5)]
+    """Markdown: one row per loss, value ± standard error, PR@10's denominator and range."""
+    head = ("| loss | " + " | ".join(KEYS)
+            + " | PR@10 n | undecided | PR@10 range | train s | test s |")  # fmt: skip
+    lines = [head, "|" + " --- |" * (len(KEYS) + 6)]
     for loss, r in results.items():
-        se = r["with_se"]
+        se, test = r["with_se"], r["test"]
         cells = [_cell(se[k]) for k in KEYS]
         lines.append(f"| {loss} | " + " | ".join(cells) + f" | {se['pr@10']['n']} | "
-                     f"{r['test']['exact_undecided']} | {r['train_seconds']:.0f} | "
+                     f"{test['exact_undecided']} | {_range(test)} | {r['train_seconds']:.0f} | "
                      f"{r['test_seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

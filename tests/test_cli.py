@@ -95,25 +95,26 @@ def test_synth_train_evaluate(tmp_path, capsys):
 
 
 def test_evaluation_records_no_gradients(tmp_path, monkeypatch):
-    """evaluate_split runs without autograd: the teacher-forced logits it scores carry no graph
-    (with one, every test batch would keep its activations and (U, W, V) logits alive)."""
+    """evaluate_split runs without autograd: the prompts' prefill that every reader of a test
+    batch shares carries no graph (with one, each batch would keep its activations alive)."""
     import torch
     from _helpers_train import tiny_config, tiny_synth
 
     import bear.evaluate
+    import bear.kv_cache
     from bear.run import build_setup
 
     cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
     setup = build_setup(cfg, tmp_path / "run", fresh=True)
     seen = []
-    forward = bear.evaluate.response_logits
+    prefill = bear.kv_cache.prefill
 
     def recording(*args):
-        logits = forward(*args)
+        cache, last_pos, logits = prefill(*args)
         seen.append(logits.requires_grad)
-        return logits
+        return cache, last_pos, logits
 
-    monkeypatch.setattr(bear.evaluate, "response_logits", recording)
+    monkeypatch.setattr(bear.kv_cache, "prefill", recording)
     bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 4)
     assert seen == [False]
     assert torch.is_grad_enabled()

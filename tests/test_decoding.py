@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bear.beam
+from bear.count_above import count_items_above
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
-from bear.kv_cache import check_tree_attention
+from bear.kv_cache import PromptCache, check_tree_attention
 from bear.protocol import PROTOCOLS
-from bear.teacher_forcing import continuation_logits
+from bear.teacher_forcing import continuation_logits, item_logits
 from bear.trie import ItemTrie
 from tests._helpers_decoding import (
     EOS,
@@ -495,3 +497,49 @@ def test_tree_sharing_refuses_a_model_without_a_config(setup):
 
     with pytest.raises(ValueError, match="None: unknown"):
         check_tree_attention(NoConfig(model))
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_one_prefill_read_by_every_decoder_gives_their_own_results(setup, scoring):
+    """A PromptCache read by beam search (both caches), count_items_above and item_logits gives
+    what each computes from its own prefill, and no reader writes into it."""
+    model, seqs, ids, trie, input_ids, mask = setup
+    prompt = PromptCache.prefill(model, input_ids, mask)
+    before = [(k.clone(), v.clone()) for k, v in prompt.layers]
+    for sharing in ("tree", "copy"):
+        own = beam_search(model, input_ids, mask, trie, 4, scoring, kv_sharing=sharing)
+        read = beam_search(model, input_ids, mask, trie, 4, scoring, kv_sharing=sharing,
+                           prompt=prompt)  # fmt: skip
+        assert torch.equal(read.item_ids, own.item_ids)
+        torch.testing.assert_close(read.scores, own.scores, atol=1e-5, rtol=1e-5)
+    rows = torch.tensor([2, 0])
+    threshold = own.scores[rows, -1] - 0.5
+    want = count_items_above(model, input_ids[rows], mask[rows], trie, threshold, 6, scoring)
+    got = count_items_above(model, input_ids[rows], mask[rows], trie, threshold, 6, scoring,
+                            prompt=prompt.select(rows))  # fmt: skip
+    assert torch.equal(got[0], want[0]) and got[1].all()
+    items = torch.tensor([ids[0], ids[-1], ids[5]])
+    logits, targets, nodes = item_logits(model, prompt, trie, items)
+    valid = targets != -100
+    longest = max(len(seqs[ids.index(i)]) for i in items.tolist())
+    assert longest + 1 < trie.item_tokens(torch.tensor(ids)).shape[1]  # the catalogue's is longer
+    assert logits.shape[:2] == targets.shape == nodes.shape == (3, longest + 1)  # EOS included
+    if scoring == "before":
+        children = trie.children_dense(nodes.clamp(min=0).reshape(-1)).view(*nodes.shape, -1)
+        allowed = F.pad(children, (0, VOCAB - trie.vocab_size))
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets.clamp(min=0)[..., None])
+    scores = torch.where(valid, logp.squeeze(-1), 0.0).sum(1)
+    expected = score_items(model, input_ids, mask, trie, items[:, None], scoring)[:, 0]
+    torch.testing.assert_close(scores.float(), expected, atol=1e-4, rtol=1e-4)
+    for (k, v), (k0, v0) in zip(prompt.layers, before, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_a_prompt_cache_of_other_prompts_is_refused(setup):
+    model, seqs, ids, trie, input_ids, mask = setup
+    prompt = PromptCache.prefill(model, input_ids[:2], mask[:2])
+    with pytest.raises(ValueError, match="prompt: a PromptCache of prompts"):
+        beam_search(model, input_ids, mask, trie, 4, prompt=prompt)
+    with pytest.raises(ValueError, match="prompt: a PromptCache of prompts"):
+        count_items_above(model, input_ids, mask, trie, torch.zeros(3), 2, prompt=prompt)

@@ -1,17 +1,20 @@
 """Metrics on tiny hand-computed cases."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from bear.metrics import (
+    BOUND_KEYS,
     COUNT_KEYS,
     METRIC_KEYS,
     UNDECIDED,
     hit_rate,
     ndcg,
     pruning_rate,
+    pruning_rate_bounds,
     ranking_metrics,
     target_ranks,
     violation_share,
@@ -58,7 +61,8 @@ def test_ranking_metrics_dict():
     exact = torch.tensor([0, 2, 4, 12])
     violated = torch.tensor([False, True, False, True])
     m = ranking_metrics(beam, exact, violated)
-    assert tuple(m) == METRIC_KEYS + COUNT_KEYS
+    assert tuple(m) == METRIC_KEYS + COUNT_KEYS + BOUND_KEYS
+    assert (m["pr@10_low"], m["pr@10_high"]) == (m["pr@10"], m["pr@10"])  # none undecided
     assert m["hr@1"] == 0.25 and m["hr@5"] == 0.5 and m["hr@10"] == 0.5
     assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 4)
     assert m["pr@5"] == pytest.approx(1 / 3) and m["pr@10"] == pytest.approx(1 / 3)
@@ -82,6 +86,26 @@ def test_undecided_exact_ranks_count_in_no_pruning_rate():
         k: without[k] for k in ("pr@5", "pr@10", "violation_share")
     }
     assert (m["pr@10_count"], m["exact_undecided"], without["exact_undecided"]) == (3, 1, 0)
+
+
+def test_pruning_rate_bounds_range_over_the_undecided_cases():
+    """Decided: user 0 pruned, user 1 kept (p 1 of n 2); undecided: 2 beam hits, 1 miss. Every
+    assignment of in/out of the exact top-10 to the undecided cases lands within the bounds, and
+    the bounds are reached."""
+    beam = torch.tensor([-1, 3, 0, 5, -1, -1])
+    exact = torch.tensor([4, 1, UNDECIDED, UNDECIDED, UNDECIDED, 12])
+    low, high = pruning_rate_bounds(exact, beam, 10)
+    assert (low, high) == (1 / 4, 2 / 3)
+    rates = []
+    for inside in itertools.product([True, False], repeat=3):
+        filled = exact.clone()
+        filled[2:5] = torch.tensor([7 if x else 15 for x in inside])
+        rates.append(pruning_rate(filled, beam, 10))
+    assert min(rates) == low and max(rates) == high
+    m = ranking_metrics(beam, exact, torch.zeros(6, dtype=torch.bool))
+    assert (m["pr@10_low"], m["pr@10_high"]) == (low, high)
+    # one undecided beam hit alone: PR@5 is 0 if it is in the exact top-5, undefined otherwise
+    assert pruning_rate_bounds(torch.tensor([UNDECIDED]), torch.tensor([0]), 5) == (0.0, None)
 
 
 def test_empty_denominators_are_none_with_their_count():
