@@ -31,6 +31,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "psutil>=5",  # tests/_helpers_launch.py: kills a hung launch and its workers
             "hypothesis>=6.100",
             "ruff>=0.6",
             "triton>=3.1",

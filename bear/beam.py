@@ -148,15 +148,17 @@ def beam_search(
             "copy": the cache is expanded to one row per beam and reordered every step through
             `Cache.batch_select_indices` (works with any model whose cache can be reordered).
         prompt: None (the prompts are prefilled here), or a `bear.kv_cache.PromptCache` of these
-            prompts to read instead (shared with other readers of one prefill).
+            prompts to read instead (shared with other readers of one prefill; the search then
+            runs on a plain DynamicCache, so only for models whose cache keeps every position).
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
 
     Raises:
         ValueError / TypeError: bad inputs (see `check_inputs`), beam_width not an integer >= 1,
-            a non-finite length_penalty, unknown kv_sharing, or kv_sharing="tree" with an
-            attention that ignores 4-D masks; ValueError when the model scores a candidate NaN.
+            a non-finite length_penalty, unknown kv_sharing, kv_sharing="tree" with an
+            attention that ignores 4-D masks, or a prompt cache of other prompts; ValueError when
+            the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     B = check_positive_int("beam_width", beam_width)

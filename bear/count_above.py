@@ -81,8 +81,8 @@ def count_items_above(
     Raises:
         ValueError / TypeError: bad inputs (see `check_inputs`), k not an integer >= 1 nor
             (U,) integers >= 0, a threshold not of shape (U,) or with NaN, exclude not of shape
-            (U,) or (U, E), max_expansions not an
-            integer >= 0; ValueError when the model scores a candidate NaN.
+            (U,) or (U, E), max_expansions not an integer >= 0, a prompt cache of other
+            prompts; ValueError when the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     U, device = input_ids.shape[0], input_ids.device

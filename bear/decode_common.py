@@ -64,6 +64,25 @@ def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tenso
         raise TypeError(f"trie must be a bear.trie.ItemTrie, got {type(trie).__name__}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    mask = check_prompt_ids(model, input_ids, attention_mask)
+    vocab = model_vocab(model)
+    if vocab is not None and trie.vocab_size > vocab:
+        raise ValueError(
+            f"the trie's vocab_size={trie.vocab_size} exceeds the model's vocabulary ({vocab}); "
+            "item token ids must be valid model token ids"
+        )
+    return mask
+
+
+def check_prompt_ids(model, input_ids, attention_mask) -> torch.Tensor:
+    """Validate left-padded prompts (the part of `check_inputs` about them); return the (U, P)
+    int64 attention mask (all ones for None).
+
+    Raises:
+        TypeError: input_ids is not an integer tensor.
+        ValueError: input_ids not (U, P) or empty, token ids outside the model's vocabulary, a
+            mask of another shape or not left-padded.
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -95,11 +114,6 @@ def check_inputs(model, input_ids, attention_mask, trie, scoring) -> torch.Tenso
             f"input_ids must be token ids in [0, {vocab if vocab is not None else 'V'}) (the "
             f"model's vocabulary), got ids from {low} to {high}; tokenise with the model's "
             "tokenizer and pad with its pad_token_id (padding positions too must be valid ids)"
-        )
-    if vocab is not None and trie.vocab_size > vocab:
-        raise ValueError(
-            f"the trie's vocab_size={trie.vocab_size} exceeds the model's vocabulary ({vocab}); "
-            "item token ids must be valid model token ids"
         )
     return mask
 

@@ -62,7 +62,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     Beam ranks come from ``beam_search``; exact ranks (for PR@K) as below; the
     violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
     A full test prefills each batch's prompts once (``PromptCache``): the beam search, the
-    teacher-forced target (``item_logits``) and the count all read that prefill.
+    teacher-forced target (``item_logits``) and the count all read that prefill (``exact_all``'s
+    ``exact_topk`` prefills again).
     The exact rank is needed only where it can matter: if the beam already returned
     ``EXACT_K`` other items whose scores beat the target's teacher-forced score s_y (by more than
     SCORE_TOLERANCE), the target is not in the exact top-``EXACT_K`` (rank -1); elsewhere

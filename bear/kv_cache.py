@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from bear.decode_common import check_prompt_ids
+
 __all__ = [
     "CopiedKVCache",
     "PrefixKVCache",
@@ -110,29 +112,39 @@ class PromptCache:
     """The KV entries of left-padded prompts after one prefill, reusable by any number of readers.
 
     Readers never write into it: each gets a fresh `DynamicCache` (`dynamic_cache`) whose update
-    concatenates new entries into new tensors. Needs a cache that keeps every prompt position in
-    every layer (a full-attention DynamicCache, as Llama-style models return).
+    concatenates new entries into new tensors, so while a reader runs the prompts' entries exist
+    twice. Needs a cache that keeps every prompt position in every layer (a full-attention
+    DynamicCache, as Llama-style models return); its readers decode on a plain DynamicCache.
 
-    Fields: layers [(keys, values) (U, H, P, d)] per layer, mask (U, P) the prompts' attention
-    mask, last_pos (U,) position of each prompt's last token, logits (U, V) float32 of the next
-    token.
+    Fields: layers [(keys, values) (U, H, P, d)] per layer, input_ids (U, P) the prompts, mask
+    (U, P) int64 their attention mask, last_pos (U,) position of each prompt's last token,
+    logits (U, V) float32 of the next token.
     """
 
     layers: list
+    input_ids: torch.Tensor
     mask: torch.Tensor
     last_pos: torch.Tensor
     logits: torch.Tensor
 
     @classmethod
-    def prefill(cls, model, input_ids: torch.Tensor, mask: torch.Tensor) -> PromptCache:
-        """Prefill (U, P) prompts once; ValueError for a cache that drops positions."""
-        cache, last_pos, logits = prefill(model, input_ids, mask)
-        return cls(_layer_tensors(cache, input_ids.shape[1]), mask, last_pos, logits)
+    @torch.no_grad()
+    def prefill(cls, model, input_ids: torch.Tensor, attention_mask=None) -> PromptCache:
+        """Prefill (U, P) left-padded prompts once, without autograd.
 
-    def select(self, rows: torch.Tensor) -> PromptCache:
-        """The prompts ``rows`` (R,) (repeats allowed), as a PromptCache of R rows."""
+        Raises:
+            TypeError / ValueError: bad prompts (see `bear.decode_common.check_prompt_ids`);
+                ValueError for a cache that does not keep every prompt position.
+        """
+        mask = check_prompt_ids(model, input_ids, attention_mask)
+        cache, last_pos, logits = prefill(model, input_ids, mask)
+        return cls(_layer_tensors(cache, input_ids.shape[1]), input_ids, mask, last_pos, logits)
+
+    def select(self, rows: torch.Tensor | slice) -> PromptCache:
+        """The prompts ``rows``: (R,) indices (repeats allowed, copies) or a slice (views)."""
         layers = [(k[rows], v[rows]) for k, v in self.layers]
-        return PromptCache(layers, self.mask[rows], self.last_pos[rows], self.logits[rows])
+        picked = (self.input_ids[rows], self.mask[rows], self.last_pos[rows], self.logits[rows])
+        return PromptCache(layers, *picked)
 
     def dynamic_cache(self) -> DynamicCache:
         """A new DynamicCache holding the prompts' entries (U rows)."""
@@ -141,13 +153,14 @@ class PromptCache:
             cache.update(k, v, layer)
         return cache
 
-    def check_prompts(self, input_ids: torch.Tensor) -> None:
-        """ValueError unless this cache was prefilled from prompts shaped as ``input_ids``."""
-        if tuple(self.mask.shape) != tuple(input_ids.shape):
+    def check_prompts(self, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """ValueError unless this cache was prefilled from exactly these prompts and mask."""
+        same = self.input_ids.shape == input_ids.shape and self.mask.shape == mask.shape
+        if not (same and torch.equal(self.input_ids, input_ids) and torch.equal(self.mask, mask)):
             raise ValueError(
-                f"prompt: a PromptCache of prompts {tuple(self.mask.shape)} cannot serve "
-                f"input_ids of shape {tuple(input_ids.shape)}: prefill these prompts "
-                "(PromptCache.prefill) or pass prompt=None"
+                f"prompt: this PromptCache holds other prompts (shape {tuple(self.mask.shape)}) "
+                f"than input_ids / attention_mask (shape {tuple(input_ids.shape)}): prefill these "
+                "prompts (PromptCache.prefill) or pass prompt=None"
             )
 
 
@@ -155,7 +168,7 @@ def _prefilled(model, input_ids, mask, prompt: PromptCache | None):
     """(cache, last_pos, logits) of the prompts: a copy of ``prompt``'s, or a new prefill."""
     if prompt is None:
         return prefill(model, input_ids, mask)
-    prompt.check_prompts(input_ids)
+    prompt.check_prompts(input_ids, mask)
     return prompt.dynamic_cache(), prompt.last_pos, prompt.logits
 
 
@@ -314,7 +327,7 @@ class PrefixKVCache:
         self.cache_kw = cache_kwarg(model)
         if prompt is None:
             prompt = PromptCache.prefill(model, input_ids, mask)
-        prompt.check_prompts(input_ids)
+        prompt.check_prompts(input_ids, mask)
         self.last_pos, self.logits = prompt.last_pos, prompt.logits  # (U,), (U, V)
         self.prompt_kv = prompt.layers  # [(K, V) (U, H, P, d)]
         # slot buffers: keys / values (H, capacity, d) per layer, chain (capacity, width)
@@ -407,15 +420,22 @@ class PrefixKVCache:
 def _layer_tensors(cache, length: int):
     """[(keys, values)] per layer of a Hugging Face cache, each (rows, heads, length, head dim).
 
-    ValueError when a layer does not hold all `length` positions (a sliding-window or
-    quantised cache): PrefixKVCache needs them all.
+    ValueError when the cache has no layers of keys and values, or a layer does not hold all
+    `length` positions (a sliding-window or quantised cache): PromptCache needs them all.
     """
-    pairs = [(layer.keys, layer.values) for layer in cache.layers]  # transformers >= 4.56
+    need = (
+        "exact_topk, count_items_above and a full test (which prefills its prompts once, "
+        "PromptCache) need a KV cache that keeps every position in every layer (a full-attention "
+        "DynamicCache)"
+    )
+    layers = getattr(cache, "layers", None)  # transformers >= 4.56
+    if layers is None:
+        raise ValueError(f"{need}; the model returned a {type(cache).__name__} without layers")
+    pairs = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
     for k, _ in pairs:
         if k is None or k.dim() != 4 or k.shape[2] != length:
             raise ValueError(
-                "exact_topk needs a KV cache that keeps every position in every layer "
-                f"(a full-attention DynamicCache); the model's cache holds "
-                f"{None if k is None else tuple(k.shape)} where {length} positions were expected"
+                f"{need}; the model's cache holds {None if k is None else tuple(k.shape)} where "
+                f"{length} positions were expected"
             )
     return pairs

@@ -41,8 +41,9 @@ COUNT_KEYS = ("users", "pr@5_count", "pr@10_count", "violation_share_count", "ex
 # an exact rank the search could not decide within its budget (bear.evaluate's exact_budget):
 # such a case is in neither the numerator nor the denominator of PR@K, and is counted apart
 UNDECIDED = -2
-# the range each PR@K can take over the UNDECIDED cases' unknown exact ranks (`pruning_rate_bounds`)
-BOUND_KEYS = ("pr@5_low", "pr@5_high", "pr@10_low", "pr@10_high")
+# the range PR@10 can take over the UNDECIDED cases' unknown exact ranks (`pruning_rate_bounds`,
+# exact at K = 10, the depth of the exact count)
+BOUND_KEYS = ("pr@10_low", "pr@10_high")
 PRUNED_AT = 10  # the cut-off of `violation_share` in ranking_metrics: pruned = counted in PR@10
 
 
@@ -116,7 +117,7 @@ def pruning_rate(exact_ranks, beam_ranks, k: int) -> float | None:
 
 
 def pruning_rate_bounds(exact_ranks, beam_ranks, k: int) -> tuple[float | None, float | None]:
-    """The least and greatest PR@K over every exact rank the UNDECIDED cases could have.
+    """The least and greatest PR@K over the exact ranks the UNDECIDED cases could have.
 
     With p pruned among n decided cases in the exact top-K, and among the undecided cases h whose
     target the beam returned and m whose target it missed:
@@ -124,7 +125,12 @@ def pruning_rate_bounds(exact_ranks, beam_ranks, k: int) -> tuple[float | None, 
         low = p / (n + h)        (the beam's hits in the exact top-K, its misses outside)
         high = (p + m) / (n + m) (its misses in the exact top-K, its hits outside)
 
-    Both equal PR@K when no case is undecided; None where the denominator is 0.
+    Exact when any undecided case may be in the top K: K = 10, the depth of the exact count
+    (a case stays undecided only while fewer than 10 items are known to beat it); for K < 10 a
+    valid but possibly wider range, since such a case may already be known to be outside the
+    top K. Where a formula's denominator is 0, the bound is taken over the assignments that
+    define PR@K (low 1.0 when only misses can enter, high 0.0 when only hits can), and both are
+    None when none does. Both equal PR@K when no case is undecided.
     """
     e, b, k = _ranks(exact_ranks), _ranks(beam_ranks), _check_k(k)
     if e.shape != b.shape:
@@ -132,7 +138,9 @@ def pruning_rate_bounds(exact_ranks, beam_ranks, k: int) -> tuple[float | None, 
     eligible, undecided = (e >= 0) & (e < k), e == UNDECIDED
     p, n = int((eligible & (b < 0)).sum()), int(eligible.sum())
     h, m = int((undecided & (b >= 0)).sum()), int((undecided & (b < 0)).sum())
-    return (p / (n + h) if n + h else None, (p + m) / (n + m) if n + m else None)
+    low = p / (n + h) if n + h else (1.0 if m else None)
+    high = (p + m) / (n + m) if n + m else (0.0 if h else None)
+    return low, high
 
 
 def violation_share(pruned, violated) -> float | None:
@@ -149,7 +157,7 @@ def violation_share(pruned, violated) -> float | None:
 
 def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int | None]:
     """The metrics of SPEC §5: the keys of METRIC_KEYS, then their denominators (COUNT_KEYS), then
-    the range of each PR@K over the undecided cases (BOUND_KEYS, `pruning_rate_bounds`).
+    the range of PR@10 over the undecided cases (BOUND_KEYS, `pruning_rate_bounds`).
 
     HR and NDCG at 1, 5, 10 from the beam-search ranks; PR@5 and PR@10 from both; the violation
     share among cases pruned at K = 10 (0 <= exact rank < 10 and absent from the beam). A ratio
@@ -173,7 +181,5 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int 
         "violation_share_count": int(pruned.sum()),
         "exact_undecided": int((e == UNDECIDED).sum()),
     }
-    bounds = {}
-    for k in (5, 10):
-        bounds[f"pr@{k}_low"], bounds[f"pr@{k}_high"] = pruning_rate_bounds(e, b, k)
+    bounds = dict(zip(BOUND_KEYS, pruning_rate_bounds(e, b, 10), strict=True))
     return {key: out[key] for key in METRIC_KEYS} | counts | bounds

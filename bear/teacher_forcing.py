@@ -60,19 +60,29 @@ def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tens
         (logits (U, L + 1, V) float32, targets (U, L + 1) the item tokens with EOS, -100 after the
         item's end, nodes (U, L + 1) the trie node each step chooses among, -1 after the end);
         L is the longest title among the items.
+
+    Raises:
+        ValueError: item_ids not (U,) integers, or an item id not in the trie.
     """
+    U = prompt.input_ids.shape[0]
+    item_ids = torch.as_tensor(item_ids)
+    if item_ids.shape != (U,) or item_ids.is_floating_point() or item_ids.dtype == torch.bool:
+        raise ValueError(
+            f"item_ids: expected one integer item id per prompt, shape ({U},), got "
+            f"{item_ids.dtype} of shape {tuple(item_ids.shape)}"
+        )
+    trie = trie.to(prompt.logits.device)
+    item_ids = item_ids.to(device=prompt.logits.device, dtype=torch.int64)
     targets = trie.item_tokens(item_ids)  # (U, L_max+1), -100 padded (catalogue's longest)
     width = int((targets != -100).sum(1).max())  # these items' longest, EOS included
     targets, nodes = targets[:, :width], trie.path_nodes(item_ids)[:, :width]  # (U, L+1)
     cont = torch.where(targets[:, :-1] >= 0, targets[:, :-1], -1)  # inputs: all but the last
-    U, T = cont.shape
-    V = prompt.logits.shape[-1]
+    T, V = cont.shape[1], prompt.logits.shape[-1]
     chunk = max(1, ROW_BUDGET // max(1, (T + 1) * V))
     cache_kw = cache_kwarg(model)
     outs = []
     for s in range(0, U, chunk):
-        rows = torch.arange(s, min(s + chunk, U), device=cont.device)
-        part, c = prompt.select(rows), cont[rows]
+        part, c = prompt.select(slice(s, s + chunk)), cont[s : s + chunk]
         first = part.logits[:, None]  # (r, 1, V) the prompt's next-token logits
         if T == 0:
             outs.append(first)

@@ -39,7 +39,7 @@ def main(out_dir: str, grad_file: str) -> None:
     if trainer.args.process_index == 0:
         torch.save(capture.grad, grad_file)
     # The DDP-wrapped model goes while the process group is alive: released only when main returned,
-    # after destroy_process_group, it hung a rank's exit about one launch in five. Then leave
+    # after destroy_process_group, it hung a rank's exit about one launch in ten. Then leave
     # together: a rank whose gloo peer has already exited can abort in its own teardown
     # ("terminate called without an active exception", SIGABRT), failing the launch.
     del trainer, model

@@ -94,29 +94,24 @@ def test_synth_train_evaluate(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["test"] == trained["test"]
 
 
-def test_evaluation_records_no_gradients(tmp_path, monkeypatch):
-    """evaluate_split runs without autograd: the prompts' prefill that every reader of a test
-    batch shares carries no graph (with one, each batch would keep its activations alive)."""
+def test_evaluation_records_no_gradients(tmp_path):
+    """Every forward of evaluate_split (prefill, beam search, teacher forcing, the exact count)
+    runs without autograd: with it, each test batch would keep its activations alive."""
     import torch
     from _helpers_train import tiny_config, tiny_synth
 
     import bear.evaluate
-    import bear.kv_cache
     from bear.run import build_setup
 
     cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
     setup = build_setup(cfg, tmp_path / "run", fresh=True)
-    seen = []
-    prefill = bear.kv_cache.prefill
-
-    def recording(*args):
-        cache, last_pos, logits = prefill(*args)
-        seen.append(logits.requires_grad)
-        return cache, last_pos, logits
-
-    monkeypatch.setattr(bear.kv_cache, "prefill", recording)
+    grad_enabled = []
+    hook = setup.model.register_forward_pre_hook(
+        lambda module, args: grad_enabled.append(torch.is_grad_enabled())
+    )
     bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 4)
-    assert seen == [False]
+    hook.remove()
+    assert len(grad_enabled) > 3 and not any(grad_enabled)
     assert torch.is_grad_enabled()
 
 

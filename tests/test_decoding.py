@@ -505,7 +505,9 @@ def test_one_prefill_read_by_every_decoder_gives_their_own_results(setup, scorin
     what each computes from its own prefill, and no reader writes into it."""
     model, seqs, ids, trie, input_ids, mask = setup
     prompt = PromptCache.prefill(model, input_ids, mask)
+    fields = ("input_ids", "mask", "last_pos", "logits")
     before = [(k.clone(), v.clone()) for k, v in prompt.layers]
+    before_fields = [getattr(prompt, f).clone() for f in fields]
     for sharing in ("tree", "copy"):
         own = beam_search(model, input_ids, mask, trie, 4, scoring, kv_sharing=sharing)
         read = beam_search(model, input_ids, mask, trie, 4, scoring, kv_sharing=sharing,
@@ -534,12 +536,25 @@ def test_one_prefill_read_by_every_decoder_gives_their_own_results(setup, scorin
     torch.testing.assert_close(scores.float(), expected, atol=1e-4, rtol=1e-4)
     for (k, v), (k0, v0) in zip(prompt.layers, before, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
+    for name, old in zip(fields, before_fields, strict=True):
+        assert torch.equal(getattr(prompt, name), old), name
 
 
 def test_a_prompt_cache_of_other_prompts_is_refused(setup):
+    """A PromptCache serves only the prompts it was prefilled from (the same shape is not
+    enough); bad prompts and bad item ids name the argument."""
     model, seqs, ids, trie, input_ids, mask = setup
-    prompt = PromptCache.prefill(model, input_ids[:2], mask[:2])
-    with pytest.raises(ValueError, match="prompt: a PromptCache of prompts"):
-        beam_search(model, input_ids, mask, trie, 4, prompt=prompt)
-    with pytest.raises(ValueError, match="prompt: a PromptCache of prompts"):
-        count_items_above(model, input_ids, mask, trie, torch.zeros(3), 2, prompt=prompt)
+    fewer = PromptCache.prefill(model, input_ids[:2], mask[:2])
+    other = PromptCache.prefill(model, input_ids.flip(0), mask.flip(0))  # same shape
+    for prompt in (fewer, other):
+        with pytest.raises(ValueError, match="prompt: this PromptCache holds other prompts"):
+            beam_search(model, input_ids, mask, trie, 4, prompt=prompt)
+        with pytest.raises(ValueError, match="prompt: this PromptCache holds other prompts"):
+            count_items_above(model, input_ids, mask, trie, torch.zeros(3), 2, prompt=prompt)
+    with pytest.raises(ValueError, match="left-padded"):
+        PromptCache.prefill(model, input_ids, mask.flip(1))
+    prompt = PromptCache.prefill(model, input_ids, mask)
+    with pytest.raises(ValueError, match=r"item_ids: expected one integer item id per prompt"):
+        item_logits(model, prompt, trie, torch.tensor(ids[:2]))
+    with pytest.raises(ValueError, match=r"item_ids: expected one integer item id per prompt"):
+        item_logits(model, prompt, trie, torch.tensor([0.5, 1.0, 2.0]))

@@ -106,3 +106,24 @@ def test_accelerate_config_that_bear_cannot_honour_is_refused():
         check_launcher_environment(cfg, {"ACCELERATE_USE_DEEPSPEED": "true"})
     with pytest.raises(ValueError, match="fp16"):
         check_launcher_environment(cfg, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+
+
+def test_a_hung_launch_fails_in_time_and_leaves_no_process():
+    """A launcher that never ends, whose worker sits in a session of its own (as torchrun's
+    workers do): launch fails after its timeout and kills the worker too, which a kill of the
+    launcher's process group would miss. (The worker closes its output so that a helper reading
+    pipes would return here rather than wait out the sleep.)"""
+    import psutil
+
+    worker = "import os, time; os.close(1); os.close(2); time.sleep(120)"
+    launcher = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True); "
+        "time.sleep(120)"
+    )
+    with pytest.raises(AssertionError, match="still running after 2 s"):
+        launch([sys.executable, "-c", launcher], env=ENV, cwd=REPO, timeout=2)
+    left = [
+        p for p in psutil.process_iter(["cmdline"]) if worker in " ".join(p.info["cmdline"] or [])
+    ]
+    assert left == []

@@ -104,8 +104,11 @@ def test_pruning_rate_bounds_range_over_the_undecided_cases():
     assert min(rates) == low and max(rates) == high
     m = ranking_metrics(beam, exact, torch.zeros(6, dtype=torch.bool))
     assert (m["pr@10_low"], m["pr@10_high"]) == (low, high)
-    # one undecided beam hit alone: PR@5 is 0 if it is in the exact top-5, undefined otherwise
-    assert pruning_rate_bounds(torch.tensor([UNDECIDED]), torch.tensor([0]), 5) == (0.0, None)
+    # undecided cases alone: a beam hit gives PR 0 if it is in the top K (undefined otherwise),
+    # a miss PR 1
+    assert pruning_rate_bounds(torch.tensor([UNDECIDED]), torch.tensor([0]), 10) == (0.0, 0.0)
+    assert pruning_rate_bounds(torch.tensor([UNDECIDED]), torch.tensor([-1]), 10) == (1.0, 1.0)
+    assert pruning_rate_bounds(torch.tensor([12]), torch.tensor([-1]), 10) == (None, None)
 
 
 def test_empty_denominators_are_none_with_their_count():

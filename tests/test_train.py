@@ -115,7 +115,7 @@ def test_resume_continues_to_the_uninterrupted_result(synth, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     keys = {"ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "pr@5", "pr@10"}
     counts = {"users", "pr@5_count", "pr@10_count", "violation_share_count", "exact_undecided"}
-    bounds = {"pr@5_low", "pr@5_high", "pr@10_low", "pr@10_high"}
+    bounds = {"pr@10_low", "pr@10_high"}
     assert keys | {"violation_share"} | counts | bounds == set(metrics["test"])
     assert set(metrics["test"]) == set(metrics["valid"])
     assert metrics["seconds_per_epoch"] > 0 and metrics["best_epoch"] in (1, 2)
