@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from bear.count_above import count_items_above
 from bear.decoding import beam_search, exact_topk
@@ -53,7 +54,8 @@ def _full_scores(beam, trie, length_penalty: float) -> torch.Tensor:
 def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: str, limit=None,
                    batch_size: int = 32, device=None, full: bool = True,
                    exact_all: bool = False, length_penalty: float = 0.0, rank: int = 0,
-                   world: int = 1, exact_budget: int | None = None) -> dict:  # fmt: skip
+                   world: int = 1, exact_budget: int | None = None,
+                   progress: bool = False) -> dict:  # fmt: skip
     """Metrics of SPEC §5 on the first ``limit`` rows of a split ("valid" or "test").
 
     ``length_penalty``: α of the beam search (item score / length^α; upstream's generate: 1.0).
@@ -73,6 +75,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     ``exact_budget``: None (exact), or the prefix tokens the count may feed per row; a row whose
     count stops there unsettled is UNDECIDED: in no PR@K, counted as "exact_undecided".
     ``full=False`` (per-epoch validation): beam search only, giving NDCG@K and HR@K.
+    ``progress``: a bar of the decoded rows on stderr (rank 0 only).
     ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
     contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
     returns the metrics of one process.
@@ -87,6 +90,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     model.eval()
     empty = torch.empty(0, dtype=torch.long)
     beam_ranks, exact_ranks, violated = [empty], [empty], [empty.bool()]
+    bar = tqdm(total=len(prompts), desc=f"{split} ({'full' if full else 'beam'})", unit="row",
+               disable=not progress or rank != 0, leave=False)  # fmt: skip
     for start in range(0, len(prompts), batch_size):
         sl = slice(start, start + batch_size)
         batch = collate(prompts[sl], targets[sl], setup.items, setup.trie, setup.pad_id).to(device)
@@ -100,6 +105,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
                                prompt=prompt)  # fmt: skip
         beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
         if not full:
+            bar.update(canon.shape[0])
             continue
         with autocast_for(device):
             logits, target, nodes = item_logits(model, prompt, trie, batch.items)  # (U, W, V)
@@ -136,6 +142,8 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
             found = torch.where(rank < EXACT_K, rank, -1)
             ranks[rows.cpu()] = torch.where(complete, found, UNDECIDED).cpu()
         exact_ranks.append(ranks)
+        bar.update(U)
+    bar.close()
     model.train(was_training)
     per_row = (torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))
     if world > 1:
@@ -196,7 +204,8 @@ def evaluate_run(run: str | Path, limit_eval: int | None = None, device: str = "
         return state, evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
                                      cfg.eval_batch_size, dev,
                                      length_penalty=cfg.length_penalty,
-                                     exact_budget=cfg.exact_budget)  # fmt: skip
+                                     exact_budget=cfg.exact_budget,
+                                     progress=cfg.progress)  # fmt: skip
 
     if cfg.protocol == "upstream":
         epochs = []

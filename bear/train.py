@@ -352,7 +352,7 @@ def _validate(engine, setup, cfg, scoring, device, rank, world, split="valid", f
         return evaluate_split(model, setup, split, cfg.beam_width, scoring, cfg.limit_eval,
                               cfg.eval_batch_size, device, full=full,
                               length_penalty=cfg.length_penalty, rank=rank, world=world,
-                              exact_budget=cfg.exact_budget)  # fmt: skip
+                              exact_budget=cfg.exact_budget, progress=cfg.progress)  # fmt: skip
 
 
 def _test_epoch(engine, model, setup, cfg, scoring, device, rank, world, state, epoch,

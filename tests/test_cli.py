@@ -115,6 +115,23 @@ def test_evaluation_records_no_gradients(tmp_path):
     assert torch.is_grad_enabled()
 
 
+def test_evaluation_shows_progress_only_when_asked(tmp_path, capsys):
+    """A long test shows a bar of the decoded rows on stderr with progress=True, nothing without."""
+    from _helpers_train import tiny_config, tiny_synth
+
+    import bear.evaluate
+    from bear.run import build_setup
+
+    cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
+    setup = build_setup(cfg, tmp_path / "run", fresh=True)
+    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 6, batch_size=4)
+    assert capsys.readouterr().err == ""
+    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 6, batch_size=4,
+                                 progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "test (full)" in err and "6/6" in err
+
+
 def test_exact_budget_flag_reaches_the_test_metrics(tmp_path):
     """--exact-budget bounds the exact search of the final test: with 1 expansion per row no
     row's exact rank is decided by a full search, so every searched row is undecided."""
