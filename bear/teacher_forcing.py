@@ -42,6 +42,18 @@ def continuation_logits(model, input_ids, mask, rows, cont) -> torch.Tensor:
     return torch.cat(outs, dim=0)
 
 
+def _forced_tokens(trie: ItemTrie, item_ids: torch.Tensor):
+    """What teacher forcing feeds and predicts for items (R,), up to the longest among them
+    (not the catalogue's): targets (R, L+1) their tokens with EOS, -100 after the end; nodes
+    (R, L+1) the trie node each step chooses among, -1 after the end; cont (R, L) the inputs
+    after the prompt (every target but the last), -1 after the end."""
+    targets = trie.item_tokens(item_ids)  # (R, L_max+1), -100 padded (catalogue's longest)
+    width = int((targets != -100).sum(1).max())  # these items' longest, EOS included
+    targets, nodes = targets[:, :width], trie.path_nodes(item_ids)[:, :width]
+    cont = torch.where(targets[:, :-1] >= 0, targets[:, :-1], -1)
+    return targets, nodes, cont
+
+
 @torch.no_grad()
 def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tensor):
     """Teacher-forced logits of one item per prompt, read from the prompts' cache.
@@ -73,10 +85,7 @@ def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tens
         )
     trie = trie.to(prompt.logits.device)
     item_ids = item_ids.to(device=prompt.logits.device, dtype=torch.int64)
-    targets = trie.item_tokens(item_ids)  # (U, L_max+1), -100 padded (catalogue's longest)
-    width = int((targets != -100).sum(1).max())  # these items' longest, EOS included
-    targets, nodes = targets[:, :width], trie.path_nodes(item_ids)[:, :width]  # (U, L+1)
-    cont = torch.where(targets[:, :-1] >= 0, targets[:, :-1], -1)  # inputs: all but the last
+    targets, nodes, cont = _forced_tokens(trie, item_ids)  # (U, L+1), (U, L+1), (U, L)
     T, V = cont.shape[1], prompt.logits.shape[-1]
     chunk = max(1, ROW_BUDGET // max(1, (T + 1) * V))
     cache_kw = cache_kwarg(model)
@@ -149,12 +158,9 @@ def score_items(
             f"item_ids must be (U, M) with U={input_ids.shape[0]}, got {tuple(item_ids.shape)}"
         )
     U, M = item_ids.shape
-    flat = item_ids.reshape(-1)
-    targets = trie.item_tokens(flat)  # (R, L+1), -100 padded
-    nodes = trie.path_nodes(flat)  # (R, L+1), -1 padded
+    targets, nodes, cont = _forced_tokens(trie, item_ids.reshape(-1))  # R = U·M rows
     valid = targets != -100
     rows = torch.arange(U, device=device).repeat_interleave(M)
-    cont = torch.where(valid[:, :-1], targets[:, :-1], -1)  # inputs: all tokens but the last
     logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
     lp = _step_logprobs(
         trie, logits.reshape(-1, logits.shape[-1]), nodes.reshape(-1), targets.reshape(-1), scoring
