@@ -104,6 +104,19 @@ def _advance(kv, src, tokens, keep, one_child: bool, trie: ItemTrie) -> torch.Te
     return kv.step(src, tokens, keep)
 
 
+def _beams_that_matter(step: BeamStep, pool_worst, done, alpha: float) -> torch.Tensor:
+    """(U, nb) bool: the next beams that can still change the search's result.
+
+    Not those of users that are done, nor dead beams, nor (alpha = 0, where scores only fall)
+    live beams scoring at or below a full pool's worst (``pool_worst`` (U,), -inf while the pool
+    has room): every candidate they can produce ranks below every candidate that can still enter
+    the pool, so dropping them changes neither the pool nor the order of the beams that stay
+    (Hugging Face's beam keeps them; its results are the same). Beams are in score order, so
+    those that matter are a prefix of each user's."""
+    useful = step.alive & ~done[:, None]
+    return useful & (step.score > pool_worst[:, None]) if alpha == 0 else useful
+
+
 def _length_penalty(length: int, alpha: float) -> float:
     return float(length) ** alpha
 
@@ -129,11 +142,12 @@ def beam_search(
     (Hugging Face's `early_stopping=False` test; exact for alpha = 0), or when no beam is live.
 
     Each prompt is prefilled once and its KV cache expanded to the beams after the first step;
-    one host synchronisation per step (which users are done). Under "before" scoring with the
-    tree cache, a step after which every live beam sits on a node with one child runs no
-    forward: that child's log-probability is 0 whatever the logits, so its tokens are fed with
-    those of the next step that branches (item titles end in long unshared tails; the model's
-    NaN check covers the steps that run it).
+    one host synchronisation per step (which users are done). Beams that cannot change the
+    result (dead ones; at alpha = 0, live ones at or below a full pool's worst) are not fed.
+    Under "before" scoring with the tree cache, a step after which every live beam sits on a
+    node with one child runs no forward: that child's log-probability is 0 whatever the
+    logits, so its tokens are fed with those of the next step that branches (item titles end in
+    long unshared tails; the model's NaN check covers the steps that run it).
 
     Args:
         model: a Hugging Face causal LM.
@@ -197,12 +211,15 @@ def beam_search(
         best_live = score[:, 0] / _length_penalty(t + 1, alpha)
         full = torch.isfinite(pool_score[:, -1])
         done = ~step.alive[:, 0] | (full & ~(best_live > pool_score[:, -1]))
+        useful = _beams_that_matter(step, pool_score[:, -1], done, alpha)
+        node = torch.where(useful, node, -1)  # the rest, a suffix (beams in score order), go
         # The one host synchronisation of this step: which users are done, whose scores are
-        # NaN, and the largest fan-out among the live beams' nodes (the next candidate width).
-        host = torch.cat([done.long(), step.nan.long(), max_fanout(trie, node).view(1)]).cpu()
+        # NaN, the beams kept and the largest fan-out among their nodes (the next width).
+        kept = useful.sum(1).max().view(1)
+        host = torch.cat([done.long(), step.nan.long(), kept, max_fanout(trie, node).view(1)]).cpu()
         n_users = done.shape[0]
-        check_no_nan_scores(host[n_users:-1].bool(), users)
-        done_host, width = host[:n_users].bool(), max(int(host[-1]), 1)
+        check_no_nan_scores(host[n_users:-2].bool(), users)
+        done_host, nb, width = host[:n_users].bool(), int(host[-2]), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
             out_leaf[users[d]] = pool_leaf[d]
@@ -210,9 +227,11 @@ def beam_search(
         if bool(done_host.all()):
             break
         keep = (~done_host).nonzero().view(-1).to(device)
-        users, node, score = users[keep], node[keep], score[keep]
+        score = torch.where(useful, score, neg_inf)[keep, :nb]
+        token = torch.where(useful, step.token, trie.eos_token_id)[keep, :nb]
+        users, node = users[keep], node[keep, :nb]
         pool_leaf, pool_score = pool_leaf[keep], pool_score[keep]
-        logits = _advance(kv, step.src[keep], step.token[keep], keep, defer and width == 1, trie)
+        logits = _advance(kv, step.src[keep, :nb], token, keep, defer and width == 1, trie)
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
     return ranked_result(trie, out_leaf, out_score)

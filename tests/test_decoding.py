@@ -22,6 +22,7 @@ from tests._helpers_decoding import (
     build,
     prefix_tokens,
     prompts,
+    random_catalogue,
     tiny_model,
 )
 
@@ -369,6 +370,34 @@ def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing):
             assert abs(a - b) < 1e-4
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, seed):
+    """Titles of 1-8 tokens: short items fill the pool while longer beams run on. Dead beams
+    (every alpha) and, at alpha = 0, live beams at or below a full pool's worst are dropped
+    from the feed: fewer than B beam tokens per user in some forward, and still generate's
+    items and scores."""
+    model = tiny_model()
+    seqs, ids = random_catalogue(60, seed=seed, max_len=8)
+    trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+    input_ids, mask = prompts(LENGTHS)
+    B, widths = 3, []
+    hook = model.register_forward_hook(
+        lambda _m, _a, kw, _o: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha)
+    finally:
+        hook.remove()
+    assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
+    hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
+    for u in range(input_ids.shape[0]):
+        got = [(i, s) for i, s in zip(ours.item_ids[u].tolist(), ours.scores[u].tolist(),
+                                      strict=True) if i >= 0]  # fmt: skip
+        assert [i for i, _ in got] == [i for i, _ in hf[u]]
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got, hf[u], strict=True))
+
+
 def test_upstream_length_penalty_is_generates_default(setup):
     """The upstream protocol's α ranks as generate does when no length_penalty is given (the
     paper's decoding), and differently from α = 0 (ours) for some prompt."""
@@ -422,7 +451,11 @@ def test_beam_thresholds_match_a_reference_simulation(setup):
 def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, seed, monkeypatch):
     """θ_t must be the B-th best candidate score at step t of beam_search itself: record it from
     the expansion steps of real beam searches (one user at a time, both length penalties, which
-    change when the search stops) and compare with beam_thresholds, one by one and batched."""
+    change when the search stops) and compare with beam_thresholds, one by one and batched.
+    The search keeps every live beam here, as Hugging Face's does: θ is defined on that beam;
+    the beams beam_search drops change none of its results (see
+    test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing), but their
+    candidates are missing from its expansion steps."""
     model = tiny_model(seed)
     _, _, trie = build(seed=seed + 1)
     input_ids, mask = prompts(LENGTHS, seed=seed + 2)
@@ -437,6 +470,9 @@ def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, s
         recorded.append(top[B - 1].item() if top.shape[0] >= B else float("-inf"))
         return step
 
+    def every_live_beam(step, pool_worst, done, alpha):
+        return step.alive & ~done[:, None]
+
     for u, n in enumerate(LENGTHS):
         x, m = input_ids[u : u + 1, -n:], mask[u : u + 1, -n:]  # unpadded single prompt
         theta = beam_thresholds(model, x, m, trie, B, scoring)[0]
@@ -445,6 +481,7 @@ def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, s
             recorded.clear()
             with monkeypatch.context() as patch:
                 patch.setattr(bear.beam, "expand_beams", recording_expand_beams)
+                patch.setattr(bear.beam, "_beams_that_matter", every_live_beam)
                 beam_search(model, x, m, trie, B, scoring, length_penalty=alpha)
             assert len(recorded) >= 2, "the beam search should run past its first step"
             assert theta[: len(recorded)].tolist() == recorded, (u, alpha)
