@@ -63,9 +63,10 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
 
     Beam ranks come from ``beam_search``; exact ranks (for PR@K) as below; the
     violation share from teacher-forced margins Δ (``ce_margin`` over the trie's allowed sets).
-    A full test prefills each batch's prompts once (``PromptCache``): the beam search, the
-    teacher-forced target (``item_logits``) and the count all read that prefill (``exact_all``'s
-    ``exact_topk`` prefills again).
+    Rows are decoded in batches of similar prompt length (least left padding), each row's
+    results kept in its own place. A full test prefills each batch's prompts once
+    (``PromptCache``): the beam search, the teacher-forced target (``item_logits``) and the
+    count all read that prefill (``exact_all``'s ``exact_topk`` prefills again).
     The exact rank is needed only where it can matter: if the beam already returned
     ``EXACT_K`` other items whose scores beat the target's teacher-forced score s_y (by more than
     SCORE_TOLERANCE), the target is not in the exact top-``EXACT_K`` (rank -1); elsewhere
@@ -88,13 +89,17 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
     trie = setup.trie.to(device)
     was_training = model.training
     model.eval()
-    empty = torch.empty(0, dtype=torch.long)
-    beam_ranks, exact_ranks, violated = [empty], [empty], [empty.bool()]
+    # batches of prompts of similar length (left padding costs the prefill and every attention);
+    # per-row results go back to the rows' own places
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    beam_ranks = torch.full((len(prompts),), -1, dtype=torch.long)
+    exact_ranks, violated = beam_ranks.clone(), torch.zeros(len(prompts), dtype=torch.bool)
     bar = tqdm(total=len(prompts), desc=f"{split} ({'full' if full else 'beam'})", unit="row",
                disable=not progress or rank != 0, leave=False)  # fmt: skip
     for start in range(0, len(prompts), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = collate(prompts[sl], targets[sl], setup.items, setup.trie, setup.pad_id).to(device)
+        at = order[start : start + batch_size]
+        batch = collate([prompts[i] for i in at], [targets[i] for i in at], setup.items,
+                        setup.trie, setup.pad_id).to(device)  # fmt: skip
         canon = trie.canonical(batch.items)  # (U,)
         with autocast_for(device):  # a full test reads one prefill of the prompts throughout
             prompt = (
@@ -103,7 +108,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
             beam = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, beam_width,
                                scoring=scoring, length_penalty=length_penalty,
                                prompt=prompt)  # fmt: skip
-        beam_ranks.append(target_ranks(beam.item_ids, canon).cpu())
+        beam_ranks[at] = target_ranks(beam.item_ids, canon).cpu()
         if not full:
             bar.update(canon.shape[0])
             continue
@@ -115,7 +120,7 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
         flat = logits.reshape(U * W, V)
         ce, margin = ce_margin(flat, target, beam_width=beam_width, allowed_mask=mask)
         counted = counted_rows(target, mask, vocab_size=V)
-        violated.append(((margin > 0) & counted).reshape(U, W).any(1).cpu())
+        violated[at] = ((margin > 0) & counted).reshape(U, W).any(1).cpu()
         if scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
             ce, _ = ce_margin(flat, target, beam_width=beam_width)
         s_y = -ce.reshape(U, W).sum(1)  # (U,) the target's score, α = 0
@@ -141,11 +146,11 @@ def evaluate_split(model, setup: Setup, split: str, beam_width: int, scoring: st
             rank = above[rows] + count
             found = torch.where(rank < EXACT_K, rank, -1)
             ranks[rows.cpu()] = torch.where(complete, found, UNDECIDED).cpu()
-        exact_ranks.append(ranks)
+        exact_ranks[at] = ranks
         bar.update(U)
     bar.close()
     model.train(was_training)
-    per_row = (torch.cat(beam_ranks), torch.cat(exact_ranks), torch.cat(violated))
+    per_row = (beam_ranks, exact_ranks, violated)
     if world > 1:
         shares = [None] * world
         dist.all_gather_object(shares, per_row)

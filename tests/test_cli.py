@@ -144,6 +144,32 @@ def test_evaluation_shows_progress_only_when_asked(tmp_path, capsys, monkeypatch
     assert closed_at == [(6, 6)]
 
 
+def test_evaluation_batches_prompts_of_similar_length(tmp_path, monkeypatch):
+    """evaluate_split decodes the rows in order of prompt length (least left padding per
+    batch) and gives the metrics of decoding each row alone."""
+    from _helpers_train import tiny_config, tiny_synth
+
+    import bear.evaluate
+    from bear.run import build_setup
+
+    cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
+    setup = build_setup(cfg, tmp_path / "run", fresh=True)
+    lengths, collate = [], bear.evaluate.collate
+
+    def recording_collate(prompts, *args):
+        lengths.extend(len(p) for p in prompts)
+        return collate(prompts, *args)
+
+    monkeypatch.setattr(bear.evaluate, "collate", recording_collate)
+    batched = bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 12,
+                                           batch_size=4)  # fmt: skip
+    assert len(set(lengths)) > 1 and lengths == sorted(lengths)
+    assert [len(p) for p in setup.prompts["test"][:12]] != lengths  # the split's order differs
+    alone = bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 12,
+                                         batch_size=1)  # fmt: skip
+    assert batched == alone
+
+
 def test_exact_budget_flag_reaches_the_test_metrics(tmp_path):
     """--exact-budget bounds the exact search of the final test: with 1 expansion per row no
     row's exact rank is decided by a full search, so every searched row is undecided."""
