@@ -1,7 +1,9 @@
 """Trie-constrained beam search and its thresholds θ_t (SPEC §4, §6), on one expansion step.
 
 `beam_search` and `beam_thresholds` advance the same beam through `expand_beams`, so the
-thresholds are those of the real search by construction.
+thresholds are those of the real search by construction (the beams `beam_search` skips
+because they cannot change its result, `_beams_that_matter`, stay in `beam_thresholds`, as in
+Hugging Face's beam, on which θ is defined).
 """
 
 from __future__ import annotations
@@ -248,9 +250,10 @@ def beam_thresholds(
 ) -> torch.Tensor:
     """θ_t of SPEC §6: the B-th best candidate score among the children of the step-t beam.
 
-    The beam is `beam_search`'s (same `expand_beams`), run without its finished pool and stopping
-    test: at step t every child of every live beam is a candidate of score s + log p (no length
-    penalty); θ_t is the B-th best; the best B non-EOS among the top 2B form the next beam.
+    The beam is `beam_search`'s (same `expand_beams`, every live beam kept), run without its
+    finished pool and stopping test: at step t every child of every live beam is a candidate of
+    score s + log p (no length penalty); θ_t is the B-th best; the best B non-EOS among the top
+    2B form the next beam.
 
     Args:
         model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV

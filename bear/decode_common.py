@@ -211,12 +211,11 @@ def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
 
 
 def topk_stable(x: torch.Tensor, k: int):
-    """Top-k along the last dim, ordered by (value desc, index asc) within the selection."""
-    val, idx = x.topk(k, dim=-1)
-    order = torch.argsort(idx, dim=-1, stable=True)
-    val, idx = val.gather(-1, order), idx.gather(-1, order)
-    order = torch.argsort(val, dim=-1, descending=True, stable=True)
-    return val.gather(-1, order), idx.gather(-1, order)
+    """The first k along the last dim in the order (value desc, index asc), ties at the cut
+    included: (values, indices). (`Tensor.topk` may pick any of the values tied at the k-th,
+    so a search that changes its candidates' count could change which tied item it keeps.)"""
+    val, idx = x.sort(dim=-1, descending=True, stable=True)
+    return val[..., :k], idx[..., :k]
 
 
 def ranked_result(trie: ItemTrie, leaf: torch.Tensor, scores: torch.Tensor) -> DecodeResult:

@@ -32,6 +32,7 @@ __all__ = [
     "check_tree_attention",
     "keeps_logits",
     "prefill",
+    "shared_head_length",
 ]
 
 # attention implementations known to apply a 4-D attention mask (what TreeKVCache needs)
@@ -86,25 +87,60 @@ def keeps_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def shared_head_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The number of first tokens every left-padded prompt shares (a prompt template's
+    instruction), leaving each prompt at least one token of its own; 0 for a single prompt."""
+    lengths = mask.sum(1)  # (U,)
+    n = int(lengths.min()) - 1
+    if input_ids.shape[0] < 2 or n < 1:
+        return 0
+    start = input_ids.shape[1] - lengths  # (U,) each prompt's first token
+    heads = input_ids.gather(1, start[:, None] + torch.arange(n, device=input_ids.device))
+    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+
+
 def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     """Run the left-padded prompts once with a cache.
 
-    Positions count real tokens only, as `generate` does. Only the last position's logits are
-    computed when the model accepts `logits_to_keep` (the prompt's other logits are never used).
+    The first tokens every prompt shares (`shared_head_length`: the instruction of a prompt
+    template) run once, for one row, and every row's cache starts with their entries; each
+    prompt's own tokens follow, left-padded among themselves. The cache's layout is then
+    [shared head | padding | own tokens] with attention mask ``kv_mask``, which is ``mask``
+    itself when nothing is shared. Positions count real tokens only, as `generate` does. Only
+    the last position's logits are computed when the model accepts `logits_to_keep` (the
+    prompt's other logits are never used).
 
     Args:
         input_ids, mask: (U, P) left-padded prompts and their attention mask.
 
     Returns:
-        (cache, last_pos (U,) position of each prompt's last token, logits (U, V) float32 of the
-        next token).
+        (cache, kv_mask (U, S) int64 the attention mask of the cache's S <= P positions,
+        last_pos (U,) position of each prompt's last token, logits (U, V) float32 of the next
+        token).
     """
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (U, P)
-    extra = {}
-    if keeps_logits(model):
-        extra["logits_to_keep"] = 1
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
-    return output_cache(out), pos[:, -1], out.logits[:, -1].float()
+    extra = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    head = shared_head_length(input_ids, mask)
+    cache_kw, past = cache_kwarg(model), {}
+    if head:
+        U, P = input_ids.shape
+        start = P - int(mask[0].sum())
+        out = model(input_ids=input_ids[:1, start : start + head],
+                    attention_mask=mask.new_ones(1, head),
+                    position_ids=torch.arange(head, device=mask.device)[None], use_cache=True,
+                    **extra)  # fmt: skip
+        shared = DynamicCache()  # U views of the head's entries; the next forward copies them
+        for layer, (k, v) in enumerate(_layer_tensors(output_cache(out), head)):
+            shared.update(k.expand(U, -1, -1, -1), v.expand(U, -1, -1, -1), layer)
+        own = mask.sum(1) - head  # (U,) >= 1
+        width = int(own.max())
+        input_ids = input_ids[:, P - width :]  # each prompt's own tokens, left-padded
+        tail = (torch.arange(width, device=mask.device) >= width - own[:, None]).to(mask.dtype)
+        mask = torch.cat([mask.new_ones(U, head), tail], dim=1)  # (U, head + width)
+        past = {cache_kw: shared}
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -input_ids.shape[1] :]
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                **past, **extra)  # fmt: skip
+    return output_cache(out), mask, pos[:, -1], out.logits[:, -1].float()
 
 
 @dataclass(frozen=True)
@@ -116,14 +152,16 @@ class PromptCache:
     twice. Needs a cache that keeps every prompt position in every layer (a full-attention
     DynamicCache, as Llama-style models return); its readers decode on a plain DynamicCache.
 
-    Fields: layers [(keys, values) (U, H, P, d)] per layer, input_ids (U, P) the prompts, mask
-    (U, P) int64 their attention mask, last_pos (U,) position of each prompt's last token,
-    logits (U, V) float32 of the next token.
+    Fields: layers [(keys, values) (U, H, S, d)] per layer, input_ids (U, P) the prompts, mask
+    (U, P) int64 their attention mask, kv_mask (U, S) int64 the attention mask of the cached
+    positions (see `prefill`: a shared head, then each prompt's own tokens), last_pos (U,)
+    position of each prompt's last token, logits (U, V) float32 of the next token.
     """
 
     layers: list
     input_ids: torch.Tensor
     mask: torch.Tensor
+    kv_mask: torch.Tensor
     last_pos: torch.Tensor
     logits: torch.Tensor
 
@@ -137,13 +175,15 @@ class PromptCache:
                 ValueError for a cache that does not keep every prompt position.
         """
         mask = check_prompt_ids(model, input_ids, attention_mask)
-        cache, last_pos, logits = prefill(model, input_ids, mask)
-        return cls(_layer_tensors(cache, input_ids.shape[1]), input_ids, mask, last_pos, logits)
+        cache, kv_mask, last_pos, logits = prefill(model, input_ids, mask)
+        layers = _layer_tensors(cache, kv_mask.shape[1])
+        return cls(layers, input_ids, mask, kv_mask, last_pos, logits)
 
     def select(self, rows: torch.Tensor | slice) -> PromptCache:
         """The prompts ``rows``: (R,) indices (repeats allowed, copies) or a slice (views)."""
         layers = [(k[rows], v[rows]) for k, v in self.layers]
-        picked = (self.input_ids[rows], self.mask[rows], self.last_pos[rows], self.logits[rows])
+        picked = (self.input_ids[rows], self.mask[rows], self.kv_mask[rows], self.last_pos[rows],
+                  self.logits[rows])  # fmt: skip
         return PromptCache(layers, *picked)
 
     def dynamic_cache(self) -> DynamicCache:
@@ -165,11 +205,12 @@ class PromptCache:
 
 
 def _prefilled(model, input_ids, mask, prompt: PromptCache | None):
-    """(cache, last_pos, logits) of the prompts: a copy of ``prompt``'s, or a new prefill."""
+    """(cache, kv_mask, last_pos, logits) of the prompts (see `prefill`): a copy of
+    ``prompt``'s, or a new prefill."""
     if prompt is None:
         return prefill(model, input_ids, mask)
     prompt.check_prompts(input_ids, mask)
-    return prompt.dynamic_cache(), prompt.last_pos, prompt.logits
+    return prompt.dynamic_cache(), prompt.kv_mask, prompt.last_pos, prompt.logits
 
 
 class CopiedKVCache:
@@ -182,8 +223,10 @@ class CopiedKVCache:
     def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
         self.model = model
         self.cache_kw = cache_kwarg(model)
-        self.mask = mask  # (R, P + t), R = users * beams
-        self.cache, self.last_pos, self.logits = _prefilled(model, input_ids, mask, prompt)
+        # mask: (R, S + t) of the cached positions, R = users * beams
+        self.cache, self.mask, self.last_pos, self.logits = _prefilled(
+            model, input_ids, mask, prompt
+        )
         self.beams = 1  # cache rows per user
 
     def step(
@@ -234,8 +277,8 @@ class TreeKVCache:
         check_tree_attention(model)
         self.model = model
         self.cache_kw = cache_kwarg(model)
-        self.prompt_mask = mask.bool()  # (U, P)
-        self.cache, self.last_pos, self.logits = _prefilled(model, input_ids, mask, prompt)
+        self.cache, kv_mask, self.last_pos, self.logits = _prefilled(model, input_ids, mask, prompt)
+        self.prompt_mask = kv_mask.bool()  # (U, S) the prompts' cached positions
         self.ancestors = torch.zeros(
             input_ids.shape[0], 1, 0, dtype=torch.int64, device=mask.device
         )
@@ -323,13 +366,14 @@ class PrefixKVCache:
     ROWS = 64  # prefixes per forward pass (bounds the rebuilt cache)
 
     def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
-        self.model, self.mask = model, mask
+        self.model = model
         self.cache_kw = cache_kwarg(model)
         if prompt is None:
             prompt = PromptCache.prefill(model, input_ids, mask)
         prompt.check_prompts(input_ids, mask)
+        self.mask = prompt.kv_mask  # (U, S) the prompts' cached positions
         self.last_pos, self.logits = prompt.last_pos, prompt.logits  # (U,), (U, V)
-        self.prompt_kv = prompt.layers  # [(K, V) (U, H, P, d)]
+        self.prompt_kv = prompt.layers  # [(K, V) (U, H, S, d)]
         # slot buffers: keys / values (H, capacity, d) per layer, chain (capacity, width)
         self.slot_kv = [(k[0, :, :0], v[0, :, :0]) for k, v in self.prompt_kv]  # (H, 0, d)
         self.chain = torch.full((0, 0), -1, dtype=torch.int64, device=mask.device)

@@ -96,7 +96,7 @@ def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tens
         if T == 0:
             outs.append(first)
             continue
-        mask = torch.cat([part.mask, (c >= 0).to(part.mask.dtype)], dim=1)
+        mask = torch.cat([part.kv_mask, (c >= 0).to(part.kv_mask.dtype)], dim=1)
         pos = part.last_pos[:, None] + 1 + torch.arange(T, device=c.device)  # (r, T)
         out = model(
             input_ids=c.clamp(min=0),

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import bear.beam
 from bear.count_above import count_items_above
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
-from bear.kv_cache import PromptCache, check_tree_attention
+from bear.kv_cache import PromptCache, check_tree_attention, shared_head_length
 from bear.protocol import PROTOCOLS
 from bear.teacher_forcing import continuation_logits, item_logits
 from bear.trie import ItemTrie
@@ -265,9 +265,24 @@ def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
         assert calls["tree"] == calls["copy"]
 
 
+def _with_shared_head(input_ids, mask, head: int):
+    """The prompts with their first ``head`` real tokens made equal (a template's instruction)."""
+    input_ids = input_ids.clone()
+    start = input_ids.shape[1] - mask.sum(1)
+    for u in range(input_ids.shape[0]):
+        input_ids[u, start[u] : start[u] + head] = input_ids[0, start[0] : start[0] + head]
+    return input_ids
+
+
+@pytest.mark.parametrize("head", [0, 3])
 @pytest.mark.parametrize("scoring", ["before", "after"])
-def test_batched_equals_one_by_one(setup, scoring):
+def test_batched_equals_one_by_one(setup, scoring, head):
+    """Batched decoding equals decoding each unpadded prompt alone; with prompts that share
+    their first tokens (head 3), the batch runs those once (shared_head_length) and still
+    equals the single prompts, which share nothing."""
     model, seqs, ids, trie, input_ids, mask = setup
+    input_ids = _with_shared_head(input_ids, mask, head)
+    assert shared_head_length(input_ids, mask) == head
     batched = beam_search(model, input_ids, mask, trie, 4, scoring, length_penalty=0.5)
     top = exact_topk(model, input_ids, mask, trie, 6, scoring)
     pick = torch.tensor(ids[:7]).expand(3, -1)
@@ -281,6 +296,16 @@ def test_batched_equals_one_by_one(setup, scoring):
         assert torch.equal(one.item_ids[0], top.item_ids[u])
         s1 = score_items(model, x, m, trie, pick[:1], scoring)
         torch.testing.assert_close(s1[0], sc[u], atol=1e-5, rtol=1e-5)
+    copied = beam_search(model, input_ids, mask, trie, 4, scoring, length_penalty=0.5,
+                         kv_sharing="copy")  # fmt: skip
+    assert torch.equal(copied.item_ids, batched.item_ids)
+    items = torch.tensor(ids[:3])
+    logits = item_logits(model, PromptCache.prefill(model, input_ids, mask), trie, items)[0]
+    for u, n in enumerate(LENGTHS):
+        x, m = input_ids[u : u + 1, -n:], mask[u : u + 1, -n:]
+        one = item_logits(model, PromptCache.prefill(model, x, m), trie, items[u : u + 1])[0]
+        width = one.shape[1]
+        torch.testing.assert_close(one[0], logits[u, :width], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
@@ -370,26 +395,46 @@ def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing):
             assert abs(a - b) < 1e-4
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("seed", "scoring"), [(4, "before"), (6, "after"), (9, "before")])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, seed):
+def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, seed, scoring,
+                                                                          monkeypatch):  # fmt: skip
     """Titles of 1-8 tokens: short items fill the pool while longer beams run on. Dead beams
-    (every alpha) and, at alpha = 0, live beams at or below a full pool's worst are dropped
-    from the feed: fewer than B beam tokens per user in some forward, and still generate's
-    items and scores."""
+    (every alpha) and, at alpha = 0, live beams at or below a full pool's worst (seen here at
+    least once) are dropped from the feed: fewer than B beam tokens per user in some forward,
+    the items and scores of the search that keeps every live beam, and generate's ("after")."""
     model = tiny_model()
     seqs, ids = random_catalogue(60, seed=seed, max_len=8)
     trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
     input_ids, mask = prompts(LENGTHS)
-    B, widths = 3, []
+    B, widths, live_dropped = 5, [], []
+    matter = bear.beam._beams_that_matter
+
+    def recording(step, pool_worst, done, a):
+        useful = matter(step, pool_worst, done, a)
+        live_dropped.append(int((step.alive & ~done[:, None] & ~useful).sum()))
+        return useful
+
     hook = model.register_forward_hook(
         lambda _m, _a, kw, _o: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
     )
     try:
-        ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha)
+        with monkeypatch.context() as patch:
+            patch.setattr(bear.beam, "_beams_that_matter", recording)
+            ours = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
     finally:
         hook.remove()
-    assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
+    if scoring == "after":  # one token per beam a forward ("before" defers one-child steps)
+        assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
+    assert (sum(live_dropped) > 0) == (alpha == 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(bear.beam, "_beams_that_matter",
+                      lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
+        every = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
+    assert torch.equal(ours.item_ids, every.item_ids)
+    torch.testing.assert_close(ours.scores, every.scores, atol=1e-5, rtol=1e-5)
+    if scoring == "before":
+        return
     hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
     for u in range(input_ids.shape[0]):
         got = [(i, s) for i, s in zip(ours.item_ids[u].tolist(), ours.scores[u].tolist(),

@@ -123,3 +123,41 @@ def test_exact_topk_feeds_one_token_per_expansion_on_long_titles():
     assert widths[0] == input_ids.shape[1]  # the prompts' prefill
     assert set(widths[1:]) == {1}
     assert (top.item_ids == ids[-1]).any(1).all()  # the long title was reached
+
+
+def test_ties_at_the_cut_keep_the_lowest_indices():
+    """topk_stable ranks by (value desc, index asc) over the whole row, ties at the k-th value
+    included (Tensor.topk picks any of them: on this CPU zeros(40).topk(6) gave 25, 29, ...)."""
+    from bear.decode_common import topk_stable
+
+    val, idx = topk_stable(torch.zeros(2, 40), 6)
+    assert idx.tolist() == [list(range(6))] * 2 and (val == 0).all()
+    x = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), 3.0, 2.0]])
+    assert topk_stable(x, 4)[1].tolist() == [[1, 2, 4, 5]]
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+@pytest.mark.parametrize("kv_sharing", ["tree", "copy"])
+def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_dropped(
+    scoring, kv_sharing, monkeypatch
+):
+    """All logits 0: every sibling ties. Dropping the beams that cannot reach the pool must not
+    change which tied items the search keeps (it did, through Tensor.topk's arbitrary choice
+    among ties, before topk_stable sorted stably)."""
+    import bear.beam
+
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    input_ids, mask = prompts((7, 4, 9))
+    for seed in range(1, 9):
+        seqs, ids = random_catalogue(60, seed=seed, max_len=6)
+        trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+        for alpha in (0.0, 1.0):
+            args = (model, input_ids, mask, trie, 5, scoring)
+            dropped = beam_search(*args, length_penalty=alpha, kv_sharing=kv_sharing)
+            with monkeypatch.context() as patch:
+                patch.setattr(bear.beam, "_beams_that_matter",
+                              lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
+                kept = beam_search(*args, length_penalty=alpha, kv_sharing=kv_sharing)
+            assert torch.equal(dropped.item_ids, kept.item_ids), (seed, alpha)
