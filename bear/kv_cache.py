@@ -106,9 +106,10 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     template) run once, for one row, and every row's cache starts with their entries; each
     prompt's own tokens follow, left-padded among themselves. The cache's layout is then
     [shared head | padding | own tokens] with attention mask ``kv_mask``, which is ``mask``
-    itself when nothing is shared. Positions count real tokens only, as `generate` does. Only
-    the last position's logits are computed when the model accepts `logits_to_keep` (the
-    prompt's other logits are never used).
+    itself when nothing is shared (also for a cache that does not keep every position).
+    Positions count real tokens only, as `generate` does. Only the last position's logits are
+    computed when the model accepts `logits_to_keep` (the prompt's other logits are never
+    used).
 
     Args:
         input_ids, mask: (U, P) left-padded prompts and their attention mask.
@@ -120,7 +121,7 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
     """
     extra = {"logits_to_keep": 1} if keeps_logits(model) else {}
     head = shared_head_length(input_ids, mask)
-    cache_kw, past = cache_kwarg(model), {}
+    cache_kw, past, layers = cache_kwarg(model), {}, None
     if head:
         U, P = input_ids.shape
         start = P - int(mask[0].sum())
@@ -128,8 +129,13 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
                     attention_mask=mask.new_ones(1, head),
                     position_ids=torch.arange(head, device=mask.device)[None], use_cache=True,
                     **extra)  # fmt: skip
+        try:
+            layers = _layer_tensors(output_cache(out), head)
+        except ValueError:  # a cache that drops positions (sliding window): nothing shared
+            head = 0
+    if head:
         shared = DynamicCache()  # U views of the head's entries; the next forward copies them
-        for layer, (k, v) in enumerate(_layer_tensors(output_cache(out), head)):
+        for layer, (k, v) in enumerate(layers):
             shared.update(k.expand(U, -1, -1, -1), v.expand(U, -1, -1, -1), layer)
         own = mask.sum(1) - head  # (U,) >= 1
         width = int(own.max())

@@ -161,3 +161,28 @@ def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_
                               lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
                 kept = beam_search(*args, length_penalty=alpha, kv_sharing=kv_sharing)
             assert torch.equal(dropped.item_ids, kept.item_ids), (seed, alpha)
+
+
+def test_prompts_share_nothing_when_the_cache_drops_positions(monkeypatch):
+    """A model whose cache does not keep every position (a sliding window: the head's entries
+    cannot be read back) is prefilled without a shared head, and the copy cache, which needs
+    nothing more, decodes as before."""
+    import bear.kv_cache
+
+    model = tiny_model()
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    for u, start in enumerate((input_ids.shape[1] - mask.sum(1)).tolist()):
+        input_ids[u, start : start + 2] = torch.tensor([20, 21])  # every prompt's first two
+    assert bear.kv_cache.shared_head_length(input_ids, mask) == 2
+    want = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
+
+    def no_full_cache(cache, length):
+        raise ValueError("the model's cache holds fewer positions")
+
+    monkeypatch.setattr(bear.kv_cache, "_layer_tensors", no_full_cache)
+    _, kv_mask, _, _ = bear.kv_cache.prefill(model, input_ids, mask)
+    assert torch.equal(kv_mask, mask)
+    got = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
+    assert torch.equal(got.item_ids, want.item_ids)
+    torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-5)
