@@ -120,33 +120,44 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
         token).
     """
     extra = {"logits_to_keep": 1} if keeps_logits(model) else {}
-    head = shared_head_length(input_ids, mask)
-    cache_kw, past, layers = cache_kwarg(model), {}, None
-    if head:
+    past = {}
+    shared = _shared_head_cache(model, input_ids, mask, extra)
+    if shared is not None:
         U, P = input_ids.shape
-        start = P - int(mask[0].sum())
-        out = model(input_ids=input_ids[:1, start : start + head],
-                    attention_mask=mask.new_ones(1, head),
-                    position_ids=torch.arange(head, device=mask.device)[None], use_cache=True,
-                    **extra)  # fmt: skip
-        try:
-            layers = _layer_tensors(output_cache(out), head)
-        except ValueError:  # a cache that drops positions (sliding window): nothing shared
-            head = 0
-    if head:
-        shared = DynamicCache()  # U views of the head's entries; the next forward copies them
-        for layer, (k, v) in enumerate(layers):
-            shared.update(k.expand(U, -1, -1, -1), v.expand(U, -1, -1, -1), layer)
+        head = shared.get_seq_length()
         own = mask.sum(1) - head  # (U,) >= 1
         width = int(own.max())
         input_ids = input_ids[:, P - width :]  # each prompt's own tokens, left-padded
         tail = (torch.arange(width, device=mask.device) >= width - own[:, None]).to(mask.dtype)
         mask = torch.cat([mask.new_ones(U, head), tail], dim=1)  # (U, head + width)
-        past = {cache_kw: shared}
+        past = {cache_kwarg(model): shared}
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -input_ids.shape[1] :]
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                 **past, **extra)  # fmt: skip
     return output_cache(out), mask, pos[:, -1], out.logits[:, -1].float()
+
+
+def _shared_head_cache(model, input_ids, mask, extra) -> DynamicCache | None:
+    """A cache of U rows holding the entries of the prompts' shared head (views of one row's:
+    the next forward copies them), or None when nothing is shared or the model's cache does not
+    keep every head position (a sliding window)."""
+    head = shared_head_length(input_ids, mask)
+    if not head:
+        return None
+    U, P = input_ids.shape
+    start = P - int(mask[0].sum())
+    out = model(input_ids=input_ids[:1, start : start + head],
+                attention_mask=mask.new_ones(1, head),
+                position_ids=torch.arange(head, device=mask.device)[None], use_cache=True,
+                **extra)  # fmt: skip
+    try:
+        layers = _layer_tensors(output_cache(out), head)
+    except ValueError:
+        return None
+    shared = DynamicCache()
+    for layer, (k, v) in enumerate(layers):
+        shared.update(k.expand(U, -1, -1, -1), v.expand(U, -1, -1, -1), layer)
+    return shared
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,16 @@ def prompts(lengths, seed: int = 2):
     return ids, mask
 
 
+def with_shared_head(input_ids, mask, head: int):
+    """The left-padded prompts with their first ``head`` real tokens made equal to the first
+    prompt's (a template's instruction)."""
+    input_ids = input_ids.clone()
+    start = input_ids.shape[1] - mask.sum(1)
+    for u in range(input_ids.shape[0]):
+        input_ids[u, start[u] : start[u] + head] = input_ids[0, start[0] : start[0] + head]
+    return input_ids
+
+
 def build(num: int = 40, seed: int = 1):
     seqs, ids = random_catalogue(num, seed)
     return seqs, ids, ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)

@@ -24,6 +24,7 @@ from tests._helpers_decoding import (
     prompts,
     random_catalogue,
     tiny_model,
+    with_shared_head,
 )
 
 LENGTHS = (7, 4, 9)  # prompts of different lengths, left-padded into one batch
@@ -265,15 +266,6 @@ def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
         assert calls["tree"] == calls["copy"]
 
 
-def _with_shared_head(input_ids, mask, head: int):
-    """The prompts with their first ``head`` real tokens made equal (a template's instruction)."""
-    input_ids = input_ids.clone()
-    start = input_ids.shape[1] - mask.sum(1)
-    for u in range(input_ids.shape[0]):
-        input_ids[u, start[u] : start[u] + head] = input_ids[0, start[0] : start[0] + head]
-    return input_ids
-
-
 @pytest.mark.parametrize("head", [0, 3])
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_batched_equals_one_by_one(setup, scoring, head):
@@ -281,7 +273,7 @@ def test_batched_equals_one_by_one(setup, scoring, head):
     their first tokens (head 3), the batch runs those once (shared_head_length) and still
     equals the single prompts, which share nothing."""
     model, seqs, ids, trie, input_ids, mask = setup
-    input_ids = _with_shared_head(input_ids, mask, head)
+    input_ids = with_shared_head(input_ids, mask, head)
     assert shared_head_length(input_ids, mask) == head
     batched = beam_search(model, input_ids, mask, trie, 4, scoring, length_penalty=0.5)
     top = exact_topk(model, input_ids, mask, trie, 6, scoring)

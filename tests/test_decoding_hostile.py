@@ -8,7 +8,15 @@ import torch
 
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
 from bear.trie import ItemTrie
-from tests._helpers_decoding import EOS, VOCAB, build, prompts, random_catalogue, tiny_model
+from tests._helpers_decoding import (
+    EOS,
+    VOCAB,
+    build,
+    prompts,
+    random_catalogue,
+    tiny_model,
+    with_shared_head,
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +180,7 @@ def test_prompts_share_nothing_when_the_cache_drops_positions(monkeypatch):
     model = tiny_model()
     seqs, ids, trie = build()
     input_ids, mask = prompts((7, 4, 9))
-    for u, start in enumerate((input_ids.shape[1] - mask.sum(1)).tolist()):
-        input_ids[u, start : start + 2] = torch.tensor([20, 21])  # every prompt's first two
+    input_ids = with_shared_head(input_ids, mask, 2)
     assert bear.kv_cache.shared_head_length(input_ids, mask) == 2
     want = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
 
