@@ -88,8 +88,8 @@ def code_version() -> str:
     return head + ("+changes" if dirty else "")
 
 
-def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device, budget: int) -> dict:
-    """Full test metrics (with denominators) of the run's last checkpoint."""
+def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device) -> dict:
+    """Full test metrics (with denominators) of the run's last checkpoint, at cfg.exact_budget."""
     setup = build_setup(cfg, run, fresh=False, device=device)
     model = setup.model.to(device)
     load_weights(
@@ -97,7 +97,7 @@ def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device, budget: 
     )
     return evaluate_split(model, setup, "test", cfg.beam_width, scoring_for(cfg.loss),
                           cfg.limit_eval, cfg.eval_batch_size, device,
-                          exact_budget=budget)  # fmt: skip
+                          exact_budget=cfg.exact_budget)  # fmt: skip
 
 
 def main() -> None:
@@ -144,8 +144,8 @@ def main() -> None:
                           limit_eval=args.limit_eval, max_history=args.max_history,
                           batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                           lr=args.lr, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                          device=args.device, dtype=args.dtype, overwrite=True, validate=False,
-                          progress=False)  # fmt: skip
+                          exact_budget=args.exact_budget, device=args.device, dtype=args.dtype,
+                          overwrite=True, validate=False, progress=False)  # fmt: skip
         t_loss = time.perf_counter()
         if args.retest:
             if loss not in trained_before or not (run / "last.pt").is_file():
@@ -154,12 +154,12 @@ def main() -> None:
         else:
             trained = train(cfg)
         t_test = time.perf_counter()
-        test = _test_last_epoch(cfg, run, resolve_device(args.device), args.exact_budget)
+        test = _test_last_epoch(cfg, run, resolve_device(args.device))
         results[loss] = {"test": test, "with_se": standard_errors(test),
                          "seconds_per_epoch": trained["seconds_per_epoch"],
                          "train_seconds": trained.get("train_seconds", t_test - t_loss),
                          "test_seconds": time.perf_counter() - t_test,
-                         "exact_budget": args.exact_budget, "code": code,
+                         "exact_budget": cfg.exact_budget, "code": code,
                          "retested": args.retest}  # fmt: skip
         print(f"{loss}: {table({loss: results[loss]}).splitlines()[-1]} "
               f"({time.perf_counter() - t0:.0f} s so far)", flush=True)  # fmt: skip
