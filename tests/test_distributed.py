@@ -94,6 +94,25 @@ def test_fsdp_under_accelerate_launch_equals_one_process(one_process, tmp_path):
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file()
 
 
+def test_fsdp_run_stopped_and_resumed_equals_one_process(one_process, tmp_path):
+    """An FSDP2 run stopped after 2 of its 3 steps (RUN/last.pt holds the gathered weights and
+    optimizer state) and resumed with --resume under FSDP2 (sharded again from that file) ends where
+    the uninterrupted single process does: weights, Adam's moments, metrics."""
+    data, one = one_process
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]  # fmt: skip
+    run = tmp_path / "fsdp"
+    _train([*accelerate, "--main_process_port", _free_port()], data, run, "--fsdp",
+           "--max-steps", "2")  # fmt: skip
+    stopped = torch.load(run / "last.pt", weights_only=False)
+    assert stopped["state"]["global_step"] == 2
+    _train([*accelerate, "--main_process_port", _free_port()], data, run, "--fsdp", "--resume")
+    _assert_equals_one_process(one, run)
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resume" and e["step"] == 2 for e in log)
+
+
 def test_accelerate_config_that_bear_cannot_honour_is_refused():
     """An accelerate config is read, not ignored: FSDP without --fsdp, DeepSpeed and fp16 raise."""
     cfg = TrainConfig(data="d", out="o")
