@@ -68,8 +68,10 @@ sass-report: $(VENV)/.installed
 	$(PY) benchmarks/sass_report.py
 
 # the GPU suite on a CUDA machine, with that machine's python3 (benchmarks/README.md, "GPU suite")
+# GPU_RESULTS: where the suite writes (on a device machine: $OUT)
+GPU_RESULTS ?= benchmarks/results
 gpu-bench:
-	sh benchmarks/gpu_bench.sh
+	sh benchmarks/gpu_bench.sh $(GPU_RESULTS)
 
 clean:
 	rm -rf $(VENV) $(VENV_FLOOR)

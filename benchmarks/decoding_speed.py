@@ -410,13 +410,15 @@ def main(argv=None):
     label = device_label(cfg.device)
     print(f"config: {asdict(cfg)}\ndevice: {label}")
     rows = []
+    stem = results_stem(a.results_dir, "decoding", label, cfg.tag)
     for name in cfg.catalogues:
         rows.extend(bench_catalogue(cfg, name, label))
-    stem = results_stem(a.results_dir, "decoding", label, cfg.tag)
-    write_csv(stem.with_suffix(".csv"), rows)
-    meta = dict(config=asdict(cfg), device=label, torch_threads=torch.get_num_threads(), rows=rows)
-    write_json(stem.with_suffix(".json"), meta)
-    print(f"wrote {stem}.csv and .json")
+        # after every catalogue: a run cut short keeps what it measured
+        write_csv(stem.with_suffix(".csv"), rows)
+        meta = dict(config=asdict(cfg), device=label, torch_threads=torch.get_num_threads(),
+                    rows=rows)  # fmt: skip
+        write_json(stem.with_suffix(".json"), meta)
+        print(f"[{name}] wrote {stem}.csv and .json", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _helpers_train import tiny_synth
+from _helpers_train import SHARED_DATA, tiny_synth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,3 +28,47 @@ def test_quality_smollm2_records_the_exact_budget_it_tested_with(tmp_path):
     assert config["exact_budget"] == 7
     (written,) = results.glob("quality_data_smollm2_*.json")
     assert json.loads(written.read_text())["results"]["sft"]["exact_budget"] == 7
+
+
+def _gpu_bench(results: Path, python: str, **env) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, **env}
+    cmd = ["sh", "benchmarks/gpu_bench.sh", str(results)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def test_gpu_bench_compiles_the_kernels_and_goes_on_after_a_failed_step(tmp_path):
+    """Each step of `make gpu-bench` runs with TRITON_INTERPRET=0 (tests/conftest.py turns the
+    interpreter on where the variable is unset, so the parity step tested the interpreter, for
+    hours, instead of the compiled kernels), writes into the results folder given, and a failed
+    step neither stops the next ones nor goes unreported. A stand-in python records the calls."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "TRITON_INTERPRET=${TRITON_INTERPRET-unset} $*" >> "$CALLS"\n'
+                    'case "$*" in *decoding_speed*) exit 3;; esac\n')  # fmt: skip
+    fake.chmod(0o755)
+    results = tmp_path / "results"
+    done = _gpu_bench(results, str(fake), CALLS=str(calls))
+    assert done.returncode == 1
+    assert "failed: decoding" in done.stdout
+    lines = calls.read_text().splitlines()
+    assert [line.split()[1:3] for line in lines] == [
+        ["-m", "pytest"], ["benchmarks/kernel_speed.py", "--device"],
+        ["benchmarks/decoding_speed.py", "--device"], ["benchmarks/train_time.py", "--device"],
+    ]  # fmt: skip
+    assert all(line.startswith("TRITON_INTERPRET=0 ") for line in lines), lines
+    assert all(f"--results-dir {results}" in line for line in lines[1:]), lines
+    assert "== decoding: exit 3" in (results / "gpu_bench.log").read_text()
+
+
+def test_gpu_bench_runs_every_step_at_toy_size_on_the_cpu(tmp_path):
+    """GPU_BENCH_SMOKE=1 runs the whole script on the CPU at toy sizes: the flags it passes exist
+    and every result file lands in the folder given (6 files, within what a device run returns)."""
+    results = tmp_path / "results"
+    done = _gpu_bench(results, sys.executable, GPU_BENCH_SMOKE="1",
+                      BEAR_DATA=str(SHARED_DATA))  # fmt: skip
+    assert done.returncode == 0, (results / "gpu_bench.log").read_text()[-3000:]
+    files = ["gpu_bench.log", "kernel_*.csv", "decoding_*.csv", "decoding_*.json",
+             "train_time_*.csv", "train_time_*.json"]  # fmt: skip
+    assert len(list(results.iterdir())) == len(files)
+    for pattern in files:
+        assert len(list(results.glob(pattern))) == 1, pattern

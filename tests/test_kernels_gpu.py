@@ -7,6 +7,7 @@ in bf16 / fp16 / fp32, the fused (reduced) path and the per-row path.
 
 import pytest
 import torch
+from conftest import gpu_skip_reason
 
 from bear_kernels import bear_loss, ce_margin
 from tests._helpers_kernels import check_parity, make_case
@@ -42,3 +43,11 @@ def test_gpu_parity_at_real_shapes(impl, beam_width, mask_kind, dtype):
 
     check_parity(fused, z, y, reduction="mean", reg_weight=0.7, **kw)
     check_parity(per_row, z, y, loss="ce", **kw)
+
+
+def test_gpu_tests_run_on_cuda_with_compiled_kernels_only():
+    """Not on a CPU machine; not under the interpreter, which the plain test command turns on (at
+    these shapes it would take hours and check the interpreter instead of the kernels)."""
+    assert gpu_skip_reason(cuda_available=False, interpret="0") == "needs a CUDA device"
+    assert "TRITON_INTERPRET=0" in gpu_skip_reason(cuda_available=True, interpret="1")
+    assert gpu_skip_reason(cuda_available=True, interpret="0") is None
