@@ -13,8 +13,9 @@
 #      fwd and fwd_bwd; shapes in that order, none started after KERNEL_BUDGET seconds
 #   3. decoding against `generate` on a random 1B-shaped Llama (hidden 2048, 16 layers)
 #   4. the training-time benchmark
-# Each step runs under its own time limit (the sum, 570 s, is the suite's worst case) and the
-# next step runs whatever the last one did; the script exits 1 naming the steps that failed.
+# Each step runs under its own time limit (the sum, 480 s, bounds the suite to the 8 minutes it
+# is budgeted; the Liger install before it takes seconds) and the next step runs whatever the
+# last one did; the script exits 1 naming the steps that failed.
 # Environment:
 #   PYTHON          the interpreter (default python3)
 #   BEAR_DATA       the folder holding Office/ and Clothing/ for step 3 (default ../shared/data/
@@ -38,7 +39,7 @@ fi
 # the parity step must test the compiled kernels (interpreted, it would also take hours).
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1 \
     TRITON_INTERPRET=0 TQDM_DISABLE=1
-KERNEL_BUDGET=150
+KERNEL_BUDGET=120
 if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then
     DEVICE=cpu
     KERNEL_SHAPES="--n-rows 8 --vocab 512 --beam-width 10 --masked-fraction 0 0.99 --dtype fp32"
@@ -68,16 +69,16 @@ step() {  # step NAME SECONDS COMMAND...: COMMAND under a time limit, its output
 }
 
 # shellcheck disable=SC2086  # the size settings are word lists
-step parity 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+step parity 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests
 # shellcheck disable=SC2086
-step kernels 240 $PY benchmarks/kernel_speed.py --device $DEVICE $KERNEL_SHAPES \
+step kernels 210 $PY benchmarks/kernel_speed.py --device $DEVICE $KERNEL_SHAPES \
     --impls $KERNEL_IMPLS --modes fwd fwd_bwd --repeats 5 --warmup 2 \
     --time-budget $KERNEL_BUDGET --results-dir "$RESULTS"
 # shellcheck disable=SC2086
-step decoding 120 $PY benchmarks/decoding_speed.py --device $DEVICE $DECODING --data "$DATA" \
+step decoding 100 $PY benchmarks/decoding_speed.py --device $DEVICE $DECODING --data "$DATA" \
     --results-dir "$RESULTS"
 # shellcheck disable=SC2086
-step training 90 $PY benchmarks/train_time.py --device $DEVICE $TRAINING --results-dir "$RESULTS"
+step training 80 $PY benchmarks/train_time.py --device $DEVICE $TRAINING --results-dir "$RESULTS"
 
 if [ -n "$failed" ]; then
     echo "failed:$failed (their output: $LOG)"

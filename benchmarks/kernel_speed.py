@@ -174,7 +174,9 @@ def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
     fn = make_loss_fn(impl, beam_width, mask, device)
     if fn is None:
         return None
-    leaf = z.detach().requires_grad_(True)
+    # its own copy of the logits: liger_ce writes its gradient into its input in the forward, which
+    # would otherwise hand the impls after it gradients for logits
+    leaf = z.detach().clone().requires_grad_(True)
 
     def forward(_):
         return fn(leaf, y)
