@@ -26,6 +26,9 @@ from .bitmask import allowed_count
 # (4 MiB of fp32; 2^18..2^22 measured within noise of each other on CPU): per-op overhead stays
 # small, temporaries stay in cache and are never (N, V).
 CHUNK_ELEMENTS = 1 << 20
+# On a GPU (no cache to stay in; each chunk costs ~40 kernel launches): 256 MiB of fp32, so that
+# N = 8192 at V = 128256 takes 16 chunks instead of 1024 (not yet measured on a GPU).
+CUDA_CHUNK_ELEMENTS = 1 << 26
 # Tokens per group of the two-level top-k (a power of two; 64 measured well on CPU).
 GROUP = 64
 # Bit k of an int32 word is bit k % 8 of its byte k // 8 (little-endian, as every torch target).
@@ -34,8 +37,9 @@ GROUP = 64
 _BYTE_BIAS: dict = {}
 
 
-def _rows_per_chunk(vocab: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+def _rows_per_chunk(vocab: int, device: torch.device) -> int:
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    return max(1, elements // max(vocab, 1))
 
 
 def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
@@ -95,7 +99,7 @@ def _threshold_index(scaled, allowed, z_b, beam):
 
 def _chunks(rows: torch.Tensor, n_rows: int, vocab: int):
     """Yield (slice or index tensor) chunks of the counted rows."""
-    step = _rows_per_chunk(vocab)
+    step = _rows_per_chunk(vocab, rows.device)
     if rows.numel() == n_rows:  # every row is counted: contiguous slices, no copies
         for s in range(0, n_rows, step):
             yield slice(s, min(s + step, n_rows)), slice(s, min(s + step, n_rows))

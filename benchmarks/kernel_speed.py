@@ -6,15 +6,18 @@
 Impls: `torch` and `triton` (bear_loss with that impl), `triton_1sm` (triton with the fused path's
 grid bounded to one program per SM, each looping over rows: fewer rows in flight, so the gradient
 pass may re-read its row from L2), `triton_1warp` (triton with the whole-row forward run by one
-warp per row, chunks of 256: `FORWARD_WARPS`), `torch_ce` (F.cross_entropy: the plain SFT
+warp per row, chunks of 256: `FORWARD_WARPS`; both variants only where the launcher reads their
+setting, not on split-V shapes), `torch_ce` (F.cross_entropy: the plain SFT
 cost), `torch_compile` (torch.compile of bear_loss_reference; CUDA only), `liger_ce` (Liger-Kernel's
 cross entropy; only when `liger_kernel` imports and CUDA is used). `triton` runs on CUDA only here
 (the interpreter is a test tool, not a benchmark). Modes: `fwd`, `bwd` (backward alone, after an
-untimed forward), `fwd_bwd`. Timings synchronise inside the timed call and exclude warm-up and
-compilation. `floor_ms` is the memory floor of the mode at the copy bandwidth measured in the
-same run (N·V·itemsize read for fwd; that plus N·V·itemsize written for bwd and fwd_bwd); `gbps`
-is those bytes over the measured median. `peak_mem_mb` is the peak allocation above the inputs
-(CUDA only; NaN on CPU, where torch keeps no allocator statistics).
+untimed forward), `fwd_bwd`. On CUDA each timed call runs between two CUDA events after an L2
+flush; on the CPU it is wall time; warm-up and compilation are not timed. `floor_ms` is the
+memory floor of the mode at the copy bandwidth measured in the same run (N·V·itemsize read for
+fwd; that plus N·V·itemsize written for bwd and fwd_bwd); `gbps` is those bytes over the
+measured median. `peak_mem_mb` is the peak allocation above the inputs
+(CUDA only; NaN on CPU, where torch keeps no allocator statistics). `note` says "out of memory"
+for a case that ran out of GPU memory (its figures NaN; the next case runs).
 """
 
 from __future__ import annotations
@@ -57,21 +60,46 @@ COLUMNS = [
     "gbps",
     "floor_ms",
     "peak_mem_mb",
+    "note",
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ("torch", "triton", "triton_1sm", "triton_1warp", "torch_ce", "torch_compile", "liger_ce")
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
+# Bytes written before each timed call on CUDA so that the call starts with a cold L2 (50-60 MB on
+# an H100 / H200): a small case's logits (N = 256, V = 32000: 16 MB) would otherwise be re-read
+# from L2 and beat the memory floor.
+L2_FLUSH_BYTES = 256 << 20
+
+
+@functools.cache
+def _l2_flush_buffer(device):
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+
 def _time_ms(fn, device, repeats, warmup, setup=None):
-    """Median wall time of fn() in ms; setup() runs untimed before each call."""
+    """Median time of fn() in ms; setup() runs untimed before each call.
+
+    CUDA: each call between two CUDA events after an L2 flush (the events take in the host's
+    launch time wherever the GPU waits for it); CPU: wall time.
+    """
     for _ in range(warmup):
         arg = setup() if setup else None
         fn(arg)
     times = []
     for _ in range(repeats):
         arg = setup() if setup else None
-        times.append(timed(lambda arg=arg: fn(arg), device)[1] * 1e3)
+        if device.type != "cuda":
+            times.append(timed(lambda arg=arg: fn(arg), device)[1] * 1e3)
+            continue
+        _l2_flush_buffer(device).zero_()
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn(arg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
@@ -106,8 +134,9 @@ def compiled_reference():
     return torch.compile(bear_loss_reference)
 
 
-def make_loss_fn(impl, beam_width, mask, device):
-    """A function (logits, target) -> scalar loss for one impl, or None if unavailable here."""
+def make_loss_fn(impl, beam_width, mask, device, shape):
+    """A function (logits, target) -> scalar loss for one impl, or None if unavailable here (or,
+    for a triton variant, where the launcher would not use the setting: split-V shapes)."""
     if impl in ("torch", "triton"):
         if impl == "triton" and device.type != "cuda":
             return None
@@ -118,6 +147,9 @@ def make_loss_fn(impl, beam_width, mask, device):
     if impl in variants:  # triton with one launcher setting changed for the call
         if device.type != "cuda":
             return None
+        n_rows, vocab = shape
+        if launcher._span(n_rows, vocab, launcher._block_v(vocab), device) < vocab:
+            return None  # split-V: neither setting is read, the row would be `triton`'s
         name, value = variants[impl]
 
         def variant(z, y):
@@ -171,7 +203,7 @@ def make_inputs(n_rows, vocab, dtype, masked_fraction, device, seed=0):
 
 def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
     """(ms_median, peak_mem_mb) of one impl and mode, or None if the impl is unavailable."""
-    fn = make_loss_fn(impl, beam_width, mask, device)
+    fn = make_loss_fn(impl, beam_width, mask, device, z.shape)
     if fn is None:
         return None
     # its own copy of the logits: liger_ce writes its gradient into its input in the forward, which
@@ -281,7 +313,12 @@ def main(argv=None):
         for impl in args.impls:
             for mode in args.modes:
                 bar.set_description(f"{impl} {dname} N={n} V={v} B={b} {mode}")
-                res = run_case(impl, mode, z, y, b, mask, device, args.repeats, args.warmup)
+                note = ""
+                try:
+                    res = run_case(impl, mode, z, y, b, mask, device, args.repeats, args.warmup)
+                except torch.cuda.OutOfMemoryError:  # a row that says so; the next case runs
+                    res, note = (float("nan"), float("nan")), "out of memory"
+                    torch.cuda.empty_cache()
                 bar.update()
                 if res is None:
                     continue
@@ -301,6 +338,7 @@ def main(argv=None):
                         "gbps": round(nbytes / (ms * 1e-3) / 1e9, 2),
                         "floor_ms": round(nbytes / (gbps_copy * 1e9) * 1e3, 4),
                         "peak_mem_mb": round(peak, 2) if math.isfinite(peak) else "nan",
+                        "note": note,
                     }
                 )
         del z, y, mask

@@ -53,8 +53,10 @@ def test_gpu_bench_compiles_the_kernels_and_goes_on_after_a_failed_step(tmp_path
     lines = calls.read_text().splitlines()
     assert [line.split()[1:3] for line in lines] == [
         ["-m", "pytest"], ["benchmarks/kernel_speed.py", "--device"],
-        ["benchmarks/decoding_speed.py", "--device"], ["benchmarks/train_time.py", "--device"],
+        ["benchmarks/kernel_speed.py", "--device"], ["benchmarks/decoding_speed.py", "--device"],
+        ["benchmarks/train_time.py", "--device"],
     ]  # fmt: skip
+    assert "--tag reference" in lines[2] and "--tag" not in lines[1]
     assert all(line.startswith("TRITON_INTERPRET=0 ") for line in lines), lines
     assert all(f"--results-dir {results}" in line for line in lines[1:]), lines
     assert "== decoding: exit 3" in (results / "gpu_bench.log").read_text()
@@ -62,13 +64,13 @@ def test_gpu_bench_compiles_the_kernels_and_goes_on_after_a_failed_step(tmp_path
 
 def test_gpu_bench_runs_every_step_at_toy_size_on_the_cpu(tmp_path):
     """GPU_BENCH_SMOKE=1 runs the whole script on the CPU at toy sizes: the flags it passes exist
-    and every result file lands in the folder given (6 files, within what a device run returns)."""
+    and every result file lands in the folder given (7 files, within the 8 a device run returns)."""
     results = tmp_path / "results"
     done = _gpu_bench(results, sys.executable, GPU_BENCH_SMOKE="1",
                       BEAR_DATA=str(SHARED_DATA))  # fmt: skip
     assert done.returncode == 0, (results / "gpu_bench.log").read_text()[-3000:]
-    files = ["gpu_bench.log", "kernel_*.csv", "decoding_*.csv", "decoding_*.json",
-             "train_time_*.csv", "train_time_*.json"]  # fmt: skip
+    files = ["gpu_bench.log", "kernel_*[0-9].csv", "kernel_*_reference.csv", "decoding_*.csv",
+             "decoding_*.json", "train_time_*.csv", "train_time_*.json"]  # fmt: skip
     assert len(list(results.iterdir())) == len(files)
     for pattern in files:
         assert len(list(results.glob(pattern))) == 1, pattern

@@ -198,6 +198,16 @@ def test_torch_path_parity(dtype, mask_kind, threshold_grad):
     check_parity(lambda a, b, **k: ce_margin(a, b, impl="torch", **k), z, y, loss="ce", **kw)
 
 
+def test_torch_path_chunks_are_sized_for_the_device():
+    """A few MiB on the CPU (cache-sized), hundreds of rows on a GPU at V = 128256 (each chunk
+    costs tens of kernel launches: 8-row chunks made N = 8192 launch about 40,000 of them)."""
+    from bear_kernels._torch import _rows_per_chunk
+
+    assert _rows_per_chunk(128256, torch.device("cpu")) == 8
+    assert _rows_per_chunk(128256, torch.device("cuda")) == 523
+    assert _rows_per_chunk(10**9, torch.device("cuda")) == 1
+
+
 def test_torch_path_small_chunks(monkeypatch):
     # several row chunks, and counted rows gathered by index (an ignored row in the middle)
     import bear_kernels._torch as tp
