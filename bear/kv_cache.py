@@ -69,8 +69,11 @@ def check_tree_attention(model) -> None:
 
 
 def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of `model.forward` (`cache` since transformers 5.x)."""
-    params = inspect.signature(model.forward).parameters
+    """Name of the KV-cache argument of `model.forward` (`cache` since transformers 5.x), read
+    from the base model of a peft model (whose forward takes **kwargs and passes them on: its own
+    signature names neither, and the old name is deprecated by the base model)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 import bear.beam
 from bear.count_above import count_items_above
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
-from bear.kv_cache import PromptCache, check_tree_attention, shared_head_length
+from bear.kv_cache import PromptCache, cache_kwarg, check_tree_attention, shared_head_length
 from bear.protocol import PROTOCOLS
 from bear.teacher_forcing import continuation_logits, item_logits
 from bear.trie import ItemTrie
@@ -264,6 +266,23 @@ def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
         assert calls["tree"] < calls["copy"]
     else:
         assert calls["tree"] == calls["copy"]
+
+
+def test_a_peft_model_gets_the_cache_under_its_base_models_name(setup):
+    """peft's forward takes **kwargs and passes them on, so its own signature names no cache
+    argument: the name comes from the base model (transformers 5.x calls it `cache`, and warns
+    that `past_key_values` goes away), and a LoRA model decodes as its base model does."""
+    from peft import LoraConfig, get_peft_model
+
+    *_, trie, input_ids, mask = setup
+    lora = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_kwarg(lora) == cache_kwarg(lora.get_base_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        got = beam_search(lora, input_ids, mask, trie, 4, "before")
+    want = beam_search(tiny_model(), input_ids, mask, trie, 4, "before")  # LoRA B = 0: the same
+    assert torch.equal(got.item_ids, want.item_ids)
+    torch.testing.assert_close(got.scores, want.scores)
 
 
 @pytest.mark.parametrize("head", [0, 3])
