@@ -67,9 +67,10 @@ IMPLS = ("torch", "triton", "triton_1sm", "triton_1warp", "torch_ce", "torch_com
 MODES = ("fwd", "bwd", "fwd_bwd")
 
 
-# Bytes written before each timed call on CUDA so that the call starts with a cold L2 (50-60 MB on
-# an H100 / H200): a small case's logits (N = 256, V = 32000: 16 MB) would otherwise be re-read
-# from L2 and beat the memory floor.
+# Bytes read before each timed call on CUDA so that the call starts with an L2 (50-60 MB on an
+# H100 / H200) holding none of its data: a small case's logits (N = 256, V = 32000: 16 MB) would
+# otherwise be re-read from L2 and beat the memory floor. A read leaves clean lines (a write would
+# leave dirty ones, written back during the timed call).
 L2_FLUSH_BYTES = 256 << 20
 
 
@@ -93,7 +94,7 @@ def _time_ms(fn, device, repeats, warmup, setup=None):
         if device.type != "cuda":
             times.append(timed(lambda arg=arg: fn(arg), device)[1] * 1e3)
             continue
-        _l2_flush_buffer(device).zero_()
+        _l2_flush_buffer(device).sum()
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
         fn(arg)
@@ -103,14 +104,14 @@ def _time_ms(fn, device, repeats, warmup, setup=None):
     return statistics.median(times)
 
 
-# Elements of the bandwidth probe: 2^26 (256 MiB of fp32) is far beyond any cache, and keeps the
-# probe's two buffers small beside the (N, V) logits on a CPU machine.
+# Elements of the bandwidth probe: 2^26 (128-256 MiB) is far beyond any cache, whatever the case's
+# size (a probe the size of a small case would run in L2 and put the floor too low).
 COPY_ELEMENTS = 1 << 26
 
 
-def copy_gbps(n_rows, vocab, dtype, device, repeats):
-    """Measured copy bandwidth (GB/s): read + write bytes of a min(N·V, 2^26)-element copy_."""
-    src = torch.empty(min(n_rows * vocab, COPY_ELEMENTS), dtype=dtype, device=device).normal_()
+def copy_gbps(dtype, device, repeats):
+    """Measured copy bandwidth (GB/s): read + write bytes of a 2^26-element copy_ in dtype."""
+    src = torch.empty(COPY_ELEMENTS, dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
     ms = _time_ms(lambda _: dst.copy_(src), device, repeats, warmup=2)
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
@@ -277,7 +278,7 @@ def main(argv=None):
         type=float,
         default=None,
         help="seconds after which no new shape is started (the first always runs, the one running "
-        "finishes; the CSV, rewritten after every shape, keeps what was measured and the run "
+        "finishes; the CSV, rewritten after every impl, keeps what was measured and the run "
         "lists what it skipped)",
     )
     add_results_args(p)
@@ -288,6 +289,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # the timing events record on the current device
+        torch.cuda.set_device(device)
     name = args.device_name or device_label(device)
     out = results_stem(args.results_dir, "kernel", name, args.tag).with_suffix(".csv")
     print(f"device={name} torch={torch.__version__} -> {out}")
@@ -309,7 +312,7 @@ def main(argv=None):
             continue
         dtype = DTYPES[dname]
         z, y, mask = make_inputs(n, v, dtype, frac, device)
-        gbps_copy = copy_gbps(n, v, dtype, device, args.repeats)
+        gbps_copy = copy_gbps(dtype, device, args.repeats)
         for impl in args.impls:
             for mode in args.modes:
                 bar.set_description(f"{impl} {dname} N={n} V={v} B={b} {mode}")
@@ -341,10 +344,10 @@ def main(argv=None):
                         "note": note,
                     }
                 )
+            write_csv(out, rows, COLUMNS)  # after every impl: a run cut short keeps its rows
         del z, y, mask
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        write_csv(out, rows, COLUMNS)  # after every shape: a run cut short keeps what it measured
     bar.close()
     print(f"wrote {len(rows)} rows to {out}")
     if skipped:
