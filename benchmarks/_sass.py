@@ -466,6 +466,7 @@ def kernel_label(kernel, kwargs):
 # The fewest uses that launch every kernel the Triton path has, with and without a mask.
 GATE_CASES = (
     Case("bf16", False, 10, fused=True),
+    Case("bf16", True, 10, fused=True),  # msl / bear training: the path that runs most
     Case("bf16", True, 50, fused=True, threshold_grad=True),
     Case("bf16", False, 10, fused=False),
     Case("bf16", True, 10, fused=False),

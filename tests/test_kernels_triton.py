@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bear_kernels import bear_loss, ce_margin
+from bear_kernels import bear_loss, bear_loss_reference, ce_margin, ce_margin_reference
 from tests._helpers_kernels import check_parity, make_case
 
 pytest.importorskip("triton")
@@ -270,3 +270,85 @@ def test_split_v_ties_across_spans_go_to_the_lower_index(monkeypatch):
     z = torch.randint(0, 3, (3, 300), generator=g).float()  # ties at the cut in every span
     y = torch.tensor([5, 299, 64])
     check_parity(_triton_ce, z, y, loss="ce", beam_width=6, threshold_grad=True)
+
+
+def _sparse_minus_inf_case(dtype):
+    """Rows of a few allowed tokens over five 1024-token chunks, some allowed logits -inf and
+    alone in their chunk, before the finite ones; (z, y, mask, {B: expected b per row})."""
+    z = torch.randn(4, 5000, generator=torch.Generator().manual_seed(21)).to(dtype)
+    allowed = torch.zeros(4, 5000, dtype=torch.bool)
+    inf, finite = float("-inf"), {0: [3000, 4000], 1: [2500, 2600], 2: [4100], 3: [2000, 3000]}
+    minus_inf = {0: [10, 20], 1: [1100, 1500], 2: [7], 3: [5]}
+    for row in range(4):
+        allowed[row, finite[row] + minus_inf[row]] = True
+        z[row, minus_inf[row]] = inf
+    z[3, 2000] = -1e300 if dtype == torch.float64 else -1e30  # finite, far below the others
+    y = torch.tensor([3000, 2600, 4100, 3000])
+    from bear_kernels import pack_allowed_mask
+
+    # b: the B'-th of the allowed tokens by value, then index; B' = min(B, n)
+    def lower(row, i, j):  # the lower-valued of two finite allowed tokens
+        return i if z[row, i] < z[row, j] else j
+
+    expected = {2: [lower(0, 3000, 4000), lower(1, 2500, 2600), 7, 2000]}
+    expected |= {3: [10, 1100, 7, 5], 10: [20, 1500, 7, 5]}
+    return z, y, pack_allowed_mask(allowed), expected
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-row", "split-V"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_masks_rank_allowed_minus_inf_logits_after_the_finite_ones(
+    monkeypatch, split, dtype
+):
+    # a chunk without allowed tokens is never searched: an allowed -inf logit alone in its chunk
+    # must still fill the top-B after every finite one, lowest index first (float64: after a
+    # finite -1e300, below float32's range)
+    import bear_kernels._triton as tri
+    from bear_kernels._common import LossParams
+
+    monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 1024)
+    if split:
+        monkeypatch.setattr(tri, "SM_COUNT_CPU", 8)
+        monkeypatch.setattr(tri, "SPLIT_MIN_CHUNKS", 1)
+    z, y, mask, expected = _sparse_minus_inf_case(dtype)
+    assert (tri._span(4, 5000, 1024, z.device) < 5000) == split
+    for beam_width, rows in expected.items():
+        ce, margin, lse, b = tri._fwd(z, y, mask, LossParams(beam_width, 1.0, -100, False))
+        assert b.tolist() == rows, beam_width
+        ref_ce, ref_margin = ce_margin_reference(z, y, beam_width=beam_width, allowed_mask=mask)
+        torch.testing.assert_close(ce.double(), ref_ce.double())
+        torch.testing.assert_close(margin.double(), ref_margin.double())
+
+
+def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf():
+    # allowed -inf logits count as the lowest finite value inside the kernel; the row's lse
+    # must still be -inf (and its ce NaN, as the reference's)
+    import bear_kernels._triton as tri
+    from bear_kernels import pack_allowed_mask
+    from bear_kernels._common import LossParams
+
+    z = torch.randn(2, 3000)
+    allowed = torch.zeros(2, 3000, dtype=torch.bool)
+    allowed[:, [40, 1500, 2900]] = True
+    z[0, [40, 1500, 2900]] = float("-inf")
+    y = torch.tensor([1500, 1500])
+    mask = pack_allowed_mask(allowed)
+    ce, _, lse, _ = tri._fwd(z, y, mask, LossParams(10, 1.0, -100, False))
+    ref_ce, _ = ce_margin_reference(z, y, beam_width=10, allowed_mask=mask)
+    assert lse[0].item() == float("-inf") and torch.isfinite(lse[1])
+    assert torch.isnan(ce[0]) and torch.isnan(ref_ce[0])
+    torch.testing.assert_close(ce[1].double(), ref_ce[1].double())
+
+
+def test_nan_logits_propagate_through_a_mask():
+    # a NaN allowed logit makes its row's loss NaN; a NaN outside the allowed set changes nothing
+    z, y, mask = make_case(3, 3000, "random", seed=22)
+    from bear_kernels import unpack_allowed_mask
+
+    allowed = unpack_allowed_mask(mask, 3000)
+    z[0, allowed[0].nonzero()[5, 0]] = float("nan")
+    z[1, (~allowed[1]).nonzero()[5, 0]] = float("nan")
+    loss = bear_loss(z, y, reduction="none", allowed_mask=mask, impl="triton")
+    ref = bear_loss_reference(z, y, reduction="none", allowed_mask=mask)
+    assert torch.isnan(loss[0]) and torch.isnan(ref[0])
+    torch.testing.assert_close(loss[1:], ref[1:].to(loss.dtype))
