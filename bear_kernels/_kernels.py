@@ -8,10 +8,13 @@ tile whose rows are mask words (a word loaded once, its bits expanded in registe
 loaded with 128-bit loads, a zero word skipping its 32):
   - online logsumexp over A in base-2 units t = z·log2(e)/tau (running max m2, per-position
     scaled sums s added up after the loop; exp2 with the scale folded into one multiply; a chunk
-    whose allowed values are all -inf leaves them unchanged: exp2(-inf - -inf) is never taken);
+    whose allowed values are all -inf leaves them unchanged: exp2(-inf - -inf) is never taken;
+    with a mask, an allowed -inf logit counts as the lowest finite value, so -inf marks exactly
+    the tokens outside A, and a row whose allowed logits are all -inf gets lse = -inf);
   - the running top-K set, K = max(B, 2), as BEAM_PAD slots of (value, index). Its worst member
     (lowest value, then highest index) is the current threshold. Only a chunk whose maximum
-    reaches the worst slot is searched: its tokens are taken best first (highest value, then
+    reaches the worst slot and, with a mask, that holds an allowed token is searched (a trie
+    step's mask leaves most chunks empty): its tokens are taken best first (highest value, then
     lowest index) while the best beats the worst slot (greater value, or equal value and lower
     index). Empty slots hold -inf with distinct indices V + slot, so every pair is unique; the
     padding slots past K hold +inf, never the worst (no slot predicate is kept live). From
@@ -37,21 +40,33 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 def _load_chunk(row_z, row_m, start, limit, HAS_MASK: tl.constexpr, WORDS: tl.constexpr):
     """Tokens start .. start + 32·WORDS as a (WORDS, 32) tile: (idx, z, allowed).
 
-    One row of the tile is one mask word, loaded once and expanded in registers; the logits are
-    loaded whole (128-bit loads), with the words that are zero or past `limit` skipping theirs.
-    z is 0 where it was not loaded; allowed = idx < limit and the token's bit is set.
+    One row of the tile is one mask word, loaded once, its bits from `limit` on cleared (one
+    shift pair per word instead of an index compare per token), and expanded in registers; the
+    logits are loaded whole (128-bit loads), with the words that are zero or past `limit`
+    skipping theirs. z is 0 where it was not loaded; allowed = idx < limit and the token's bit
+    is set.
     """
     word_idx = start // 32 + tl.arange(0, WORDS)  # (WORDS,)
     idx = word_idx[:, None] * 32 + tl.arange(0, 32)[None, :]  # (WORDS, 32) int32
     allowed = idx < limit
     if HAS_MASK:
         word = tl.load(row_m + word_idx, mask=word_idx * 32 < limit, other=0)  # (WORDS,)
-        bit = word[:, None] & (1 << tl.arange(0, 32))[None, :]
+        cut = tl.minimum(tl.maximum(word_idx * 32 + 32 - limit, 0), 31)
+        word = ((word << cut).to(tl.uint32, bitcast=True) >> cut).to(tl.int32, bitcast=True)
         z = tl.load(row_z + idx, mask=allowed & (word[:, None] != 0), other=0.0)
-        allowed = allowed & (bit != 0)
+        allowed = (word[:, None] & (1 << tl.arange(0, 32))[None, :]) != 0
     else:
         z = tl.load(row_z + idx, mask=allowed, other=0.0)
     return idx, z, allowed
+
+
+@triton.jit
+def _lowest(COMPUTE: tl.constexpr):
+    """The lowest finite value of COMPUTE (fp32 or fp64)."""
+    if COMPUTE == tl.float64:
+        return tl.full([], -1.7976931348623157e308, tl.float64)
+    else:
+        return tl.full([], -3.4028234663852886e38, tl.float32)
 
 
 @triton.jit
@@ -192,6 +207,7 @@ def _scan_span(
     """
     slot = tl.arange(0, BEAM_PAD)
     neg_inf = float("-inf")
+    lowest = _lowest(COMPUTE)
     # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
     # after the loop), top-K slots (value, index) with K = max(B, 2): n > 1 exactly when two
     # slots hold real tokens, so n itself is never counted
@@ -208,7 +224,14 @@ def _scan_span(
     for start in range(lo, hi, BLOCK_V):
         # 1. t = z · log2(e) / tau on A (-inf elsewhere), loaded in the input dtype
         idx, z, allowed = _load_chunk(row_z, row_m, start, V, HAS_MASK, BLOCK_V // 32)
-        t = tl.where(allowed, z.to(COMPUTE) * scale2, neg_inf)
+        #    With a mask, an allowed -inf becomes the lowest finite value (NaN stays NaN), so
+        #    that t > -inf exactly on A and a chunk without allowed tokens is never searched
+        #    (its maximum is -inf); _finish_row turns an m2 at that value back into -inf.
+        if HAS_MASK:
+            t = z.to(COMPUTE) * scale2
+            t = tl.where(allowed, tl.maximum(t, lowest, tl.PropagateNan.ALL), neg_inf)
+        else:
+            t = tl.where(allowed, z.to(COMPUTE) * scale2, neg_inf)
         # 2. online logsumexp; m_safe keeps a chunk of only -inf from computing -inf - -inf
         chunk_max = _max2(t)
         m_new = tl.maximum(m2, chunk_max)
@@ -217,9 +240,16 @@ def _scan_span(
         m2 = m_new
         # 4. running top-B: the chunk's allowed tokens are taken best first (highest value,
         #    then lowest index) while the best one beats the worst slot (greater value, or equal
-        #    value and lower index). Entered only when the chunk maximum reaches the worst slot:
-        #    after the first chunks almost never.
-        if chunk_max >= worst_v:
+        #    value and lower index). Entered only when the chunk maximum reaches the worst slot
+        #    (after the first chunks almost never) and, with a mask, the chunk holds an allowed
+        #    token: a sparse mask (a trie step allows a few tokens) leaves the slots empty, and
+        #    an empty chunk would otherwise be searched. `allowed` is recomputed here rather
+        #    than kept from step 1 (eight predicates live across the loop cost 10 P2R moves).
+        if (chunk_max >= worst_v) & (not HAS_MASK or chunk_max > neg_inf):
+            if HAS_MASK:
+                allowed = t > neg_inf
+            else:
+                allowed = idx < V
             if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
                 buf_k, worst_k = _enter_keys(t, idx, allowed, buf_k, worst_k)
                 worst_v = _key_value(worst_k)
@@ -247,6 +277,9 @@ def _finish_row(
     counted = supervised & (n_real > 1)
     x_y = tl.load(row_z + tl.where(counted & (y >= 0), y, 0)).to(COMPUTE) * inv_tau
     x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
+    # m2 is the lowest finite value when every allowed logit is -inf (_scan_span): lse = -inf
+    # (so is a row whose largest t is finite and exactly that value: z·log2(e)/tau = -FLT_MAX)
+    m2 = tl.where(m2 == _lowest(COMPUTE), float("-inf"), m2)
     lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
     # 3. ce = lse - x_y; 5. Δ = x_b - x_y = log β - log p_y
     return counted, b, lse, lse - x_y, x_b - x_y

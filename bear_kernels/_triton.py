@@ -39,6 +39,11 @@ MAX_BEAM = 64
 BLOCK_V_GPU = 2048
 BLOCK_V_INTERPRET = 1024
 NUM_WARPS_GPU = 8
+# Registers per thread, at most (ptxas's .maxnreg): three programs of NUM_WARPS_GPU warps fit an
+# SM's 65,536 registers at 80 (allocated in steps of 8: at 88 two fit). Left to itself, the
+# ptxas of Triton 3.6 (the device machines' version) put the masked forward kernels at 64 or 80
+# registers with spilled bytes, or at 103 (benchmarks/README.md, "Spills").
+MAX_REGISTERS_GPU = 80
 # Split-V: with fewer rows than SPLIT_ROWS_PER_SM per SM, each row's vocabulary is cut into spans
 # of at least SPLIT_MIN_CHUNKS chunks (each span fills its own top-B from scratch), read by
 # separate programs and merged. CPU tensors (the interpreter) assume SM_COUNT_CPU SMs: 0, never
@@ -73,7 +78,7 @@ def _block_v(vocab: int) -> int:
 
 
 def _launch_kwargs() -> dict:
-    return {} if interpreting() else {"num_warps": NUM_WARPS_GPU}
+    return {} if interpreting() else {"num_warps": NUM_WARPS_GPU, "maxnreg": MAX_REGISTERS_GPU}
 
 
 def _forward_config(vocab: int) -> tuple[int, dict]:
@@ -82,7 +87,7 @@ def _forward_config(vocab: int) -> tuple[int, dict]:
     if FORWARD_WARPS is None or interpreting():
         return _block_v(vocab), _launch_kwargs()
     block = min(256 * FORWARD_WARPS, max(32, triton.next_power_of_2(vocab)))
-    return block, {"num_warps": FORWARD_WARPS}
+    return block, {"num_warps": FORWARD_WARPS, "maxnreg": MAX_REGISTERS_GPU}
 
 
 def _sm_count(device) -> int:

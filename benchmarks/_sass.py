@@ -473,6 +473,7 @@ GATE_CASES = (
     Case("bf16", True, 10, fused=True, split=True),
     Case("bf16", False, 50, fused=False, split=True),
     Case("bf16", True, 50, fused=True, threshold_grad=True, forward_warps=1),  # opt-in variant
+    Case("bf16", True, 10, fused=True, threshold_grad=True, row_loop=True),  # opt-in variant
 )
 
 

@@ -218,10 +218,11 @@ def test_forward_warps_launch_and_their_chunks(monkeypatch):
     import bear_kernels._triton as tri
 
     monkeypatch.setattr(tri, "interpreting", lambda: False)
-    assert tri._forward_config(128256) == (tri.BLOCK_V_GPU, {"num_warps": tri.NUM_WARPS_GPU})
+    cap = {"maxnreg": tri.MAX_REGISTERS_GPU}
+    assert tri._forward_config(128256) == (tri.BLOCK_V_GPU, {"num_warps": 8} | cap)
     monkeypatch.setattr(tri, "FORWARD_WARPS", 1)
-    assert tri._forward_config(128256) == (256, {"num_warps": 1})
-    assert tri._forward_config(100) == (128, {"num_warps": 1})
+    assert tri._forward_config(128256) == (256, {"num_warps": 1} | cap)
+    assert tri._forward_config(100) == (128, {"num_warps": 1} | cap)
     monkeypatch.undo()
     monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 256)
     z, y, mask = make_case(3, 5000, "mixed", seed=16, beam_width=50)

@@ -64,6 +64,13 @@ def test_sass_every_kernel_compiles_without_spills(sass_rows, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_sass_three_programs_of_eight_warps_fit_an_sm(sass_rows, arch):
+    # 65,536 registers per SM, allocated in steps of 8 per thread: 3 x 256 threads x 80 fit
+    heavy = {row["kernel"]: row["registers"] for row in sass_rows[arch] if row["registers"] > 80}
+    assert heavy == {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_sass_hot_loops_load_logits_128_bits_with_and_without_mask(sass_rows, arch):
     found = {
         (row["kernel"].removesuffix("_thr"), row["masked"], loop)
