@@ -201,9 +201,10 @@ def _scan_span(
 ):
     """Steps 1, 2 and 4 of the reference over tokens lo .. hi: (m2, s, buf_v, buf_i).
 
-    m2 = max of t = z·log2(e)/tau over the span's allowed tokens, s = Σ exp2(t - m2) (0 when
-    m2 = -inf), (buf_v, buf_i) the span's K = max(B, 2) best (value, index) slots: real slots
-    have index < V, empty ones (-inf, V + slot), padding ones past K (+inf, V + slot).
+    m2 = max of t = z·log2(e)/tau over the span's allowed tokens (with a mask, an allowed -inf
+    counts as the lowest finite value), s = Σ exp2(t - m2) (0 when m2 = -inf), (buf_v, buf_i)
+    the span's K = max(B, 2) best (value, index) slots: real slots have index < V, empty ones
+    (-inf, V + slot), padding ones past K (+inf, V + slot).
     """
     slot = tl.arange(0, BEAM_PAD)
     neg_inf = float("-inf")
@@ -247,7 +248,7 @@ def _scan_span(
         #    than kept from step 1 (eight predicates live across the loop cost 10 P2R moves).
         if (chunk_max >= worst_v) & (not HAS_MASK or chunk_max > neg_inf):
             if HAS_MASK:
-                allowed = t > neg_inf
+                allowed = t > neg_inf  # not NaN (_triton._nan_where_dropped covers its rows)
             else:
                 allowed = idx < V
             if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
@@ -280,7 +281,7 @@ def _finish_row(
     # m2 is the lowest finite value when every allowed logit is -inf (_scan_span): lse = -inf
     # (so is a row whose largest t is finite and exactly that value: z·log2(e)/tau = -FLT_MAX)
     m2 = tl.where(m2 == _lowest(COMPUTE), float("-inf"), m2)
-    lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0 only when m2 = -inf
+    lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0: m2 = -inf (no allowed token)
     # 3. ce = lse - x_y; 5. Δ = x_b - x_y = log β - log p_y
     return counted, b, lse, lse - x_y, x_b - x_y
 

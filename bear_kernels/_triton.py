@@ -77,8 +77,14 @@ def _block_v(vocab: int) -> int:
     return min(cap, max(32, triton.next_power_of_2(vocab)))  # whole mask words per chunk
 
 
+def _register_cap() -> dict:
+    """{"maxnreg": MAX_REGISTERS_GPU} on CUDA; {} on ROCm, whose Triton options have no maxnreg
+    (an unknown launch keyword raises)."""
+    return {} if torch.version.hip else {"maxnreg": MAX_REGISTERS_GPU}
+
+
 def _launch_kwargs() -> dict:
-    return {} if interpreting() else {"num_warps": NUM_WARPS_GPU, "maxnreg": MAX_REGISTERS_GPU}
+    return {} if interpreting() else {"num_warps": NUM_WARPS_GPU} | _register_cap()
 
 
 def _forward_config(vocab: int) -> tuple[int, dict]:
@@ -87,7 +93,7 @@ def _forward_config(vocab: int) -> tuple[int, dict]:
     if FORWARD_WARPS is None or interpreting():
         return _block_v(vocab), _launch_kwargs()
     block = min(256 * FORWARD_WARPS, max(32, triton.next_power_of_2(vocab)))
-    return block, {"num_warps": FORWARD_WARPS, "maxnreg": MAX_REGISTERS_GPU}
+    return block, {"num_warps": FORWARD_WARPS} | _register_cap()
 
 
 def _sm_count(device) -> int:
@@ -302,12 +308,26 @@ def _bwd_into(grad, z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
     )
 
 
+def _nan_where_dropped(ce, margin, b, counted):
+    """(ce, Δ) with NaN on the rows that count (|A| > 1) but that the kernel left uncounted.
+
+    The kernel counts a row when two of its top-B slots hold tokens; a NaN logit never enters
+    the slots (it compares false), so a row of |A| >= 2 whose allowed logits are NaN but for at
+    most one would come back as uncounted, with ce = Δ = 0. Its reference values are NaN (its
+    logsumexp is), and so are they here: a NaN input never turns into a finite loss.
+    """
+    dropped = counted & (b < 0)  # (N,)
+    nan = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
+    return torch.where(dropped, nan, ce), torch.where(dropped, nan, margin)
+
+
 class _CEMarginTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, y, mask, params: LossParams):
         ce, margin, lse, b = _fwd(z, y, mask, params)
-        counted = b >= 0  # (N,)
-        ctx.save_for_backward(z, y, mask, lse, b, counted)
+        counted = counted_rows(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
+        ce, margin = _nan_where_dropped(ce, margin, b, counted)
+        ctx.save_for_backward(z, y, mask, lse, b, b >= 0)
         ctx.params = params
         ctx.mark_non_differentiable(counted)
         return ce, margin, counted
@@ -346,7 +366,8 @@ class _BEARLossTritonFused(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=tdtype, device=z.device)  # ()
         grad = torch.empty_like(z)  # (N, V)
-        ce, margin, _, _ = _fwd(z, y, mask, params, (grad, scale, fused))
+        ce, margin, _, b = _fwd(z, y, mask, params, (grad, scale, fused))
+        ce, margin = _nan_where_dropped(ce, margin, b, counted)
         row = bear_row_loss(ce, margin, counted, fused.reg_weight, fused.reg_temperature)  # (N,)
         ctx.save_for_backward(grad)
         ctx.used = False

@@ -317,8 +317,8 @@ def test_sparse_masks_rank_allowed_minus_inf_logits_after_the_finite_ones(
         ce, margin, lse, b = tri._fwd(z, y, mask, LossParams(beam_width, 1.0, -100, False))
         assert b.tolist() == rows, beam_width
         ref_ce, ref_margin = ce_margin_reference(z, y, beam_width=beam_width, allowed_mask=mask)
-        torch.testing.assert_close(ce.double(), ref_ce.double())
-        torch.testing.assert_close(margin.double(), ref_margin.double())
+        torch.testing.assert_close(ce, ref_ce.to(ce.dtype))
+        torch.testing.assert_close(margin, ref_margin.to(margin.dtype))
 
 
 def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf():
@@ -328,7 +328,7 @@ def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf()
     from bear_kernels import pack_allowed_mask
     from bear_kernels._common import LossParams
 
-    z = torch.randn(2, 3000)
+    z = torch.randn(2, 3000, generator=torch.Generator().manual_seed(23))
     allowed = torch.zeros(2, 3000, dtype=torch.bool)
     allowed[:, [40, 1500, 2900]] = True
     z[0, [40, 1500, 2900]] = float("-inf")
@@ -338,7 +338,7 @@ def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf()
     ref_ce, _ = ce_margin_reference(z, y, beam_width=10, allowed_mask=mask)
     assert lse[0].item() == float("-inf") and torch.isfinite(lse[1])
     assert torch.isnan(ce[0]) and torch.isnan(ref_ce[0])
-    torch.testing.assert_close(ce[1].double(), ref_ce[1].double())
+    torch.testing.assert_close(ce[1], ref_ce[1].to(ce.dtype))
 
 
 def test_nan_logits_propagate_through_a_mask():
@@ -353,3 +353,39 @@ def test_nan_logits_propagate_through_a_mask():
     ref = bear_loss_reference(z, y, reduction="none", allowed_mask=mask)
     assert torch.isnan(loss[0]) and torch.isnan(ref[0])
     torch.testing.assert_close(loss[1:], ref[1:].to(loss.dtype))
+
+
+@pytest.mark.parametrize("beam_width", [10, 17], ids=["pairs", "keys"])
+def test_a_nan_beside_one_other_allowed_logit_gives_nan_not_an_uncounted_row(beam_width):
+    # |A| = 2 with one logit NaN: a NaN never takes a top-B slot, so the kernel saw one real
+    # slot and called the row uncounted (ce = Δ = 0, a finite loss); the reference gives NaN
+    from bear_kernels import pack_allowed_mask
+
+    z = torch.randn(2, 100, generator=torch.Generator().manual_seed(0))
+    z[0, 20] = float("nan")
+    allowed = torch.zeros(2, 100, dtype=torch.bool)
+    allowed[:, [10, 20]] = True
+    allowed[1, 30] = True
+    mask, y = pack_allowed_mask(allowed), torch.tensor([10, 30])
+    kw = dict(beam_width=beam_width, allowed_mask=mask)
+    ce, _ = ce_margin(z, y, impl="triton", **kw)
+    ref_ce, _ = ce_margin_reference(z, y, **kw)
+    assert torch.isnan(ce[0]) and torch.isnan(ref_ce[0])
+    torch.testing.assert_close(ce[1], ref_ce[1].to(ce.dtype))
+    for reduction in ("none", "mean"):
+        loss = bear_loss(z, y, reduction=reduction, impl="triton", **kw)
+        ref = bear_loss_reference(z, y, reduction=reduction, **kw)
+        assert torch.isnan(loss.flatten()[0]) and torch.isnan(ref.flatten()[0])
+
+
+def test_the_register_cap_is_not_passed_to_rocm(monkeypatch):
+    # Triton's ROCm options have no maxnreg, and an unknown launch keyword raises
+    import bear_kernels._triton as tri
+
+    monkeypatch.setattr(tri, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert tri._launch_kwargs() == {"num_warps": 8, "maxnreg": tri.MAX_REGISTERS_GPU}
+    monkeypatch.setattr(torch.version, "hip", "6.4")
+    assert tri._launch_kwargs() == {"num_warps": 8}
+    monkeypatch.setattr(tri, "FORWARD_WARPS", 1)
+    assert tri._forward_config(128256) == (256, {"num_warps": 1})
