@@ -332,11 +332,11 @@ def _bear_fwd_kernel(
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
     stride_g,  # row stride of grad (elements)
-    inv_tau,  # 1 / tau
+    inv_tau: tl.float64,  # 1 / tau
     ignore_index,  # target value of unsupervised rows
     beam_width_in,  # B
-    reg_weight,  # λ (FUSED_GRAD only)
-    inv_xi,  # 1 / ξ (FUSED_GRAD only)
+    reg_weight: tl.float64,  # λ (FUSED_GRAD only)
+    inv_xi: tl.float64,  # 1 / ξ (FUSED_GRAD only)
     HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
     BLOCK_V: tl.constexpr,  # tokens per chunk (power of two, >= 32)
     BEAM_PAD: tl.constexpr,  # next power of two >= B (slots of the running top-B)
@@ -345,6 +345,11 @@ def _bear_fwd_kernel(
     THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
     ROW_LOOP: tl.constexpr,  # fewer programs than rows: program p takes rows p, p + grid, ...
 ):
+    # the float arguments arrive as fp64 (their annotation) and are rounded to COMPUTE once: a
+    # Python float argument is otherwise fp32, and float64 logits would get an fp32 log2(e)/tau
+    inv_tau = tl.full([], inv_tau, COMPUTE)
+    reg_weight = tl.full([], reg_weight, COMPUTE)
+    inv_xi = tl.full([], inv_xi, COMPUTE)
     if not ROW_LOOP:
         _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr,
                       grad_ptr, scale_ptr, tl.program_id(0), V, stride_z, stride_m, stride_g,
@@ -438,13 +443,14 @@ def _bear_bwd_kernel(
     stride_z,  # row stride of logits (elements)
     stride_g,  # row stride of grad (elements)
     stride_m,  # row stride of the mask (words)
-    inv_tau,  # 1 / tau
+    inv_tau: tl.float64,  # 1 / tau
     HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
     BLOCK_V: tl.constexpr,  # tokens per chunk (power of two)
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
     THRESHOLD_GRAD: tl.constexpr,  # c_b may be non-zero (else it is not read)
     SPLIT: tl.constexpr,  # split-V: program (row, k) writes tokens k·span .. (k + 1)·span
 ):
+    inv_tau = tl.full([], inv_tau, COMPUTE)  # fp64 argument, rounded once (_bear_fwd_kernel)
     row = tl.program_id(0)
     if SPLIT:
         lo = tl.program_id(1) * span

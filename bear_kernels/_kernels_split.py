@@ -31,7 +31,7 @@ def _bear_span_kernel(
     span,  # tokens per span (a multiple of BLOCK_V)
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
-    inv_tau,  # 1 / tau
+    inv_tau: tl.float64,  # 1 / tau
     ignore_index,  # target value of unsupervised rows (they read nothing)
     beam_width_in,  # B
     HAS_MASK: tl.constexpr,
@@ -39,6 +39,7 @@ def _bear_span_kernel(
     BEAM_PAD: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
+    inv_tau = tl.full([], inv_tau, COMPUTE)  # fp64 argument, rounded once (_bear_fwd_kernel)
     row = tl.program_id(0)
     part = row * tl.num_programs(1) + tl.program_id(1)
     lo = tl.program_id(1) * span
@@ -83,17 +84,20 @@ def _bear_merge_kernel(
     V,  # vocabulary size
     n_spans,  # S
     stride_z,  # row stride of logits (elements)
-    inv_tau,  # 1 / tau
+    inv_tau: tl.float64,  # 1 / tau
     ignore_index,  # target value of unsupervised rows
     beam_width_in,  # B
-    reg_weight,  # λ (FUSED_GRAD only)
-    inv_xi,  # 1 / ξ (FUSED_GRAD only)
+    reg_weight: tl.float64,  # λ (FUSED_GRAD only)
+    inv_xi: tl.float64,  # 1 / ξ (FUSED_GRAD only)
     SPAN_PAD: tl.constexpr,  # next power of two >= S
     BEAM_PAD: tl.constexpr,
     COMPUTE: tl.constexpr,
     FUSED_GRAD: tl.constexpr,  # write (a, c_y, c_b) of the reduced loss
     THRESHOLD_GRAD: tl.constexpr,  # β differentiable (FUSED_GRAD only)
 ):
+    inv_tau = tl.full([], inv_tau, COMPUTE)  # fp64 arguments, rounded once (_bear_fwd_kernel)
+    reg_weight = tl.full([], reg_weight, COMPUTE)
+    inv_xi = tl.full([], inv_xi, COMPUTE)
     row = tl.program_id(0)
     neg_inf = float("-inf")
     span = tl.arange(0, SPAN_PAD)

@@ -389,3 +389,28 @@ def test_the_register_cap_is_not_passed_to_rocm(monkeypatch):
     assert tri._launch_kwargs() == {"num_warps": 8}
     monkeypatch.setattr(tri, "FORWARD_WARPS", 1)
     assert tri._forward_config(128256) == (256, {"num_warps": 1})
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole-row", "split-V"])
+@pytest.mark.parametrize("kind", ["none", "mixed"])
+def test_float64_logits_match_the_float64_reference_to_float64_precision(monkeypatch, split, kind):
+    # 1/tau, λ and 1/ξ reach the kernels as fp64 arguments: as plain Python floats they were
+    # fp32, and fp64 losses agreed with the reference to ~1e-8 only
+    import bear_kernels._triton as tri
+
+    if split:
+        monkeypatch.setattr(tri, "SM_COUNT_CPU", 8)
+        monkeypatch.setattr(tri, "SPLIT_MIN_CHUNKS", 1)
+        monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 256)
+    z, y, mask = make_case(3, 2000, kind, seed=24, dtype=torch.float64, scale=8.0)
+    kw = dict(beam_width=10, temperature=0.7, allowed_mask=mask)
+    ce, margin = ce_margin(z, y, impl="triton", **kw)
+    ref_ce, ref_margin = ce_margin_reference(z, y, **kw)
+    torch.testing.assert_close(ce, ref_ce, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(margin, ref_margin, rtol=1e-13, atol=1e-13)
+    kw |= dict(reg_weight=0.7, reg_temperature=0.3, reduction="mean")
+    zz, zr = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss, ref = bear_loss(zz, y, impl="triton", **kw), bear_loss_reference(zr, y, **kw)
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=1e-13)
+    (grad,), (ref_grad,) = torch.autograd.grad(loss, zz), torch.autograd.grad(ref, zr)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-13)
