@@ -327,16 +327,17 @@ class _CEMarginTriton(torch.autograd.Function):
         ce, margin, lse, b = _fwd(z, y, mask, params)
         counted = counted_rows(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
         ce, margin = _nan_where_dropped(ce, margin, b, counted)
-        ctx.save_for_backward(z, y, mask, lse, b, b >= 0)
+        ctx.save_for_backward(z, y, mask, lse, b)
         ctx.params = params
         ctx.mark_non_differentiable(counted)
         return ce, margin, counted
 
     @staticmethod
     def backward(ctx, g_ce, g_margin, _g_counted):
-        z, y, mask, lse, b, counted = ctx.saved_tensors
-        # (a, c_y, c_b) per row, derived in bear_kernels._common; 0 on uncounted rows
-        a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, ctx.params, lse.dtype)
+        z, y, mask, lse, b = ctx.saved_tensors
+        # (a, c_y, c_b) per row, derived in bear_kernels._common; 0 on the rows the kernel left
+        # uncounted (b = -1)
+        a, c_y, c_b = row_coefficients(g_ce, g_margin, b >= 0, ctx.params, lse.dtype)
         grad = _bwd(
             z, y, mask, lse, b, a.contiguous(), c_y.contiguous(), c_b.contiguous(), ctx.params
         )
