@@ -1,55 +1,55 @@
-"""bear: the recommender side of beam-search-aware training (SPEC §3-§7).
+"""bear: the recommender side of beam-search-aware training (SPEC §3-§7, §11).
 
-Modules: data and prompts (upstream format), items (in-context item tokens), synth (synthetic
-datasets), tokenizer and model (tiny Llama or a local checkpoint with LoRA), trie (the item trie in
-tensors), decoding (constrained beam search, exact top-K, item scores; its parts in beam,
-best_first, teacher_forcing, decode_common and kv_cache), metrics, losses (every loss
-on bear_kernels.ce_margin), config (TrainConfig, the source of the train flags), run (a run's setup,
-folder and checkpoint files), train, evaluate, demo, plots, cli (``python -m bear``).
+Where things are:
+    data, prompts, items, synth, tokenizer   the upstream data format, the paper's prompts, item
+                                             tokens in context, synthetic datasets, a BPE
+    trie                                     the item trie in tensors
+    decoding/                                beam search, exact top-K, teacher forcing, their KV
+                                             caches, and the Decoder seam with its registry
+    losses/                                  one module per training loss on the Loss seam
+    metrics                                  NDCG, HR, PR@K, violation share; the metric names
+    config, protocol                         TrainConfig (the train flags), the two protocols
+    model, checkpoints                       tiny Llama or a local checkpoint with LoRA
+    run, run_folder, distributed             a run's setup and folder, several processes
+    train_step, train                        one optimiser step (micro-batches, accumulation),
+                                             the training loop
+    evaluate, report                         EvalSettings and a split's metrics; metrics.json
+    run_log, plots, demo, cli                the run's log, figures, the demo, ``python -m bear``
 
-The public API is importable from ``bear`` and from each name's module; training runs through
-``bear.train.train`` (the submodule is not shadowed by a function of the same name).
+The public API is importable from ``bear`` and from each name's module. Names are imported from
+their modules on first use (PEP 562): ``import bear`` loads neither torch nor transformers.
+Training runs through ``bear.train.train`` (the submodule is not shadowed by a function).
 """
 
-from bear.config import TrainConfig
-from bear.data import DataError, Dataset, Example, load_dataset
-from bear.decoding import DecodeResult, beam_search, exact_topk, score_items
-from bear.items import item_sequences, left_pad
-from bear.metrics import (
-    hit_rate,
-    ndcg,
-    pruning_rate,
-    ranking_metrics,
-    target_ranks,
-    violation_share,
-)
-from bear.prompts import domain_from_folder, format_prompt, format_response
-from bear.trie import ItemTrie
+from bear._lazy import lazy_exports
 
-__all__ = [
+_EXPORTS = {
     # trie and decoding
-    "ItemTrie",
-    "DecodeResult",
-    "beam_search",
-    "exact_topk",
-    "score_items",
+    "ItemTrie": "bear.trie",
+    "DecodeResult": "bear.decoding.common",
+    "beam_search": "bear.decoding.beam",
+    "exact_topk": "bear.decoding.best_first",
+    "score_items": "bear.decoding.teacher_forcing",
     # metrics
-    "target_ranks",
-    "hit_rate",
-    "ndcg",
-    "pruning_rate",
-    "violation_share",
-    "ranking_metrics",
+    "target_ranks": "bear.metrics",
+    "hit_rate": "bear.metrics",
+    "ndcg": "bear.metrics",
+    "pruning_rate": "bear.metrics",
+    "violation_share": "bear.metrics",
+    "ranking_metrics": "bear.metrics",
     # data, prompts and item tokens
-    "Dataset",
-    "DataError",
-    "Example",
-    "load_dataset",
-    "domain_from_folder",
-    "format_prompt",
-    "format_response",
-    "item_sequences",
-    "left_pad",
-    # training
-    "TrainConfig",
-]
+    "Dataset": "bear.data",
+    "DataError": "bear.data",
+    "Example": "bear.data",
+    "load_dataset": "bear.data",
+    "domain_from_folder": "bear.prompts",
+    "format_prompt": "bear.prompts",
+    "format_response": "bear.prompts",
+    "item_sequences": "bear.items",
+    "left_pad": "bear.items",
+    # training and evaluation
+    "TrainConfig": "bear.config",
+    "EvalSettings": "bear.evaluate",
+}
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

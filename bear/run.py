@@ -112,9 +112,15 @@ def build_setup(
     ``bear.items``.
     """
     protocol = PROTOCOLS[cfg.protocol]
-    data = load_dataset(cfg.data, cfg.train_file, cfg.test_file, max_history=cfg.max_history,
-                        validation=protocol.validation, instruction=cfg.instruction,
-                        history_prefix=cfg.history_prefix)  # fmt: skip
+    data = load_dataset(
+        cfg.data,
+        cfg.train_file,
+        cfg.test_file,
+        max_history=cfg.max_history,
+        validation=protocol.validation,
+        instruction=cfg.instruction,
+        history_prefix=cfg.history_prefix,
+    )
     if cfg.limit_train is not None:
         data.train = data.train[: cfg.limit_train]
     if cfg.dtype == "auto" and device is None:
@@ -126,21 +132,14 @@ def build_setup(
             tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
         else:
             tokenizer = train_tokenizer(_tokenizer_texts(data), cfg.vocab_size)
-        tiny = TinyConfig(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=3 * cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-        )
-        model = build_tiny_model(
-            len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, tiny, cfg.seed
-        ).to(dtype)
+        tiny = TinyConfig.from_config(cfg)
+        special = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+        model = build_tiny_model(len(tokenizer), *special, tiny, cfg.seed).to(dtype)
     else:
         folder = resolve_checkpoint(cfg.model)
         check_model_folder(folder)
         torch.manual_seed(cfg.seed)  # LoRA's initialisation
-        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        model, tokenizer = load_pretrained(folder, lora, dtype)
+        model, tokenizer = load_pretrained(folder, LoraSettings.from_config(cfg), dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -38,8 +38,18 @@ __all__ = [
 
 MARKER = ".bear-run"
 # Every file or folder bear writes in a run folder: all --overwrite deletes (add new ones here).
-RUN_FILES = ("config.json", "log.jsonl", "tokenizer", "last.pt", "best.pt", "partial.pt",
-             "metrics.json", "curves.png", "model", ".model.tmp")  # fmt: skip
+RUN_FILES = (
+    "config.json",
+    "log.jsonl",
+    "tokenizer",
+    "last.pt",
+    "best.pt",
+    "partial.pt",
+    "metrics.json",
+    "curves.png",
+    "model",
+    ".model.tmp",
+)
 # the upstream protocol's per-epoch weights (bear.protocol); TensorBoard events (bear.tensorboard)
 RUN_FILE_PATTERNS = ("epoch_*.pt", "events.out.tfevents.*.bear")
 TEMP_SUFFIX = ".bear-tmp"  # temporary files of atomic writes: .NAME.<random>.bear-tmp

@@ -33,9 +33,19 @@ __all__ = ["SynthConfig", "make_synth", "write_synth"]
 _ONSETS = ["b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr"]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "io"]
 _CATEGORIES = [
-    "Stapler", "Notebook", "Pen Set", "Desk Lamp", "Binder", "Marker", "Folder",
-    "Calculator", "Envelope", "Label Maker", "Organizer", "Scissors",
-]  # fmt: skip
+    "Stapler",
+    "Notebook",
+    "Pen Set",
+    "Desk Lamp",
+    "Binder",
+    "Marker",
+    "Folder",
+    "Calculator",
+    "Envelope",
+    "Label Maker",
+    "Organizer",
+    "Scissors",
+]
 _LINES = ["Pro", "Classic", "Ultra", "Mini", "Max", "Lite"]
 _COLOURS = ["Black", "Blue", "Red", "Green", "White", "Silver"]
 _MARKS = ["Series", "Edition", "Volume", "Model"]

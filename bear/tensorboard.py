@@ -64,8 +64,12 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int | None = None, file_version: str | None = None,
-           summary: bytes | None = None) -> bytes:  # fmt: skip
+def _event(
+    wall_time: float,
+    step: int | None = None,
+    file_version: str | None = None,
+    summary: bytes | None = None,
+) -> bytes:
     out = bytes([1 << 3 | 1]) + struct.pack("<d", wall_time)  # field 1, wire type 1 (64-bit)
     if step is not None:
         out += _varint(2 << 3 | 0) + _varint(step)  # field 2, wire type 0 (varint)
@@ -78,8 +82,12 @@ def _event(wall_time: float, step: int | None = None, file_version: str | None =
 
 def _record(data: bytes) -> bytes:
     length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", _masked_crc32c(length)) + data
-            + struct.pack("<I", _masked_crc32c(data)))  # fmt: skip
+    return (
+        length
+        + struct.pack("<I", _masked_crc32c(length))
+        + data
+        + struct.pack("<I", _masked_crc32c(data))
+    )
 
 
 class ScalarEventWriter:

@@ -119,7 +119,8 @@ def ce_margin(
     threshold_grad: bool = False,
     impl: str = "auto",
     validate_target: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_counted: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-row cross-entropy and beam margin with a fused backward (SPEC §2).
 
         log p_j = z_j / tau - logsumexp_{k in A} z_k / tau,   ce = -log p_y
@@ -139,10 +140,13 @@ def ce_margin(
         impl: "auto" (Triton for CUDA tensors, torch otherwise), "triton" or "torch".
         validate_target: check targets against [0, V) and A (one host sync); False skips it
             (a bad target then gives undefined values, never an out-of-bounds read).
+        return_counted: also return the rows that count (what the kernels computed, so a
+            caller need not compute `counted_rows` again).
 
     Returns:
         (ce, margin), target's shape, float32 (float64 for float64 logits); both are 0 on rows
         that are not counted (target == ignore_index, or |A| <= 1), and so are their gradients.
+        With ``return_counted``: (ce, margin, counted), counted bool of target's shape.
 
     Raises:
         TypeError for arguments of the wrong type; ValueError naming the argument for a
@@ -151,6 +155,7 @@ def ce_margin(
         RuntimeError in backward under create_graph=True: the fused backward is first-order
         only (bear_loss too); bear_loss_reference gives higher-order gradients.
     """
+    check_flag("return_counted", return_counted)
     z, y, mask, shape, impl, params = _prepare(
         logits,
         target,
@@ -162,7 +167,9 @@ def ce_margin(
         impl,
         validate_target,
     )
-    ce, margin, _ = _ce_margin_rows(z, y, mask, impl, params)
+    ce, margin, counted = _ce_margin_rows(z, y, mask, impl, params)
+    if return_counted:
+        return ce.reshape(shape), margin.reshape(shape), counted.reshape(shape)
     return ce.reshape(shape), margin.reshape(shape)
 
 

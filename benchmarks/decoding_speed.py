@@ -45,8 +45,8 @@ from _common import (
 )
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from bear.decode_common import child_logprobs, max_fanout, topk_stable
 from bear.decoding import beam_search
+from bear.decoding.common import child_logprobs, max_fanout, topk_stable
 from bear.items import item_sequences, left_pad
 from bear.model import TinyConfig, build_tiny_model
 from bear.prompts import format_prompt

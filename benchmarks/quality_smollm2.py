@@ -6,9 +6,9 @@ epoch is tested: model selection by validation would multiply the evaluation cos
 the test split's first ``--limit-eval`` users: HR@5/10, NDCG@5/10 from the beam search (B = 10),
 PR@5/10 from the beam and the exact top-10, each with its denominator and binomial standard error
 sqrt(p (1 - p) / n) (for NDCG, whose per-user gains lie in [0, 1], this is an upper bound of the
-standard error). The exact rank (``bear.count_above.count_items_above``: the items beating the
-target, counted up to 10) feeds at most ``--exact-budget`` prefix tokens per user; users it leaves
-undecided are in no PR (their number is reported, and the range PR@10 can take over their
+standard error). The exact rank (``bear.decoding.count_above.count_items_above``: the items
+beating the target, counted up to 10) feeds at most ``--exact-budget`` prefix tokens per user;
+users it leaves undecided are in no PR (their number is reported, and the range PR@10 can take over their
 unknown ranks: ``bear.metrics.pruning_rate_bounds``). Each loss records its budget and the code
 (commit) that tested it. Writes
 results/quality_<data>_smollm2_<device>[_tag].json and .md.
@@ -30,8 +30,7 @@ from _common import add_results_args, device_label, results_stem, write_json
 
 from bear.checkpoints import SMOLLM2
 from bear.config import TrainConfig
-from bear.evaluate import evaluate_split
-from bear.model import scoring_for
+from bear.evaluate import EvalSettings, evaluate_split
 from bear.run import build_setup, load_weights, resolve_device
 from bear.train import train
 
@@ -95,9 +94,7 @@ def _test_last_epoch(cfg: TrainConfig, run: Path, device: torch.device) -> dict:
     load_weights(
         model, torch.load(run / "last.pt", map_location=device, weights_only=False)["model"]
     )
-    return evaluate_split(model, setup, "test", cfg.beam_width, scoring_for(cfg.loss),
-                          cfg.limit_eval, cfg.eval_batch_size, device,
-                          exact_budget=cfg.exact_budget)  # fmt: skip
+    return evaluate_split(model, setup, "test", EvalSettings.from_config(cfg), device)
 
 
 def main() -> None:

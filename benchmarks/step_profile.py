@@ -32,8 +32,9 @@ from _common import add_results_args, device_label, results_stem, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from bear.config import TrainConfig
+from bear.losses import build_loss
 from bear.run import build_setup
-from bear.train import _micro_batches, accumulate_gradients
+from bear.train_step import StepContext, accumulate_gradients, micro_batches
 
 PRECISIONS = ("fp32", "autocast", "bf16")
 TOP_OPS = 25  # rows of each profiler table
@@ -45,20 +46,25 @@ def _context(precision: str):
 
 def _bare(model, micro, precision: str, grad: bool) -> None:
     with _context(precision), torch.set_grad_enabled(grad):
-        for batch, *_ in micro:  # (batch, allowed mask, weight)
-            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids, logits_to_keep=batch.width,
-                        use_cache=False)  # fmt: skip
+        for m in micro:
+            batch = m.batch
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                logits_to_keep=batch.width,
+                use_cache=False,
+            )
             if grad:
                 out.logits.float().sum().backward()
     model.zero_grad(set_to_none=True)
 
 
-def _bear(model, setup, idx, cfg, settings, precision: str) -> None:
-    trie = setup.trie
-    micro = _micro_batches(setup, idx, cfg, trie, torch.device("cpu"))
+def _bear(model, setup, idx, cfg, loss, precision: str) -> None:
+    ctx = StepContext(model, setup.trie, torch.device("cpu"))
+    micro = micro_batches(setup, idx, loss, ctx, cfg.micro_batch_size)
     with _context(precision):
-        accumulate_gradients(model, micro, settings, trie, torch.device("cpu"))
+        accumulate_gradients(ctx, micro, loss)
     model.zero_grad(set_to_none=True)
 
 
@@ -81,11 +87,12 @@ def main() -> None:
                       limit_train=args.rows, batch_size=args.rows,
                       max_history=args.max_history, device="cpu", dtype="fp32")  # fmt: skip
     setup = build_setup(cfg, work, fresh=True)
-    settings = cfg.loss_settings()
+    loss = build_loss(cfg.loss_settings())
     idx = list(range(args.rows))
-    micro = _micro_batches(setup, idx, cfg, setup.trie, torch.device("cpu"))
-    shape = tuple(micro[0][0].input_ids.shape)
-    real = int(micro[0][0].attention_mask.sum())
+    ctx = StepContext(setup.model, setup.trie, torch.device("cpu"))
+    micro = micro_batches(setup, idx, loss, ctx, cfg.micro_batch_size)
+    shape = tuple(micro[0].batch.input_ids.shape)
+    real = int(micro[0].batch.attention_mask.sum())
     fp32_model = setup.model
     fp32_model.train()
     models = {"fp32": fp32_model, "autocast": fp32_model}
@@ -95,7 +102,7 @@ def main() -> None:
             if not param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     cases = {
-        "bear step": lambda m, pr: _bear(m, setup, idx, cfg, settings, pr),
+        "bear step": lambda m, pr: _bear(m, setup, idx, cfg, loss, pr),
         "bare fwd+bwd": lambda m, pr: _bare(m, micro, pr, grad=True),
         "bare fwd": lambda m, pr: _bare(m, micro, pr, grad=False),
     }

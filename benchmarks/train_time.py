@@ -21,7 +21,7 @@ import torch
 from _common import add_results_args, device_label, results_stem, write_csv, write_json
 
 from bear.config import TrainConfig
-from bear.losses import LOSSES
+from bear.losses import loss_names
 from bear.synth import SynthConfig, write_synth
 from bear.train import train
 
@@ -29,7 +29,7 @@ from bear.train import train
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="dataset folder (default: a synthetic one)")
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), help="losses to time")
+    p.add_argument("--losses", nargs="+", default=list(loss_names()), help="losses to time")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs per loss")
     p.add_argument("--limit-train", type=int, default=1024, help="training rows per epoch")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step")

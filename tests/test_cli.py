@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -109,7 +110,8 @@ def test_evaluation_records_no_gradients(tmp_path):
     hook = setup.model.register_forward_pre_hook(
         lambda module, args: grad_enabled.append(torch.is_grad_enabled())
     )
-    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 4)
+    settings = bear.evaluate.EvalSettings(beam_width=4, scoring="before", limit=4)
+    bear.evaluate.evaluate_split(setup.model, setup, "test", settings)
     hook.remove()
     assert len(grad_enabled) > 3 and not any(grad_enabled)
     assert torch.is_grad_enabled()
@@ -136,10 +138,11 @@ def test_evaluation_shows_progress_only_when_asked(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(bear.evaluate, "tqdm", Recording)
     cfg = tiny_config(tiny_synth(tmp_path / "data"), tmp_path / "run")
     setup = build_setup(cfg, tmp_path / "run", fresh=True)
-    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 6, batch_size=4)
+    settings = bear.evaluate.EvalSettings(beam_width=4, scoring="before", limit=6, batch_size=4)
+    bear.evaluate.evaluate_split(setup.model, setup, "test", settings)
     assert capsys.readouterr().err == ""
-    bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 6, batch_size=4,
-                                 progress=True)  # fmt: skip
+    shown = dataclasses.replace(settings, progress=True)
+    bear.evaluate.evaluate_split(setup.model, setup, "test", shown)
     assert "test (full)" in capsys.readouterr().err
     assert closed_at == [(6, 6)]
 
@@ -161,12 +164,12 @@ def test_evaluation_batches_prompts_of_similar_length(tmp_path, monkeypatch):
         return collate(prompts, *args)
 
     monkeypatch.setattr(bear.evaluate, "collate", recording_collate)
-    batched = bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 12,
-                                           batch_size=4)  # fmt: skip
+    settings = bear.evaluate.EvalSettings(beam_width=4, scoring="before", limit=12, batch_size=4)
+    batched = bear.evaluate.evaluate_split(setup.model, setup, "test", settings)
     assert len(set(lengths)) > 1 and lengths == sorted(lengths)
     assert [len(p) for p in setup.prompts["test"][:12]] != lengths  # the split's order differs
-    alone = bear.evaluate.evaluate_split(setup.model, setup, "test", 4, "before", 12,
-                                         batch_size=1)  # fmt: skip
+    one_by_one = dataclasses.replace(settings, batch_size=1)
+    alone = bear.evaluate.evaluate_split(setup.model, setup, "test", one_by_one)
     assert batched == alone
 
 
@@ -195,7 +198,7 @@ def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     import torch
     from _helpers_train import tiny_config, tiny_synth
 
-    from bear.evaluate import evaluate_split
+    from bear.evaluate import EvalSettings, evaluate_split
     from bear.run import build_setup
     from bear.train import train
 
@@ -207,7 +210,6 @@ def test_exact_search_shortcut_agrees_with_searching_every_row(tmp_path):
     setup.model.load_state_dict(state, strict=False)
     for scoring in ("after", "before"):
         for alpha in (0.0, 1.0):  # α = 1: the beam's scores are compared at α = 0
-            args = (setup.model, setup, "test", 4, scoring, 4)
-            assert evaluate_split(*args, length_penalty=alpha) == evaluate_split(
-                *args, exact_all=True, length_penalty=alpha
-            )
+            settings = EvalSettings(beam_width=4, scoring=scoring, length_penalty=alpha, limit=4)
+            args = (setup.model, setup, "test", settings)
+            assert evaluate_split(*args) == evaluate_split(*args, exact_all=True)

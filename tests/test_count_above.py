@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bear.count_above import count_items_above
 from bear.decoding import exact_topk, score_items
+from bear.decoding.count_above import count_items_above
 from bear.trie import ItemTrie
 from tests._helpers_decoding import (
     EOS,

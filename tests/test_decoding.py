@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bear.beam
-from bear.count_above import count_items_above
+import bear.decoding.beam
 from bear.decoding import beam_search, beam_thresholds, exact_topk, score_items
-from bear.kv_cache import PromptCache, cache_kwarg, check_tree_attention, shared_head_length
+from bear.decoding.beam_cache import check_tree_attention
+from bear.decoding.count_above import count_items_above
+from bear.decoding.prompt_cache import PromptCache, cache_kwarg, shared_head_length
+from bear.decoding.teacher_forcing import continuation_logits, item_logits
 from bear.protocol import PROTOCOLS
-from bear.teacher_forcing import continuation_logits, item_logits
 from bear.trie import ItemTrie
 from tests._helpers_decoding import (
     EOS,
@@ -171,7 +172,7 @@ def test_tree_cache_deferred_steps_equal_one_step_at_a_time(setup):
     """TreeKVCache: three steps recorded with defer=True (a user dropped in the middle, beams
     reordered and one duplicated) then one that feeds them: the logits equal those of feeding
     every step at once, and the next step after that agrees too."""
-    from bear.kv_cache import TreeKVCache
+    from bear.decoding.beam_cache import TreeKVCache
 
     model, input_ids, mask = setup[0], setup[4], setup[5]
     tok = lambda *rows: torch.tensor(rows)  # noqa: E731
@@ -419,7 +420,7 @@ def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, 
     trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
     input_ids, mask = prompts(LENGTHS)
     B, widths, live_dropped = 5, [], []
-    matter = bear.beam._beams_that_matter
+    matter = bear.decoding.beam._beams_that_matter
 
     def recording(step, pool_worst, done, a):
         useful = matter(step, pool_worst, done, a)
@@ -431,7 +432,7 @@ def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, 
     )
     try:
         with monkeypatch.context() as patch:
-            patch.setattr(bear.beam, "_beams_that_matter", recording)
+            patch.setattr(bear.decoding.beam, "_beams_that_matter", recording)
             ours = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
     finally:
         hook.remove()
@@ -439,7 +440,7 @@ def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, 
         assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
     assert (sum(live_dropped) > 0) == (alpha == 0)
     with monkeypatch.context() as patch:
-        patch.setattr(bear.beam, "_beams_that_matter",
+        patch.setattr(bear.decoding.beam, "_beams_that_matter",
                       lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
         every = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
     assert torch.equal(ours.item_ids, every.item_ids)
@@ -517,7 +518,7 @@ def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, s
     input_ids, mask = prompts(LENGTHS, seed=seed + 2)
     B = 3
     batched = beam_thresholds(model, input_ids, mask, trie, B, scoring)
-    expand_beams = bear.beam.expand_beams
+    expand_beams = bear.decoding.beam.expand_beams
     recorded = []  # the B-th best candidate score of each step of the running beam_search
 
     def recording_expand_beams(*args, **kwargs):
@@ -536,8 +537,8 @@ def test_beam_thresholds_equal_the_thresholds_of_the_real_beam_search(scoring, s
         for alpha in (0.0, 1.0):
             recorded.clear()
             with monkeypatch.context() as patch:
-                patch.setattr(bear.beam, "expand_beams", recording_expand_beams)
-                patch.setattr(bear.beam, "_beams_that_matter", every_live_beam)
+                patch.setattr(bear.decoding.beam, "expand_beams", recording_expand_beams)
+                patch.setattr(bear.decoding.beam, "_beams_that_matter", every_live_beam)
                 beam_search(model, x, m, trie, B, scoring, length_penalty=alpha)
             assert len(recorded) >= 2, "the beam search should run past its first step"
             assert theta[: len(recorded)].tolist() == recorded, (u, alpha)

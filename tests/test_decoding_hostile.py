@@ -136,7 +136,7 @@ def test_exact_topk_feeds_one_token_per_expansion_on_long_titles():
 def test_ties_at_the_cut_keep_the_lowest_indices():
     """topk_stable ranks by (value desc, index asc) over the whole row, ties at the k-th value
     included (Tensor.topk picks any of them: on this CPU zeros(40).topk(6) gave 25, 29, ...)."""
-    from bear.decode_common import topk_stable
+    from bear.decoding.common import topk_stable
 
     val, idx = topk_stable(torch.zeros(2, 40), 6)
     assert idx.tolist() == [list(range(6))] * 2 and (val == 0).all()
@@ -152,7 +152,7 @@ def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_
     """All logits 0: every sibling ties. Dropping the beams that cannot reach the pool must not
     change which tied items the search keeps (it did, through Tensor.topk's arbitrary choice
     among ties, before topk_stable sorted stably)."""
-    import bear.beam
+    import bear.decoding.beam
 
     model = tiny_model()
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_
             args = (model, input_ids, mask, trie, 5, scoring)
             dropped = beam_search(*args, length_penalty=alpha, kv_sharing=kv_sharing)
             with monkeypatch.context() as patch:
-                patch.setattr(bear.beam, "_beams_that_matter",
+                patch.setattr(bear.decoding.beam, "_beams_that_matter",
                               lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
                 kept = beam_search(*args, length_penalty=alpha, kv_sharing=kv_sharing)
             assert torch.equal(dropped.item_ids, kept.item_ids), (seed, alpha)
@@ -175,20 +175,20 @@ def test_prompts_share_nothing_when_the_cache_drops_positions(monkeypatch):
     """A model whose cache does not keep every position (a sliding window: the head's entries
     cannot be read back) is prefilled without a shared head, and the copy cache, which needs
     nothing more, decodes as before."""
-    import bear.kv_cache
+    import bear.decoding.prompt_cache
 
     model = tiny_model()
     seqs, ids, trie = build()
     input_ids, mask = prompts((7, 4, 9))
     input_ids = with_shared_head(input_ids, mask, 2)
-    assert bear.kv_cache.shared_head_length(input_ids, mask) == 2
+    assert bear.decoding.prompt_cache.shared_head_length(input_ids, mask) == 2
     want = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
 
     def no_full_cache(cache, length):
         raise ValueError("the model's cache holds fewer positions")
 
-    monkeypatch.setattr(bear.kv_cache, "_layer_tensors", no_full_cache)
-    _, kv_mask, _, _ = bear.kv_cache.prefill(model, input_ids, mask)
+    monkeypatch.setattr(bear.decoding.prompt_cache, "layer_tensors", no_full_cache)
+    _, kv_mask, _, _ = bear.decoding.prompt_cache.prefill(model, input_ids, mask)
     assert torch.equal(kv_mask, mask)
     got = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
     assert torch.equal(got.item_ids, want.item_ids)

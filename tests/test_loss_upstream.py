@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bear.losses import LossSettings, batch_loss
+from bear.losses import LossSettings, build_loss
 from bear_kernels import (
     bear_loss,
     bear_loss_reference,
@@ -116,7 +116,7 @@ def test_msl_micro_batch_normalisation_is_upstreams(seed, tau):
     V = z.shape[-1]
     settings = LossSettings("msl", temperature=tau, normalisation="micro-batch")
     x = z.clone().requires_grad_(True)
-    total, denominator = batch_loss(x, y, settings, mask)
+    total, denominator = build_loss(settings)(x, y, mask)
     got = total / denominator
     assert denominator == int((y != -100).sum())  # forced tokens counted
     x2 = z.clone().requires_grad_(True)
@@ -126,7 +126,7 @@ def test_msl_micro_batch_normalisation_is_upstreams(seed, tau):
     (g_want,) = torch.autograd.grad(want, x2)
     torch.testing.assert_close(g_got, g_want)
     # ours (step) divides by counted rows: the forced row is not counted
-    total_ours, counted = batch_loss(z, y, LossSettings("msl", temperature=tau), mask)
+    total_ours, counted = build_loss(LossSettings("msl", temperature=tau))(z, y, mask)
     torch.testing.assert_close(total_ours, total.detach())
     assert counted == denominator - 1
 
@@ -140,7 +140,7 @@ def test_bear_upstream_micro_batch_normalisation_is_upstreams(seed, tau, topk_we
                             temperature=tau, topk_weight=topk_weight,
                             normalisation="micro-batch")  # fmt: skip
     x = z.clone().requires_grad_(True)
-    total, denominator = batch_loss(x, y, settings, mask)
+    total, denominator = build_loss(settings)(x, y, mask)
     got = total / denominator
     x2 = z.clone().requires_grad_(True)
     want = _upstream_bear(x2.reshape(-1, V), y.reshape(-1), allowed.reshape(-1, V), tau,
@@ -156,13 +156,13 @@ def test_bear_upstream_default_weight_is_lambda_over_xi():
     lam, xi = 0.6, 1.5
     a = LossSettings("bear-upstream", B, reg_weight=lam, reg_temperature=xi)
     b = LossSettings("bear-upstream", B, reg_weight=99.0, reg_temperature=xi, topk_weight=lam / xi)
-    torch.testing.assert_close(batch_loss(z, y, a, mask)[0], batch_loss(z, y, b, mask)[0])
+    torch.testing.assert_close(build_loss(a)(z, y, mask)[0], build_loss(b)(z, y, mask)[0])
 
 
 def test_bear_temperature_is_the_kernels():
     z, y, _, mask = _random_batch(6)
     V = z.shape[-1]
-    total, _ = batch_loss(z, y, LossSettings("bear", B, 0.5, 2.0, temperature=0.6), mask)
+    total, _ = build_loss(LossSettings("bear", B, 0.5, 2.0, temperature=0.6))(z, y, mask)
     ref = bear_loss_reference(z.reshape(-1, V), y.reshape(-1), beam_width=B, reg_weight=0.5,
                               reg_temperature=2.0, temperature=0.6,
                               allowed_mask=mask.reshape(-1, mask.shape[-1]),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bear.losses import LossSettings, batch_loss
+from bear.losses import LossSettings, build_loss
 from bear_kernels import bear_loss_reference, pack_allowed_mask
 
 U, W, V = 3, 4, 37  # users, response positions, vocabulary (odd sizes)
@@ -37,7 +37,7 @@ def _masked_ce(logits, target, allowed):
 
 def test_sft_is_full_vocabulary_cross_entropy(case):
     logits, target, _, mask = case
-    total, n = batch_loss(logits, target, LossSettings("sft"), mask)
+    total, n = build_loss(LossSettings("sft"))(logits, target, mask)
     ref = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), reduction="sum")
     assert n == int((target != -100).sum())
     torch.testing.assert_close(total, ref)
@@ -45,7 +45,7 @@ def test_sft_is_full_vocabulary_cross_entropy(case):
 
 def test_msl_is_constrained_cross_entropy(case):
     logits, target, allowed, mask = case
-    total, n = batch_loss(logits, target, LossSettings("msl"), mask)
+    total, n = build_loss(LossSettings("msl"))(logits, target, mask)
     ce, counted = _masked_ce(logits, target, allowed)
     assert n == int(counted.sum()) == int((target != -100).sum()) - 1  # the forced row drops
     torch.testing.assert_close(total, ce.sum())
@@ -55,7 +55,7 @@ def test_msl_is_constrained_cross_entropy(case):
 def test_bear_matches_the_reference(case, lam, xi):
     logits, target, _, mask = case
     s = LossSettings("bear", beam_width=3, reg_weight=lam, reg_temperature=xi)
-    total, n = batch_loss(logits, target, s, mask)
+    total, n = build_loss(s)(logits, target, mask)
     ref = bear_loss_reference(logits.reshape(-1, V), target.reshape(-1), beam_width=3,
                               reg_weight=lam, reg_temperature=xi,
                               allowed_mask=mask.reshape(U * W, -1), reduction="sum")  # fmt: skip
@@ -67,7 +67,7 @@ def test_bear_upstream_is_weighted_ce_with_bears_gradient_direction(case):
     lam, xi = 2.0, 0.5
     x = logits.clone().requires_grad_(True)
     s = LossSettings("bear-upstream", beam_width=3, reg_weight=lam, reg_temperature=xi)
-    total, n = batch_loss(x, target, s, mask)
+    total, n = build_loss(s)(x, target, mask)
     ce, counted = _masked_ce(logits, target, allowed)
     # margin: (z_(B') - z_y) among the allowed set
     z = logits.masked_fill(~allowed, float("-inf"))
@@ -82,7 +82,7 @@ def test_bear_upstream_is_weighted_ce_with_bears_gradient_direction(case):
     # normalisation="micro-batch" (tests/test_loss_upstream.py)
     total.backward()
     y = logits.clone().requires_grad_(True)
-    bear_total, _ = batch_loss(y, target, LossSettings("bear", 3, lam, xi), mask)
+    bear_total, _ = build_loss(LossSettings("bear", 3, lam, xi))(y, target, mask)
     bear_total.backward()
     torch.testing.assert_close(x.grad, y.grad)
 
@@ -94,7 +94,7 @@ def test_beam_sim_adds_the_prefix_threshold_term(case):
     theta[0, 3] = float("-inf")  # fewer than B candidates: no term
     lam, xi = 0.7, 1.5
     x = logits.clone().requires_grad_(True)
-    total, _ = batch_loss(x, target, LossSettings("beam-sim", 3, lam, xi), mask, theta)
+    total, _ = build_loss(LossSettings("beam-sim", 3, lam, xi))(x, target, mask, theta)
     ce, counted = _masked_ce(logits, target, allowed)
     expected = ce.sum()
     for u in range(U):
@@ -116,6 +116,6 @@ def test_unknown_loss_and_missing_inputs_raise(case):
     with pytest.raises(ValueError, match="loss"):
         LossSettings("nope")
     with pytest.raises(ValueError, match="allowed_mask"):
-        batch_loss(logits, target, LossSettings("msl"))
+        build_loss(LossSettings("msl"))(logits, target)
     with pytest.raises(ValueError, match="thresholds"):
-        batch_loss(logits, target, LossSettings("beam-sim"), mask)
+        build_loss(LossSettings("beam-sim"))(logits, target, mask)

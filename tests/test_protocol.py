@@ -10,9 +10,10 @@ import torch
 from _helpers_train import tiny_config, tiny_synth, write_six_columns
 
 from bear.cli import main
-from bear.protocol import max_over_epochs
+from bear.losses import build_loss
+from bear.report import max_over_epochs
 from bear.run import build_setup
-from bear.train import _micro_batches, accumulate_gradients
+from bear.train_step import StepContext, accumulate_gradients, micro_batches
 
 TINY = ["--vocab-size", "320", "--hidden-size", "32", "--num-layers", "1", "--max-history", "4",
         "--limit-train", "16", "--batch-size", "8", "--limit-eval", "3", "--beam-width", "4",
@@ -121,12 +122,11 @@ def test_micro_batch_normalisation_averages_micro_batch_means(paper_data, tmp_pa
                       normalisation="micro-batch", beam_width=4)  # fmt: skip
     setup = build_setup(cfg, tmp_path / "r", fresh=True)
     model, trie, cpu = setup.model.float(), setup.trie, torch.device("cpu")
-    settings = cfg.loss_settings()
+    loss, ctx = build_loss(cfg.loss_settings()), StepContext(model, trie, cpu)
 
     def grad(idx, micro_size):
-        cfg.micro_batch_size = micro_size
         model.zero_grad()
-        accumulate_gradients(model, _micro_batches(setup, idx, cfg, trie, cpu), settings, trie, cpu)
+        accumulate_gradients(ctx, micro_batches(setup, idx, loss, ctx, micro_size), loss)
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     split = grad(list(range(8)), 4)

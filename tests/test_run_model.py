@@ -14,11 +14,12 @@ from _helpers_train import last_weights, tiny_checkpoint, tiny_config, tiny_synt
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bear.losses import LossSettings
+from bear.losses import LossSettings, build_loss
 from bear.model import load_run
 from bear.run import build_setup, load_weights
 from bear.tensorboard import _masked_crc32c
-from bear.train import _micro_batches, accumulate_gradients, train
+from bear.train import train
+from bear.train_step import StepContext, accumulate_gradients, micro_batches
 
 TOKENS = torch.tensor([[5, 9, 2, 7, 11, 3]])  # any in-vocabulary ids
 
@@ -134,9 +135,10 @@ def test_gradient_checkpointing_gives_the_same_gradient(synth, tmp_path):
         setup = build_setup(cfg, tmp_path / "r", fresh=True)
         assert setup.model.is_gradient_checkpointing == checkpointing
         setup.model.train()
-        micro = _micro_batches(setup, list(range(5)), cfg, setup.trie, torch.device("cpu"))
-        accumulate_gradients(setup.model, micro, LossSettings("bear", beam_width=4), setup.trie,
-                             torch.device("cpu"))  # fmt: skip
+        loss = build_loss(LossSettings("bear", beam_width=4))
+        ctx = StepContext(setup.model, setup.trie, torch.device("cpu"))
+        micro = micro_batches(setup, list(range(5)), loss, ctx, cfg.micro_batch_size)
+        accumulate_gradients(ctx, micro, loss)
         grads.append({n: p.grad for n, p in setup.model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-6, msg=name)

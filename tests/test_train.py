@@ -11,9 +11,10 @@ import torch
 from _helpers_train import last_weights, tiny_checkpoint, tiny_config, tiny_synth
 
 from bear.data import DataError
-from bear.losses import LossSettings
+from bear.losses import LossSettings, build_loss
 from bear.run import build_setup
-from bear.train import _micro_batches, accumulate_gradients, train
+from bear.train import train
+from bear.train_step import StepContext, accumulate_gradients, micro_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +43,9 @@ def test_accumulated_gradient_equals_one_large_batch(synth, tmp_path, loss):
     for micro_size in (7, 3):
         cfg.micro_batch_size = micro_size
         model.zero_grad()
-        micro = _micro_batches(setup, idx, cfg, trie, torch.device("cpu"))
-        accumulate_gradients(model, micro, settings, trie, torch.device("cpu"))
+        ctx = StepContext(model, trie, torch.device("cpu"))
+        micro = micro_batches(setup, idx, build_loss(settings), ctx, micro_size)
+        accumulate_gradients(ctx, micro, build_loss(settings))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-5, msg=name)
@@ -51,7 +53,7 @@ def test_accumulated_gradient_equals_one_large_batch(synth, tmp_path, loss):
 
 def _padding(micro) -> int:
     """Padding positions of a step's micro-batches (prompt and response windows)."""
-    return sum(int((~b.attention_mask.bool()).sum()) for b, _, _ in micro)
+    return sum(int((~m.batch.attention_mask.bool()).sum()) for m in micro)
 
 
 @pytest.mark.parametrize("normalisation", ["step", "micro-batch"])
@@ -66,15 +68,19 @@ def test_micro_batches_grouped_by_length_only_under_step(synth, tmp_path, normal
     lengths = [len(p) + len(setup.items[t]) for p, t in zip(prompts, targets, strict=True)]
     idx = sorted(range(40), key=lambda i: (lengths[i] * 7919) % 97)[:8]  # a scrambled step
     assert sorted(lengths[i] for i in idx) != [lengths[i] for i in idx]
-    micro = _micro_batches(setup, idx, cfg, setup.trie, torch.device("cpu"))
-    rows = [int(b.attention_mask.sum(1)[k]) for b, _, _ in micro for k in range(len(b.target))]
+    ctx = StepContext(setup.model, setup.trie, torch.device("cpu"))
+    micro = micro_batches(setup, idx, build_loss(cfg.loss_settings()), ctx, cfg.micro_batch_size)
+    rows = [
+        int(m.batch.attention_mask.sum(1)[k]) for m in micro for k in range(len(m.batch.target))
+    ]
     expected = (
         sorted(lengths[i] for i in idx) if normalisation == "step" else [lengths[i] for i in idx]
     )
     assert rows == expected
     if normalisation == "step":
         cfg.normalisation = "micro-batch"
-        kept = _micro_batches(setup, idx, cfg, setup.trie, torch.device("cpu"))
+        loss = build_loss(cfg.loss_settings())
+        kept = micro_batches(setup, idx, loss, ctx, cfg.micro_batch_size)
         assert _padding(micro) < _padding(kept)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bear.decode_common import check_inputs, model_vocab
-from bear.kv_cache import PromptCache, cache_kwarg
+from bear.decoding.common import check_inputs, model_vocab
+from bear.decoding.prompt_cache import PromptCache, cache_kwarg
 from bear.trie import ItemTrie
 
 __all__ = ["continuation_logits", "item_logits", "score_items"]

@@ -1,14 +1,14 @@
 """Pieces shared by the searches that expand trie prefixes in any order on a `PrefixKVCache`
-(`bear.best_first.exact_topk`, `bear.count_above.count_items_above`)."""
+(`bear.decoding.best_first.exact_topk`, `bear.decoding.count_above.count_items_above`)."""
 
 from __future__ import annotations
 
 import torch
 
-from bear.kv_cache import PrefixKVCache
+from bear.decoding.prefix_cache import PrefixKVCache
 from bear.trie import ItemTrie
 
-__all__ = ["feed_paths", "pack_by_user", "through_single_children"]
+__all__ = ["feed_paths", "pack_by_user", "spend_budget", "through_single_children"]
 
 
 def through_single_children(trie: ItemTrie, node, pend, scoring: str):
@@ -45,8 +45,9 @@ def feed_paths(prefixes: PrefixKVCache, trie: ItemTrie, rows, parent, node, pend
     for j in range(steps):
         live = (j < pend).nonzero().view(-1)
         step_nodes = path[live, j]
-        out, new_slot = prefixes.extend(rows[live], slot[live], trie.node_token[step_nodes],
-                                        trie.node_depth[step_nodes])  # fmt: skip
+        out, new_slot = prefixes.extend(
+            rows[live], slot[live], trie.node_token[step_nodes], trie.node_depth[step_nodes]
+        )
         slot[live] = new_slot
         if logits is None:
             logits = out.new_empty(node.shape[0], out.shape[1])
@@ -71,3 +72,22 @@ def pack_by_user(num_users: int, user: torch.Tensor, columns):
         packed[user, col] = values[order]
         out.append(packed)
     return out
+
+
+def spend_budget(want, cost, spent, budget: int | None):
+    """The expansions a per-user budget affords, spent in column (priority) order.
+
+    Args:
+        want: (U, p) bool, the entries a round would expand, in priority order.
+        cost: (U, p) the tokens each expansion feeds.
+        spent: (U,) tokens each user fed so far.
+        budget: None (no bound) or the tokens a user may feed in all.
+
+    Returns:
+        (afford (U, p) bool: a prefix of each user's wanted entries; spent (U,) after them;
+        out (U,) bool: users who wanted an expansion and could afford none, whose search stops).
+    """
+    if budget is None:
+        return want, spent, torch.zeros_like(spent, dtype=torch.bool)
+    afford = want & ((cost * want).cumsum(1) <= (budget - spent)[:, None])
+    return afford, spent + (cost * afford).sum(1), want.any(1) & ~afford.any(1)

@@ -9,10 +9,12 @@ Hugging Face's beam, on which θ is defined).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from bear.decode_common import (
+from bear.decoding.beam_cache import CopiedKVCache, TreeKVCache
+from bear.decoding.common import (
     DecodeResult,
     check_finite_float,
     check_inputs,
@@ -23,10 +25,13 @@ from bear.decode_common import (
     ranked_result,
     topk_stable,
 )
-from bear.kv_cache import CopiedKVCache, PromptCache, TreeKVCache, keeps_logits
+from bear.decoding.decoder import Decoder
+from bear.decoding.pool import FinishedPool
+from bear.decoding.prompt_cache import PromptCache, keeps_logits
+from bear.decoding.registry import register_decoder
 from bear.trie import ItemTrie
 
-__all__ = ["BeamStep", "beam_search", "beam_thresholds", "expand_beams"]
+__all__ = ["BeamSearch", "BeamStep", "beam_search", "beam_thresholds", "expand_beams"]
 
 KV_SHARING = ("tree", "copy")
 
@@ -119,10 +124,6 @@ def _beams_that_matter(step: BeamStep, pool_worst, done, alpha: float) -> torch.
     return useful & (step.score > pool_worst[:, None]) if alpha == 0 else useful
 
 
-def _length_penalty(length: int, alpha: float) -> float:
-    return float(length) ** alpha
-
-
 @torch.no_grad()
 def beam_search(
     model,
@@ -163,7 +164,7 @@ def beam_search(
             needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do).
             "copy": the cache is expanded to one row per beam and reordered every step through
             `Cache.batch_select_indices` (works with any model whose cache can be reordered).
-        prompt: None (the prompts are prefilled here), or a `bear.kv_cache.PromptCache` of these
+        prompt: None (the prompts are prefilled here), or a `PromptCache` of these
             prompts to read instead (shared with other readers of one prefill; the search then
             runs on a plain DynamicCache, so only for models whose cache keeps every position).
 
@@ -192,28 +193,15 @@ def beam_search(
     users = torch.arange(U, device=device)  # global index of each active user
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)  # (Ua, Bc) beams at the root
     score = torch.zeros(U, 1, device=device)  # (Ua, Bc)
-    pool_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)  # (Ua, B)
-    pool_score = torch.full((U, B), neg_inf, device=device)  # (Ua, B)
+    pool = FinishedPool(U, B, alpha, device)  # (Ua, B)
     logits = kv.logits
-    rank = torch.arange(2 * B, device=device)
     width = trie.depth_fanout_list[0]  # the root's fan-out
     for t in range(trie.max_len + 2):
         step = expand_beams(trie, logits, node, score, width, B, scoring)
         node, score = step.node, step.score
-
-        # Finished pool: EOS candidates within the top B, length-penalised, merged, best B kept.
-        fin = step.is_eos & (rank[: step.top.shape[1]] < B)
-        fin_score = torch.where(fin, step.top / _length_penalty(t + 1, alpha), neg_inf)
-        merged_score = torch.cat([pool_score, fin_score], dim=1)
-        merged_leaf = torch.cat([pool_leaf, torch.where(fin, step.child, -1)], dim=1)
-        pool_score, pi = topk_stable(merged_score, B)
-        pool_leaf = merged_leaf.gather(1, pi)
-
-        # Stopping: pool full and no live beam can beat its worst member, or nothing live.
-        best_live = score[:, 0] / _length_penalty(t + 1, alpha)
-        full = torch.isfinite(pool_score[:, -1])
-        done = ~step.alive[:, 0] | (full & ~(best_live > pool_score[:, -1]))
-        useful = _beams_that_matter(step, pool_score[:, -1], done, alpha)
+        pool.add(step.top, step.child, step.is_eos, t)
+        done = pool.done(score[:, 0], t)
+        useful = _beams_that_matter(step, pool.worst, done, alpha)
         node = torch.where(useful, node, -1)  # the rest, a suffix (beams in score order), go
         # The one host synchronisation of this step: which users are done, whose scores are
         # NaN, the beams kept and the largest fan-out among their nodes (the next width).
@@ -224,15 +212,15 @@ def beam_search(
         done_host, nb, width = host[:n_users].bool(), int(host[-2]), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
-            out_leaf[users[d]] = pool_leaf[d]
-            out_score[users[d]] = pool_score[d]
+            out_leaf[users[d]] = pool.leaf[d]
+            out_score[users[d]] = pool.score[d]
         if bool(done_host.all()):
             break
         keep = (~done_host).nonzero().view(-1).to(device)
         score = torch.where(useful, score, neg_inf)[keep, :nb]
         token = torch.where(useful, step.token, trie.eos_token_id)[keep, :nb]
         users, node = users[keep], node[keep, :nb]
-        pool_leaf, pool_score = pool_leaf[keep], pool_score[keep]
+        pool.select(keep)
         logits = _advance(kv, step.src[keep, :nb], token, keep, defer and width == 1, trie)
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
@@ -290,3 +278,34 @@ def beam_thresholds(
             break
         logits = _advance(kv, step.src, step.token, None, defer and width == 1, trie)
     return theta
+
+
+@register_decoder
+@dataclass(frozen=True)
+class BeamSearch(Decoder):
+    """``beam_search`` as the evaluation's decoder ``beam`` (the default); its option
+    ``kv_sharing`` ("tree" or "copy") is ``beam_search``'s."""
+
+    name: ClassVar[str] = "beam"
+    kv_sharing: str = "tree"
+
+    def __post_init__(self):
+        if self.kv_sharing not in KV_SHARING:
+            raise ValueError(
+                f"--decoder-option kv_sharing={self.kv_sharing}: expected one of {KV_SHARING}"
+            )
+
+    def decode(
+        self, model, input_ids, attention_mask, trie, width, scoring, length_penalty, prompt=None
+    ):
+        return beam_search(
+            model,
+            input_ids,
+            attention_mask,
+            trie,
+            width,
+            scoring=scoring,
+            length_penalty=length_penalty,
+            kv_sharing=self.kv_sharing,
+            prompt=prompt,
+        )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from bear.decode_common import (
+from bear.decoding.common import (
     DecodeResult,
     check_budget,
     check_inputs,
@@ -14,11 +17,19 @@ from bear.decode_common import (
     ranked_result,
     topk_stable,
 )
-from bear.kv_cache import PrefixKVCache
-from bear.prefix_search import feed_paths, pack_by_user, through_single_children
+from bear.decoding.decoder import Decoder
+from bear.decoding.prefix_cache import PrefixKVCache
+from bear.decoding.prefix_search import (
+    feed_paths,
+    pack_by_user,
+    spend_budget,
+    through_single_children,
+)
+from bear.decoding.prompt_cache import PromptCache
+from bear.decoding.registry import register_decoder
 from bear.trie import ItemTrie
 
-__all__ = ["exact_topk"]
+__all__ = ["ExactTopK", "exact_topk"]
 
 
 @torch.no_grad()
@@ -32,6 +43,7 @@ def exact_topk(
     expand_per_round: int = 16,
     floor: torch.Tensor | None = None,
     max_expansions: int | None = None,
+    prompt: PromptCache | None = None,
 ) -> DecodeResult:
     """The k best items by full score (α = 0), by best-first search over the trie.
 
@@ -40,13 +52,13 @@ def exact_topk(
     the `expand_per_round` best frontier entries of every user; the leading leaves are emitted and
     the inner nodes among them are expanded with one batched forward pass of one token each: the
     prompts are prefilled once and every fed prefix token keeps its KV entry
-    (`bear.kv_cache.PrefixKVCache`), so an expansion costs one decoding step however long the
+    (`PrefixKVCache`), so an expansion costs one decoding step however long the
     prefix (the search cost grows linearly with the titles' length). Under "before" scoring a
     frontier entry skips down chains of one-child nodes (log p = 0 there): their tokens are fed
     only if the chain branches again and is expanded, and an unshared title tail costs nothing.
 
     Args:
-        model, input_ids, attention_mask, trie, scoring: as `bear.beam.beam_search`.
+        model, input_ids, attention_mask, trie, scoring: as `bear.decoding.beam.beam_search`.
         k: K >= 1.
         expand_per_round: frontier entries popped per user and round (values below 1 count as
             1); a speed knob, the result does not depend on it (without a budget).
@@ -58,6 +70,8 @@ def exact_topk(
             search stops; the result's ``complete`` is then False where a user stopped with
             fewer than k items (those it holds are the best ones, in order: leaves are emitted in
             order). Which prefixes a budget reaches may depend on ``expand_per_round``.
+        prompt: None, or a `bear.decoding.prompt_cache.PromptCache` of these prompts to read
+            instead of prefilling them again.
 
     Returns:
         DecodeResult with item_ids (U, k) and scores (U, k) as beam_search.
@@ -65,7 +79,7 @@ def exact_topk(
     Raises:
         ValueError / TypeError: bad inputs (see `check_inputs`), k not an integer >= 1, a floor
             not of shape (U,) or with NaN, max_expansions not an integer >= 0; ValueError when
-            the model scores a candidate NaN.
+            the model scores a candidate NaN, a prompt cache of other prompts.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     k = check_positive_int("k", k)
@@ -83,7 +97,7 @@ def exact_topk(
     neg_inf = float("-inf")
     # The prompts are prefilled once; the root's children form the first frontier (U, C), each
     # entry with the KV slot of its parent's token (-1: the parent is the root).
-    prefixes = PrefixKVCache(model, input_ids, mask)
+    prefixes = PrefixKVCache(model, input_ids, mask, prompt)
     width = trie.depth_fanout_list[0]
     root = torch.zeros(U, 1, dtype=torch.int64, device=device)
     logp, edge = child_logprobs(trie, prefixes.logits[:, None], root, width, scoring)
@@ -116,12 +130,9 @@ def exact_topk(
         found = found + emit.sum(1)
         expand = fin & ~is_leaf & (found < k)[:, None]
         pend = f_pend.gather(1, i)  # tokens each popped entry's expansion feeds
-        if max_expansions is not None:  # the budget, spent in score order; a user who cannot
-            left = max_expansions - spent  # afford the next expansion stops, frontier dropped
-            affordable = expand & ((pend * expand).cumsum(1) <= left[:, None])
-            stopped |= (expand & ~affordable).any(1) & ~affordable.any(1)
-            expand = affordable
-            spent += (pend * expand).sum(1)
+        # the budget, spent in score order; a user who cannot afford the next expansion stops
+        expand, spent, out = spend_budget(expand, pend, spent, max_expansions)
+        stopped |= out
         removed = emit | expand
         f_score = f_score.scatter(1, i, torch.where(removed, neg_inf, s))
         if max_expansions is not None:
@@ -134,8 +145,9 @@ def exact_topk(
             continue
         exp_node, exp_score = nd[exp_u, exp_c], s[exp_u, exp_c]
         exp_parent = f_slot.gather(1, i)[exp_u, exp_c]
-        logits, exp_slot = feed_paths(prefixes, trie, users[exp_u], exp_parent, exp_node,
-                                 pend[exp_u, exp_c])  # fmt: skip
+        logits, exp_slot = feed_paths(
+            prefixes, trie, users[exp_u], exp_parent, exp_node, pend[exp_u, exp_c]
+        )
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
         new_score = (exp_score[:, None] + logp[:, 0]).reshape(-1)  # (R*F,)
@@ -164,3 +176,22 @@ def exact_topk(
     if max_expansions is not None:
         result.complete = ~stopped
     return result
+
+
+@register_decoder
+@dataclass(frozen=True)
+class ExactTopK(Decoder):
+    """``exact_topk`` as the evaluation's decoder ``exact``: the ``width`` best items by full
+    score, found without pruning (PR@K is 0 by construction; the reference a beam search
+    approximates). Ranks at α = 0 only."""
+
+    name: ClassVar[str] = "exact"
+    length_penalties: ClassVar[bool] = False
+
+    def decode(
+        self, model, input_ids, attention_mask, trie, width, scoring, length_penalty, prompt=None
+    ):
+        self.check(width, scoring, length_penalty)
+        return exact_topk(
+            model, input_ids, attention_mask, trie, k=width, scoring=scoring, prompt=prompt
+        )

@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import torch
 
-from bear.decode_common import (
+from bear.decoding.common import (
     check_budget,
     check_inputs,
     check_no_nan_scores,
     check_positive_int,
     child_logprobs,
 )
-from bear.kv_cache import PrefixKVCache, PromptCache
-from bear.prefix_search import feed_paths, pack_by_user, through_single_children
+from bear.decoding.prefix_cache import PrefixKVCache
+from bear.decoding.prefix_search import (
+    feed_paths,
+    pack_by_user,
+    spend_budget,
+    through_single_children,
+)
+from bear.decoding.prompt_cache import PromptCache
 from bear.trie import ItemTrie
 
 __all__ = ["count_items_above"]
@@ -61,7 +67,7 @@ def count_items_above(
     `PrefixKVCache`; under "before" scoring one-child chains cost nothing).
 
     Args:
-        model, input_ids, attention_mask, trie, scoring: as `bear.beam.beam_search`.
+        model, input_ids, attention_mask, trie, scoring: as `bear.decoding.beam.beam_search`.
         threshold: (U,) scores, no NaN (-inf counts every item).
         k: K >= 1, where counting stops: an int, or (U,) integers >= 0, one per user.
         exclude: None, or (U,) or (U, E) canonical item ids not counted (-1: none).
@@ -72,7 +78,7 @@ def count_items_above(
             budget).
         max_expansions: None, or the prefix tokens (>= 0) a user may feed before its search
             stops; its count is then a lower bound.
-        prompt: None, or a `bear.kv_cache.PromptCache` of these prompts (see `beam_search`).
+        prompt: None, or a `PromptCache` of these prompts (see `beam_search`).
 
     Returns:
         (count (U,) int64 in [0, k_u], complete (U,) bool): complete is False where the budget
@@ -118,8 +124,11 @@ def count_items_above(
 
     def admit(user, score, node, slot):
         """Children (E,) into the frontier: those above the threshold; leaves are counted."""
-        check_no_nan_scores(torch.zeros(U, dtype=torch.bool, device=device).index_put_(
-            (user,), torch.isnan(score)).cpu())  # fmt: skip
+        check_no_nan_scores(
+            torch.zeros(U, dtype=torch.bool, device=device)
+            .index_put_((user,), torch.isnan(score))
+            .cpu()
+        )
         node, pend = through_single_children(trie, node, torch.ones_like(node), scoring)
         keep = (node >= 0) & (score > threshold[user])
         item = trie.leaf_item[node.clamp(min=0)]
@@ -133,8 +142,12 @@ def count_items_above(
     root = torch.zeros(U, 1, dtype=torch.int64, device=device)
     logp, edge = child_logprobs(trie, prefixes.logits[:, None], root, width, scoring)
     node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)  # (U, F)
-    entries = admit(users[:, None].expand(-1, width).reshape(-1), logp[:, 0].reshape(-1),
-                    node.reshape(-1), torch.full((U * width,), -1, device=device))  # fmt: skip
+    entries = admit(
+        users[:, None].expand(-1, width).reshape(-1),
+        logp[:, 0].reshape(-1),
+        node.reshape(-1),
+        torch.full((U * width,), -1, device=device),
+    )
     spent = torch.zeros(U, dtype=torch.int64, device=device)
     stopped = torch.zeros(U, dtype=torch.bool, device=device)
     while True:
@@ -155,11 +168,8 @@ def count_items_above(
         key, col = key.topk(min(per_user, key.shape[1]), dim=1)  # (U, p) deepest, then best
         pick = torch.isfinite(key)
         cost = f_pend.gather(1, col)
-        if max_expansions is not None:  # as exact_topk: spent in priority order
-            affordable = pick & ((cost * pick).cumsum(1) <= (max_expansions - spent)[:, None])
-            stopped |= pick.any(1) & ~affordable.any(1)
-            pick = affordable
-            spent += (cost * pick).sum(1)
+        pick, spent, out = spend_budget(pick, cost, spent, max_expansions)  # priority order
+        stopped |= out
         taken = torch.zeros_like(live).scatter_(1, col, pick)
         rest = live & ~taken & ~stopped[:, None]
         ru, rc = rest.nonzero(as_tuple=True)
@@ -168,14 +178,16 @@ def count_items_above(
             entries = (ru, f_score[ru, rc], f_node[ru, rc], f_slot[ru, rc], f_pend[ru, rc])
             continue
         exp_node, exp_score = f_node[pu, pc], f_score[pu, pc]
-        logits, exp_slot = feed_paths(prefixes, trie, pu, f_slot[pu, pc], exp_node,
-                                      f_pend[pu, pc])  # fmt: skip
+        logits, exp_slot = feed_paths(prefixes, trie, pu, f_slot[pu, pc], exp_node, f_pend[pu, pc])
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
         child = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
-        new = admit(pu[:, None].expand(-1, width).reshape(-1),
-                    (exp_score[:, None] + logp[:, 0]).reshape(-1), child.reshape(-1),
-                    exp_slot[:, None].expand(-1, width).reshape(-1))  # fmt: skip
+        new = admit(
+            pu[:, None].expand(-1, width).reshape(-1),
+            (exp_score[:, None] + logp[:, 0]).reshape(-1),
+            child.reshape(-1),
+            exp_slot[:, None].expand(-1, width).reshape(-1),
+        )
         old = (ru, f_score[ru, rc], f_node[ru, rc], f_slot[ru, rc], f_pend[ru, rc])
         entries = tuple(torch.cat(pair) for pair in zip(old, new, strict=True))
     return torch.minimum(count, k), ~stopped | (count >= k)
