@@ -20,9 +20,10 @@ from pathlib import Path
 from _common import add_results_args, device_label, results_stem, write_json
 
 from bear.config import TrainConfig
+from bear.metrics import TABLE_KEYS
 from bear.train import train
 
-KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "pr@5", "pr@10", "violation_share")
+KEYS = TABLE_KEYS + ("violation_share",)
 
 
 def reported(metrics: dict) -> dict:
