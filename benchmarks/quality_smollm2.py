@@ -8,10 +8,9 @@ PR@5/10 from the beam and the exact top-10, each with its denominator and binomi
 sqrt(p (1 - p) / n) (for NDCG, whose per-user gains lie in [0, 1], this is an upper bound of the
 standard error). The exact rank (``bear.decoding.count_above.count_items_above``: the items
 beating the target, counted up to 10) feeds at most ``--exact-budget`` prefix tokens per user;
-users it leaves undecided are in no PR (their number is reported, and the range PR@10 can take over their
-unknown ranks: ``bear.metrics.pruning_rate_bounds``). Each loss records its budget and the code
-(commit) that tested it. Writes
-results/quality_<data>_smollm2_<device>[_tag].json and .md.
+users it leaves undecided are in no PR (their number is reported, and the range PR@10 can take
+over their unknown ranks: ``bear.metrics.pruning_rate_bounds``). Each loss records its budget and
+the code (commit) that tested it. Writes results/quality_<data>_smollm2_<device>[_tag].json and .md.
 
     python benchmarks/quality_smollm2.py --data ../shared/data/amazon/Office --limit-train 2000
 """
