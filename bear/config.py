@@ -29,6 +29,8 @@ from bear.protocol import PROTOCOLS, test_file_for
 
 __all__ = ["EVALUATION_FIELDS", "TrainConfig", "field_choices", "flag_name"]
 
+# How preference losses draw negatives (``bear.negatives``).
+NEGATIVE_SAMPLING = ("uniform", "popularity")
 # The settings ``python -m bear evaluate`` may change for a saved run (``evaluate_run``):
 # they decide how the run is evaluated, never what it trained.
 EVALUATION_FIELDS = (
@@ -148,6 +150,27 @@ class TrainConfig:
     )
     reg_temperature: float = _setting(
         1.0, "ξ of the regulariser (upstream's topk_tau for bear-upstream)", above=0.0
+    )
+    negatives: int = _setting(
+        3, "sdpo, sdpo-bear: negatives M sampled per training example (S-DPO: 3)", positive=True
+    )
+    negative_sampling: str = _setting(
+        "uniform",
+        "sdpo, sdpo-bear: negatives drawn uniformly from the catalogue or by training-set "
+        "popularity (occurrences as target or in a history); never the positive or an item of "
+        "the example's history; seeded by --seed, the step and the example",
+        choices=NEGATIVE_SAMPLING,
+    )
+    dpo_beta: float = _setting(1.0, "sdpo, sdpo-bear: β of S-DPO", above=0.0)
+    init: str | None = _setting(
+        None,
+        "start from a finished run's selected weights (the checkpoint its metrics.json names; "
+        "S-DPO's recipe: an sft run); same --model, sizes, LoRA shape and catalogue",
+    )
+    reference: str | None = _setting(
+        None,
+        "sdpo, sdpo-bear: the reference policy, a finished run (default: the starting policy: a "
+        "LoRA model with its adapters disabled, or a frozen copy of the starting weights)",
     )
     topk_weight: float | None = _setting(
         None, "bear-upstream only: upstream's topk_weight λ_u itself (default λ/ξ)", at_least=0.0
@@ -314,6 +337,11 @@ class TrainConfig:
                 setattr(self, name, getattr(defaults, name))
         if self.test_file is None:
             self.test_file = test_file_for(self.protocol, self.data)
+        if self.reference is not None and not get_loss(self.loss).needs_reference:
+            raise ValueError(
+                f"--reference: given with --loss {self.loss}, which has no reference policy "
+                "(sdpo and sdpo-bear have one)"
+            )
         if self.topk_tau is not None and self.loss != "bear-upstream":
             raise ValueError(
                 f"--topk-tau: given with --loss {self.loss}; it is bear-upstream's ξ "
@@ -331,4 +359,7 @@ class TrainConfig:
             temperature=self.temperature,
             topk_weight=self.topk_weight,
             normalisation=self.normalisation,
+            negatives=self.negatives,
+            negative_sampling=self.negative_sampling,
+            dpo_beta=self.dpo_beta,
         )

@@ -21,7 +21,15 @@ from pathlib import Path
 
 from bear.prompts import PromptText, domain_from_folder, prompt_text
 
-__all__ = ["DataError", "Example", "Dataset", "load_dataset", "TITLES_FILE", "VALID_FRACTION"]
+__all__ = [
+    "DataError",
+    "Example",
+    "Dataset",
+    "load_dataset",
+    "load_titles",
+    "TITLES_FILE",
+    "VALID_FRACTION",
+]
 
 TITLES_FILE = "id2name4Rec.json"
 COLUMNS = ("user_id", "item_ids", "timestamp")
@@ -188,6 +196,11 @@ def split_valid(train: list[Example], fraction: float = VALID_FRACTION):
     cut = len(train) - n_valid
     keep, valid = sorted(order[:cut]), sorted(order[cut:])
     return [train[i] for i in keep], [train[i] for i in valid]
+
+
+def load_titles(folder: str | Path) -> dict[int, str]:
+    """The catalogue of a dataset folder: item id -> title (``DataError`` as ``load_dataset``)."""
+    return _load_titles(Path(folder) / TITLES_FILE)
 
 
 def load_dataset(

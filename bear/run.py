@@ -99,10 +99,36 @@ def _tokenizer_texts(data: Dataset) -> list[str]:
     return titles + [format_prompt([data.titles[i] for i in e.history], data.prompt) for e in rows]
 
 
+def _tiny_tokenizer(cfg: TrainConfig, run: Path, fresh: bool, data: Dataset):
+    """The tiny model's tokenizer: the run's own (RUN/tokenizer) when it continues, else that of
+    the run its weights come from (``--init``, or ``--reference``: the weights fit its
+    vocabulary only), else one trained on the data. ValueError when --init and --reference
+    carry different tokenizers."""
+    if not fresh and (run / "tokenizer").is_dir():
+        return PreTrainedTokenizerFast.from_pretrained(run / "tokenizer")
+    runs = (("--init", cfg.init), ("--reference", cfg.reference))
+    sources = [(flag, Path(r) / "tokenizer") for flag, r in runs if r is not None]
+    for flag, folder in sources:
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{flag} {folder.parent}: no tokenizer folder; give a finished run of --model tiny"
+            )
+    found = [PreTrainedTokenizerFast.from_pretrained(folder) for _, folder in sources]
+    if len(found) == 2 and found[0].get_vocab() != found[1].get_vocab():
+        raise ValueError(
+            f"--reference {cfg.reference}: another tokenizer than --init {cfg.init}'s; give two "
+            "runs of one tokenizer (the reference trained from the same start)"
+        )
+    if found:
+        return found[0]
+    return train_tokenizer(_tokenizer_texts(data), cfg.vocab_size)
+
+
 def build_setup(
     cfg: TrainConfig, run: Path, fresh: bool, device: torch.device | None = None
 ) -> Setup:
-    """Load the data, tokenizer (trained for tiny, or RUN/tokenizer), model, items and trie.
+    """Load the data, tokenizer (tiny: RUN/tokenizer, --init's, --reference's or trained),
+    model, items and trie.
 
     ``fresh=False`` reuses the tiny tokenizer saved in RUN/tokenizer when there is one. ``device``:
     where the model will run, which ``--dtype auto`` decides on (default: ``cfg.device``).
@@ -127,11 +153,7 @@ def build_setup(
         device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.model, device)
     if cfg.model == "tiny":
-        tok_dir = run / "tokenizer"
-        if not fresh and tok_dir.is_dir():
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-        else:
-            tokenizer = train_tokenizer(_tokenizer_texts(data), cfg.vocab_size)
+        tokenizer = _tiny_tokenizer(cfg, run, fresh, data)
         tiny = TinyConfig.from_config(cfg)
         special = (tokenizer.pad_token_id, tokenizer.eos_token_id)
         model = build_tiny_model(len(tokenizer), *special, tiny, cfg.seed).to(dtype)

@@ -39,6 +39,7 @@ from bear.losses import Loss, build_loss
 from bear.metrics import SELECT_METRIC
 from bear.model import DTYPES, save_run_model, trainable_state
 from bear.plots import plot_run
+from bear.policies import load_init
 from bear.protocol import PROTOCOLS, epoch_checkpoint, resolved_settings
 from bear.report import Selection, run_metrics, write_metrics
 from bear.run import (
@@ -162,6 +163,9 @@ def _start(cfg: TrainConfig) -> tuple[RunContext, dict | None]:
     setup = build_setup(cfg, run, fresh=not cfg.resume, device=device)
     _check_valid_rows(cfg, setup)
     loss = build_loss(cfg.loss_settings())
+    if cfg.init is not None:  # also on --resume: what the loss starts from (a reference copy)
+        load_init(cfg, setup.model)
+    loss.start(cfg, setup, device)
     evaluation = EvalSettings.from_config(cfg)
     resume_from = _read_resume_point(cfg, run, setup.model)
     if world > 1:
@@ -253,7 +257,8 @@ def _train_epoch(ctx: RunContext, opt: Optimisation) -> bool:
     bar = tqdm(steps, desc=f"{cfg.loss} epoch {epoch + 1}", disable=not show, leave=False)
     for s in bar:
         idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
-        micro = micro_batches(ctx.setup, idx, ctx.loss, ctx.step, cfg.micro_batch_size)
+        size, step = cfg.micro_batch_size, state["global_step"]
+        micro = micro_batches(ctx.setup, idx, ctx.loss, ctx.step, size, step)
         step_loss = accumulate_gradients(ctx.step, micro, ctx.loss)
         fault_point(f"backward:{state['global_step'] + 1}")
         if not math.isfinite(step_loss):

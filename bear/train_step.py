@@ -44,20 +44,23 @@ class MicroBatch:
     indices in the training split, ``allowed_mask`` (U, W, ceil(V/32)) int32 the trie children
     of each positive prefix (None for a full-vocabulary loss), ``counted`` (U, W) bool the rows
     the loss counts (``Loss.counted_rows``, computed once here), ``weight`` 1, or 0 for a
-    stand-in that tops up a short share (its forward and backward run and add nothing)."""
+    stand-in that tops up a short share (its forward and backward run and add nothing), ``step``
+    the optimiser step it belongs to (0-based; what seeds a loss's per-step draws)."""
 
     batch: Batch
     examples: list[int]
     allowed_mask: torch.Tensor | None
     counted: torch.Tensor
     weight: float
+    step: int = 0
 
 
 def micro_batches(
-    setup: Setup, idx: list[int], loss: Loss, ctx: StepContext, size: int
+    setup: Setup, idx: list[int], loss: Loss, ctx: StepContext, size: int, step: int = 0
 ) -> list[MicroBatch]:
     """The micro-batches of at most ``size`` examples of rank ``ctx.rank``'s share
-    ``idx[rank::world]`` of one step's examples ``idx`` (indices into the training split).
+    ``idx[rank::world]`` of the examples ``idx`` (indices into the training split) of optimiser
+    step ``step``.
 
     Every rank gets as many micro-batches as the largest share needs (FSDP2's forwards are
     collective): a shorter share is topped up with stand-ins of weight 0, the step's first
@@ -81,7 +84,7 @@ def micro_batches(
         if not loss.full_vocabulary:
             mask = ctx.trie.allowed_mask(batch.node_ids.reshape(-1)).reshape(U, W, -1)
         counted = loss.counted_rows(batch.target, mask, ctx.trie.vocab_size)  # (U, W)
-        out.append(MicroBatch(batch, list(part), mask, counted, weight))
+        out.append(MicroBatch(batch, list(part), mask, counted, weight, step))
     return out
 
 
@@ -91,7 +94,7 @@ def _step_count(micro: list[MicroBatch], loss: Loss, world: int) -> torch.Tensor
     per_micro = loss.settings.normalisation == "micro-batch"
     count = torch.zeros((), dtype=torch.float64)
     for m in micro:
-        count += m.weight if per_micro else m.weight * int(m.counted.sum())
+        count += m.weight if per_micro else m.weight * loss.units(m)
     if world > 1:
         dist.all_reduce(count)
     return count

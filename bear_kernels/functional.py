@@ -10,6 +10,7 @@ cross-entropy) come from `bear_kernels._common`, which the paths and the referen
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _torch, _triton
 from ._common import (
@@ -24,7 +25,7 @@ from ._common import (
     reduce_rows,
 )
 
-__all__ = ["BEARLoss", "bear_loss", "ce_margin"]
+__all__ = ["BEARLoss", "bear_loss", "bear_regularizer", "ce_margin"]
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -235,6 +236,58 @@ def bear_loss(
     ce, margin, counted = _ce_margin_rows(z, y, mask, impl, params)
     row_loss = bear_row_loss(ce, margin, counted, reg_weight, reg_temperature)  # (N,)
     return reduce_rows(row_loss.reshape(shape), counted, reduction)
+
+
+def bear_regularizer(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    beam_width: int = 10,
+    reg_temperature: float = 1.0,
+    temperature: float = 1.0,
+    allowed_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "none",
+    threshold_grad: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The BEAR regulariser alone, a term to add to any objective with either sign (paper eq. 3.4).
+
+        reg = log σ(Δ / ξ),  Δ = log β - log p_y = (z_(B') - z_y) / tau over the allowed set A
+
+    reg < 0 always, and falls towards -∞ as the target drops out of the top-B (Δ > 0). Adding
+    ``+λ·reg`` for a positive's tokens pushes each into the top-B of its step (BEAR); adding
+    ``-λ·reg`` for a negative's tokens pushes each out of it, so that beam search prunes the
+    negative (S-DPO + BEAR, paper §4.2). It is ``F.logsigmoid(margin / ξ)`` on the margin of
+    ``ce_margin`` (its fused backward), 0 on rows that are not counted.
+
+    Args:
+        logits, target, beam_width, temperature, allowed_mask, ignore_index, threshold_grad,
+        impl: as in `ce_margin` (A: each row's own allowed set, e.g. the trie children of the
+            response's own prefix).
+        reg_temperature: ξ > 0.
+        reduction: "none" (target's shape), "sum", or "mean" (over counted rows, 0 when none).
+
+    Returns:
+        float32 (float64 for float64 logits), target's shape or a scalar.
+
+    Raises:
+        As `ce_margin`, plus ValueError for a bad ξ or reduction.
+    """
+    check_hyper(reg_temperature=reg_temperature)
+    check_reduction(reduction)
+    _, margin, counted = ce_margin(
+        logits,
+        target,
+        beam_width=beam_width,
+        temperature=temperature,
+        allowed_mask=allowed_mask,
+        ignore_index=ignore_index,
+        threshold_grad=threshold_grad,
+        impl=impl,
+        return_counted=True,
+    )
+    reg = torch.where(counted, F.logsigmoid(margin / reg_temperature), torch.zeros_like(margin))
+    return reduce_rows(reg, counted, reduction)
 
 
 class BEARLoss(torch.nn.Module):

@@ -1,5 +1,7 @@
-"""Test quality of sft, msl and bear with the tiny model on an upstream dataset, over seeds,
-under one or both protocols (``--protocols ours upstream``), labelled side by side.
+"""Test quality of sft, msl and bear (and sdpo, sdpo-bear) with the tiny model on an upstream
+dataset, over seeds, under one or both protocols (``--protocols ours upstream``), labelled side
+by side. The preference losses start (``--init``) from the sft run of their seed and protocol,
+at ``--preference-lr``, as S-DPO's release trains from its SFT checkpoint.
 
 For each seed, protocol and loss: train, then what the protocol reports — ours: the test metrics
 of the epoch best on validation NDCG@10; upstream: the per-metric maximum over epochs on test.
@@ -20,19 +22,21 @@ from pathlib import Path
 from _common import add_results_args, device_label, results_stem, write_json
 
 from bear.config import TrainConfig
+from bear.losses import get_loss
 from bear.metrics import TABLE_KEYS
 from bear.train import train
 
-KEYS = TABLE_KEYS + ("violation_share",)
+KEYS = TABLE_KEYS + ("violation_share", "seconds_per_epoch")
 
 
 def reported(metrics: dict) -> dict:
     """The test metrics a protocol reports: ours, the epoch chosen on validation; upstream, the
     per-metric maximum over epochs on test (HR@K, NDCG@K only: PR@K and the violation share
-    are not maxima the paper reports, so they are absent)."""
+    are not maxima the paper reports, so they are absent); with the seconds per epoch."""
+    per_epoch = {"seconds_per_epoch": metrics["seconds_per_epoch"]}
     if metrics["protocol"] == "upstream":
-        return metrics["test_max"]
-    return metrics["test"]
+        return metrics["test_max"] | per_epoch
+    return metrics["test"] | per_epoch
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float] | None]]:
@@ -49,12 +53,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict[str, list[float] | 
     return out
 
 
+def _cell(key: str, mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}" if key == "seconds_per_epoch" else f"{mean:.4f} ± {std:.4f}"
+
+
 def table(summary: dict, n_seeds: int) -> str:
     head = "| protocol | loss | " + " | ".join(KEYS) + " |"
     lines = [head, "|" + " --- |" * (len(KEYS) + 2)]
     for label, row in summary.items():
         protocol, loss = label.split("/")
-        cells = ["-" if row[k] is None else f"{row[k][0]:.4f} ± {row[k][1]:.4f}" for k in KEYS]
+        cells = ["-" if row[k] is None else _cell(k, *row[k]) for k in KEYS]
         lines.append(f"| {protocol} | {loss} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
         f"\n\nmean ± std over {n_seeds} seed(s), test split. ours: the epoch with the best "
@@ -101,9 +109,19 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096, help="tiny model's BPE vocabulary")
     p.add_argument("--batch-size", type=int, default=32, help="examples per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument(
+        "--preference-lr",
+        type=float,
+        help="peak learning rate of sdpo / sdpo-bear, which start from the sft run of "
+        "their seed (default: --lr / 10, S-DPO's recipe: 1e-5 after SFT at 1e-4)",
+    )
+    p.add_argument("--negatives", type=int, default=3, help="negatives per example (S-DPO: 3)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_results_args(p)
     args = p.parse_args()
+    preference = [loss for loss in args.losses if get_loss(loss).needs_reference]
+    if preference and "sft" not in args.losses[: args.losses.index(preference[0])]:
+        p.error(f"--losses: {preference[0]} starts from the sft run of its seed: list sft first")
     name = Path(args.data).resolve().name.lower()
     device = device_label(args.device)
     stem = results_stem(args.results_dir, f"quality_{name}_tiny", device, args.tag)
@@ -116,13 +134,18 @@ def main() -> None:
             test_file = args.upstream_test_file if protocol == "upstream" else None
             for loss in args.losses:
                 out = f"{args.out}/{name}_{protocol}_{loss}_s{seed}"
-                cfg = TrainConfig(data=args.data, out=out, loss=loss, protocol=protocol,
-                                  test_file=test_file, epochs=args.epochs,
-                                  limit_train=args.limit_train,
-                                  limit_eval=args.limit_eval, max_history=args.max_history,
-                                  vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                                  batch_size=args.batch_size, lr=args.lr, seed=seed,
-                                  device=args.device, overwrite=True, progress=False)  # fmt: skip
+                start = {}
+                if loss in preference:  # S-DPO's recipe: from the sft run, at a lower rate
+                    start = {"init": f"{args.out}/{name}_{protocol}_sft_s{seed}",
+                             "lr": args.preference_lr or args.lr / 10,
+                             "negatives": args.negatives}  # fmt: skip
+                settings = dict(test_file=test_file, epochs=args.epochs,
+                                limit_train=args.limit_train, limit_eval=args.limit_eval,
+                                max_history=args.max_history, vocab_size=args.vocab_size,
+                                hidden_size=args.hidden_size, batch_size=args.batch_size,
+                                lr=args.lr, seed=seed, device=args.device, overwrite=True,
+                                progress=False) | start  # fmt: skip
+                cfg = TrainConfig(data=args.data, out=out, loss=loss, protocol=protocol, **settings)
                 m = train(cfg)
                 runs[f"{protocol}/{loss}"].append(m)
                 print(f"seed {seed} {protocol} {loss}: reported {json.dumps(reported(m))}"

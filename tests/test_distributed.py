@@ -82,6 +82,19 @@ def test_ddp_under_torchrun_equals_one_process(one_process, tmp_path):
     _assert_equals_one_process(one, tmp_path / "ddp")
 
 
+def test_sdpo_bear_under_torchrun_equals_one_process(one_process, tmp_path):
+    """S-DPO + BEAR from a finished run (its own reference: a frozen copy on every rank): two DDP
+    processes reach the single process's weights; each rank draws its examples' negatives, seeded
+    by (seed, step, example), so the split across ranks changes nothing."""
+    data, start = one_process
+    args = ("--loss", "sdpo-bear", "--init", str(start), "--negatives", "2", "--reg-weight", "0.5")
+    _train([sys.executable], data, tmp_path / "one", *args)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", _free_port()]  # fmt: skip
+    _train(torchrun, data, tmp_path / "ddp", *args)
+    _assert_equals_one_process(tmp_path / "one", tmp_path / "ddp")
+
+
 def test_fsdp_under_accelerate_launch_equals_one_process(one_process, tmp_path):
     """accelerate launch --num_processes 2 with --fsdp (FSDP2 shards, gathers for decoding) reaches
     the single process's weights and metrics; RUN/model is written from the sharded model."""

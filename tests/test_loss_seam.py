@@ -32,7 +32,7 @@ def test_every_builtin_loss_is_its_registered_class_with_the_scoring_of_its_soft
         assert issubclass(cls, Loss) and cls.name == name
         # a full-vocabulary softmax is decoded with "after" scoring, the children's with "before"
         assert cls.scoring == ("after" if cls.full_vocabulary else "before")
-    assert [n for n in loss_names() if get_loss(n).full_vocabulary] == ["sft"]
+    assert [n for n in loss_names() if get_loss(n).full_vocabulary] == ["sft", "sdpo", "sdpo-bear"]
 
 
 def test_evaluation_takes_its_scoring_from_the_loss(tmp_path):

@@ -32,6 +32,8 @@ from bear.model import autocast_for, response_logits
 from bear_kernels import ce_margin, counted_rows
 
 if TYPE_CHECKING:
+    from bear.config import TrainConfig
+    from bear.run import Setup
     from bear.train_step import MicroBatch, StepContext
 
 __all__ = ["Loss", "RowTerms", "UPSTREAM_EPS", "build_loss"]
@@ -59,12 +61,19 @@ class Loss:
         scoring: the decoding scoring that matches the training softmax ("after" for a
             full-vocabulary softmax, "before" for the children's; SPEC §4).
         takes_temperature: whether τ applies (a loss without it refuses τ != 1).
+        needs_reference: whether it has a reference policy (``--reference``; preference losses).
+
+    Hooks: ``start`` once before training (what the loss builds from the run: a reference
+    policy, a negative sampler), ``prepare`` per micro-batch before its forward, without
+    gradients, ``terms`` (or ``micro_batch_loss`` for a loss that feeds the model otherwise) and
+    ``units`` (the micro-batch's share of the step's denominator).
     """
 
     name: ClassVar[str]
     full_vocabulary: ClassVar[bool] = False
     scoring: ClassVar[str] = "before"
     takes_temperature: ClassVar[bool] = True
+    needs_reference: ClassVar[bool] = False
 
     def __init__(self, settings: LossSettings):
         if settings.name != self.name:
@@ -84,6 +93,17 @@ class Loss:
                 f"topk_weight: given for loss {cls.name!r}; it is bear-upstream's λ_u "
                 "(use reg_weight λ for the other losses)"
             )
+
+    def start(self, cfg: TrainConfig, setup: Setup, device: torch.device) -> None:
+        """Build what the loss needs from the run before training, once, after every input is
+        checked and before the run folder is touched (raise ValueError for what it cannot use).
+        ``setup.model`` is the policy as training starts (after ``--init``, unwrapped, before
+        resumed weights). Nothing by default."""
+
+    def units(self, micro: MicroBatch) -> int:
+        """The micro-batch's share of the step's denominator under the ``step`` normalisation:
+        its counted rows (a loss over whole examples counts its examples)."""
+        return int(micro.counted.sum())
 
     def prepare(self, ctx: StepContext, micro: MicroBatch) -> Any:
         """What the loss needs of the model before its forward, without gradients (beam-sim: the

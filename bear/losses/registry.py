@@ -29,6 +29,8 @@ BUILTIN_LOSSES = {
     "bear": "bear.losses.bear",
     "bear-upstream": "bear.losses.bear_upstream",
     "beam-sim": "bear.losses.beam_sim",
+    "sdpo": "bear.losses.sdpo",
+    "sdpo-bear": "bear.losses.sdpo",
 }
 NORMALISATIONS = ("step", "micro-batch")  # see bear.losses.base
 _REGISTERED: dict[str, type] = {}  # name -> the Loss subclass
@@ -80,6 +82,9 @@ class LossSettings:
     temperature: float = 1.0  # τ: softmax(z/τ) over the loss's allowed set
     topk_weight: float | None = None  # bear-upstream's λ_u; None: λ/ξ
     normalisation: str = "step"  # one of NORMALISATIONS
+    negatives: int = 3  # M, preference losses (S-DPO)
+    negative_sampling: str = "uniform"  # bear.config.NEGATIVE_SAMPLING
+    dpo_beta: float = 1.0  # β of S-DPO
 
     def __post_init__(self):
         loss = get_loss(self.name)
