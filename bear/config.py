@@ -38,6 +38,10 @@ EVALUATION_FIELDS = (
     "length_penalty",
     "exact_budget",
     "eval_batch_size",
+    "eval_beam_width",
+    "scoring",
+    "exclude_history",
+    "near_copy_report",
     "decoder",
     "decoder_options",
     "progress",
@@ -139,9 +143,50 @@ class TrainConfig:
         positive=True,
         resume_may_change=True,
     )
+    eval_every: int | None = _setting(
+        None,
+        "every N optimiser steps, a teacher-forced validation loss (no decoding: "
+        "bear.validation), logged as check/ce, check/msl and check/loss; the best check's "
+        "weights are kept as RUN/best_check.pt",
+        positive=True,
+    )
+    valid_rows: int | None = _setting(
+        None, "validation rows of each --eval-every check (the first N; default all)", positive=True
+    )
+    valid_decode_rows: int | None = _setting(
+        None,
+        "also decode the first N validation rows at each --eval-every check: HR@10 and NDCG@10 "
+        "logged beside the loss (a learning curve of the metric)",
+        positive=True,
+        resume_may_change=True,
+    )
+    early_stopping: int | None = _setting(
+        None,
+        "stop once the --eval-every validation loss has not improved for N checks in a row (the "
+        "stop competes for selection as a partial epoch, as --max-steps's does)",
+        positive=True,
+    )
+    min_item_count: int | None = _setting(
+        None,
+        "keep only the items seen at least K times in the training rows (as target or in a "
+        "history): the others leave the catalogue, the histories, and the rows (every split) "
+        "whose target they are or whose history they empty",
+        positive=True,
+    )
     limit_train: int | None = _setting(None, "train on the first N training rows", positive=True)
     seed: int = _setting(0, "seed of model init and data order")
-    beam_width: int = _setting(10, "beam width B, for the loss, validation and test", positive=True)
+    beam_width: int = _setting(
+        10,
+        "beam width B of the loss (and of validation and test: --eval-beam-width)",
+        positive=True,
+    )
+    eval_beam_width: int | None = _setting(
+        None,
+        "beam width of validation and test decoding (default: --beam-width, the training one); "
+        "set apart to study a training width other than the inference width",
+        positive=True,
+        resume_may_change=True,
+    )
     reg_weight: float = _setting(
         1.0,
         "λ of the regulariser (bear, beam-sim); for bear-upstream, upstream's topk_weight is "
@@ -265,6 +310,27 @@ class TrainConfig:
     eval_batch_size: int = _setting(
         32, "prompts per decoding batch", positive=True, resume_may_change=True
     )
+    scoring: str | None = _setting(
+        None,
+        "scoring of validation and test decoding (SPEC §4): before (softmax over the trie "
+        "children), after (full-vocabulary softmax), or both (every test metric reported under "
+        "each, labelled in by_scoring; validation and selection use the loss's); default: the "
+        "loss's (sft, sdpo, sdpo-bear: after; the others: before)",
+        choices=("before", "after", "both"),
+        resume_may_change=True,
+    )
+    exclude_history: bool = _setting(
+        False,
+        "remove each user's history items from the returned list and from the exact ranking "
+        "behind PR@K (a target in its own history is then a miss)",
+        resume_may_change=True,
+    )
+    near_copy_report: bool = _setting(
+        False,
+        "report the users whose target is a near copy of a history title (the same first three "
+        "words) apart from the rest in every test metric (near_copy, not_near_copy)",
+        resume_may_change=True,
+    )
     decoder: str = _setting(
         "beam",
         "decoder of validation and test: beam (beam search of width --beam-width, SPEC §4) or "
@@ -327,7 +393,8 @@ class TrainConfig:
         self._resolve_protocol()
         self.loss_settings()  # validates the loss hyper-parameters before any work
         decoder = get_decoder(self.decoder).from_options(self.decoder_options)
-        decoder.check(self.beam_width, get_loss(self.loss).scoring, self.length_penalty)
+        width = self.eval_beam_width or self.beam_width
+        decoder.check(width, get_loss(self.loss).scoring, self.length_penalty)
 
     def _resolve_protocol(self) -> None:
         """Fill the settings left unset (None) from the protocol's (``bear.protocol``)."""
@@ -342,6 +409,14 @@ class TrainConfig:
                 f"--reference: given with --loss {self.loss}, which has no reference policy "
                 "(sdpo and sdpo-bear have one)"
             )
+        needs_checks = {
+            "--valid-rows": self.valid_rows,
+            "--early-stopping": self.early_stopping,
+            "--valid-decode-rows": self.valid_decode_rows,
+        }
+        for flag, value in needs_checks.items():
+            if value is not None and self.eval_every is None:
+                raise ValueError(f"{flag}: given without --eval-every N, the steps between checks")
         if self.topk_tau is not None and self.loss != "bear-upstream":
             raise ValueError(
                 f"--topk-tau: given with --loss {self.loss}; it is bear-upstream's ξ "

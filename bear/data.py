@@ -12,10 +12,12 @@ raises ``DataError`` naming the file and row.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "load_titles",
+    "filter_catalogue",
     "TITLES_FILE",
     "VALID_FRACTION",
 ]
@@ -196,6 +199,35 @@ def split_valid(train: list[Example], fraction: float = VALID_FRACTION):
     cut = len(train) - n_valid
     keep, valid = sorted(order[:cut]), sorted(order[cut:])
     return [train[i] for i in keep], [train[i] for i in valid]
+
+
+def filter_catalogue(data: Dataset, min_count: int) -> Dataset:
+    """``data`` with the items seen fewer than ``min_count`` times in its training rows (as a
+    target or in a history) removed: from the catalogue, from every history, and with the rows
+    (of every split) whose target is one of them or whose history is left empty.
+
+    Raises DataError when no item or no training row is left.
+    """
+    counts = Counter(i for e in data.train for i in (e.target, *e.history))
+    keep = {i for i in data.titles if counts[i] >= min_count}
+
+    def kept(rows: list[Example]) -> list[Example]:
+        out = []
+        for e in rows:
+            history = tuple(i for i in e.history if i in keep)
+            if e.target in keep and history:
+                out.append(dataclasses.replace(e, history=history))
+        return out
+
+    train = kept(data.train)
+    if not keep or not train:
+        raise DataError(
+            f"--min-item-count {min_count}: leaves {len(keep)} of {len(data.titles)} items and "
+            f"{len(train)} training rows in {data.folder}; lower it"
+        )
+    titles = {i: t for i, t in data.titles.items() if i in keep}
+    valid, test = kept(data.valid), kept(data.test)
+    return dataclasses.replace(data, titles=titles, train=train, valid=valid, test=test)
 
 
 def load_titles(folder: str | Path) -> dict[int, str]:

@@ -17,26 +17,30 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bear.config import TrainConfig
-from bear.decoding.best_first import exact_topk
-from bear.decoding.count_above import count_items_above
+from bear.data import Example
 from bear.decoding.decoder import Decoder
 from bear.decoding.prompt_cache import PromptCache
 from bear.decoding.registry import get_decoder
-from bear.decoding.teacher_forcing import item_logits
-from bear.items import IGNORE_INDEX, collate
+from bear.items import collate
 from bear.losses.registry import get_loss
-from bear.metrics import UNDECIDED, beam_metrics, ranking_metrics, target_ranks
+from bear.metrics import beam_metrics, ranking_metrics, target_ranks
 from bear.model import autocast_for
 from bear.protocol import epoch_checkpoint
+from bear.ranking import drop_items, exact_ranks, target_terms
 from bear.report import Selection, run_metrics, write_metrics
 from bear.run import Setup, build_setup, load_run_config, load_weights, resolve_device
 from bear.run_folder import read_checkpoint
-from bear_kernels import ce_margin
 
-__all__ = ["EXACT_K", "EvalSettings", "evaluate_split", "evaluate_run"]
+__all__ = [
+    "EvalSettings",
+    "RowResults",
+    "evaluate_rows",
+    "evaluate_run",
+    "evaluate_split",
+    "near_copy_rows",
+]
 
-EXACT_K = 10  # exact top-K depth: PR@5 and PR@10 need the exact top-10 (SPEC §5)
-SCORE_TOLERANCE = 1e-3  # beam scores vs teacher-forced sums: float noise well below this
+NEAR_COPY_WORDS = 3  # a target is a near copy of a history title when their first 3 words agree
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,19 @@ class EvalSettings:
 
     Fields: ``decoder`` a registered decoder (``bear.decoding.registry``) and its
     ``decoder_options`` (KEY=VALUE), ``beam_width`` B the items it returns per user,
-    ``scoring`` "before" / "after" (the loss's), ``length_penalty`` α, ``exact_budget`` the
+    ``scoring`` "before" / "after" (the loss's by default), ``both_scorings`` report a full
+    evaluation under both, ``exclude_history`` remove each user's history items from the lists
+    and the exact ranking, ``near_copies`` report the users whose target is a near copy of a
+    history title apart, ``length_penalty`` α, ``exact_budget`` the
     prefix tokens the exact rank's count may feed per row (None: exact), ``batch_size`` prompts
     per decoding batch, ``limit`` the first rows of a split (None: all), ``progress`` a bar.
     """
 
     beam_width: int = 10
     scoring: str = "before"
+    both_scorings: bool = False
+    exclude_history: bool = False
+    near_copies: bool = False
     length_penalty: float = 0.0
     decoder: str = "beam"
     decoder_options: tuple[str, ...] = ()
@@ -62,10 +72,15 @@ class EvalSettings:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> EvalSettings:
-        """The settings of a run: its width, its loss's scoring, its protocol's length penalty."""
+        """The settings of a run: its evaluation width (the training one by default), its
+        loss's scoring (or --scoring's), its protocol's length penalty, its evaluation flags."""
+        own = get_loss(cfg.loss).scoring
         return cls(
-            beam_width=cfg.beam_width,
-            scoring=get_loss(cfg.loss).scoring,
+            beam_width=cfg.eval_beam_width or cfg.beam_width,
+            scoring=own if cfg.scoring in (None, "both") else cfg.scoring,
+            both_scorings=cfg.scoring == "both",
+            exclude_history=cfg.exclude_history,
+            near_copies=cfg.near_copy_report,
             length_penalty=cfg.length_penalty,
             decoder=cfg.decoder,
             decoder_options=tuple(cfg.decoder_options),
@@ -75,75 +90,68 @@ class EvalSettings:
             progress=cfg.progress,
         )
 
+    @property
+    def scorings(self) -> tuple[str, ...]:
+        """The scorings a full evaluation reports: ``scoring`` first, then the other if both."""
+        other = "after" if self.scoring == "before" else "before"
+        return (self.scoring, other) if self.both_scorings else (self.scoring,)
+
     def build_decoder(self) -> Decoder:
         """The decoder with its options (ValueError for an unknown decoder or option)."""
         return get_decoder(self.decoder).from_options(self.decoder_options)
 
 
-def _full_scores(found, trie, length_penalty: float) -> torch.Tensor:
-    """(U, B) the decoded items' scores at α = 0 (sums of log-probabilities): score · length^α,
-    length = the item's tokens including EOS; -inf where padded."""
-    scores = found.scores.float()  # (U, B)
-    if length_penalty == 0:
-        return scores
-    tokens = trie.item_tokens(found.item_ids.clamp(min=0).reshape(-1))  # (U·B, L + 1)
-    lengths = (tokens != IGNORE_INDEX).sum(1).reshape(scores.shape).to(scores.dtype)  # (U, B)
-    return torch.where(torch.isfinite(scores), scores * lengths**length_penalty, scores)
+def near_copy_rows(examples: list[Example], titles: dict[int, str]) -> torch.Tensor:
+    """(R,) bool: the rows whose target's title starts with the same NEAR_COPY_WORDS words
+    (case-insensitive) as a title in the row's history: recommendations a model can make by
+    copying the prompt (reported apart from the rest in a full evaluation)."""
+
+    def head(item: int) -> tuple[str, ...]:
+        return tuple(titles[item].lower().split()[:NEAR_COPY_WORDS])
+
+    return torch.tensor(
+        [any(head(h) == head(e.target) for h in e.history) for e in examples], dtype=torch.bool
+    )
 
 
-def _target_terms(model, prompt, trie, batch, settings: EvalSettings):
-    """Teacher-forced target terms of a batch: (violated (U,) bool, some counted token has Δ > 0
-    at width B; s_y (U,) the target's score at α = 0 under the settings' scoring)."""
-    with autocast_for(trie.device):
-        logits, target, nodes = item_logits(model, prompt, trie, batch.items)  # (U, W, V)
-    U, W, V = logits.shape
-    mask = trie.allowed_mask(nodes.reshape(-1))  # (U·W, words)
-    target = target.reshape(-1)  # (U·W,)
-    flat = logits.reshape(U * W, V)
-    B = settings.beam_width
-    ce, margin, counted = ce_margin(flat, target, B, allowed_mask=mask, return_counted=True)
-    violated = ((margin > 0) & counted).reshape(U, W).any(1)
-    if settings.scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
-        ce, _ = ce_margin(flat, target, beam_width=B)
-    return violated, -ce.reshape(U, W).sum(1)
+def _history(examples: list[Example], trie, device) -> torch.Tensor:
+    """(U, H) the canonical ids of each row's history items, -1 padded."""
+    width = max(len(e.history) for e in examples)
+    flat = torch.tensor([i for e in examples for i in e.history], dtype=torch.long, device=device)
+    canon = iter(trie.canonical(flat).tolist())
+    rows = [[next(canon) for _ in e.history] + [-1] * (width - len(e.history)) for e in examples]
+    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(examples), width)
 
 
-def _exact_ranks(model, prompt, trie, batch, found, target, settings: EvalSettings, exact_all):
-    """(U,) the target's rank in the exact top-``EXACT_K`` by full score, -1 outside it,
-    UNDECIDED where the budget left it open (``evaluate_split``'s docstring); ``target``:
-    (canonical item ids (U,), teacher-forced scores s_y (U,))."""
-    canon, s_y = target
-    beats = _full_scores(found, trie, settings.length_penalty) > s_y[:, None] + SCORE_TOLERANCE
-    above = (beats & (found.item_ids != canon[:, None])).sum(1)  # (U,)
-    need = torch.ones_like(above, dtype=torch.bool) if exact_all else above < EXACT_K
-    U = canon.shape[0]
-    ranks = torch.full((U,), -1, dtype=torch.long)
-    rows = need.nonzero().flatten()
-    if not rows.numel():
-        return ranks
-    prompts = (batch.prompt_ids[rows], batch.prompt_mask[rows])
-    if exact_all:  # the K best items in order, the target's rank among them
-        with autocast_for(trie.device):
-            exact = exact_topk(model, *prompts, trie, k=EXACT_K, scoring=settings.scoring)
-        ranks[rows.cpu()] = target_ranks(exact.item_ids, canon[rows]).cpu()
-        return ranks
-    seen = torch.where(beats, found.item_ids, -1)[rows]  # (R, B) not counted again
-    with autocast_for(trie.device):
-        count, complete = count_items_above(
-            model,
-            *prompts,
-            trie,
-            s_y[rows] + SCORE_TOLERANCE,
-            k=EXACT_K - above[rows],
-            scoring=settings.scoring,
-            exclude=torch.cat([canon[rows, None], seen], 1),
-            max_expansions=settings.exact_budget,
-            prompt=prompt.select(rows),
-        )
-    rank = above[rows] + count
-    found_rank = torch.where(rank < EXACT_K, rank, -1)
-    ranks[rows.cpu()] = torch.where(complete, found_rank, UNDECIDED).cpu()
-    return ranks
+@dataclass
+class RowResults:
+    """Per-row results of a split's evaluation (``evaluate_rows``), in the split's row order.
+
+    ranks: scoring -> (R,) the target's rank in the decoder's list (-1: absent); exact: scoring ->
+    (R,) its rank in the exact top-EXACT_K by full score (-1 outside it, UNDECIDED; all -1 when
+    not ``full``); violated (R,) bool, some target token has Δ > 0 (``full`` only); near_copy
+    (R,) bool, the target is a near copy of a history title (``near_copy_rows``).
+    """
+
+    ranks: dict[str, torch.Tensor]
+    exact: dict[str, torch.Tensor]
+    violated: torch.Tensor
+    near_copy: torch.Tensor
+    full: bool
+
+    def metrics(self, scoring: str, near_copies: bool = False) -> dict:
+        """The metrics under ``scoring``: full, SPEC §5's (with ``near_copies``, those of the
+        near-copy rows and of the rest beside: ``near_copy``, ``not_near_copy``); else NDCG@K
+        and HR@K."""
+        ranks = self.ranks[scoring]
+        if not self.full:
+            return beam_metrics(ranks)
+        exact, violated, near = self.exact[scoring], self.violated, self.near_copy
+        out = ranking_metrics(ranks, exact, violated)
+        if near_copies:
+            out["near_copy"] = ranking_metrics(ranks[near], exact[near], violated[near])
+            out["not_near_copy"] = ranking_metrics(ranks[~near], exact[~near], violated[~near])
+        return out
 
 
 @torch.no_grad()
@@ -158,7 +166,32 @@ def evaluate_split(
     rank: int = 0,
     world: int = 1,
 ) -> dict:
-    """Metrics of SPEC §5 on the first ``settings.limit`` rows of a split ("valid" or "test").
+    """Metrics of SPEC §5 on the first ``settings.limit`` rows of a split ("valid" or "test"):
+    ``evaluate_rows``'s per-row results summarised under ``settings.scoring``, and under every
+    scoring in ``by_scoring`` when ``settings.both_scorings``; with ``settings.near_copies`` a
+    full evaluation reports the near-copy rows and the rest apart (``near_copy``,
+    ``not_near_copy``). Arguments as ``evaluate_rows``."""
+    rows = evaluate_rows(model, setup, split, settings, device, full, exact_all, rank, world)
+    out = rows.metrics(settings.scoring, settings.near_copies)
+    if settings.both_scorings:
+        out["by_scoring"] = {s: rows.metrics(s, settings.near_copies) for s in settings.scorings}
+    return out
+
+
+@torch.no_grad()
+def evaluate_rows(
+    model,
+    setup: Setup,
+    split: str,
+    settings: EvalSettings,
+    device=None,
+    full: bool = True,
+    exact_all: bool = False,
+    rank: int = 0,
+    world: int = 1,
+) -> RowResults:
+    """Per-row results (``RowResults``) on the first ``settings.limit`` rows of a split ("valid"
+    or "test"), under each of ``settings.scorings``.
 
     The lists come from the settings' decoder (``EvalSettings.build_decoder``: beam search by
     default, α = ``length_penalty``); exact ranks (for PR@K) as below, by full score (α = 0)
@@ -175,26 +208,32 @@ def evaluate_split(
     row and ranks the target among its items (tests check the two agree).
     ``settings.exact_budget``: None (exact), or the prefix tokens the count may feed per row; a
     row whose count stops there unsettled is UNDECIDED: in no PR@K, counted as
-    "exact_undecided". ``full=False`` (per-epoch validation): the decoder only, giving NDCG@K
-    and HR@K. ``settings.progress``: a bar of the decoded rows on stderr (rank 0 only).
-    ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
-    contiguous shares of the rows; the per-row ranks are gathered in row order, so every rank
-    returns the metrics of one process.
+    "exact_undecided". ``settings.exclude_history``: each row's history items are removed from
+    the decoder's list (the others move up) and from the exact ranking; a target in its own
+    history is then a miss, outside every exact top-K. ``full=False`` (per-epoch validation): the
+    decoder only, its ranks. ``settings.progress``: a bar of the decoded rows on stderr (rank 0
+    only). ``world > 1`` (collective: every rank calls it): rank r decodes the r-th of ``world``
+    contiguous shares of the rows; the per-row results are gathered in row order, so every rank
+    returns those of one process.
     """
     device = torch.device(device or "cpu")
     decoder = settings.build_decoder()
+    scorings = settings.scorings
     prompts, targets = setup.prompts[split], setup.targets[split]
     n = len(prompts) if settings.limit is None else min(settings.limit, len(prompts))
     share = slice(n * rank // world, n * (rank + 1) // world)
     prompts, targets = prompts[share], targets[share]
+    examples = getattr(setup.data, split)[share]
     trie = setup.trie.to(device)
     was_training = model.training
     model.eval()
     # batches of prompts of similar length (left padding costs the prefill and every attention);
     # per-row results go back to the rows' own places
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    beam_ranks = torch.full((len(prompts),), -1, dtype=torch.long)
-    exact_ranks, violated = beam_ranks.clone(), torch.zeros(len(prompts), dtype=torch.bool)
+    blank = torch.full((len(prompts),), -1, dtype=torch.long)
+    ranks = {s: blank.clone() for s in scorings}
+    exact = {s: blank.clone() for s in scorings}
+    violated = torch.zeros(len(prompts), dtype=torch.bool)
     what = "full" if full else settings.decoder
     show = settings.progress and rank == 0
     bar = tqdm(
@@ -204,40 +243,50 @@ def evaluate_split(
         at = order[start : start + settings.batch_size]
         rows = ([prompts[i] for i in at], [targets[i] for i in at])
         batch = collate(*rows, setup.items, setup.trie, setup.pad_id).to(device)
+        canon = trie.canonical(batch.items)  # (U,)
+        excluded = torch.full((len(at), 0), -1, dtype=torch.long, device=device)
+        if settings.exclude_history:
+            excluded = _history([examples[i] for i in at], trie, device)
+        prompt, s_y = None, {}
         with autocast_for(device):  # a full test reads one prefill of the prompts throughout
-            prompt = None
             if full:
                 prompt = PromptCache.prefill(model, batch.prompt_ids, batch.prompt_mask)
-            found = decoder.decode(
-                model,
-                batch.prompt_ids,
-                batch.prompt_mask,
-                trie,
-                settings.beam_width,
-                settings.scoring,
-                settings.length_penalty,
-                prompt=prompt,
-            )
-        canon = trie.canonical(batch.items)  # (U,)
-        beam_ranks[at] = target_ranks(found.item_ids, canon).cpu()
         if full:
-            bad, s_y = _target_terms(model, prompt, trie, batch, settings)
+            bad, s_y = target_terms(model, prompt, trie, batch, settings.beam_width, scorings)
             violated[at] = bad.cpu()
-            exact_ranks[at] = _exact_ranks(
-                model, prompt, trie, batch, found, (canon, s_y), settings, exact_all
-            )
+        for scoring in scorings:
+            under = dataclasses.replace(settings, scoring=scoring)
+            with autocast_for(device):
+                found = decoder.decode(
+                    model,
+                    batch.prompt_ids,
+                    batch.prompt_mask,
+                    trie,
+                    under.beam_width,
+                    scoring,
+                    under.length_penalty,
+                    prompt=prompt,
+                )
+            found = drop_items(found, excluded)
+            ranks[scoring][at] = target_ranks(found.item_ids, canon).cpu()
+            if full:
+                target = (canon, s_y[scoring])
+                exact[scoring][at] = exact_ranks(
+                    model, prompt, trie, batch, found, target, under, excluded, exact_all
+                )
         bar.update(len(at))
     bar.close()
     model.train(was_training)
-    per_row = (beam_ranks, exact_ranks, violated)
+    per_row = (*ranks.values(), *exact.values(), violated)
     if world > 1:
         shares = [None] * world
         dist.all_gather_object(shares, per_row)
         per_row = tuple(torch.cat(parts) for parts in zip(*shares, strict=True))
-    ranks, exact, violated_rows = per_row
-    if not full:
-        return beam_metrics(ranks)
-    return ranking_metrics(ranks, exact, violated_rows)
+    k = len(scorings)
+    ranks = dict(zip(scorings, per_row[:k], strict=True))
+    exact = dict(zip(scorings, per_row[k : 2 * k], strict=True))
+    near = near_copy_rows(getattr(setup.data, split)[:n], setup.data.titles)
+    return RowResults(ranks, exact, per_row[-1], near, full)
 
 
 def _checkpoints(run: Path, cfg: TrainConfig, old: dict) -> list[Path]:

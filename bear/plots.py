@@ -23,25 +23,31 @@ def _value(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, validation records) of a run's log.jsonl; a resumed run's repeats collapse."""
-    steps, valid = {}, {}
+def read_log(path: str | Path, event: str) -> list[dict]:
+    """The records of one event ("step", "valid", "check") in a run's log.jsonl, in order of
+    their step (their epoch for "valid"); a resumed run's repeats collapse to the last."""
+    key = "epoch" if event == "valid" else "step"
+    found = {}
     for line in Path(path).read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("event") == "step":
-            steps[rec["step"]] = rec
-        elif rec.get("event") == "valid":
-            valid[rec["epoch"]] = rec
-    return [steps[k] for k in sorted(steps)], [valid[k] for k in sorted(valid)]
+        if rec.get("event") == event:
+            found[rec[key]] = rec
+    return [found[k] for k in sorted(found)]
 
 
 def plot_run(run: str | Path) -> Path:
-    """Write RUN/curves.png: training loss per step and validation metrics per epoch."""
+    """Write RUN/curves.png: training loss per step (and the --eval-every validation loss) and
+    validation metrics per epoch."""
     run = Path(run)
-    steps, valid = read_log(run / "log.jsonl")
+    log = run / "log.jsonl"
+    steps, valid, checks = (read_log(log, event) for event in ("step", "valid", "check"))
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1)
-    ax_loss.set(xlabel="optimiser step", ylabel="training loss", title="loss")
+    ax_loss.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=1, label="training")
+    if checks:
+        xs, ys = [c["step"] for c in checks], [c["loss"] for c in checks]
+        ax_loss.plot(xs, ys, marker=".", label="validation (teacher-forced)")
+        ax_loss.legend()
+    ax_loss.set(xlabel="optimiser step", ylabel="loss", title="loss")
     for key in CURVE_METRICS:
         ys = [_value(v[key]) for v in valid]
         ax_val.plot([v["epoch"] for v in valid], ys, marker="o", label=key)

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bear.checkpoints import resolve_checkpoint
 from bear.config import TrainConfig
-from bear.data import Dataset, load_dataset
+from bear.data import Dataset, filter_catalogue, load_dataset
 from bear.faults import fault_point
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import (
@@ -149,6 +149,8 @@ def build_setup(
     )
     if cfg.limit_train is not None:
         data.train = data.train[: cfg.limit_train]
+    if cfg.min_item_count is not None:
+        data = filter_catalogue(data, cfg.min_item_count)
     if cfg.dtype == "auto" and device is None:
         device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.model, device)

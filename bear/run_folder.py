@@ -45,6 +45,7 @@ RUN_FILES = (
     "last.pt",
     "best.pt",
     "partial.pt",
+    "best_check.pt",
     "metrics.json",
     "curves.png",
     "model",

@@ -13,6 +13,7 @@ rules, ``bear.run_folder``; metrics.json, ``bear.report``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -55,6 +56,7 @@ from bear.run import (
 from bear.run_folder import LAST_KEYS, check_run_folder, prepare_run, read_checkpoint
 from bear.run_log import RunLog
 from bear.train_step import StepContext, accumulate_gradients, micro_batches
+from bear.validation import validation_check
 
 __all__ = ["RunContext", "train"]
 
@@ -79,18 +81,14 @@ class RunContext:
 
     def evaluate(self, split: str, full: bool = False) -> dict:
         """A split's metrics, each rank decoding its share (``full``: with the exact top-K, PR@K
-        and the violation share; per-epoch validation decodes only)."""
-        with decoding_model(self.step.engine) as model:
-            s = self.step
+        and the violation share, under both scorings if asked; per-epoch validation decodes
+        under the run's scoring only)."""
+        settings, s = self.evaluation, self.step
+        if not full:
+            settings = dataclasses.replace(settings, both_scorings=False)
+        with decoding_model(s.engine) as model:
             return evaluate_split(
-                model,
-                self.setup,
-                split,
-                self.evaluation,
-                s.device,
-                full,
-                rank=s.rank,
-                world=s.world,
+                model, self.setup, split, settings, s.device, full, rank=s.rank, world=s.world
             )
 
     def save(self, name: str, payload: dict | None = None) -> dict[str, torch.Tensor]:
@@ -132,6 +130,11 @@ def _schedule(total: int, warmup: int):
 
 
 def _check_valid_rows(cfg: TrainConfig, setup: Setup) -> None:
+    if cfg.eval_every and not setup.targets["valid"]:
+        raise ValueError(
+            f"--eval-every: the run has no validation rows (protocol {cfg.protocol!r}, "
+            f"{Path(cfg.data) / cfg.train_file}); use --protocol ours, which holds them out"
+        )
     if cfg.validate and PROTOCOLS[cfg.protocol].validation and not setup.targets["valid"]:
         raise ValueError(
             f"{Path(cfg.data) / cfg.train_file}: {len(setup.targets['train'])} training row(s) "
@@ -259,7 +262,8 @@ def _train_epoch(ctx: RunContext, opt: Optimisation) -> bool:
         idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size].tolist()
         size, step = cfg.micro_batch_size, state["global_step"]
         micro = micro_batches(ctx.setup, idx, ctx.loss, ctx.step, size, step)
-        step_loss = accumulate_gradients(ctx.step, micro, ctx.loss)
+        stats: dict[str, float] = {}
+        step_loss = accumulate_gradients(ctx.step, micro, ctx.loss, stats)
         fault_point(f"backward:{state['global_step'] + 1}")
         if not math.isfinite(step_loss):
             raise _non_finite_loss(state["global_step"] + 1, step_loss, ctx.run, opt.saved_step)
@@ -272,9 +276,16 @@ def _train_epoch(ctx: RunContext, opt: Optimisation) -> bool:
         state["step_in_epoch"] = s + 1
         progress = epoch + (s + 1) / opt.steps_per_epoch
         lr = opt.scheduler.get_last_lr()[0]
-        ctx.log(event="step", step=state["global_step"], epoch=progress, loss=step_loss, lr=lr)
+        ctx.log(
+            event="step", step=state["global_step"], epoch=progress, loss=step_loss, lr=lr, **stats
+        )
         bar.set_postfix(loss=f"{step_loss:.4f}")
         fault_point(f"step:{state['global_step']}")
+        if cfg.eval_every and state["global_step"] % cfg.eval_every == 0 and _check(ctx, opt):
+            state["early_stopped"] = True
+        if state.get("early_stopped") and s + 1 < opt.steps_per_epoch:
+            bar.close()
+            return True  # a mid-epoch position, as --max-steps leaves it
         if state["global_step"] % cfg.save_every == 0 and s + 1 < opt.steps_per_epoch:
             _save_last(ctx, opt)  # mid-epoch; the epoch's end saves after validation
         if _reached_max_steps(cfg, state):
@@ -282,6 +293,28 @@ def _train_epoch(ctx: RunContext, opt: Optimisation) -> bool:
             return state["step_in_epoch"] < opt.steps_per_epoch
     bar.close()
     return False
+
+
+def _check(ctx: RunContext, opt: Optimisation) -> bool:
+    """An --eval-every check (``bear.validation``), logged; the weights of the best check so far
+    kept as RUN/best_check.pt. True when --early-stopping says stop (the loss has not improved
+    for that many checks in a row)."""
+    cfg, state = ctx.cfg, opt.state
+    decode = None
+    if cfg.valid_decode_rows is not None:
+        decode = dataclasses.replace(ctx.evaluation, limit=cfg.valid_decode_rows)
+    full_vocabulary = ctx.loss.full_vocabulary
+    size = cfg.micro_batch_size
+    result = validation_check(ctx.step, ctx.setup, cfg.valid_rows, size, full_vocabulary, decode)
+    checks = state.setdefault("checks", {"best": None, "since_best": 0})
+    if checks["best"] is None or result["loss"] < checks["best"]:
+        checks["best"], checks["since_best"] = result["loss"], 0
+        ctx.save("best_check.pt", {"step": state["global_step"], "check": result})
+    else:
+        checks["since_best"] += 1
+    epoch = state["epoch"] + state["step_in_epoch"] / opt.steps_per_epoch
+    ctx.log(event="check", step=state["global_step"], epoch=epoch, **result)
+    return cfg.early_stopping is not None and checks["since_best"] >= cfg.early_stopping
 
 
 def _better(valid: dict, best: dict | None) -> bool:
@@ -325,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
         state["epoch_seconds"].append(time.perf_counter() - t0)
         state["epoch"], state["step_in_epoch"] = state["epoch"] + 1, 0
         _end_epoch(ctx, opt)
-        if _reached_max_steps(cfg, state):
+        if _reached_max_steps(cfg, state) or state.get("early_stopped"):
             break
     result = _finish(ctx, opt, stopped)
     ctx.barrier()

@@ -100,7 +100,9 @@ def _step_count(micro: list[MicroBatch], loss: Loss, world: int) -> torch.Tensor
     return count
 
 
-def accumulate_gradients(ctx: StepContext, micro: list[MicroBatch], loss: Loss) -> float:
+def accumulate_gradients(
+    ctx: StepContext, micro: list[MicroBatch], loss: Loss, stats: dict | None = None
+) -> float:
     """Forward/backward of one optimiser step's micro-batches; returns the step's loss.
 
     ``step`` normalisation: each micro-batch contributes weight · (sum of its row terms) /
@@ -108,11 +110,14 @@ def accumulate_gradients(ctx: StepContext, micro: list[MicroBatch], loss: Loss) 
     holding the whole step. ``micro-batch`` (upstream's): each contributes weight · its own mean
     (sum / its own denominator) divided by the number of micro-batches of the step (all ranks).
     The engine reduces gradients across ranks on the last micro-batch only, as a mean, so the
-    backward runs on ``world`` times the loss to make that mean the sum over ranks.
+    backward runs on ``world`` times the loss to make that mean the sum over ranks. ``stats``:
+    a dict filled with the loss's ``RowTerms.stats`` of the step, each a mean per unit
+    (``Loss.units``: counted row or example) over all its micro-batches and ranks.
     """
     per_micro = loss.settings.normalisation == "micro-batch"
     count = _step_count(micro, loss, ctx.world)
     step_loss = torch.zeros((), dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for i, m in enumerate(micro):
         with torch.no_grad():
             prepared = loss.prepare(ctx, m)
@@ -123,6 +128,15 @@ def accumulate_gradients(ctx: StepContext, micro: list[MicroBatch], loss: Loss) 
             scaled = m.weight * total / count.clamp(min=1).to(total.dtype)
             (scaled * ctx.world).backward()
         step_loss += scaled.detach().double().cpu()
+        for key, value in loss.stats.items():
+            sums[key] = sums.get(key, 0.0) + m.weight * value.double().cpu()
     if ctx.world > 1:
         dist.all_reduce(step_loss)
+    if stats is not None and sums:
+        units = torch.tensor(float(sum(m.weight * loss.units(m) for m in micro)))
+        values = torch.stack([sums[k] for k in sorted(sums)] + [units.double()])
+        if ctx.world > 1:
+            dist.all_reduce(values)
+        means = (values[:-1] / values[-1].clamp(min=1)).tolist()
+        stats.update(zip(sorted(sums), means, strict=True))
     return float(step_loss)

@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--beam-width", type=int, default=10, help="B")
     p.add_argument("--max-history", type=int, default=10, help="history items per prompt")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before timing")
+    p.add_argument("--model", default="tiny", help="--model of bear train (e.g. smollm2-135m)")
+    p.add_argument("--micro-batch-size", type=int, help="examples per forward (default: batch)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_results_args(p)
     args = p.parse_args()
@@ -49,7 +51,8 @@ def main() -> None:
         common = dict(data=str(data), loss=loss, limit_train=args.limit_train,
                       batch_size=args.batch_size, beam_width=args.beam_width,
                       max_history=args.max_history, validate=False, progress=False,
-                      device=args.device, overwrite=True)  # fmt: skip
+                      device=args.device, overwrite=True, model=args.model,
+                      micro_batch_size=args.micro_batch_size)  # fmt: skip
         if get_loss(loss).needs_reference:  # S-DPO starts from a trained policy (untimed)
             if start is None:
                 start = work / "start"

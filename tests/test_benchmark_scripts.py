@@ -75,3 +75,26 @@ def test_gpu_bench_runs_every_step_at_toy_size_on_the_cpu(tmp_path):
     assert len(list(results.iterdir())) == len(files)
     for pattern in files:
         assert len(list(results.glob(pattern))) == 1, pattern
+
+
+def test_the_study_resumes_without_repeating_finished_work(tmp_path):
+    """study_smollm2.py at toy size (tiny model): every run, evaluation and the results file;
+    started again, it trains and evaluates nothing (each step found done) and says nothing is
+    missing."""
+    data = tiny_synth(tmp_path / "data")
+    cmd = [sys.executable, "study_smollm2.py", "--data", str(data), "--model", "tiny",
+           "--out", str(tmp_path / "runs"), "--limit-train", "24", "--limit-eval", "4",
+           "--eval-every", "2", "--valid-rows", "4", "--epochs", "1", "--batch-size", "8",
+           "--eval-batch-size", "4", "--max-history", "3", "--device", "cpu",
+           "--results-dir", str(tmp_path / "results")]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    first = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (written,) = (tmp_path / "results").glob("study_data_smollm2_*.json")
+    result = json.loads(written.read_text())
+    assert result["missing"] == [] and len(result["cells"]) == 3 * 3 * 2
+    assert {p["pair"].split(" − ")[0] for p in result["paired"]} >= {"bear/a0/before"}
+    again = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"config"' not in again.stdout  # no run trained again
+    assert "test (" not in again.stderr  # no evaluation repeated

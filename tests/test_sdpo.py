@@ -27,13 +27,20 @@ from bear_kernels import pack_allowed_mask
 IGNORE = -100
 
 
-def _inputs(target, reference_logp, allowed=None) -> PreferenceInputs:
-    """PreferenceInputs around (U, R, W) targets: the loss reads the targets, π_ref and masks."""
+def _inputs(z, target, reference_logp, allowed=None):
+    """(the logits of the supervised steps (N, V), PreferenceInputs) of (U, R, W, V) logits and
+    (U, R, W) targets (IGNORE after a response's end): the loss reads the flat steps."""
     U, R, W = target.shape
+    valid = target != IGNORE  # (U, R, W)
+    u, r, _ = valid.nonzero(as_tuple=True)
     empty = torch.zeros(U, 1, dtype=torch.long)
-    batch = PreferenceBatch(empty, empty, empty, target, target, target[:, :, 0])
-    mask = None if allowed is None else pack_allowed_mask(allowed.reshape(U * R * W, -1))
-    return PreferenceInputs(batch, reference_logp, mask)
+    batch = PreferenceBatch(
+        input_ids=empty, mask=empty, segment=empty, position_ids=empty,
+        items=torch.zeros(U, R, dtype=torch.long), step_row=u, step_pos=torch.zeros_like(u),
+        step_response=u * R + r, step_target=target[valid], step_node=torch.zeros_like(u),
+    )  # fmt: skip
+    mask = None if allowed is None else pack_allowed_mask(allowed[valid])
+    return z[valid], PreferenceInputs(batch, reference_logp, mask)
 
 
 def _hand_case():
@@ -63,7 +70,7 @@ def test_sdpo_and_sdpo_bear_match_a_hand_computed_case():
     beta = 0.5
     sdpo = math.log(1 + math.exp(beta * (r[1] - r[0])) + math.exp(beta * (r[2] - r[0])))
     settings = LossSettings("sdpo", dpo_beta=beta)
-    total, examples = build_loss(settings)(z, _inputs(target, ref))
+    total, examples = build_loss(settings)(*_inputs(z, target, ref))
     assert float(examples) == 1.0
     assert float(total) == pytest.approx(sdpo, abs=1e-12)
     # + λ·reg over the positive's counted tokens, − λ·reg over the negatives' (B = 1, ξ = 1)
@@ -71,7 +78,7 @@ def test_sdpo_and_sdpo_bear_match_a_hand_computed_case():
     lam = 0.5
     want = sdpo + lam * (log_half - (reg_two + log_half + log_half))
     bear = LossSettings("sdpo-bear", beam_width=1, reg_weight=lam, dpo_beta=beta)
-    total, _ = build_loss(bear)(z, _inputs(target, ref, allowed))
+    total, _ = build_loss(bear)(*_inputs(z, target, ref, allowed))
     assert float(total) == pytest.approx(want, abs=1e-12)
 
 
@@ -116,7 +123,7 @@ def test_both_losses_and_their_gradients_match_the_float64_reference(seed, loss,
     z, target, ref, allowed = _random_case(seed)
     settings = LossSettings(loss, beam_width=3, reg_weight=lam, reg_temperature=0.6, dpo_beta=0.8)
     x, x_ref = z.clone().requires_grad_(), z.clone().requires_grad_()
-    total, _ = build_loss(settings)(x, _inputs(target, ref, allowed))
+    total, _ = build_loss(settings)(*_inputs(x, target, ref, allowed))
     want = reference_loss(x_ref, target, ref, allowed, 0.8, lam, 0.6, 3)
     torch.testing.assert_close(total, want, atol=1e-10, rtol=1e-10)
     total.backward()
@@ -128,7 +135,7 @@ def test_sdpo_passes_gradcheck():
     z, target, ref, _ = _random_case(3, U=2, R=3, W=3, V=7)
     loss = build_loss(LossSettings("sdpo", dpo_beta=1.3))
     z.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: loss(t, _inputs(target, ref))[0], (z,))
+    assert torch.autograd.gradcheck(lambda t: loss(*_inputs(t, target, ref))[0], (z,))
 
 
 def test_sdpo_bear_at_zero_weight_is_sdpo_exactly():
@@ -136,7 +143,7 @@ def test_sdpo_bear_at_zero_weight_is_sdpo_exactly():
     grads, totals = [], []
     for settings in (LossSettings("sdpo"), LossSettings("sdpo-bear", reg_weight=0.0)):
         x = z.clone().requires_grad_()
-        total, _ = build_loss(settings)(x, _inputs(target, ref, allowed))
+        total, _ = build_loss(settings)(*_inputs(x, target, ref, allowed))
         total.backward()
         totals.append(total)
         grads.append(x.grad)
@@ -177,14 +184,18 @@ def test_one_forward_equals_each_response_after_its_prompt_alone(sft_run, tmp_pa
                  [items[4], items[4], items[8]]]  # fmt: skip
     batch = collate_preference(prompts, responses, setup.items, setup.trie, setup.pad_id)
     with torch.no_grad():
-        got = preference_logits(model, batch, torch.float32)  # (U, R, w + 1, V)
+        got = preference_logits(model, batch, torch.float32)  # (N, V)
         for u, prompt in enumerate(prompts):
             for r, item in enumerate(responses[u]):
                 tokens = setup.items[item] + [setup.trie.eos_token_id]
                 ids = torch.tensor([prompt + tokens[:-1]])
                 alone = model(input_ids=ids).logits[0, len(prompt) - 1 :]  # (len(tokens), V)
-                torch.testing.assert_close(got[u, r, : len(tokens)], alone, atol=2e-5, rtol=1e-4)
-                assert batch.target[u, r, : len(tokens)].tolist() == tokens
+                steps = batch.step_response == u * len(responses[u]) + r
+                torch.testing.assert_close(got[steps], alone, atol=2e-5, rtol=1e-4)
+                assert batch.step_target[steps].tolist() == tokens
+    assert batch.input_ids.shape[1] < max(len(p) for p in prompts) + 3 * max(
+        len(setup.items[i]) for row in responses for i in row
+    )  # packed: no response padded to the longest
 
 
 @pytest.mark.parametrize("loss", ["sdpo", "sdpo-bear"])

@@ -148,3 +148,32 @@ def test_local_checkpoint_gets_lora_adapters(synth, tmp_path):
     names = sorted(last_weights(tmp_path / "run"))
     assert len(names) == 4 and all("lora_" in n for n in names)
     assert {n.split(".")[-4] for n in names} == {"q_proj", "v_proj"}
+
+
+def test_bear_reports_the_ratio_of_its_regulariser_gradient_to_ce(synth, tmp_path):
+    """accumulate_gradients' stats: bear's reg_grad_ratio is the mean over the step's counted rows
+    of (λ/ξ)·σ(−Δ/ξ), the factor by which the regulariser scales each row's ce gradient; the
+    training log carries it per step."""
+    from bear.model import response_logits
+    from bear_kernels import ce_margin_reference
+
+    cfg = tiny_config(synth, tmp_path / "r", loss="bear", limit_train=7, batch_size=7,
+                      micro_batch_size=3, reg_weight=0.7, reg_temperature=0.4)  # fmt: skip
+    setup = build_setup(cfg, tmp_path / "r", fresh=True)
+    loss = build_loss(cfg.loss_settings())
+    ctx = StepContext(setup.model, setup.trie, torch.device("cpu"))
+    micro = micro_batches(setup, list(range(7)), loss, ctx, 3)
+    stats: dict = {}
+    accumulate_gradients(ctx, micro, loss, stats)
+    ratios, rows = [], 0
+    with torch.no_grad():
+        for m in micro:
+            logits = response_logits(setup.model, m.batch).double()
+            _, margin = ce_margin_reference(logits, m.batch.target, beam_width=cfg.beam_width,
+                                            allowed_mask=m.allowed_mask)  # fmt: skip
+            ratios.append((0.7 / 0.4 * torch.sigmoid(-margin / 0.4))[m.counted].sum())
+            rows += int(m.counted.sum())
+    assert stats["reg_grad_ratio"] == pytest.approx(float(sum(ratios)) / rows, rel=1e-5)
+    train(tiny_config(synth, tmp_path / "run", loss="bear"))
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all("reg_grad_ratio" in r for r in log if r["event"] == "step")

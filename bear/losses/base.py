@@ -45,10 +45,12 @@ UPSTREAM_EPS = 1e-8  # upstream's floor of a micro-batch's denominator (bear: Σ
 class RowTerms:
     """What a loss makes of its rows: ``rows`` (U, W) its per-row terms (0 on rows that are not
     counted), ``upstream_denominator`` the micro-batch's denominator under the ``micro-batch``
-    normalisation (None: its counted rows)."""
+    normalisation (None: its counted rows), ``stats`` sums over the counted rows of quantities to
+    log (the training step logs each divided by the step's counted rows: a mean per row)."""
 
     rows: torch.Tensor
     upstream_denominator: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] | None = None
 
 
 class Loss:
@@ -79,6 +81,7 @@ class Loss:
         if settings.name != self.name:
             raise ValueError(f"settings: for loss {settings.name!r}, given to {self.name!r}")
         self.settings = settings
+        self.stats: dict[str, torch.Tensor] = {}  # RowTerms.stats of the last call
 
     @classmethod
     def check(cls, settings: LossSettings) -> None:
@@ -154,6 +157,7 @@ class Loss:
             ignore_index=s.ignore_index,
         )  # (N,), (N,); 0 on rows that are not counted
         terms = self.terms(ce.reshape(U, W), margin.reshape(U, W), counted, target, prepared)
+        self.stats = {k: v.detach() for k, v in (terms.stats or {}).items()}
         denominator = terms.upstream_denominator
         if s.normalisation == "step" or denominator is None:
             denominator = counted.sum().to(ce.dtype)

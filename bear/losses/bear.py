@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from bear.losses.base import Loss, RowTerms
@@ -18,4 +19,9 @@ class BEAR(Loss):
 
     def terms(self, ce, margin, counted, target, prepared) -> RowTerms:
         lam, xi = self.settings.reg_weight, self.settings.reg_temperature
-        return RowTerms(ce + lam * F.logsigmoid(margin / xi) * counted.to(ce.dtype))
+        counted_f = counted.to(ce.dtype)
+        # the regulariser's gradient is the ce gradient scaled by (λ/ξ)·σ(−Δ/ξ) (SPEC §2): the
+        # ratio ‖∇ reg‖ / ‖∇ ce‖ of each row, which a very small ξ saturates
+        ratio = (lam / xi) * torch.sigmoid(-margin.detach() / xi) * counted_f
+        rows = ce + lam * F.logsigmoid(margin / xi) * counted_f
+        return RowTerms(rows, stats={"reg_grad_ratio": ratio.sum()})

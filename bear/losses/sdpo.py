@@ -38,6 +38,7 @@ from bear.preference import (
     check_preference_model,
     collate_preference,
     preference_logits,
+    response_sums,
 )
 from bear_kernels import bear_regularizer, ce_margin
 
@@ -48,7 +49,7 @@ __all__ = ["SDPO", "SDPOBEAR", "PreferenceInputs", "sdpo_terms"]
 class PreferenceInputs:
     """What ``prepare`` hands the forward: the ``PreferenceBatch`` (on the device), π_ref's
     log-probabilities ``reference_logp`` (U, 1 + M), and the allowed mask of every response step
-    (U·(1 + M)·(w + 1), ceil(V/32)) for the regulariser (None without one)."""
+    (N, ceil(V/32)) for the regulariser (None without one)."""
 
     batch: PreferenceBatch
     reference_logp: torch.Tensor
@@ -60,14 +61,11 @@ def sdpo_terms(reward: torch.Tensor, beta: float) -> torch.Tensor:
     return F.softplus(torch.logsumexp(beta * (reward[:, 1:] - reward[:, :1]), dim=1))
 
 
-def sequence_logp(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """(U, R) log π(e) = Σ_t log softmax(z_t)_{y_t} of each response, EOS included, from logits
-    (U, R, W, V) and targets (U, R, W) (``ignore_index`` after a response's end)."""
-    U, R, W, V = logits.shape
-    ce, _ = ce_margin(
-        logits.reshape(-1, V), target.reshape(-1), beam_width=1, ignore_index=ignore_index
-    )  # (N,) 0 on ignored rows
-    return -ce.reshape(U, R, W).sum(2)
+def sequence_logp(logits: torch.Tensor, batch: PreferenceBatch) -> torch.Tensor:
+    """(U, R) log π(e) = Σ_t log softmax(z_t)_{y_t} of each response, EOS included, from the
+    logits (N, V) of its steps (``bear.preference.preference_logits``)."""
+    ce, _ = ce_margin(logits, batch.step_target, beam_width=1)  # (N,)
+    return response_sums(-ce, batch)
 
 
 @register_loss
@@ -108,11 +106,9 @@ class SDPO(Loss):
         batch = collate_preference(prompts, responses, setup.items, setup.trie, setup.pad_id)
         batch = batch.to(ctx.device)
         with autocast_for(ctx.device):
-            ref_logits = self.reference.logits(batch, self.mask_dtype)  # (U, R, W, V)
-        reference = sequence_logp(ref_logits, batch.target, self.ignore_index)
-        mask = None
-        if self.regularised:
-            mask = ctx.trie.allowed_mask(batch.node_ids.reshape(-1))
+            ref_logits = self.reference.logits(batch, self.mask_dtype)  # (N, V)
+        reference = sequence_logp(ref_logits, batch)
+        mask = ctx.trie.allowed_mask(batch.step_node) if self.regularised else None
         return PreferenceInputs(batch, reference, mask)
 
     def micro_batch_loss(self, ctx, micro, prepared: PreferenceInputs):
@@ -121,10 +117,11 @@ class SDPO(Loss):
         return self(logits, prepared)
 
     def __call__(self, logits: torch.Tensor, inputs: PreferenceInputs):
-        """(Σ ℓ over the examples, their number) from the policy's logits (U, 1 + M, W, V)."""
-        logp = sequence_logp(logits, inputs.batch.target, self.ignore_index)  # (U, R)
+        """(Σ ℓ over the examples, their number) from the policy's logits (N, V) of the
+        batch's response steps."""
+        logp = sequence_logp(logits, inputs.batch)  # (U, R)
         terms = sdpo_terms(logp - inputs.reference_logp, self.settings.dpo_beta)  # (U,)
-        return terms.sum(), torch.tensor(float(logits.shape[0]), dtype=terms.dtype)
+        return terms.sum(), torch.tensor(float(terms.shape[0]), dtype=terms.dtype)
 
 
 @register_loss
@@ -143,15 +140,13 @@ class SDPOBEAR(SDPO):
         if not self.regularised:
             return total, examples
         s = self.settings
-        U, R, W, V = logits.shape
         reg = bear_regularizer(
-            logits.reshape(-1, V),
-            inputs.batch.target.reshape(-1),
+            logits,
+            inputs.batch.step_target,
             beam_width=s.beam_width,
             reg_temperature=s.reg_temperature,
             allowed_mask=inputs.allowed_mask,
-            ignore_index=s.ignore_index,
-        ).reshape(U, R, W)  # log σ(Δ/ξ), 0 on rows that are not counted
-        per_response = reg.sum(2)  # (U, R)
+        )  # (N,) log σ(Δ/ξ), 0 on rows that are not counted
+        per_response = response_sums(reg, inputs.batch)  # (U, R)
         signed = per_response[:, 0] - per_response[:, 1:].sum(1)  # + positive, − negatives
         return total + s.reg_weight * signed.sum(), examples
