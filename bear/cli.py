@@ -11,6 +11,7 @@ import typing
 
 from bear.config import EVALUATION_FIELDS, TrainConfig, field_choices, flag_name
 from bear.protocol import PROTOCOLS
+from bear.sweep import SWEEP_MANAGED
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
 
@@ -34,7 +35,11 @@ def _cli_fields(config_cls, names=None) -> list[dataclasses.Field]:
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, config_cls, names=None, defaults_from_run: bool = False
+    parser: argparse.ArgumentParser,
+    config_cls,
+    names=None,
+    defaults_from_run: bool = False,
+    several: bool = False,
 ) -> None:
     """One flag per field of a config dataclass, from the field's name, type, default and metadata.
 
@@ -44,7 +49,9 @@ def add_config_flags(
     ``metadata["choices"]`` restricts the values. The help text is ``metadata["help"]`` with the
     default appended (where it is not None). Fields with ``metadata["cli"] = False`` get no flag.
     ``names``: only these fields. ``defaults_from_run``: a flag not given leaves its field out
-    of the parsed arguments (the run's saved value stands), and the help says so.
+    of the parsed arguments (the run's saved value stands), and the help says so. ``several``:
+    every flag but the switches and the tuple ones takes one or more values (a list; a sweep's
+    axes).
     """
     hints = typing.get_type_hints(config_cls)
     for f in _cli_fields(config_cls, names):
@@ -61,6 +68,9 @@ def add_config_flags(
         options = {"dest": f.name, "help": f.metadata["help"]}
         if typing.get_origin(kind) is tuple:  # tuple[X, ...]
             kind, options["nargs"] = typing.get_args(kind)[0], "+"
+        elif several:
+            options["nargs"] = "+"
+            options["help"] += " (several values: an axis of the grid)"
         options["type"] = _positive if f.metadata.get("positive") else kind
         choices = field_choices(f)
         if choices is not None:
@@ -97,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fine-tune, select the best epoch on validation, test it")
     add_config_flags(p, TrainConfig)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of train runs: any train flag given several values is an axis",
+        description="Every train flag; one given several values is an axis of the grid. Each "
+        "cell is a run folder under --out; OUT/sweep.csv and sweep.json hold one row per cell, "
+        "OUT/sweep_*.png the plots. Finished cells are skipped and killed ones resumed when the "
+        "same command runs again; a failed cell is recorded with its error.",
+    )
+    p.add_argument("--out", required=True, help="sweep folder: one run folder per cell")
+    p.add_argument("--jobs", type=_positive, default=1, help="cells run at once (default 1)")
+    sweep_fields = [f.name for f in _cli_fields(TrainConfig) if f.name not in SWEEP_MANAGED]
+    add_config_flags(p, TrainConfig, sweep_fields, several=True)
 
     p = sub.add_parser("evaluate", help="recompute RUN/metrics.json from a saved run")
     p.add_argument("--run", required=True, help="run folder written by train")
@@ -153,6 +176,8 @@ def _run(args) -> int:
         metrics = train(cfg)
         close_distributed()
         print(json.dumps(metrics, indent=2))
+    elif args.command == "sweep":
+        return _sweep(args)
     elif args.command == "evaluate":
         from bear.evaluate import evaluate_run
 
@@ -166,6 +191,27 @@ def _run(args) -> int:
 
         run_demo(args)
     return 0
+
+
+def _sweep(args) -> int:
+    """Run the grid, write its table and plots; exit 1 when a cell failed (recorded), else 0."""
+    from pathlib import Path
+
+    from bear.sweep import cells_of, run_sweep
+    from bear.sweep_report import write_sweep
+
+    out = Path(args.out)
+    fields = [f.name for f in _cli_fields(TrainConfig) if f.name not in SWEEP_MANAGED]
+    values = {name: getattr(args, name) for name in fields}
+    grid = {name: v if isinstance(v, list) else [v] for name, v in values.items()}
+    cells = cells_of(grid, out)
+    errors = run_sweep(cells, out, args.jobs)
+    rows = write_sweep(cells, errors, out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"sweep: {len(rows) - len(failed)} of {len(rows)} cells done; {out / 'sweep.csv'}")
+    for row in failed:
+        print(f"  failed {row['cell']}: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

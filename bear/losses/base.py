@@ -64,6 +64,8 @@ class Loss:
             full-vocabulary softmax, "before" for the children's; SPEC §4).
         takes_temperature: whether τ applies (a loss without it refuses τ != 1).
         needs_reference: whether it has a reference policy (``--reference``; preference losses).
+        hyperparameters: the ``TrainConfig`` fields of loss settings it reads (a sweep runs a
+            loss once over the values of the others).
 
     Hooks: ``start`` once before training (what the loss builds from the run: a reference
     policy, a negative sampler), ``prepare`` per micro-batch before its forward, without
@@ -76,6 +78,7 @@ class Loss:
     scoring: ClassVar[str] = "before"
     takes_temperature: ClassVar[bool] = True
     needs_reference: ClassVar[bool] = False
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: LossSettings):
         if settings.name != self.name:

@@ -17,3 +17,4 @@ class MSL(SFT):
     full_vocabulary = False
     scoring = "before"
     takes_temperature = True
+    hyperparameters = ("temperature",)

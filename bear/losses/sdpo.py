@@ -77,6 +77,7 @@ class SDPO(Loss):
     scoring = "after"
     takes_temperature = False
     needs_reference = True
+    hyperparameters = ("negatives", "negative_sampling", "dpo_beta")
 
     def start(self, cfg, setup, device) -> None:
         check_preference_model(setup.model)
@@ -130,6 +131,7 @@ class SDPOBEAR(SDPO):
     takes them; at λ = 0 it trains exactly what sdpo trains."""
 
     name = "sdpo-bear"
+    hyperparameters = SDPO.hyperparameters + ("reg_weight", "reg_temperature")
 
     @property
     def regularised(self) -> bool:

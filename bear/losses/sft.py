@@ -17,6 +17,7 @@ class SFT(Loss):
     full_vocabulary = True
     scoring = "after"
     takes_temperature = False  # upstream's lml has no τ
+    hyperparameters = ()
 
     def terms(self, ce, margin, counted, target, prepared) -> RowTerms:
         supervised = (target != self.ignore_index).sum().to(ce.dtype)  # forced tokens included
