@@ -42,6 +42,7 @@ EVALUATION_FIELDS = (
     "scoring",
     "exclude_history",
     "near_copy_report",
+    "pruning_anatomy",
     "decoder",
     "decoder_options",
     "progress",
@@ -329,6 +330,14 @@ class TrainConfig:
         False,
         "report the users whose target is a near copy of a history title (the same first three "
         "words) apart from the rest in every test metric (near_copy, not_near_copy)",
+        resume_may_change=True,
+    )
+    pruning_anatomy: bool = _setting(
+        False,
+        "report where pruning happens among the test users whose target is in the exact top-10: "
+        "kept, pruned with a violation of (3.2) (by the title position of its first token "
+        "outside the top-B), pruned otherwise, by the target's training popularity "
+        "(metrics.json's anatomy, RUN/anatomy.png)",
         resume_may_change=True,
     )
     decoder: str = _setting(

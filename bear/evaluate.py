@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from bear.decoding.prompt_cache import PromptCache
 from bear.decoding.registry import get_decoder
 from bear.items import collate
 from bear.losses.registry import get_loss
-from bear.metrics import beam_metrics, ranking_metrics, target_ranks
+from bear.metrics import beam_metrics, pruning_anatomy, ranking_metrics, target_ranks
 from bear.model import autocast_for
 from bear.protocol import epoch_checkpoint
 from bear.ranking import drop_items, exact_ranks, target_terms
@@ -52,9 +53,10 @@ class EvalSettings:
     ``scoring`` "before" / "after" (the loss's by default), ``both_scorings`` report a full
     evaluation under both, ``exclude_history`` remove each user's history items from the lists
     and the exact ranking, ``near_copies`` report the users whose target is a near copy of a
-    history title apart, ``length_penalty`` α, ``exact_budget`` the
-    prefix tokens the exact rank's count may feed per row (None: exact), ``batch_size`` prompts
-    per decoding batch, ``limit`` the first rows of a split (None: all), ``progress`` a bar.
+    history title apart, ``anatomy`` report where pruning happens (``pruning_anatomy``),
+    ``length_penalty`` α, ``exact_budget`` the prefix tokens the exact rank's count may feed per
+    row (None: exact), ``batch_size`` prompts per decoding batch, ``limit`` the first rows of a
+    split (None: all), ``progress`` a bar.
     """
 
     beam_width: int = 10
@@ -62,6 +64,7 @@ class EvalSettings:
     both_scorings: bool = False
     exclude_history: bool = False
     near_copies: bool = False
+    anatomy: bool = False
     length_penalty: float = 0.0
     decoder: str = "beam"
     decoder_options: tuple[str, ...] = ()
@@ -81,6 +84,7 @@ class EvalSettings:
             both_scorings=cfg.scoring == "both",
             exclude_history=cfg.exclude_history,
             near_copies=cfg.near_copy_report,
+            anatomy=cfg.pruning_anatomy,
             length_penalty=cfg.length_penalty,
             decoder=cfg.decoder,
             decoder_options=tuple(cfg.decoder_options),
@@ -129,25 +133,34 @@ class RowResults:
 
     ranks: scoring -> (R,) the target's rank in the decoder's list (-1: absent); exact: scoring ->
     (R,) its rank in the exact top-EXACT_K by full score (-1 outside it, UNDECIDED; all -1 when
-    not ``full``); violated (R,) bool, some target token has Δ > 0 (``full`` only); near_copy
-    (R,) bool, the target is a near copy of a history title (``near_copy_rows``).
+    not ``full``); depth (R,) the title position of the first target token with Δ > 0, -1 where
+    none is (``full`` only); near_copy (R,) bool, the target is a near copy of a history title
+    (``near_copy_rows``); popularity (R,) the target's occurrences in the training rows.
     """
 
     ranks: dict[str, torch.Tensor]
     exact: dict[str, torch.Tensor]
-    violated: torch.Tensor
+    depth: torch.Tensor
     near_copy: torch.Tensor
+    popularity: torch.Tensor
     full: bool
 
-    def metrics(self, scoring: str, near_copies: bool = False) -> dict:
+    @property
+    def violated(self) -> torch.Tensor:
+        """(R,) bool: some target token has Δ > 0 (the necessary condition (3.2) fails)."""
+        return self.depth >= 0
+
+    def metrics(self, scoring: str, near_copies: bool = False, anatomy: bool = False) -> dict:
         """The metrics under ``scoring``: full, SPEC §5's (with ``near_copies``, those of the
-        near-copy rows and of the rest beside: ``near_copy``, ``not_near_copy``); else NDCG@K
-        and HR@K."""
+        near-copy rows and of the rest beside: ``near_copy``, ``not_near_copy``; with
+        ``anatomy``, ``bear.metrics.pruning_anatomy``); else NDCG@K and HR@K."""
         ranks = self.ranks[scoring]
         if not self.full:
             return beam_metrics(ranks)
         exact, violated, near = self.exact[scoring], self.violated, self.near_copy
         out = ranking_metrics(ranks, exact, violated)
+        if anatomy:
+            out["anatomy"] = pruning_anatomy(ranks, exact, self.depth, self.popularity)
         if near_copies:
             out["near_copy"] = ranking_metrics(ranks[near], exact[near], violated[near])
             out["not_near_copy"] = ranking_metrics(ranks[~near], exact[~near], violated[~near])
@@ -172,9 +185,10 @@ def evaluate_split(
     full evaluation reports the near-copy rows and the rest apart (``near_copy``,
     ``not_near_copy``). Arguments as ``evaluate_rows``."""
     rows = evaluate_rows(model, setup, split, settings, device, full, exact_all, rank, world)
-    out = rows.metrics(settings.scoring, settings.near_copies)
+    reports = (settings.near_copies, settings.anatomy)
+    out = rows.metrics(settings.scoring, *reports)
     if settings.both_scorings:
-        out["by_scoring"] = {s: rows.metrics(s, settings.near_copies) for s in settings.scorings}
+        out["by_scoring"] = {s: rows.metrics(s, *reports) for s in settings.scorings}
     return out
 
 
@@ -233,7 +247,7 @@ def evaluate_rows(
     blank = torch.full((len(prompts),), -1, dtype=torch.long)
     ranks = {s: blank.clone() for s in scorings}
     exact = {s: blank.clone() for s in scorings}
-    violated = torch.zeros(len(prompts), dtype=torch.bool)
+    depth = torch.full((len(prompts),), -1, dtype=torch.long)
     what = "full" if full else settings.decoder
     show = settings.progress and rank == 0
     bar = tqdm(
@@ -252,8 +266,8 @@ def evaluate_rows(
             if full:
                 prompt = PromptCache.prefill(model, batch.prompt_ids, batch.prompt_mask)
         if full:
-            bad, s_y = target_terms(model, prompt, trie, batch, settings.beam_width, scorings)
-            violated[at] = bad.cpu()
+            first, s_y = target_terms(model, prompt, trie, batch, settings.beam_width, scorings)
+            depth[at] = first.cpu()
         for scoring in scorings:
             under = dataclasses.replace(settings, scoring=scoring)
             with autocast_for(device):
@@ -277,7 +291,7 @@ def evaluate_rows(
         bar.update(len(at))
     bar.close()
     model.train(was_training)
-    per_row = (*ranks.values(), *exact.values(), violated)
+    per_row = (*ranks.values(), *exact.values(), depth)
     if world > 1:
         shares = [None] * world
         dist.all_gather_object(shares, per_row)
@@ -285,8 +299,11 @@ def evaluate_rows(
     k = len(scorings)
     ranks = dict(zip(scorings, per_row[:k], strict=True))
     exact = dict(zip(scorings, per_row[k : 2 * k], strict=True))
-    near = near_copy_rows(getattr(setup.data, split)[:n], setup.data.titles)
-    return RowResults(ranks, exact, per_row[-1], near, full)
+    rows = getattr(setup.data, split)[:n]
+    near = near_copy_rows(rows, setup.data.titles)
+    seen = Counter(i for e in setup.data.train for i in (e.target, *e.history))
+    popularity = torch.tensor([seen[e.target] for e in rows], dtype=torch.long)
+    return RowResults(ranks, exact, per_row[-1], near, popularity, full)
 
 
 def _checkpoints(run: Path, cfg: TrainConfig, old: dict) -> list[Path]:

@@ -18,6 +18,9 @@ __all__ = [
     "violation_share",
     "ranking_metrics",
     "beam_metrics",
+    "pruning_anatomy",
+    "ANATOMY_KEYS",
+    "POPULARITY_BUCKETS",
     "RANKING_KEYS",
     "METRIC_KEYS",
     "TABLE_KEYS",
@@ -189,3 +192,51 @@ def ranking_metrics(beam_ranks, exact_ranks, violated) -> dict[str, float | int 
     }
     bounds = dict(zip(BOUND_KEYS, pruning_rate_bounds(e, b, 10), strict=True))
     return {key: out[key] for key in METRIC_KEYS} | counts | bounds
+
+
+# buckets of a target's training popularity (its occurrences in the training rows): (label, low,
+# high) inclusive, doubling
+POPULARITY_BUCKETS = (
+    ("0", 0, 0),
+    ("1", 1, 1),
+    ("2-3", 2, 3),
+    ("4-7", 4, 7),
+    ("8-15", 8, 15),
+    ("16+", 16, 2**62),
+)
+ANATOMY_KEYS = ("kept", "pruned_violation", "pruned_other")
+
+
+def pruning_anatomy(beam_ranks, exact_ranks, depth, popularity, k: int = PRUNED_AT) -> dict:
+    """Where pruning happens (paper Fig. 4, extended): among the cases whose target is in the
+    exact top-K, each is ``kept`` (the beam returned it), ``pruned_violation`` (not returned,
+    and some target token ranks outside the top-B of its step: Δ > 0, the necessary condition
+    (3.2) fails) or ``pruned_other`` (not returned though every token is inside its step's
+    top-B: the prefix lost to other beams).
+
+    Args:
+        beam_ranks, exact_ranks: (U,) as ``ranking_metrics``'s.
+        depth: (U,) the title position of the first target token with Δ > 0, -1 where none.
+        popularity: (U,) the target's occurrences in the training rows.
+
+    Returns:
+        {"cases", the three counts, "violation_depth": {position: pruned_violation cases whose
+        first violation is there}, "by_popularity": {bucket label (POPULARITY_BUCKETS): the three
+        counts}}.
+    """
+    b, e, d = _ranks(beam_ranks), _ranks(exact_ranks), _ranks(depth)
+    pop, k = _ranks(popularity), _check_k(k)
+    eligible = (e >= 0) & (e < k)
+    kinds = {
+        "kept": eligible & (b >= 0),
+        "pruned_violation": eligible & (b < 0) & (d >= 0),
+        "pruned_other": eligible & (b < 0) & (d < 0),
+    }
+    out = {"cases": int(eligible.sum())} | {key: int(kinds[key].sum()) for key in ANATOMY_KEYS}
+    depths = d[kinds["pruned_violation"]].tolist()
+    out["violation_depth"] = {str(p): depths.count(p) for p in sorted(set(depths))}
+    out["by_popularity"] = {
+        label: {key: int((kinds[key] & (pop >= low) & (pop <= high)).sum()) for key in ANATOMY_KEYS}
+        for label, low, high in POPULARITY_BUCKETS
+    }
+    return out

@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from bear.metrics import SELECT_METRIC, TABLE_KEYS  # noqa: E402
+from bear.metrics import ANATOMY_KEYS, SELECT_METRIC, TABLE_KEYS  # noqa: E402
 
-__all__ = ["read_log", "plot_run", "plot_comparison"]
+__all__ = ["read_log", "plot_anatomy", "plot_run", "plot_comparison"]
 
 CURVE_METRICS = (SELECT_METRIC, "hr@10")  # per-epoch validation runs the decoder only
 
@@ -78,6 +78,38 @@ def plot_comparison(results: dict[str, dict], out: str | Path, title: str = "") 
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys)
     ax.set(ylabel="test value", title=title or "test metrics (PR: lower is better)")
     ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_anatomy(anatomy: dict, out: str | Path, title: str = "") -> Path:
+    """Where pruning happens (``bear.metrics.pruning_anatomy``): the cases of each training
+    popularity bucket, kept / pruned with a violation / pruned otherwise (stacked), and the title
+    position of the first violation of the pruned-with-violation cases."""
+    fig, (ax_pop, ax_depth) = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = list(anatomy["by_popularity"])
+    bottom = [0] * len(labels)
+    for key in ANATOMY_KEYS:
+        counts = [anatomy["by_popularity"][b][key] for b in labels]
+        ax_pop.bar(labels, counts, bottom=bottom, label=key.replace("_", " "))
+        bottom = [x + y for x, y in zip(bottom, counts, strict=True)]
+    ax_pop.set(
+        xlabel="target's occurrences in training",
+        ylabel="cases (target in exact top-10)",
+        title=title or "pruning by popularity",
+    )
+    ax_pop.legend(fontsize=8)
+    depths = anatomy["violation_depth"]
+    ax_depth.bar([int(d) for d in depths], list(depths.values()))
+    ax_depth.set(
+        xlabel="title position of the first token outside the top-B",
+        ylabel="cases",
+        title="pruned with a violation of (3.2)",
+    )
+    ax_depth.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)

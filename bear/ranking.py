@@ -48,9 +48,10 @@ def _full_scores(found: DecodeResult, trie, length_penalty: float) -> torch.Tens
 
 
 def target_terms(model, prompt, trie, batch, width: int, scorings: tuple[str, ...]):
-    """Teacher-forced target terms of a batch from its prompts' cache: (violated (U,) bool, some
-    counted token has Δ > 0 at width B over its trie children; {scoring: s_y (U,)} the target's
-    score at α = 0 under each scoring)."""
+    """Teacher-forced target terms of a batch from its prompts' cache: (depth (U,) int64, the
+    position in the title of the first counted token whose Δ > 0 at width B over its trie
+    children, -1 where none is (the necessary condition (3.2) holds); {scoring: s_y (U,)} the
+    target's score at α = 0 under each scoring)."""
     with autocast_for(trie.device):
         logits, target, nodes = item_logits(model, prompt, trie, batch.items)  # (U, W, V)
     U, W, V = logits.shape
@@ -58,13 +59,14 @@ def target_terms(model, prompt, trie, batch, width: int, scorings: tuple[str, ..
     target = target.reshape(-1)  # (U·W,)
     flat = logits.reshape(U * W, V)
     ce, margin, counted = ce_margin(flat, target, width, allowed_mask=mask, return_counted=True)
-    violated = ((margin > 0) & counted).reshape(U, W).any(1)
+    bad = ((margin > 0) & counted).reshape(U, W)  # (U, W)
+    depth = torch.where(bad.any(1), bad.long().argmax(1), -1)
     scores = {}
     for scoring in scorings:
         if scoring == "after":  # full-vocabulary log-probabilities, restricted to the trie
             ce, _ = ce_margin(flat, target, beam_width=width)
         scores[scoring] = -ce.reshape(U, W).sum(1)
-    return violated, scores
+    return depth, scores
 
 
 def exact_ranks(model, prompt, trie, batch, found, target, settings, excluded, exact_all):

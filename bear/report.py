@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bear.metrics import RANKING_KEYS
+from bear.plots import plot_anatomy
 from bear.run import write_json_atomic
 
 __all__ = ["Selection", "max_over_epochs", "run_metrics", "write_metrics"]
@@ -75,5 +76,9 @@ def run_metrics(
 
 
 def write_metrics(run: Path, metrics: dict) -> None:
-    """Write ``metrics`` (``run_metrics``) to RUN/metrics.json atomically."""
+    """Write ``metrics`` (``run_metrics``) to RUN/metrics.json atomically, and RUN/anatomy.png
+    where the test metrics carry a pruning anatomy (``--pruning-anatomy``)."""
     write_json_atomic(Path(run) / "metrics.json", metrics)
+    anatomy = metrics.get("test", {}).get("anatomy")
+    if anatomy is not None:
+        plot_anatomy(anatomy, Path(run) / "anatomy.png", "test: where pruning happens")

@@ -48,6 +48,7 @@ RUN_FILES = (
     "best_check.pt",
     "metrics.json",
     "curves.png",
+    "anatomy.png",
     "model",
     ".model.tmp",
 )

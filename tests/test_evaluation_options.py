@@ -12,7 +12,7 @@ from _helpers_train import tiny_config, tiny_synth
 from bear.data import Example
 from bear.decoding import DecodeResult
 from bear.evaluate import EvalSettings, evaluate_split, near_copy_rows
-from bear.metrics import RANKING_KEYS
+from bear.metrics import RANKING_KEYS, pruning_anatomy
 from bear.ranking import drop_items
 from bear.run import build_setup
 from bear.train import train
@@ -23,7 +23,9 @@ def trained(tmp_path_factory):
     """A briefly trained sft run's setup, its model holding the trained weights."""
     root = tmp_path_factory.mktemp("evaluation")
     data = tiny_synth(root / "synth")
-    cfg = tiny_config(data, root / "run", loss="sft", epochs=2, limit_train=64, validate=False)
+    cfg = tiny_config(
+        data, root / "run", loss="sft", epochs=2, limit_train=64, validate=False, lr=3e-3
+    )
     train(cfg)
     setup = build_setup(cfg, root / "run", fresh=False)
     state = torch.load(root / "run" / "last.pt", weights_only=False)["model"]
@@ -99,3 +101,37 @@ def test_a_full_evaluation_reports_near_copies_and_the_rest_apart(trained):
     assert near["users"] + rest["users"] == got["users"] == 12
     hits = near["hr@10"] * near["users"] if near["users"] else 0
     assert hits + rest["hr@10"] * rest["users"] == pytest.approx(got["hr@10"] * 12)
+
+
+def test_pruning_anatomy_by_hand():
+    """Cases in the exact top-10 only: kept (returned), pruned with a violation (depth of its
+    first token outside the top-B), pruned otherwise; by popularity bucket."""
+    beam = torch.tensor([0, -1, -1, 3, -1, -1])
+    exact = torch.tensor([0, 2, 5, 1, -1, -2])  # the last two: outside, undecided
+    depth = torch.tensor([-1, 3, -1, 0, 1, 2])
+    popularity = torch.tensor([0, 5, 5, 20, 1, 1])
+    got = pruning_anatomy(beam, exact, depth, popularity)
+    assert (got["cases"], got["kept"], got["pruned_violation"], got["pruned_other"]) == (4, 2, 1, 1)
+    assert got["violation_depth"] == {"3": 1}
+    assert got["by_popularity"]["4-7"] == {"kept": 0, "pruned_violation": 1, "pruned_other": 1}
+    assert got["by_popularity"]["0"]["kept"] == 1 and got["by_popularity"]["16+"]["kept"] == 1
+
+
+def test_the_anatomy_agrees_with_pr_and_the_violation_share(trained):
+    settings = EvalSettings(beam_width=2, scoring="after", anatomy=True)  # every test user
+    got = evaluate_split(trained.model, trained, "test", settings)
+    anatomy = got["anatomy"]
+    assert anatomy["cases"] == got["pr@10_count"] > 0
+    pruned = anatomy["pruned_violation"] + anatomy["pruned_other"]
+    assert pruned == got["violation_share_count"] == round(got["pr@10"] * got["pr@10_count"])
+    if pruned:
+        assert anatomy["pruned_violation"] / pruned == pytest.approx(got["violation_share"])
+    assert sum(anatomy["violation_depth"].values()) == anatomy["pruned_violation"]
+    assert sum(sum(b.values()) for b in anatomy["by_popularity"].values()) == anatomy["cases"]
+
+
+def test_a_run_with_the_anatomy_reports_it_and_draws_it(tmp_path):
+    data = tiny_synth(tmp_path / "synth")
+    metrics = train(tiny_config(data, tmp_path / "run", pruning_anatomy=True))
+    assert set(metrics["test"]["anatomy"]) >= {"cases", "kept", "by_popularity"}
+    assert (tmp_path / "run" / "anatomy.png").is_file()
