@@ -342,15 +342,17 @@ class TrainConfig:
     )
     decoder: str = _setting(
         "beam",
-        "decoder of validation and test: beam (beam search of width --beam-width, SPEC §4) or "
-        "exact (the exact top --beam-width items by full score, α = 0: nothing pruned); others "
-        "register in bear.decoding.registry",
+        "decoder of validation and test, returning --eval-beam-width items: beam (beam search, "
+        "SPEC §4), exact (the exact top items by full score, α = 0: nothing pruned), diverse "
+        "(group beam search), sample (constrained sampling); others register in "
+        "bear.decoding.registry",
         choices=decoder_names,
         resume_may_change=True,
     )
     decoder_options: tuple[str, ...] = _setting(
         (),
-        "KEY=VALUE options of --decoder (beam: kv_sharing=tree|copy)",
+        "KEY=VALUE options of --decoder (beam: kv_sharing=tree|copy; diverse: groups=2 "
+        "diversity_penalty=0.5; sample: samples=20 temperature=1.0 top_p=1.0 seed=0)",
         flag="--decoder-option",
         resume_may_change=True,
     )

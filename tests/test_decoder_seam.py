@@ -135,3 +135,14 @@ def test_the_finished_pool_keeps_the_best_eos_candidates_within_the_top_b():
     assert pool.done(torch.tensor([-0.45]), 1).item()  # full, and -0.45 cannot beat -0.4
     assert not pool.done(torch.tensor([-0.35]), 1).item()
     assert pool.done(torch.tensor([float("-inf")]), 1).item()  # nothing live
+
+
+@pytest.mark.parametrize(("decoder", "options"), [("diverse", ("groups=2",)),
+                                                  ("sample", ("samples=8",))])  # fmt: skip
+def test_the_decoders_beyond_beam_search_evaluate_through_the_seam(synth, tmp_path, decoder,
+                                                                    options):  # fmt: skip
+    cfg = tiny_config(synth, tmp_path / "r", beam_width=4, decoder=decoder,
+                      decoder_options=options)  # fmt: skip
+    setup = build_setup(cfg, tmp_path / "r", fresh=True)
+    got = evaluate_split(setup.model, setup, "test", EvalSettings.from_config(cfg))
+    assert got["users"] == 3 and got["pr@10_count"] <= 3

@@ -13,6 +13,8 @@ length ** length_penalty (length = generated tokens, EOS included), as in Huggin
 
 This package's modules:
     beam             beam_search and beam_thresholds on one shared expansion step; decoder "beam"
+    diverse          diverse (group) beam search; decoder "diverse"
+    sampling         constrained sampling over the trie; decoder "sample"
     pool             the finished pool and stopping test of a beam search (reusable by siblings)
     best_first       exact_topk (best-first search over the trie); decoder "exact"
     count_above      count_items_above: the exact rank of a known target, depth first
@@ -35,6 +37,8 @@ _EXPORTS = {
     "Decoder": "bear.decoding.decoder",
     "beam_search": "bear.decoding.beam",
     "beam_thresholds": "bear.decoding.beam",
+    "constrained_sampling": "bear.decoding.sampling",
+    "diverse_beam_search": "bear.decoding.diverse",
     "decoder_names": "bear.decoding.registry",
     "exact_topk": "bear.decoding.best_first",
     "get_decoder": "bear.decoding.registry",

@@ -16,6 +16,8 @@ __all__ = ["BUILTIN_DECODERS", "decoder_names", "get_decoder", "register_decoder
 BUILTIN_DECODERS = {
     "beam": "bear.decoding.beam",
     "exact": "bear.decoding.best_first",
+    "diverse": "bear.decoding.diverse",
+    "sample": "bear.decoding.sampling",
 }
 _REGISTERED: dict[str, type] = {}  # name -> the Decoder subclass
 
