@@ -103,7 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--users", type=_positive, default=600, help="number of users (default 600)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument(
+        "--shared-words",
+        type=int,
+        default=0,
+        help="words every title of a (brand, category) or niche maker shares after its first "
+        "word: titles branch that much deeper (default 0)",
+    )
+    p.add_argument(
+        "--lines-per-brand",
+        type=_positive,
+        default=3,
+        help="product lines per (brand, category): how wide those prefixes branch (default 3)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of a dataset synth wrote there (other files stay)",
+    )
 
     p = sub.add_parser("train", help="fine-tune, select the best epoch on validation, test it")
     add_config_flags(p, TrainConfig)
@@ -165,7 +182,14 @@ def _run(args) -> int:
         from bear.synth import SynthConfig, write_synth
 
         out = write_synth(
-            args.out, SynthConfig(seed=args.seed, num_users=args.users), args.overwrite
+            args.out,
+            SynthConfig(
+                seed=args.seed,
+                num_users=args.users,
+                shared_words=args.shared_words,
+                lines_per_brand=args.lines_per_brand,
+            ),
+            args.overwrite,
         )
         print(f"wrote {out}")
     elif args.command == "train":

@@ -15,6 +15,12 @@ spread over many items). A width-B beam with B < num_brands prunes it at step on
 full probability ranks first: the over-pruning of paper §4.2 that BEAR targets. Rows are sliding
 windows of up to 11 ids; each user's last purchase is their test row; timestamps increase along a
 user's purchases.
+
+Prefix structure (``shared_words``, ``lines_per_brand``): ``shared_words`` D > 0 puts D words
+after the first word of every title, the same for every popular item of a (brand, category) and
+for every item of a niche maker, so that titles share longer prefixes and branch D words later;
+``lines_per_brand`` is how wide a (brand, category) branches. With D = 0 the catalogue is the
+one above, draw for draw.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ _COLOURS = ["Black", "Blue", "Red", "Green", "White", "Silver"]
 _MARKS = ["Series", "Edition", "Volume", "Model"]
 NICHE_ITEMS = 3  # items per niche maker, k = 1..NICHE_ITEMS
 NICHE_K_P = (0.9, 0.05, 0.05)  # probability of each k in a niche purchase
+SHARED_WORDS_SEED = 7919  # offsets the seed of the shared words (the other draws stay as they are)
+SYNTH_FILES = ("id2name4Rec.json", "train.csv", "test.csv", "synth_config.json")  # all synth writes
 WINDOW = 11  # ids per row: up to 10 history ids and the target (upstream's sliding window)
 
 
@@ -69,6 +77,16 @@ class SynthConfig:
     category_zipf: float = 0.8  # popularity skew of the users' favourite categories
     p_niche: float = 0.045  # probability that a purchase is the favourite category's niche item
     p_favourite: float = 0.8  # probability that a popular purchase is in the favourite category
+    shared_words: int = 0  # words every title of a (brand, category) or niche maker shares
+
+    def __post_init__(self):
+        if not 1 <= self.lines_per_brand <= len(_LINES):
+            raise ValueError(
+                f"lines_per_brand: got {self.lines_per_brand}, expected 1 to {len(_LINES)} (the "
+                "product lines there are)"
+            )
+        if self.shared_words < 0:
+            raise ValueError(f"shared_words: got {self.shared_words}, expected an integer >= 0")
 
 
 def _names(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
@@ -86,6 +104,19 @@ def _names(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
 def _zipf(count: int, exponent: float) -> np.ndarray:
     weights = 1.0 / np.arange(1, count + 1) ** exponent
     return weights / weights.sum()
+
+
+def _share_prefixes(titles, popular, niche, cfg: SynthConfig) -> None:
+    """Insert ``cfg.shared_words`` words after each title's first word, one draw per group: a
+    (brand, category)'s popular items, a maker's niche items (their own generator, so that the
+    rest of the dataset is drawn as without them)."""
+    rng = np.random.default_rng(cfg.seed + SHARED_WORDS_SEED)
+    taken = {w for t in titles.values() for w in t.split()}
+    for group in [*popular.values(), *niche]:
+        words = " ".join(_names(rng, cfg.shared_words, taken)).lower()
+        for item in group:
+            first, rest = titles[item].split(" ", 1)
+            titles[item] = f"{first} {words} {rest}"
 
 
 def make_synth(cfg: SynthConfig):
@@ -111,6 +142,8 @@ def make_synth(cfg: SynthConfig):
             item = len(titles) + 1
             titles[item] = f"{maker} {name} {mark} {k}"
             niche[-1].append(item)
+    if cfg.shared_words:
+        _share_prefixes(titles, popular, niche, cfg)
     brand_p = _zipf(len(brands), cfg.brand_zipf)
     line_p = _zipf(cfg.lines_per_brand, cfg.line_zipf)
     category_p = _zipf(len(_CATEGORIES), cfg.category_zipf)
@@ -141,22 +174,29 @@ def _write_csv(path: Path, rows) -> None:
 
 
 def write_synth(out: str | Path, cfg: SynthConfig, overwrite: bool = False) -> Path:
-    """Write the dataset folder atomically (a temporary folder renamed into place)."""
+    """Write the dataset folder: its files (``SYNTH_FILES``) written to a temporary folder, then
+    moved into place. ``overwrite`` replaces those files of a folder synth wrote (its
+    synth_config.json), and only those: anything else in it stays. Raises FileExistsError for a
+    folder that is not empty without ``overwrite``, or that synth did not write."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        if not (out / "synth_config.json").is_file():
+            raise FileExistsError(
+                f"{out}: --overwrite replaces a dataset synth wrote (it has synth_config.json); "
+                "this folder is not one and is left as it is: give another --out"
+            )
     titles, train, test = make_synth(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "id2name4Rec.json").write_text(json.dumps({str(k): v for k, v in titles.items()}))
         _write_csv(tmp / "train.csv", train)
         _write_csv(tmp / "test.csv", test)
         (tmp / "synth_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        for name in SYNTH_FILES:  # the marker last: a folder with it is complete
+            os.replace(tmp / name, out / name)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_flag_has_help_text():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"synth", "train", "evaluate", "demo"}
+    assert set(subparsers.choices) == {"synth", "train", "sweep", "evaluate", "demo"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
