@@ -122,4 +122,4 @@ def test_registry_and_cli_help_need_no_torch():
         "print(loss_names(), decoder_names(), 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("('beam', 'exact') False")
+    assert out.stdout.strip().endswith("('beam', 'exact', 'diverse', 'sample') False")
