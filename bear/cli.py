@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import types
 import typing
 
 from bear.config import EVALUATION_FIELDS, TrainConfig, field_choices, flag_name
 from bear.protocol import PROTOCOLS
+from bear.stopping import Stopped
 from bear.sweep import SWEEP_MANAGED
 
 __all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
@@ -174,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, FloatingPointError) as exc:
         print(f"bear {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        given = list(sys.argv[1:] if argv is None else argv)
+        again = given + ([] if args.command != "train" or "--resume" in given else ["--resume"])
+        print(
+            f"bear {args.command}: {exc}; continue with: python -m bear {shlex.join(again)}",
+            file=sys.stderr,
+        )
+        return 128 + exc.signum
 
 
 def _run(args) -> int:

@@ -31,6 +31,7 @@ from bear.ranking import drop_items, exact_ranks, target_terms
 from bear.report import Selection, run_metrics, write_metrics
 from bear.run import Setup, build_setup, load_run_config, load_weights, resolve_device
 from bear.run_folder import read_checkpoint
+from bear.stopping import check
 
 __all__ = [
     "EvalSettings",
@@ -254,6 +255,7 @@ def evaluate_rows(
         total=len(prompts), desc=f"{split} ({what})", unit="row", disable=not show, leave=False
     )
     for start in range(0, len(prompts), settings.batch_size):
+        check(f"while evaluating {split} (row {start} of {len(prompts)})")
         at = order[start : start + settings.batch_size]
         rows = ([prompts[i] for i in at], [targets[i] for i in at])
         batch = collate(*rows, setup.items, setup.trie, setup.pad_id).to(device)

@@ -55,6 +55,7 @@ from bear.run import (
 )
 from bear.run_folder import LAST_KEYS, check_run_folder, prepare_run, read_checkpoint
 from bear.run_log import RunLog
+from bear.stopping import Stopped, requested, stop_signals
 from bear.train_step import StepContext, accumulate_gradients, micro_batches
 from bear.validation import validation_check
 
@@ -286,6 +287,11 @@ def _train_epoch(ctx: RunContext, opt: Optimisation) -> bool:
         if state.get("early_stopped") and s + 1 < opt.steps_per_epoch:
             bar.close()
             return True  # a mid-epoch position, as --max-steps leaves it
+        if requested() is not None:  # SIGINT / SIGTERM: stop here, resumable
+            _save_last(ctx, opt)
+            bar.close()
+            where = f"after step {state['global_step']} ({ctx.run / 'last.pt'} holds it)"
+            raise Stopped(requested(), where)
         if state["global_step"] % cfg.save_every == 0 and s + 1 < opt.steps_per_epoch:
             _save_last(ctx, opt)  # mid-epoch; the epoch's end saves after validation
         if _reached_max_steps(cfg, state):
@@ -344,8 +350,15 @@ def train(cfg: TrainConfig) -> dict:
     """Train, validate each epoch, test the best epoch; return RUN/metrics.json's content.
 
     Every input is checked before the run folder is touched (ValueError / OSError naming the
-    setting or file). Raises FloatingPointError at a non-finite loss (the last checkpoint stays).
+    setting or file). Raises FloatingPointError at a non-finite loss (the last checkpoint stays),
+    ``bear.stopping.Stopped`` on SIGINT / SIGTERM (after the step in progress, RUN/last.pt
+    written; a second signal at once).
     """
+    with stop_signals():
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     ctx, resume_from = _start(cfg)
     opt = _optimisation(ctx, resume_from)
     state, stopped = opt.state, False

@@ -1,0 +1,85 @@
+"""SIGINT and SIGTERM (issue: faults a long run meets): training stops after the step in
+progress with RUN/last.pt written and one line saying how to continue; a second signal stops at
+once; evaluation stops between batches. No traceback."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers_train import last_weights, tiny_config, tiny_synth
+
+from bear.evaluate import EvalSettings, evaluate_split
+from bear.run import build_setup
+from bear.stopping import Stopped, requested, stop_signals
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return tiny_synth(tmp_path_factory.mktemp("stopping") / "synth")
+
+
+def _args(data, out):
+    sizes = ["--vocab-size", "320", "--hidden-size", "32", "--num-layers", "1"]
+    rows = ["--batch-size", "8", "--limit-train", "24", "--limit-eval", "3", "--max-history", "4"]
+    where = ["--data", str(data), "--out", str(out), "--no-progress", "--device", "cpu"]
+    return [*where, "--epochs", "2", *sizes, *rows]
+
+
+def _bear(*args, **env):
+    cmd = [sys.executable, "-m", "bear", *args]
+    environ = dict(os.environ, **env)
+    return subprocess.run(cmd, cwd=REPO, env=environ, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("name", "status"), [("TERM", 143), ("INT", 130)])
+def test_a_signal_stops_after_the_step_and_the_printed_command_resumes(synth, tmp_path, name,
+                                                                      status):  # fmt: skip
+    """Stopped at step 2 of 6 (the signal arrives as the step ends): exit 128 + signal, one
+    line naming the step and the command that continues; that command ends where an
+    uninterrupted run does."""
+    whole = _bear("train", *_args(synth, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = _bear("train", *_args(synth, tmp_path / "cut"), BEAR_FAULT_AT="step:2",
+                BEAR_FAULT_SIGNAL=name)  # fmt: skip
+    assert cut.returncode == status
+    line = cut.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in cut.stderr
+    assert f"stopped by SIG{name} after step 2" in line
+    command = shlex.split(line.split("continue with: ")[1])
+    assert command[:3] == ["python", "-m", "bear"] and command[-1] == "--resume"
+    resumed = _bear(*command[3:])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = last_weights(tmp_path / "whole"), last_weights(tmp_path / "cut")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+
+
+def test_the_second_signal_stops_at_once():
+    with stop_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert requested() == signal.SIGINT  # recorded, nothing raised
+        with pytest.raises(Stopped, match="SIGTERM at once"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert requested() is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_evaluation_stops_between_batches(synth, tmp_path):
+    cfg = tiny_config(synth, tmp_path / "r")
+    setup = build_setup(cfg, tmp_path / "r", fresh=True)
+    with stop_signals(), pytest.raises(Stopped, match="while evaluating test"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        evaluate_split(setup.model, setup, "test", EvalSettings(limit=4))
