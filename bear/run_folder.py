@@ -10,6 +10,7 @@ created. ``--overwrite`` replaces only such a folder, and only the files bear wr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ from bear.config import TrainConfig, flag_name
 
 __all__ = [
     "MARKER",
+    "LOCK",
+    "RunLock",
     "RUN_FILES",
     "RUN_FILE_PATTERNS",
     "TEMP_SUFFIX",
@@ -37,6 +40,7 @@ __all__ = [
 ]
 
 MARKER = ".bear-run"
+LOCK = ".bear-lock"  # RunLock's file: the pid of the launch that owns the folder
 # Every file or folder bear writes in a run folder: all --overwrite deletes (add new ones here).
 RUN_FILES = (
     "config.json",
@@ -148,7 +152,7 @@ def check_run_folder(cfg: TrainConfig, run: Path) -> None:
     if cfg.resume:
         _check_resume(cfg, run)
         return
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and any(p.name != LOCK for p in run.iterdir()):  # a lock alone: empty
         if not cfg.overwrite:
             raise FileExistsError(f"{run}: exists and is not empty; pass --overwrite to reuse it")
         if not (run / MARKER).is_file():
@@ -168,16 +172,53 @@ def _remove_run_files(run: Path) -> None:
             path.unlink()
 
 
-def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
-    """On rank 0: check the run folder again (``check_run_folder``), then create it with its
-    marker file; other ranks do nothing (they checked it before, and rank 0 is now changing it).
+class RunLock:
+    """One launch owns a run folder at a time: an advisory lock (``flock``) on RUN/.bear-lock,
+    which holds the owner's pid. The kernel releases it when the owning process ends, however it
+    ends, so the file a killed run leaves behind never blocks ``--resume``."""
+
+    def __init__(self, run: Path):
+        self.path, self.fd = run / LOCK, None
+
+    def acquire(self) -> RunLock:
+        """Take the lock (creating the folder); FileExistsError naming the holder's pid when
+        another process has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(
+                f"{self.path.parent}: another bear train (pid {holder}) is writing this run "
+                "folder; wait for it to end or stop it, then run again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and let go of the lock."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> RunLock | None:
+    """On rank 0: take the run folder's lock (``RunLock``: this launch owns it), check it again
+    (``check_run_folder``), then create it with its marker file; other ranks do nothing (they
+    checked it before, and rank 0 owns it for the launch). Returns the lock (rank 0).
 
     ``--overwrite`` of a bear run first deletes the files bear wrote there (``RUN_FILES``,
     ``RUN_FILE_PATTERNS`` and temporary files), nothing else; ``--resume`` deletes the temporary
     files of a killed write.
     """
     if rank != 0:
-        return
+        return None
+    lock = RunLock(run).acquire()
     check_run_folder(cfg, run)
     if (run / MARKER).is_file():
         if cfg.resume:
@@ -186,6 +227,7 @@ def prepare_run(cfg: TrainConfig, run: Path, rank: int) -> None:
             _remove_run_files(run)
     run.mkdir(parents=True, exist_ok=True)
     (run / MARKER).write_text(_MARKER_TEXT)
+    return lock
 
 
 def temp_file_beside(path: Path) -> Path:

@@ -53,7 +53,7 @@ from bear.run import (
     set_rng_state,
     write_json_atomic,
 )
-from bear.run_folder import LAST_KEYS, check_run_folder, prepare_run, read_checkpoint
+from bear.run_folder import LAST_KEYS, RunLock, check_run_folder, prepare_run, read_checkpoint
 from bear.run_log import RunLog
 from bear.stopping import Stopped, requested, stop_signals
 from bear.train_step import StepContext, accumulate_gradients, micro_batches
@@ -75,6 +75,7 @@ class RunContext:
     loss: Loss
     evaluation: EvalSettings
     log: RunLog
+    lock: RunLock | None  # the run folder's (rank 0)
 
     @property
     def rank(self) -> int:
@@ -174,7 +175,7 @@ def _start(cfg: TrainConfig) -> tuple[RunContext, dict | None]:
     resume_from = _read_resume_point(cfg, run, setup.model)
     if world > 1:
         dist.barrier()  # every rank checked the folder before rank 0 changes it
-    prepare_run(cfg, run, rank)
+    lock = prepare_run(cfg, run, rank)
     if world > 1:
         dist.barrier()
     log = RunLog(run / "log.jsonl", rank == 0)
@@ -193,7 +194,7 @@ def _start(cfg: TrainConfig) -> tuple[RunContext, dict | None]:
     model.train()
     engine = wrap_model(model, cfg, device, world)  # FSDP2 shards `model` in place
     step = StepContext(engine, setup.trie.to(device), device, rank, world)
-    ctx = RunContext(cfg, run, setup, model, step, loss, evaluation, log)
+    ctx = RunContext(cfg, run, setup, model, step, loss, evaluation, log, lock)
     return ctx, resume_from
 
 
@@ -355,11 +356,17 @@ def train(cfg: TrainConfig) -> dict:
     written; a second signal at once).
     """
     with stop_signals():
-        return _train(cfg)
+        ctx, resume_from = _start(cfg)
+        try:
+            return _train(ctx, resume_from)
+        finally:
+            if ctx.lock is not None:
+                ctx.lock.release()
 
 
-def _train(cfg: TrainConfig) -> dict:
-    ctx, resume_from = _start(cfg)
+def _train(ctx: RunContext, resume_from: dict | None) -> dict:
+    """The epochs of a started run, then its selection and test (``_finish``)."""
+    cfg = ctx.cfg
     opt = _optimisation(ctx, resume_from)
     state, stopped = opt.state, False
     while state["epoch"] < cfg.epochs and not stopped:

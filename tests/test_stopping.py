@@ -83,3 +83,38 @@ def test_evaluation_stops_between_batches(synth, tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         evaluate_split(setup.model, setup, "test", EvalSettings(limit=4))
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+
+
+def test_a_run_folder_is_owned_by_one_launch_at_a_time(synth, tmp_path):
+    """While a launch holds the folder (stopped at step 1 with SIGSTOP), a second train on it,
+    --resume or --overwrite, is refused naming its pid and touches nothing; once that process
+    is killed, its lock file blocks nothing and --resume continues."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bear", "train", *_args(synth, run)]
+    env = dict(os.environ, BEAR_FAULT_AT="step:1", BEAR_FAULT_SIGNAL="STOP")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while _state(first.pid) != "T":
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        before = sorted(p.name for p in run.iterdir())
+        for flag in ("--resume", "--overwrite"):
+            refused = _bear("train", *_args(synth, run), flag)
+            assert refused.returncode == 2
+            assert f"another bear train (pid {first.pid}) is writing this run folder" in (
+                refused.stderr
+            )
+        assert sorted(p.name for p in run.iterdir()) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert (run / ".bear-lock").is_file()  # left by the killed launch
+    resumed = _bear("train", *_args(synth, run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (run / ".bear-lock").exists()
