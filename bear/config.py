@@ -368,6 +368,12 @@ class TrainConfig:
         "checkpoint); every setting that can change the weights must be the run's",
         resume_may_change=True,
     )
+    allow_data_change: bool = _setting(
+        False,
+        "with --resume: continue although a data file changed since the run began (config.json "
+        "records each file's size and SHA-256)",
+        resume_may_change=True,
+    )
     save_every: int = _setting(
         100,
         "also write RUN/last.pt every N optimiser steps (it is written at each epoch end)",

@@ -192,9 +192,13 @@ def build_setup(
 def load_run_config(run: Path) -> TrainConfig:
     """The ``TrainConfig`` saved in RUN/config.json (keys this version does not know are dropped).
 
-    Raises FileNotFoundError if RUN/config.json is missing, ValueError if it is not a JSON object.
+    A relative ``data`` that does not resolve from here is read where the run resolved it
+    (``data_resolved``). Raises FileNotFoundError if RUN/config.json is missing, ValueError if
+    it is not a JSON object.
     """
     saved = read_saved_config(run, fix=f"is {run} a bear run folder?")
+    if not Path(saved.get("data", "")).is_dir() and "data_resolved" in saved:
+        saved["data"] = saved["data_resolved"]  # a relative --data, read from another folder
     return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
 
 

@@ -11,6 +11,7 @@ created. ``--overwrite`` replaces only such a folder, and only the files bear wr
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bear.config import TrainConfig, flag_name
+from bear.data import TITLES_FILE
 
 __all__ = [
     "MARKER",
@@ -32,6 +34,7 @@ __all__ = [
     "check_run_folder",
     "prepare_run",
     "resume_conflicts",
+    "data_fingerprint",
     "read_saved_config",
     "temp_file_beside",
     "remove_temp_files",
@@ -111,18 +114,52 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     return conflicts
 
 
+def data_fingerprint(cfg: TrainConfig) -> dict[str, dict]:
+    """The data files a run reads (the catalogue, its training and test files, valid.csv where
+    there is one), each by its size and SHA-256, keyed by name: recorded in config.json."""
+    folder = Path(cfg.data)
+    names = (TITLES_FILE, cfg.train_file, cfg.test_file, "valid.csv")
+    out = {}
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[name] = {"bytes": path.stat().st_size, "sha256": digest}
+    return out
+
+
+def _check_data(cfg: TrainConfig, saved: dict, run: Path) -> None:
+    """ValueError naming the first data file that changed since the run began (unless
+    --allow-data-change): a resumed run would train on other rows than its first steps did."""
+    before = saved.get("data_fingerprint")
+    if before is None or cfg.allow_data_change:
+        return
+    now = data_fingerprint(cfg)
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            was = before.get(name, {}).get("bytes", "no file")
+            is_ = now.get(name, {}).get("bytes", "no file")
+            raise ValueError(
+                f"--resume: {Path(cfg.data) / name} changed since {run} began ({was} bytes then, "
+                f"{is_} now, or other content); resume on the data the run trained on, or pass "
+                "--allow-data-change if the change is intended"
+            )
+
+
 def _check_resume(cfg: TrainConfig, run: Path) -> None:
     if not (run / MARKER).is_file():
         raise FileNotFoundError(
             f"--resume: {run} holds no bear run (no {MARKER} file); nothing to resume"
         )
     fix = "the run stopped before it began; start it anew with --overwrite"
-    conflicts = resume_conflicts(read_saved_config(run, fix), cfg)
+    saved = read_saved_config(run, fix)
+    conflicts = resume_conflicts(saved, cfg)
     if conflicts:
         raise ValueError(
             f"--resume: {'; '.join(conflicts)}; these change the trained weights, so resume with "
             f"the run's settings ({run / 'config.json'}) or start a new run"
         )
+    _check_data(cfg, saved, run)
 
 
 def read_saved_config(run: Path, fix: str) -> dict:

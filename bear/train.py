@@ -53,7 +53,14 @@ from bear.run import (
     set_rng_state,
     write_json_atomic,
 )
-from bear.run_folder import LAST_KEYS, RunLock, check_run_folder, prepare_run, read_checkpoint
+from bear.run_folder import (
+    LAST_KEYS,
+    RunLock,
+    check_run_folder,
+    data_fingerprint,
+    prepare_run,
+    read_checkpoint,
+)
 from bear.run_log import RunLog
 from bear.stopping import Stopped, requested, stop_signals
 from bear.train_step import StepContext, accumulate_gradients, micro_batches
@@ -182,7 +189,11 @@ def _start(cfg: TrainConfig) -> tuple[RunContext, dict | None]:
     if rank == 0:
         if cfg.model == "tiny" and not cfg.resume:
             setup.tokenizer.save_pretrained(run / "tokenizer")
-        config = asdict(cfg) | {"protocol_settings": resolved_settings(cfg)}
+        config = asdict(cfg) | {
+            "protocol_settings": resolved_settings(cfg),
+            "data_resolved": str(Path(cfg.data).resolve()),  # evaluate from any folder
+            "data_fingerprint": data_fingerprint(cfg),  # --resume refuses changed data
+        }
         write_json_atomic(run / "config.json", config)  # last: the run's start is complete
     base_dtype = next(setup.model.parameters()).dtype  # what --dtype auto chose
     dtype = next(name for name, d in DTYPES.items() if d == base_dtype)

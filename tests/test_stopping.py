@@ -118,3 +118,34 @@ def test_a_run_folder_is_owned_by_one_launch_at_a_time(synth, tmp_path):
     resumed = _bear("train", *_args(synth, run), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (run / ".bear-lock").exists()
+
+
+def test_resume_refuses_changed_data_unless_told(synth, tmp_path):
+    """config.json fingerprints the files read; --resume after rows left train.csv is refused
+    naming it (the run would go on with another schedule), --allow-data-change accepts it."""
+    import shutil
+
+    from bear.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(synth, data)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, epochs=2, max_steps=2))
+    lines = (data / "train.csv").read_text().splitlines()
+    (data / "train.csv").write_text("\n".join(lines[:-10]) + "\n")
+    with pytest.raises(ValueError, match=r"--resume: .*train.csv changed since .* began"):
+        train(tiny_config(data, run, epochs=2, resume=True))
+    train(tiny_config(data, run, epochs=2, resume=True, allow_data_change=True))
+
+
+def test_a_run_with_a_relative_data_path_evaluates_from_any_folder(synth, tmp_path):
+    import shutil
+
+    shutil.copytree(synth, tmp_path / "data")
+    trained = subprocess.run(
+        [sys.executable, "-m", "bear", "train", *_args("data", "run")], cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    again = _bear("evaluate", "--run", str(tmp_path / "run"), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-2000:]
