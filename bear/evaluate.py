@@ -30,7 +30,7 @@ from bear.protocol import epoch_checkpoint
 from bear.ranking import drop_items, exact_ranks, target_terms
 from bear.report import Selection, run_metrics, write_metrics
 from bear.run import Setup, build_setup, load_run_config, load_weights, resolve_device
-from bear.run_folder import read_checkpoint
+from bear.run_folder import read_checkpoint, remove_temp_files
 from bear.stopping import check
 
 __all__ = [
@@ -346,6 +346,7 @@ def evaluate_run(run: str | Path, changes: dict | None = None, device: str = "au
             f"{protocol}"
         )
     cfg = dataclasses.replace(saved, **changes)  # checked as a new config: before any work
+    remove_temp_files(run)  # of a write killed before: an evaluation, say
     settings = EvalSettings.from_config(cfg)
     metrics_file = run / "metrics.json"
     old = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

@@ -144,8 +144,9 @@ def BEARForCausalLMLoss(  # noqa: N802 (transformers' name pattern for loss func
         A scalar float32 tensor (float64 for float64 logits).
 
     Raises:
-        ValueError: vocab_size differing from the logits, mismatched shapes, and every check of
-            `bear_loss` (a target outside its allowed set, bad hyperparameters).
+        ValueError: vocab_size differing from the logits, mismatched shapes, num_items_in_batch
+            below 1 with supervised labels, and every check of `bear_loss` (a target outside its
+            allowed set, bad hyperparameters).
     """
     if vocab_size is not None and vocab_size != logits.shape[-1]:
         raise ValueError(
@@ -162,6 +163,12 @@ def BEARForCausalLMLoss(  # noqa: N802 (transformers' name pattern for loss func
             f"got {tuple(target.shape)}"
         )
     rows = _supervised_rows(target, ignore_index)  # (S,)
+    if num_items_in_batch is not None and rows.numel() and int(num_items_in_batch) < 1:
+        raise ValueError(
+            f"num_items_in_batch: got {int(num_items_in_batch)} with {rows.numel()} supervised "
+            "labels in this batch; it counts the supervised labels of the whole step (at least "
+            "this batch's): pass that count, or None for this batch's mean"
+        )
     rows_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)  # (S, V)
     rows_mask = None
     if mask is not None:

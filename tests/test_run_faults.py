@@ -1,6 +1,7 @@
-"""SIGINT and SIGTERM (issue: faults a long run meets): training stops after the step in
-progress with RUN/last.pt written and one line saying how to continue; a second signal stops at
-once; evaluation stops between batches. No traceback."""
+"""Faults a long run meets (issue): SIGINT and SIGTERM stop training after the step in progress
+with RUN/last.pt written and one line saying how to continue (a second signal at once,
+evaluation between batches, no traceback); one launch owns a run folder; --resume refuses
+changed data; a relative --data evaluates from anywhere; no temporary file outlives a run."""
 
 from __future__ import annotations
 
@@ -149,3 +150,23 @@ def test_a_run_with_a_relative_data_path_evaluates_from_any_folder(synth, tmp_pa
     assert trained.returncode == 0, trained.stderr[-2000:]
     again = _bear("evaluate", "--run", str(tmp_path / "run"), "--device", "cpu")
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_evaluate_removes_the_temporary_file_a_killed_write_left(synth, tmp_path):
+    from bear.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(synth, run))
+    (run / ".metrics.json.abc123.bear-tmp").write_text("{")  # a killed atomic write's leftover
+    done = _bear("evaluate", "--run", str(run), "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(run.glob("*.bear-tmp"))
+
+
+def test_a_step_count_of_zero_with_supervised_labels_is_refused():
+    from bear_kernels.transformers import BEARForCausalLMLoss
+
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    with pytest.raises(ValueError, match="num_items_in_batch: got 0 with 8 supervised labels"):
+        BEARForCausalLMLoss(logits, labels, num_items_in_batch=0)
