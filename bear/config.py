@@ -265,6 +265,11 @@ class TrainConfig:
     weight_decay: float = _setting(0.0, "AdamW weight decay", cli=False, at_least=0.0)
     max_grad_norm: float = _setting(1.0, "gradient clipping; 0 disables", cli=False, at_least=0.0)
     max_history: int = _setting(10, "newest history items per prompt (upstream: 10)", positive=True)
+    truncate_history: bool = _setting(
+        False,
+        "drop the oldest history items of a row whose prompt and response exceed the model's "
+        "context (max_position_embeddings) instead of refusing the run",
+    )
     train_file: str | None = _setting(
         None, "training CSV inside --data (default: train.csv; upstream: train_10000.csv)"
     )

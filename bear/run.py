@@ -8,6 +8,7 @@ rename).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -171,22 +172,50 @@ def build_setup(
     ids = data.item_ids
     trie = ItemTrie([items[i] for i in ids], ids, tokenizer.eos_token_id, vocab_size=vocab)
     check_in_context(tokenizer, data, data.train[:CONTEXT_CHECK], items)
-    splits = {"train": data.train, "valid": data.valid, "test": data.test}
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    prompts = {}
+    for split in ("train", "valid", "test"):
+        inference = split != "train" and protocol.inference_prompt
+        rows = getattr(data, split)
+        encoded = encode_prompts(tokenizer, data, rows, inference=inference)
+        if context is not None:
+            fit = (cfg.truncate_history, context, trie.max_len + 1, inference)
+            _fit_context(tokenizer, data, split, rows, encoded, items, *fit)
+        prompts[split] = encoded
     return Setup(
         data=data,
         tokenizer=tokenizer,
         model=model,
         items=items,
         trie=trie,
-        prompts={
-            k: encode_prompts(
-                tokenizer, data, v, inference=k != "train" and protocol.inference_prompt
-            )
-            for k, v in splits.items()
-        },
-        targets={k: [e.target for e in v] for k, v in splits.items()},
+        prompts=prompts,
+        targets={k: [e.target for e in getattr(data, k)] for k in prompts},
         pad_id=tokenizer.pad_token_id,
     )
+
+
+def _fit_context(
+    tokenizer, data, split, rows, prompts, items, truncate, context, longest, inference
+):
+    """Check, in place, that each row's prompt and response fit the model's ``context``
+    (max_position_embeddings): a training row's own response, an evaluated row's longest title
+    (``longest`` tokens with EOS: decoding can reach it). With ``truncate`` a row too long loses
+    its oldest history items until it fits; else (or when one history item is still too much)
+    ValueError naming the row, its length and the limit."""
+    for i, row in enumerate(rows):
+        need = len(items[row.target]) + 1 if split == "train" else longest
+        while len(prompts[i]) + need > context:
+            if not truncate or len(row.history) <= 1:
+                what = "its response" if split == "train" else "the longest title"
+                raise ValueError(
+                    f"{row.source}: its prompt ({len(prompts[i])} tokens) and {what} ({need}) "
+                    f"exceed the model's context of {context} positions (max_position_embeddings)"
+                    "; pass --truncate-history to drop its oldest history items, or a smaller "
+                    "--max-history"
+                )
+            row = dataclasses.replace(row, history=row.history[1:])
+            (prompts[i],) = encode_prompts(tokenizer, data, [row], inference=inference)
+        rows[i] = row
 
 
 def load_run_config(run: Path) -> TrainConfig:

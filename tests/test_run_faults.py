@@ -170,3 +170,31 @@ def test_a_step_count_of_zero_with_supervised_labels_is_refused():
     labels = torch.randint(0, 11, (2, 5))
     with pytest.raises(ValueError, match="num_items_in_batch: got 0 with 8 supervised labels"):
         BEARForCausalLMLoss(logits, labels, num_items_in_batch=0)
+
+
+def test_prompts_past_the_context_are_refused_or_truncated(synth, tmp_path):
+    """Titles of ~600 tokens put 4-item prompts past the tiny model's 2048 positions: the run is
+    refused before any work, naming the row and the limit; --truncate-history drops the oldest
+    history items of those rows until they fit."""
+    import json as json_module
+    import shutil
+
+    from bear.train import train
+
+    data = tmp_path / "long"
+    shutil.copytree(synth, data)
+    titles = json_module.loads((data / "id2name4Rec.json").read_text())
+    tail = " ".join(f"part{k}" for k in range(200))
+    (data / "id2name4Rec.json").write_text(
+        json_module.dumps({k: f"{v} {tail}" for k, v in titles.items()})
+    )
+    refused = r"train.csv:\d+: its prompt \(\d+ tokens\) and its response \(\d+\) exceed"
+    with pytest.raises(ValueError, match=refused + " the model's context of 2048"):
+        train(tiny_config(data, tmp_path / "refused", limit_train=8))
+    assert not (tmp_path / "refused").exists()
+    cfg = tiny_config(data, tmp_path / "cut", limit_train=8, truncate_history=True, epochs=1)
+    setup = build_setup(cfg, tmp_path / "cut", fresh=True)
+    for split in ("train", "valid", "test"):
+        longest = max(len(p) for p in setup.prompts[split])
+        assert longest + setup.trie.max_len + 1 <= 2048 or split == "train"
+    assert min(len(e.history) for e in setup.data.train) < 4  # some histories were cut
