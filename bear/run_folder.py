@@ -77,6 +77,11 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _check_writable(run: Path) -> None:
+    if run.is_symlink() and not run.exists():
+        raise FileNotFoundError(
+            f"--out {run}: a symbolic link to {os.readlink(run)}, which does not exist; create "
+            "its target or give another --out"
+        )
     if run.exists() and not run.is_dir():
         raise FileExistsError(f"--out {run}: is a file, not a folder; give a folder path")
     existing = _nearest_existing(run)

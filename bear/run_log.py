@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,21 @@ class RunLog:
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
         self.board = ScalarEventWriter(path.parent) if enabled else None
+
+    def forget_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (those a killed run wrote after its last
+        checkpoint, which a resumed run writes again), so that the log holds one record per
+        step; the file is rewritten atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if json.loads(line).get("step", 0) <= step
+        ]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def __call__(self, **rec) -> None:
         if not self.enabled:

@@ -229,9 +229,9 @@ def _optimisation(ctx: RunContext, resume_from: dict | None) -> Optimisation:
     else:
         torch.manual_seed(cfg.seed)
     if cfg.resume:
-        ctx.log(
-            event="resume", step=opt.state["global_step"], from_checkpoint=resume_from is not None
-        )
+        step = opt.state["global_step"]
+        ctx.log.forget_after(step)  # a killed run's records past its last checkpoint
+        ctx.log(event="resume", step=step, from_checkpoint=resume_from is not None)
         if ctx.rank == 0:
             (ctx.run / "partial.pt").unlink(missing_ok=True)
     return opt

@@ -5,6 +5,7 @@ changed data; a relative --data evaluates from anywhere; no temporary file outli
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -198,3 +199,26 @@ def test_prompts_past_the_context_are_refused_or_truncated(synth, tmp_path):
         longest = max(len(p) for p in setup.prompts[split])
         assert longest + setup.trie.max_len + 1 <= 2048 or split == "train"
     assert min(len(e.history) for e in setup.data.train) < 4  # some histories were cut
+
+
+def test_the_log_holds_one_record_per_step_after_a_kill_and_resume(synth, tmp_path):
+    """Killed after step 3 with the last checkpoint at step 2, then resumed: step 3 runs again
+    and the log keeps one record of it (before: two, and curves.png drew both)."""
+    run = tmp_path / "run"
+    killed = _bear("train", *_args(synth, run), "--save-every", "2", BEAR_FAULT_AT="step:3")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _bear("train", *_args(synth, run), "--save-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == sorted(set(steps)) == list(range(1, steps[-1] + 1))
+
+
+def test_an_out_that_is_a_dangling_link_is_named(synth, tmp_path):
+    link = tmp_path / "run"
+    link.symlink_to(tmp_path / "nowhere")
+    done = _bear("train", *_args(synth, link))
+    assert done.returncode == 2
+    assert f"--out {link}: a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in (
+        done.stderr
+    )
