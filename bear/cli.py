@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import sys
 import types
 import typing
+from pathlib import Path
 
 from bear.config import EVALUATION_FIELDS, TrainConfig, field_choices, flag_name
 from bear.protocol import PROTOCOLS
@@ -94,9 +96,16 @@ def config_from_args(config_cls, args: argparse.Namespace):
     return config_cls(**{f.name: getattr(args, f.name) for f in _cli_fields(config_cls)})
 
 
+def program() -> str:
+    """How this process was started, for usage lines and messages: ``python -m bear`` or the
+    console script's name (``bear``)."""
+    started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m bear" if started in ("", "__main__.py", "-c") else started
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bear",
+        prog=program(),
         description="Beam-search-aware training (BEAR) of LLM recommenders.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         again = given + ([] if args.command != "train" or "--resume" in given else ["--resume"])
         print(
-            f"bear {args.command}: {exc}; continue with: python -m bear {shlex.join(again)}",
+            f"bear {args.command}: {exc}; continue with: {program()} {shlex.join(again)}",
             file=sys.stderr,
         )
         return 128 + exc.signum
@@ -209,7 +218,8 @@ def _run(args) -> int:
         cfg = config_from_args(TrainConfig, args)
         metrics = train(cfg)
         close_distributed()
-        print(json.dumps(metrics, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:  # one launch, one report (torchrun, accelerate)
+            print(json.dumps(metrics, indent=2))
     elif args.command == "sweep":
         return _sweep(args)
     elif args.command == "evaluate":
@@ -229,8 +239,6 @@ def _run(args) -> int:
 
 def _sweep(args) -> int:
     """Run the grid, write its table and plots; exit 1 when a cell failed (recorded), else 0."""
-    from pathlib import Path
-
     from bear.sweep import cells_of, run_sweep
     from bear.sweep_report import write_sweep
 

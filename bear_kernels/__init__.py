@@ -6,6 +6,7 @@ reg = bear_regularizer(logits, target, beam_width=10, reg_temperature=1.0, ...) 
 """
 
 from ._common import counted_rows
+from ._version import __version__ as __version__
 from .bitmask import allowed_count, pack_allowed_mask, unpack_allowed_mask
 from .functional import BEARLoss, bear_loss, bear_regularizer, ce_margin
 from .reference import bear_loss_reference, ce_margin_reference

@@ -42,6 +42,7 @@ def _train(launcher: list[str], data: Path, out: Path, *extra: str) -> None:
     cmd = [*launcher, "-m", "bear", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
     done = launch(cmd, env=ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"best_epoch"') == 1  # one report per launch (rank 0), not per rank
 
 
 @pytest.fixture(scope="module")

@@ -222,3 +222,17 @@ def test_an_out_that_is_a_dangling_link_is_named(synth, tmp_path):
     assert f"--out {link}: a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in (
         done.stderr
     )
+
+
+def test_run_files_are_readable_by_the_group_as_the_umask_allows(synth, tmp_path):
+    """Atomic writes went through mkstemp's 0600: metrics.json, config.json and the checkpoints
+    were unreadable to a shared group; now they get the umask's mode, as any other file."""
+    from bear.train import train
+
+    old = os.umask(0o022)
+    try:
+        train(tiny_config(synth, tmp_path / "run"))
+    finally:
+        os.umask(old)
+    for name in ("config.json", "metrics.json", "last.pt", "best.pt"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
