@@ -388,3 +388,35 @@ class ItemTrie:
         masks = self.allowed_mask(nodes.reshape(-1)).reshape(batch, steps, words)
         out[rows[inside], cols[inside]] = masks[inside]
         return out.to(out_device)
+
+    # ------------------------------------------------------------------ for generate
+    def prefix_allowed_tokens_fn(self, prompt_length: int):
+        """A ``prefix_allowed_tokens_fn`` for Hugging Face ``generate`` that keeps its output to
+        catalogue items (this trie's tokens, then EOS), for users who stay with ``generate``.
+
+        ``prompt_length``: the width of the left-padded prompt batch (``input_ids.shape[1]``):
+        generated tokens start there in every row. The function walks the trie along a row's
+        generated tokens and returns the children of the node it reaches (EOS alone after an
+        item's end, or off the trie, where ``generate`` needs some token).
+
+        Returns:
+            fn(batch_id: int, input_ids: (prompt_length + t,) tensor) -> list[int].
+        """
+        if isinstance(prompt_length, bool) or not isinstance(prompt_length, int):
+            raise TypeError(f"prompt_length must be an int, got {type(prompt_length).__name__}")
+        ptr, child_token = self.child_ptr.tolist(), self.child_token.tolist()
+        eos = self.eos_token_id
+        found: dict[tuple[int, ...], list[int]] = {}  # generated prefix -> its allowed tokens
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+            prefix = tuple(input_ids[prompt_length:].tolist())
+            if prefix not in found:
+                node = 0
+                for token in prefix:
+                    node = -1 if token == eos else int(self.child(node, token))
+                    if node < 0:
+                        break
+                found[prefix] = child_token[ptr[node] : ptr[node + 1]] if node >= 0 else [eos]
+            return found[prefix]
+
+        return allowed

@@ -135,8 +135,15 @@ def beam_search(
     length_penalty: float = 0.0,
     kv_sharing: str = "tree",
     prompt: PromptCache | None = None,
+    *,
+    num_beams: int | None = None,
 ) -> DecodeResult:
     """Trie-constrained beam search with Hugging Face semantics, batched over users and beams.
+
+    For ``generate`` users: ``num_beams`` is ``beam_width``'s other name; ``scoring="after"``
+    with ``length_penalty=1.0`` ranks as ``generate`` does by default (bear's defaults,
+    "before" and 0, rank as msl and bear train; README: "Decoding your own catalogue"); the
+    result's ``sequences(trie)`` and ``texts(trie, tokenizer)`` give the items' tokens and text.
 
     Per step t (beams at trie depth t): candidates are (beam, child) pairs with cumulative score
     s + log p; the top 2B are taken; EOS candidates ranked within the top B enter the finished
@@ -157,6 +164,8 @@ def beam_search(
         input_ids, attention_mask: (U, P) left-padded prompts.
         trie: the catalogue; moved to the model's device.
         beam_width: B >= 1.
+        num_beams: B under ``generate``'s name (keyword only; an error if it and ``beam_width``
+            are both given and differ).
         scoring: "before" or "after" (see `bear.decoding`).
         length_penalty: alpha.
         kv_sharing: how the beams share their user's prompt cache. "tree" (default): one cache
@@ -178,6 +187,13 @@ def beam_search(
             the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
+    if num_beams is not None:
+        if beam_width not in (10, num_beams):
+            raise ValueError(
+                f"num_beams={num_beams} and beam_width={beam_width}: the same setting twice; "
+                "give one of them"
+            )
+        beam_width = num_beams
     B = check_positive_int("beam_width", beam_width)
     alpha = check_finite_float("length_penalty", length_penalty)
     if kv_sharing not in KV_SHARING:

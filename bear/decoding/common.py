@@ -42,6 +42,26 @@ class DecodeResult:
     scores: torch.Tensor
     complete: torch.Tensor | None = None
 
+    def sequences(self, trie: ItemTrie) -> torch.Tensor:
+        """(U, K, L + 1) each item's tokens then EOS, -100 after it (and for padding), as
+        ``generate`` would have produced them after the prompt."""
+        U, K = self.item_ids.shape
+        real = (self.item_ids >= 0).to(trie.device)
+        some_item = trie.leaf_item[trie.leaf_item >= 0][0]  # stands in for the padding
+        ids = torch.where(real, self.item_ids.to(trie.device), some_item).reshape(-1)
+        tokens = trie.item_tokens(ids).reshape(U, K, -1)
+        return torch.where(real[..., None], tokens, -100)
+
+    def texts(self, trie: ItemTrie, tokenizer) -> list[list[str]]:
+        """Each user's items as text (``tokenizer.decode`` of their tokens, EOS dropped), best
+        first; padding is left out."""
+        eos = trie.eos_token_id
+        out = []
+        for row, ids in zip(self.sequences(trie).tolist(), self.item_ids.tolist(), strict=True):
+            kept = [seq for seq, item in zip(row, ids, strict=True) if item >= 0]
+            out.append([tokenizer.decode([t for t in seq if t >= 0 and t != eos]) for seq in kept])
+        return out
+
 
 def model_vocab(model) -> int | None:
     """Rows of the model's output embedding (else `config.vocab_size`, else None)."""
