@@ -120,10 +120,11 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
 
 
 def data_fingerprint(cfg: TrainConfig) -> dict[str, dict]:
-    """The data files a run reads (the catalogue, its training and test files, valid.csv where
-    there is one), each by its size and SHA-256, keyed by name: recorded in config.json."""
+    """The data files that decide what a run trains (the catalogue, its training file, and
+    valid.csv where there is one, which selects), each by its size and SHA-256, keyed by name:
+    recorded in config.json. The test file is left out: evaluation may change it."""
     folder = Path(cfg.data)
-    names = (TITLES_FILE, cfg.train_file, cfg.test_file, "valid.csv")
+    names = (TITLES_FILE, cfg.train_file, "valid.csv")
     out = {}
     for name in names:
         path = folder / name

@@ -170,8 +170,13 @@ def _chunk_forward(z, y, mask, sel, idx, n_all, params: LossParams, cdtype):
     p = torch.softmax(x, dim=-1)  # (R, V)
     lse = z_max - torch.log(p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
     z_y = x.gather(1, y_r).squeeze(1)  # (R,)
+    # an allowed +inf logit: lse = +inf (softmax gives NaN there), so ce = +inf - z_y and
+    # Δ = log β - log p_y = (z_(B') - lse) - (z_y - lse) is NaN, as the reference computes them
+    inf_row = torch.isposinf(z_max)  # (R,)
+    lse = torch.where(inf_row, z_max, lse)
     # 4. Δ = (z_(B') - z_y) / tau
-    return p, lse - z_y, z_b - z_y, b, select
+    margin = torch.where(inf_row, torch.full_like(z_b, float("nan")), z_b - z_y)
+    return p, lse - z_y, margin, b, select
 
 
 def _write_chunk_grad(grad, sel, p, a_r, cy_r, cb_r, y_r, b_r, threshold_grad):

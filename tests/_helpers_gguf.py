@@ -38,7 +38,7 @@ def write_tiny_gguf(path: Path, tokenizer) -> Path:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     model = build_tiny_model(len(tokens), tokenizer.pad_token_id, tokenizer.eos_token_id, SIZE, 0)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(256)
+    writer.add_context_length(2048)
     writer.add_embedding_length(SIZE.hidden_size)
     writer.add_feed_forward_length(SIZE.intermediate_size)
     writer.add_block_count(SIZE.num_hidden_layers)

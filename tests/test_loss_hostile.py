@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from bear_kernels import bear_loss, bear_loss_reference, ce_margin, pack_allowed_mask
+from bear_kernels import (
+    bear_loss,
+    bear_loss_reference,
+    ce_margin,
+    ce_margin_reference,
+    pack_allowed_mask,
+)
 
 V = 70  # three bitmask words, the last one partial
 IMPLS = ("torch", "triton")
@@ -72,3 +78,20 @@ def test_double_backward_of_the_reference_works():
     (g,) = torch.autograd.grad(bear_loss_reference(z, y, beam_width=3), z, create_graph=True)
     (gg,) = torch.autograd.grad((g**2).sum(), z)
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0
+
+
+@pytest.mark.parametrize("beam_width", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, masked):
+    """One +inf among the allowed logits: lse = +inf, so ce = +inf for another target (NaN for the
+    +inf one) and Δ = log β - log p_y is NaN, as the reference computes them (the torch path gave
+    ce NaN and a finite Δ)."""
+    z = torch.tensor([[1.0, float("inf"), 0.5, 2.0], [float("inf"), 0.0, 1.0, 0.3]])
+    y = torch.tensor([2, 0])
+    mask = None
+    if masked:
+        mask = pack_allowed_mask(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool))
+    got = ce_margin(z, y, beam_width=beam_width, allowed_mask=mask, impl="torch")
+    ref = ce_margin_reference(z.double(), y, beam_width=beam_width, allowed_mask=mask)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, equal_nan=True)
