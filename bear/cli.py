@@ -12,12 +12,20 @@ import types
 import typing
 from pathlib import Path
 
-from bear.config import EVALUATION_FIELDS, TrainConfig, field_choices, flag_name
+from bear.config import EVALUATION_FIELDS, FLAG_GROUPS, TrainConfig, field_choices, flag_name
+from bear.config_file import read_config_file
 from bear.protocol import PROTOCOLS
 from bear.stopping import Stopped
 from bear.sweep import SWEEP_MANAGED
 
-__all__ = ["main", "build_parser", "add_config_flags", "config_from_args"]
+__all__ = [
+    "main",
+    "build_parser",
+    "parse_args",
+    "add_config_flags",
+    "config_from_args",
+    "sweep_grid",
+]
 
 
 def _positive(text: str) -> int:
@@ -44,6 +52,8 @@ def add_config_flags(
     names=None,
     defaults_from_run: bool = False,
     several: bool = False,
+    defaults: dict | None = None,
+    groups: dict[str, tuple[str, ...]] | None = None,
 ) -> None:
     """One flag per field of a config dataclass, from the field's name, type, default and metadata.
 
@@ -55,17 +65,26 @@ def add_config_flags(
     ``names``: only these fields. ``defaults_from_run``: a flag not given leaves its field out
     of the parsed arguments (the run's saved value stands), and the help says so. ``several``:
     every flag but the switches and the tuple ones takes one or more values (a list; a sweep's
-    axes).
+    axes). ``defaults``: values (a ``--config`` file's) that replace the fields' defaults; a
+    required field given one is no longer required. ``groups``: group name -> field names, the
+    sections of ``--help`` (a field in none raises ValueError).
     """
     hints = typing.get_type_hints(config_cls)
+    defaults = defaults or {}
+    sections = {}
     for f in _cli_fields(config_cls, names):
+        target = parser if groups is None else _group_of(parser, groups, sections, f.name)
         flag = flag_name(f)
         kind = hints[f.name]
+        default = defaults.get(f.name, f.default)
         unset = {"default": argparse.SUPPRESS} if defaults_from_run else {}
-        if kind is bool:
+        if kind is bool:  # the flag sets the opposite of the field's default, whatever the file
             action = "store_false" if f.default else "store_true"
             help_text = f.metadata["help"] + (" (default: the run's)" if defaults_from_run else "")
-            parser.add_argument(flag, dest=f.name, action=action, help=help_text, **unset)
+            if f.name in defaults:
+                unset = {"default": default}
+                help_text += f" (--config {default})"
+            target.add_argument(flag, dest=f.name, action=action, help=help_text, **unset)
             continue
         if isinstance(kind, types.UnionType):  # X | None
             (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
@@ -81,19 +100,31 @@ def add_config_flags(
             options["choices"] = choices
         if defaults_from_run:
             options.update(unset, help=options["help"] + " (default: the run's)")
-        elif f.default is dataclasses.MISSING:
+        elif default is dataclasses.MISSING:
             options["required"] = True
         else:
-            options["default"] = f.default
-            if f.default not in (None, ()):
-                options["help"] += f" (default {_default_text(f.default)})"
-        parser.add_argument(flag, **options)
+            options["default"] = default
+            if default not in (None, ()):
+                source = "--config" if f.name in defaults else "default"
+                options["help"] += f" ({source} {_default_text(default)})"
+        target.add_argument(flag, **options)
 
 
-def config_from_args(config_cls, args: argparse.Namespace):
-    """The config dataclass built from the flags ``add_config_flags`` added (other fields keep
-    their defaults)."""
-    return config_cls(**{f.name: getattr(args, f.name) for f in _cli_fields(config_cls)})
+def _group_of(parser, groups, sections, name):
+    """The ``--help`` section of field ``name`` (made on first use, in ``groups``' order)."""
+    if not sections:
+        sections.update({title: parser.add_argument_group(title) for title in groups})
+    for title, members in groups.items():
+        if name in members:
+            return sections[title]
+    raise ValueError(f"add_config_flags: field {name!r} is in no group of {sorted(groups)}")
+
+
+def config_from_args(config_cls, args: argparse.Namespace, base: dict | None = None):
+    """The config dataclass built from the flags ``add_config_flags`` added; the fields without a
+    flag take their value from ``base`` (a ``--config`` file's) or their default."""
+    flags = {f.name: getattr(args, f.name) for f in _cli_fields(config_cls)}
+    return config_cls(**{**(base or {}), **flags})
 
 
 def program() -> str:
@@ -103,7 +134,16 @@ def program() -> str:
     return "python -m bear" if started in ("", "__main__.py", "-c") else started
 
 
-def build_parser() -> argparse.ArgumentParser:
+CONFIG_HELP = (
+    "a JSON object of settings keyed by their names (reg_weight for --reg-weight; the "
+    "config.json of an earlier run works as one); flags given here override it"
+)
+
+
+def build_parser(config_values: dict | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; ``config_values`` (a ``--config`` file's, see
+    ``bear.config_file``) become the defaults of train's and sweep's flags."""
+    config_values = config_values or {}
     parser = argparse.ArgumentParser(
         prog=program(),
         description="Beam-search-aware training (BEAR) of LLM recommenders.",
@@ -134,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("train", help="fine-tune, select the best epoch on validation, test it")
-    add_config_flags(p, TrainConfig)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    add_config_flags(p, TrainConfig, defaults=config_values, groups=FLAG_GROUPS)
 
     p = sub.add_parser(
         "sweep",
@@ -146,8 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="sweep folder: one run folder per cell")
     p.add_argument("--jobs", type=_positive, default=1, help="cells run at once (default 1)")
-    sweep_fields = [f.name for f in _cli_fields(TrainConfig) if f.name not in SWEEP_MANAGED]
-    add_config_flags(p, TrainConfig, sweep_fields, several=True)
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help=CONFIG_HELP + "; a list is an axis; out, overwrite and resume are the sweep's",
+    )
+    add_config_flags(
+        p, TrainConfig, _sweep_fields(), several=True, defaults=config_values, groups=FLAG_GROUPS
+    )
 
     p = sub.add_parser("evaluate", help="recompute RUN/metrics.json from a saved run")
     p.add_argument("--run", required=True, help="run folder written by train")
@@ -157,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(PROTOCOLS),
         help="the run's protocol (the default); another one is refused: train again",
     )
-    add_config_flags(p, TrainConfig, EVALUATION_FIELDS, defaults_from_run=True)
+    add_config_flags(p, TrainConfig, EVALUATION_FIELDS, defaults_from_run=True, groups=FLAG_GROUPS)
 
     p = sub.add_parser("demo", help="synth, train sft/msl/bear, evaluate, print a table, plot")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -176,23 +223,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; train's and sweep's ``--config FILE`` values are the defaults
+    of their flags and sit in ``args.config_values`` (``{}`` without a file). Raises ValueError
+    for a bad config file (``read_config_file``); argparse exits on a bad flag."""
+    values = _config_file_values(argv)
+    args = build_parser(values).parse_args(argv)
+    args.config_values = values
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; errors that name their cause (bad input or flag, run-folder conflicts,
     unreadable files, a non-finite training loss) print one line and exit 2."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        print(f"bear {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return _run(args)
     except (ValueError, OSError, FloatingPointError) as exc:
         print(f"bear {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Stopped as exc:
-        given = list(sys.argv[1:] if argv is None else argv)
-        again = given + ([] if args.command != "train" or "--resume" in given else ["--resume"])
+        again = argv + ([] if args.command != "train" or "--resume" in argv else ["--resume"])
         print(
             f"bear {args.command}: {exc}; continue with: {program()} {shlex.join(again)}",
             file=sys.stderr,
         )
         return 128 + exc.signum
+
+
+def _config_file_values(argv: list[str]) -> dict:
+    """The settings of train's or sweep's ``--config FILE`` (``{}`` without one); a sweep's
+    own keys (out, overwrite, resume) are left out. Raises ValueError (``read_config_file``)."""
+    if not argv or argv[0] not in ("train", "sweep"):
+        return {}
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv[1:])[0].config
+    if path is None:
+        return {}
+    values = read_config_file(path, TrainConfig, axes=argv[0] == "sweep")
+    if argv[0] == "sweep":
+        values = {k: v for k, v in values.items() if k not in SWEEP_MANAGED}
+    return values
+
+
+def _sweep_fields() -> list[str]:
+    """The train flags a sweep takes (all but those it sets per cell)."""
+    return [f.name for f in _cli_fields(TrainConfig) if f.name not in SWEEP_MANAGED]
 
 
 def _run(args) -> int:
@@ -215,7 +297,7 @@ def _run(args) -> int:
         from bear.distributed import close_distributed
         from bear.train import train
 
-        cfg = config_from_args(TrainConfig, args)
+        cfg = config_from_args(TrainConfig, args, args.config_values)
         metrics = train(cfg)
         close_distributed()
         if int(os.environ.get("RANK", "0")) == 0:  # one launch, one report (torchrun, accelerate)
@@ -237,16 +319,27 @@ def _run(args) -> int:
     return 0
 
 
+def sweep_grid(args: argparse.Namespace) -> dict[str, list]:
+    """Field -> its values in the grid, from sweep's parsed flags over its ``--config`` file's
+    values: a list is an axis; a tuple field (``--lora-targets q_proj v_proj``) is one value."""
+    hints = typing.get_type_hints(TrainConfig)
+    values = {**args.config_values, **{name: getattr(args, name) for name in _sweep_fields()}}
+    grid = {}
+    for name, value in values.items():
+        if typing.get_origin(hints[name]) is tuple:
+            grid[name] = [tuple(value)]
+        else:
+            grid[name] = value if isinstance(value, list) else [value]
+    return grid
+
+
 def _sweep(args) -> int:
     """Run the grid, write its table and plots; exit 1 when a cell failed (recorded), else 0."""
     from bear.sweep import cells_of, run_sweep
     from bear.sweep_report import write_sweep
 
     out = Path(args.out)
-    fields = [f.name for f in _cli_fields(TrainConfig) if f.name not in SWEEP_MANAGED]
-    values = {name: getattr(args, name) for name in fields}
-    grid = {name: v if isinstance(v, list) else [v] for name, v in values.items()}
-    cells = cells_of(grid, out)
+    cells = cells_of(sweep_grid(args), out)
     errors = run_sweep(cells, out, args.jobs)
     rows = write_sweep(cells, errors, out)
     failed = [r for r in rows if r["status"] == "failed"]

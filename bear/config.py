@@ -27,7 +27,7 @@ from bear.decoding.registry import decoder_names, get_decoder
 from bear.losses.registry import NORMALISATIONS, LossSettings, get_loss, loss_names
 from bear.protocol import PROTOCOLS, test_file_for
 
-__all__ = ["EVALUATION_FIELDS", "TrainConfig", "field_choices", "flag_name"]
+__all__ = ["EVALUATION_FIELDS", "FLAG_GROUPS", "TrainConfig", "field_choices", "flag_name"]
 
 # How preference losses draw negatives (``bear.negatives``).
 NEGATIVE_SAMPLING = ("uniform", "popularity")
@@ -47,6 +47,90 @@ EVALUATION_FIELDS = (
     "decoder_options",
     "progress",
 )
+
+# How ``--help`` groups the flags: every field of TrainConfig sits in exactly one group.
+FLAG_GROUPS = {
+    "data": (
+        "data",
+        "train_file",
+        "test_file",
+        "limit_train",
+        "min_item_count",
+        "max_history",
+        "truncate_history",
+        "instruction",
+        "history_prefix",
+    ),
+    "model": (
+        "model",
+        "init",
+        "dtype",
+        "gradient_checkpointing",
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "lora_targets",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+    ),
+    "loss": (
+        "loss",
+        "beam_width",
+        "reg_weight",
+        "reg_temperature",
+        "temperature",
+        "normalisation",
+        "topk_weight",
+        "topk_tau",
+        "negatives",
+        "negative_sampling",
+        "dpo_beta",
+        "reference",
+    ),
+    "optimisation": (
+        "epochs",
+        "max_steps",
+        "lr",
+        "batch_size",
+        "micro_batch_size",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+    ),
+    "evaluation": (
+        "limit_eval",
+        "exact_budget",
+        "eval_every",
+        "valid_rows",
+        "valid_decode_rows",
+        "early_stopping",
+        "eval_beam_width",
+        "length_penalty",
+        "eval_batch_size",
+        "scoring",
+        "exclude_history",
+        "near_copy_report",
+        "pruning_anatomy",
+        "decoder",
+        "decoder_options",
+    ),
+    "run": (
+        "out",
+        "protocol",
+        "device",
+        "fsdp",
+        "overwrite",
+        "resume",
+        "allow_data_change",
+        "save_every",
+        "progress",
+        "validate",
+        "extra",
+    ),
+}
 
 
 def _setting(default: Any, help: str, **cli: Any):
