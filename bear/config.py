@@ -29,6 +29,8 @@ from bear.protocol import PROTOCOLS, test_file_for
 
 __all__ = ["EVALUATION_FIELDS", "FLAG_GROUPS", "TrainConfig", "field_choices", "flag_name"]
 
+# How a prompt is laid out (``bear.prompts``): the paper's template or the tokenizer's chat one.
+PROMPT_STYLES = ("paper", "chat")
 # How preference losses draw negatives (``bear.negatives``).
 NEGATIVE_SAMPLING = ("uniform", "popularity")
 # The settings ``python -m bear evaluate`` may change for a saved run (``evaluate_run``):
@@ -60,6 +62,7 @@ FLAG_GROUPS = {
         "truncate_history",
         "instruction",
         "history_prefix",
+        "prompt",
     ),
     "model": (
         "model",
@@ -369,6 +372,13 @@ class TrainConfig:
     history_prefix: str | None = _setting(
         None, "the text before the quoted history titles (default: the domain's)"
     )
+    prompt: str = _setting(
+        "paper",
+        "paper: the paper's instruction template; chat: the same instruction and history as "
+        "the user's message in the tokenizer's chat template, the title as the assistant's "
+        "answer (instruct checkpoints; not with --protocol upstream)",
+        choices=PROMPT_STYLES,
+    )
     vocab_size: int = _setting(
         2048, "tiny model's BPE vocabulary, trained on the dataset", positive=True
     )
@@ -523,6 +533,11 @@ class TrainConfig:
         for flag, value in needs_checks.items():
             if value is not None and self.eval_every is None:
                 raise ValueError(f"{flag}: given without --eval-every N, the steps between checks")
+        if self.prompt == "chat" and self.protocol == "upstream":
+            raise ValueError(
+                "--prompt chat: the upstream protocol is the paper's, prompt included; use "
+                "--protocol ours with a chat prompt"
+            )
         if self.topk_tau is not None and self.loss != "bear-upstream":
             raise ValueError(
                 f"--topk-tau: given with --loss {self.loss}; it is bear-upstream's ξ "

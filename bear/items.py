@@ -17,6 +17,7 @@ from bear.prompts import PromptText, format_prompt, format_response
 __all__ = [
     "ContextError",
     "item_sequences",
+    "title_sequences",
     "check_in_context",
     "encode_prompts",
     "Batch",
@@ -43,11 +44,21 @@ def item_sequences(
 ) -> dict[int, list[int]]:
     """Item id -> the tokens of its response (without EOS) after a prompt's response header.
 
-    ``domain``: a domain name or the ``PromptText`` of the prompts (``bear.prompts``).
-    Each response is tokenised after a reference prompt and the prompt's own tokens are removed;
-    ``ContextError`` if the prompt's tokens are not a prefix of the joint tokenisation.
+    ``domain``: a domain name or the ``PromptText`` of the prompts (``bear.prompts``): each
+    response is tokenised after a reference prompt of that layout (``title_sequences``).
+    Raises ``ContextError`` if the prompt's tokens are not a prefix of the joint tokenisation.
     """
-    context = format_prompt(["..."], domain)
+    return title_sequences(tokenizer, titles, format_prompt(["..."], domain))
+
+
+def title_sequences(tokenizer, titles: dict[int, str], context: str) -> dict[int, list[int]]:
+    """Item id -> the tokens of ``format_response(title)`` (without EOS) as they follow
+    ``context``: ``tokenizer(context + response)`` (special tokens added) less the context's own
+    tokens, so that a trie built from them matches labels tokenised the same way.
+
+    Raises ``ContextError`` naming the first item whose tokens merge with the context's (the
+    context's tokens are not a prefix of the joint ones, or the response adds none).
+    """
     (ctx_ids,) = _encode(tokenizer, [context])
     ids = sorted(titles)
     joint = _encode(tokenizer, [context + format_response(titles[i]) for i in ids])
@@ -55,7 +66,9 @@ def item_sequences(
     for item, seq in zip(ids, joint, strict=True):
         if seq[: len(ctx_ids)] != ctx_ids or len(seq) == len(ctx_ids):
             raise ContextError(
-                f"item {item} ({titles[item]!r}): its tokens merge with the response header"
+                f"item {item} ({titles[item]!r}): its tokens merge with the end of the prompt "
+                f"({context[-20:]!r}); end the prompt with a newline or a space the tokenizer "
+                "keeps apart"
             )
         out[item] = seq[len(ctx_ids) :]
     return out

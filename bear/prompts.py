@@ -27,7 +27,10 @@ __all__ = [
     "prompt_text",
     "format_prompt",
     "format_response",
+    "chat_wrap",
 ]
+
+_MESSAGE = "\x00bear-user-message\x00"  # stands for the user message inside a chat template
 
 # Upstream's first line: one trailing space when training, two at inference (UPSTREAM.md §1).
 _PREAMBLE = (
@@ -42,10 +45,13 @@ _HISTORY_END = "\n "  # after the last quoted history title: a newline and one s
 
 @dataclass(frozen=True)
 class PromptText:
-    """The two domain strings of a prompt: the instruction and the prefix before the history."""
+    """The two domain strings of a prompt: the instruction and the prefix before the history;
+    ``chat``: the chat template's text before and after a user message (``chat_wrap``), which
+    then wraps the instruction and the history instead of the paper's template."""
 
     instruction: str
     history_prefix: str  # upstream's end with one space
+    chat: tuple[str, str] | None = None
 
 
 def _upstream(noun_plural: str, verb: str, noun_singular: str) -> PromptText:
@@ -118,14 +124,48 @@ def format_prompt(
     history_titles: list[str], domain: str | PromptText, inference: bool = False
 ) -> str:
     """The prompt of a user history (titles oldest first), up to and including the response
-    header ``### Response:\\n``.
+    header ``### Response:\\n``; with ``domain.chat`` (a chat prompt), the instruction, a blank
+    line and the history as the user's message of the chat template, up to the assistant's turn.
 
     ``domain``: a domain name (``prompt_text``) or the ``PromptText`` to use.
     ``inference``: upstream's inference prompt (two spaces ending the first line).
     Raises ValueError for an unknown domain name.
     """
     text = domain if isinstance(domain, PromptText) else prompt_text(domain)
-    history = ", ".join(format_response(t) for t in history_titles) + _HISTORY_END
+    history = ", ".join(format_response(t) for t in history_titles)
+    if text.chat is not None:  # the generation prompt of the chat template ends it
+        before, after = text.chat
+        return before + text.instruction + "\n\n" + text.history_prefix + history + after
+    history += _HISTORY_END
     end = _INFERENCE_PREAMBLE_END if inference else _TRAIN_PREAMBLE_END
     body = _BODY.format(instruction=text.instruction, input=text.history_prefix + history)
     return _PREAMBLE + end + body
+
+
+def chat_wrap(tokenizer) -> tuple[str, str]:
+    """The text a tokenizer's chat template puts before and after one user message, up to the
+    start of the assistant's answer (``add_generation_prompt``): ``PromptText.chat``.
+
+    A leading BOS the tokenizer adds by itself is dropped from the text (it would come twice).
+    Raises ValueError if the tokenizer has no chat template or the template does not show the
+    message once, verbatim.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat prompt: the tokenizer {type(tokenizer).__name__} has no chat template; use "
+            "the paper's prompt (--prompt paper) or a tokenizer of an instruct model"
+        )
+    messages = [{"role": "user", "content": _MESSAGE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(_MESSAGE) != 1:
+        raise ValueError(
+            "chat prompt: the tokenizer's chat template changes or repeats the user message; "
+            "write the prompt with --instruction/--history-prefix and --prompt paper instead"
+        )
+    before, after = text.split(_MESSAGE)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and before.startswith(bos):
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+        if ids and ids[0] == tokenizer.bos_token_id:
+            before = before[len(bos) :]
+    return before, after

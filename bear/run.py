@@ -33,7 +33,7 @@ from bear.model import (
     load_pretrained,
     resolve_dtype,
 )
-from bear.prompts import format_prompt, format_response
+from bear.prompts import chat_wrap, format_prompt, format_response
 from bear.protocol import PROTOCOLS
 from bear.run_folder import read_saved_config, temp_file_beside
 from bear.tokenizer import train_tokenizer
@@ -167,6 +167,8 @@ def build_setup(
         model, tokenizer = load_pretrained(folder, LoraSettings.from_config(cfg), dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.prompt == "chat":
+        data.prompt = dataclasses.replace(data.prompt, chat=chat_wrap(tokenizer))
     vocab = model.get_output_embeddings().weight.shape[0]
     items = item_sequences(tokenizer, data.titles, data.prompt)
     ids = data.item_ids

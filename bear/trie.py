@@ -23,8 +23,13 @@ catalogue of a million items takes seconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
+
+from bear.items import title_sequences
+from bear.prompts import GENERIC_DOMAIN, format_prompt
 
 __all__ = ["ItemTrie"]
 
@@ -166,6 +171,48 @@ class ItemTrie:
         self.max_len = max_len  # longest sequence, EOS excluded
         self.max_fanout = int(counts.max())
         self.depth_fanout_list = fanout.tolist()  # host copy: decoding width per step, no sync
+
+    @classmethod
+    def from_titles(
+        cls, tokenizer, titles, context: str | None = None, vocab_size: int | None = None
+    ) -> ItemTrie:
+        """The trie of a catalogue of titles, each tokenised as it follows the prompt in use.
+
+        A response is ``format_response(title)`` (the title in double quotes) then EOS; its
+        tokens are those of ``tokenizer(context + response)`` after the context's own tokens
+        (``bear.items.title_sequences``), which is how labels made from ``prompt + response``
+        carry them: trie and labels agree token for token, and ``labels_allowed_mask`` names the
+        first row and position where they do not.
+
+        Args:
+            tokenizer: a Hugging Face tokenizer with ``eos_token_id``.
+            titles: ``{item id: title}``, or a sequence of titles (item ids 0, 1, ...).
+            context: the text a response follows: a prompt up to its response header. Default
+                the paper's prompt (``bear.prompts.format_prompt``); for an instruct model
+                ``format_prompt(history, PromptText(..., chat=chat_wrap(tokenizer)))``; or the
+                user's own prompt text.
+            vocab_size: as for ``ItemTrie`` (default: ``len(tokenizer)``).
+
+        Raises:
+            ValueError if the tokenizer has no EOS, titles is empty or not titles;
+            ``bear.items.ContextError`` naming the first title whose tokens merge with the
+            context's.
+        """
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise ValueError("ItemTrie.from_titles: the tokenizer has no eos_token_id; set one")
+        if not isinstance(titles, Mapping):
+            titles = dict(enumerate(titles))
+        bad = next(((k, v) for k, v in titles.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"ItemTrie.from_titles: item {bad[0]}: got {bad[1]!r}, not a title")
+        if not titles:
+            raise ValueError("ItemTrie.from_titles: `titles` is empty; give at least one title")
+        if context is None:
+            context = format_prompt(["..."], GENERIC_DOMAIN)
+        sequences = title_sequences(tokenizer, titles, context)
+        ids = sorted(sequences)
+        vocab = len(tokenizer) if vocab_size is None else vocab_size
+        return cls([sequences[i] for i in ids], ids, tokenizer.eos_token_id, vocab_size=vocab)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -337,7 +384,8 @@ class ItemTrie:
         Raises:
             TypeError / ValueError for labels that are not a (batch, T) int64 tensor; ValueError
             naming the row, position and token where a supervised label leaves the trie (not a
-            catalogue item's next token, or a supervised token after the EOS).
+            catalogue item's next token, or a supervised token after the EOS), or the row whose
+            supervised labels end before the item's EOS.
         """
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -362,19 +410,32 @@ class ItemTrie:
         nodes = torch.full((batch, steps), -1, dtype=torch.int64, device=self.device)
         node = torch.where(start < length, 0, -1)  # (batch,) the root where a walk starts
         off_trie = torch.zeros(batch, steps, dtype=torch.bool, device=self.device)
+        reached = torch.full((batch,), -1, dtype=torch.int64, device=self.device)
         for k in range(steps):  # one trie level per step, all rows at once
             nodes[:, k] = node
             node = self.child(node, tokens[:, k])  # -1 off the trie or after an ignored label
             off_trie[:, k] = walked[:, k] & (node < 0)
+            reached = torch.where(walked[:, k], node, reached)  # after the last supervised label
         position = torch.arange(length, device=self.device)  # (T,)
         beyond = supervised & (position[None, :] >= (start + steps)[:, None])  # (batch, T)
-        flags = torch.stack([off_trie.any(), beyond.any()]).tolist()  # the one host sync
+        unended = (reached >= 0) & (self.leaf_item[reached.clamp(min=0)] < 0)  # (batch,) no EOS
+        flags = torch.stack([off_trie.any(), beyond.any(), unended.any()]).tolist()  # one sync
         if flags[0]:
             u, k = (int(i) for i in off_trie.nonzero()[0])
             raise ValueError(
                 f"labels: row {u}, position {int(cols[u, k])} has token {int(tokens[u, k])}, which "
                 "is not a next token of any catalogue item after the row's earlier supervised "
-                "labels; labels must be an item's tokens then EOS (use the trie's tokenizer)"
+                "labels; labels must be an item's tokens then EOS, tokenised as they follow the "
+                "prompt (build the trie with ItemTrie.from_titles and the prompt in use)"
+            )
+        if flags[2] and not flags[1]:
+            u = int(unended.nonzero()[0])
+            last = int(supervised[u].nonzero()[-1])
+            raise ValueError(
+                f"labels: row {u} ends at position {last} (token {int(labels[u, last])}) "
+                f"without EOS: the trie ends every item with EOS ({self.eos_token_id}); append "
+                "tokenizer.eos_token_id to each response's labels (a response cut short by "
+                "truncation is refused too)"
             )
         if flags[1]:
             u, t = (int(i) for i in beyond.nonzero()[0])
