@@ -20,7 +20,9 @@ never does).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +252,38 @@ def _causal_lm(model):
     return inner
 
 
+BYPASSED = (
+    "apply_bear_loss: the model's decoder ran outside its forward (TRL's SFTTrainer computes its "
+    "own loss through a fused LM head): this step does not train BEAR; use "
+    "bear_kernels.trl.BEARSFTTrainer, or compute_loss_func=bear_compute_loss_func(...)"
+)
+
+
+@contextlib.contextmanager
+def _inside_forward(lm):
+    """Mark the decoder's calls made by the patched forward (nested calls counted)."""
+    lm._bear_depth = getattr(lm, "_bear_depth", 0) + 1
+    try:
+        yield
+    finally:
+        lm._bear_depth -= 1
+
+
+def _guard_the_decoder(lm) -> None:
+    """Warn (once per model) when the decoder runs outside the patched forward: a trainer that
+    runs the decoder and its own head itself (TRL's fused LM head) trains its own loss."""
+
+    def check(module, args):
+        if getattr(lm, "_bear_depth", 0) == 0 and not getattr(lm, "_bear_warned", False):
+            lm._bear_warned = True
+            warnings.warn(BYPASSED, RuntimeWarning, stacklevel=2)
+
+    previous = getattr(lm, "_bear_guard", None)
+    if previous is not None:  # applied again: one guard
+        previous.remove()
+    lm._bear_guard = lm.base_model.register_forward_pre_hook(check)
+
+
 def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
     """Make `model(..., labels=labels)` return BEAR, computing logits at supervised positions only.
 
@@ -264,8 +298,9 @@ def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
     original forward runs (generation and evaluation are unchanged). Applying it again replaces
     the options. Works on a peft model (the adapters stay in the decoder's layers).
 
-    TRL's `SFTTrainer` does not use it: TRL runs its own fused head and loss; pass
-    `compute_loss_func=bear_compute_loss_func(...)` to `SFTTrainer` instead.
+    TRL's `SFTTrainer` does not use it: TRL runs the decoder and its own fused head and loss.
+    Use `bear_kernels.trl.BEARSFTTrainer` there; a decoder run outside this forward warns
+    (RuntimeWarning, once), and a call with TRL's `fused_lm_head=True` raises RuntimeError.
 
     Args:
         model: a transformers causal LM (e.g. LlamaForCausalLM) or a peft model of one.
@@ -284,11 +319,15 @@ def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
     lm = _causal_lm(model)
     ignore_index = options.pop("ignore_index", -100)
     original = getattr(lm.forward, "bear_original_forward", lm.forward)
+    _guard_the_decoder(lm)
 
     @functools.wraps(original)  # keeps the signature that Trainer and generate inspect
     def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
+        if kwargs.get("fused_lm_head"):
+            raise RuntimeError(BYPASSED)
         if labels is None:
-            return original(*args, **kwargs)
+            with _inside_forward(lm):
+                return original(*args, **kwargs)
         if kwargs.get("shift_labels") is not None:
             raise ValueError(
                 "apply_bear_loss: shift_labels (context parallelism) is not supported; call "
@@ -297,7 +336,8 @@ def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
         kwargs.pop("shift_labels", None)
         kwargs.pop("logits_to_keep", None)  # only the supervised positions become logits
         kwargs.setdefault("use_cache", False)  # a loss, not generation: no KV cache
-        outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
+        with _inside_forward(lm):
+            outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
         hidden = outputs[0]  # (batch, T, H) after the final norm
         labels = labels.to(hidden.device)
         mask = None if allowed_mask_fn is None else allowed_mask_fn(labels)

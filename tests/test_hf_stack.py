@@ -252,7 +252,17 @@ def test_a_batch_mean_from_the_model_is_scaled_by_the_accumulation_steps(tmp_pat
 
 
 # ------------------------------------------------------------------ TRL
-def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
+def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, trainer_cls=None, **kwargs):
+    """One TRL step's gradient (trainer_cls: trl.SFTTrainer by default)."""
+    trainer = _make_sft_trainer(
+        tmp_path, model, exs, batch_size, accumulation, trainer_cls, **kwargs
+    )
+    trainer.train()
+    (capture,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GradCapture)]
+    return capture.grad
+
+
+def _make_sft_trainer(tmp_path, model, exs, batch_size, accumulation, trainer_cls=None, **kwargs):
     trl = pytest.importorskip("trl", reason="TRL 1.x needs transformers >= 4.56.2")
     from datasets import Dataset
 
@@ -263,18 +273,81 @@ def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, **kwargs):
         args_cls=trl.SFTConfig,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
-    capture = GradCapture()
-    trainer = trl.SFTTrainer(
+    return (trainer_cls or trl.SFTTrainer)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(exs),
         data_collator=collate,
         processing_class=word_tokenizer(),
-        callbacks=[capture],
+        callbacks=[GradCapture()],
         **kwargs,
     )
-    trainer.train()
-    return capture.grad
+
+
+@pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_bear_sft_trainer_gives_the_step_gradient(tmp_path, loss, split):
+    """The TRL subclass (no compute_loss_func) trains the loss it is given, exactly, however the
+    step is split into micro-batches."""
+    from bear_kernels.trl import BEARSFTTrainer
+
+    batch_size, accumulation = split
+    exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=13)
+    grad = _sft_trainer(
+        tmp_path, model, exs, batch_size, accumulation, trainer_cls=BEARSFTTrainer,
+        allowed_mask_fn=mask_fn, bear_options=options,
+    )  # fmt: skip
+    assert relative_error(grad, reference) <= TOLERANCE
+
+
+def test_bear_sft_trainer_refuses_a_compute_loss_func(tmp_path):
+    from bear_kernels.trl import BEARSFTTrainer
+
+    with pytest.raises(TypeError, match="computes BEAR itself"):
+        _make_sft_trainer(
+            tmp_path, tiny_lora(), examples(4), 4, 1, trainer_cls=BEARSFTTrainer,
+            compute_loss_func=bear_compute_loss_func(),
+        )  # fmt: skip
+
+
+def test_bear_sft_trainer_gives_compute_metrics_the_full_logits(tmp_path):
+    """What compute_metrics receives is what TRL gives it without BEAR: the model's logits."""
+    from bear_kernels.trl import BEARSFTTrainer
+
+    seen = {}
+
+    def metrics_of(name):
+        def compute_metrics(prediction):
+            seen[name] = (prediction.predictions, prediction.label_ids)
+            return {"rows": float(prediction.predictions.shape[0])}
+
+        return compute_metrics
+
+    exs = examples(6, seed=5)
+    from datasets import Dataset
+
+    for name, cls, extra in [
+        ("plain", None, {}),
+        ("bear", BEARSFTTrainer, {"allowed_mask_fn": item_trie().labels_allowed_mask}),
+    ]:
+        trainer = _make_sft_trainer(
+            tmp_path / name, tiny_lora(), exs, 2, 1, trainer_cls=cls,
+            eval_dataset=Dataset.from_list(exs), compute_metrics=metrics_of(name), **extra,
+        )  # fmt: skip
+        assert trainer.evaluate()["eval_rows"] == 6
+    (plain, plain_labels), (bear, bear_labels) = seen["plain"], seen["bear"]
+    assert plain.shape == bear.shape and plain.shape[-1] == VOCAB
+    assert (plain_labels == bear_labels).all()
+    assert abs(plain - bear).max() < 1e-5
+
+
+def test_apply_bear_loss_under_trl_fails_loudly(tmp_path):
+    """Installed after TRL's fused head, the forward refuses TRL's fused call."""
+    model = tiny_lora()
+    trainer = _make_sft_trainer(tmp_path, model, examples(4), 4, 1)
+    apply_bear_loss(trainer.model, allowed_mask_fn=item_trie().labels_allowed_mask)
+    with pytest.raises(RuntimeError, match="BEARSFTTrainer"):
+        trainer.train()
 
 
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -291,7 +364,7 @@ def test_trl_sft_trainer_with_compute_loss_func_gives_the_step_gradient(tmp_path
 def test_trl_ignores_the_models_loss(tmp_path, how):
     """TRL's SFTTrainer computes its own loss through a fused LM head: a BEAR loss installed on the
     model (model.loss_function, or apply_bear_loss) is never called, and the step trains plain
-    SFT. Hence `compute_loss_func=bear_compute_loss_func(...)` with TRL."""
+    SFT; apply_bear_loss warns. Hence BEARSFTTrainer (or compute_loss_func) with TRL."""
     exs = examples(8, seed=17)
     model = tiny_lora()
     sft = reference_grad(model, exs, "sft")
@@ -305,22 +378,28 @@ def test_trl_ignores_the_models_loss(tmp_path, how):
             return BEARForCausalLMLoss(logits, labels, allowed_mask=mask, **options, **kwargs)
 
         model.get_base_model().loss_function = bear_loss_function
+        grad = _sft_trainer(tmp_path, model, exs, 2, 4)
     else:
         apply_bear_loss(model, allowed_mask_fn=mask_fn, **options)
-    grad = _sft_trainer(tmp_path, model, exs, 2, 4)
+        with pytest.warns(RuntimeWarning, match="does not train BEAR; use .*BEARSFTTrainer"):
+            grad = _sft_trainer(tmp_path, model, exs, 2, 4)
     assert relative_error(grad, sft) <= TOLERANCE
     assert relative_error(grad, bear) > 0.1
 
 
 # ------------------------------------------------------------------ two processes
-def test_two_processes_with_average_tokens_equal_one(tmp_path):
+@pytest.mark.parametrize("how", ["trainer", "trl"])
+def test_two_processes_with_average_tokens_equal_one(tmp_path, how):
     """torchrun --nproc_per_node 2 (gloo), average_tokens_across_devices: 2 processes x batch 2 x
-    accumulation 2 give the gradient of one batch of 8."""
+    accumulation 2 give the gradient of one batch of 8 (Trainer + apply_bear_loss; TRL through
+    BEARSFTTrainer)."""
+    if how == "trl":
+        pytest.importorskip("trl", reason="TRL 1.x needs transformers >= 4.56.2")
     worker = Path(__file__).with_name("_hf_ddp_worker.py")
     out = tmp_path / "grad.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = launch([*cmd, str(worker), str(tmp_path), str(out)], env=env, cwd=REPO)
+    done = launch([*cmd, str(worker), str(tmp_path), str(out), how], env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     grad = torch.load(out)
     exs = examples(8, seed=19)
