@@ -4,6 +4,7 @@ format (``RUN/model/``: ``save_run_model`` writes it, ``load_run`` opens it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from bear.checkpoints import SMOLLM2, resolve_checkpoint
 from bear.config import TrainConfig
 
 __all__ = [
@@ -196,28 +198,64 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     }
 
 
-def save_run_model(model, tokenizer, folder: Path, state: dict[str, torch.Tensor]) -> None:
+def save_run_model(
+    model, tokenizer, folder: Path, state: dict[str, torch.Tensor], base: str | None = None
+) -> None:
     """Write ``state`` (a ``trainable_state``) as ``model.save_pretrained`` does, and the tokenizer.
 
-    A peft model gives its LoRA adapter (adapter_config.json + adapter_model.safetensors, the base
-    model by path); the tiny model, the whole model. Written to a hidden folder beside ``folder``,
-    then renamed into place.
+    A peft model gives its LoRA adapter (adapter_config.json + adapter_model.safetensors) whose
+    ``base_model_name_or_path`` is ``base_reference(base, folder)`` where ``base`` (the run's
+    ``--model``) is given, so that the run folder travels with its base; the tiny model gives
+    the whole model. Written to a hidden folder beside ``folder``, then renamed into place.
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
+    adapter = tmp / "adapter_config.json"
+    if base is not None and adapter.is_file():
+        config = json.loads(adapter.read_text())
+        config["base_model_name_or_path"] = base_reference(base, folder)
+        adapter.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 
 
-def load_run(run_dir, dtype: torch.dtype = torch.float32):
+def base_reference(model: str, folder: Path) -> str:
+    """How RUN/model records a LoRA run's base: ``smollm2-135m`` as is (a model id), a local
+    folder or FILE.gguf as a path relative to ``folder`` (RUN/model), so that a run moved or
+    copied together with its base still finds it (``load_run``)."""
+    if model == SMOLLM2:
+        return model
+    return os.path.relpath(Path(model).expanduser().resolve(), Path(folder).resolve())
+
+
+def _base_model_folder(folder: Path, recorded: str, base: str | None) -> Path:
+    """The Hugging Face folder of a LoRA run's base: ``base`` where given, else the recorded
+    reference (a model id, a path relative to RUN/model, or an absolute path)."""
+    if base is not None:
+        return resolve_checkpoint(str(base))
+    if recorded == SMOLLM2:
+        return resolve_checkpoint(recorded)
+    path = Path(recorded) if Path(recorded).is_absolute() else folder / recorded
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{folder}: its base model {recorded!r} ({path.resolve()}) is missing; move the run "
+            "and its base together, or pass load_run(run, base=FOLDER_OR_GGUF)"
+        )
+    return resolve_checkpoint(str(path))
+
+
+def load_run(run_dir, dtype: torch.dtype = torch.float32, base: str | None = None):
     """(model, tokenizer) of a training run's ``RUN/model/``, in eval mode, for inference.
 
-    A LoRA run loads its base model (from the path in adapter_config.json) in ``dtype`` and adds the
-    adapter (``peft.PeftModel``); a tiny run loads the whole model in ``dtype``.
-    Raises FileNotFoundError if RUN/model/ is missing (a run that has not finished).
+    A LoRA run loads its base model in ``dtype`` and adds the adapter (``peft.PeftModel``): the
+    base is ``base`` (a checkpoint folder, FILE.gguf or ``smollm2-135m``) where given, else the
+    one adapter_config.json records (``base_reference``: an id, or a path relative to
+    RUN/model). A tiny run loads the whole model in ``dtype``.
+    Raises FileNotFoundError if RUN/model/ is missing (a run that has not finished) or its base
+    is not where it was recorded (pass ``base=``).
     """
     folder = Path(run_dir) / "model"
     if not folder.is_dir():
@@ -226,9 +264,12 @@ def load_run(run_dir, dtype: torch.dtype = torch.float32):
     if (folder / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 
-        base_path = PeftConfig.from_pretrained(folder).base_model_name_or_path
-        base = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=dtype)
-        model = PeftModel.from_pretrained(base, folder)
+        recorded = PeftConfig.from_pretrained(folder).base_model_name_or_path
+        base_folder = _base_model_folder(folder, recorded, base)
+        base_model = AutoModelForCausalLM.from_pretrained(
+            base_folder, local_files_only=True, dtype=dtype
+        )
+        model = PeftModel.from_pretrained(base_model, folder)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return model.eval(), tokenizer

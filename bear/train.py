@@ -426,6 +426,7 @@ def _finish(ctx: RunContext, opt: Optimisation, stopped: bool) -> dict:
     epoch's test metrics and their maxima, and write the last weights (no selection); --no-eval:
     the last weights, no metrics."""
     cfg, state = ctx.cfg, opt.state
+    base = None if cfg.model == "tiny" else cfg.model  # what RUN/model's adapter records
     seconds = state["epoch_seconds"]
     per_epoch = sum(seconds) / len(seconds) if seconds else None
     alpha = cfg.length_penalty
@@ -438,7 +439,7 @@ def _finish(ctx: RunContext, opt: Optimisation, stopped: bool) -> dict:
         weights = trainable_state(ctx.model)  # collective under FSDP2
         if ctx.rank == 0:
             write_metrics(ctx.run, metrics)
-            save_run_model(ctx.model, ctx.setup.tokenizer, ctx.run / "model", weights)
+            save_run_model(ctx.model, ctx.setup.tokenizer, ctx.run / "model", weights, base)
         return metrics
     best, checkpoint = _select(ctx, opt, stopped)
     ctx.barrier()
@@ -451,7 +452,7 @@ def _finish(ctx: RunContext, opt: Optimisation, stopped: bool) -> dict:
     ctx.log(event="test", epoch=best["epoch"], step=state["global_step"], **test)
     if ctx.rank == 0:
         write_metrics(ctx.run, metrics)
-        save_run_model(ctx.model, ctx.setup.tokenizer, ctx.run / "model", weights)
+        save_run_model(ctx.model, ctx.setup.tokenizer, ctx.run / "model", weights, base)
         plot_run(ctx.run)
     load_weights(ctx.model, final)  # callers (tests) see the last weights, as trained
     return metrics

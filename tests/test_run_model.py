@@ -83,6 +83,36 @@ def test_lora_run_is_a_peft_adapter_with_the_lora_flags(synth, tmp_path):
     assert not torch.equal(plain, logits)  # the adapter was trained and is applied
 
 
+def test_a_lora_run_travels_with_its_base(synth, tmp_path):
+    """The adapter records its base relative to RUN/model: the run and its base moved together
+    still load; moved apart, load_run names the missing base, and base= finds it."""
+    import shutil
+
+    project = tmp_path / "project"
+    base = tiny_checkpoint(synth, project / "ckpt")
+    train(tiny_config(synth, project / "run", model=str(base), validate=False, lr=1e-2))
+    recorded = json.loads((project / "run" / "model" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == "../../ckpt"
+    with torch.no_grad():
+        logits = load_run(project / "run")[0](input_ids=TOKENS).logits
+    moved = shutil.move(project, tmp_path / "elsewhere")
+    with torch.no_grad():
+        torch.testing.assert_close(load_run(moved / "run")[0](input_ids=TOKENS).logits, logits)
+    alone = shutil.move(moved / "run", tmp_path / "alone")
+    with pytest.raises(FileNotFoundError, match=r"base model '../../ckpt' .* base="):
+        load_run(alone)
+    model, _ = load_run(alone, base=str(moved / "ckpt"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=TOKENS).logits, logits)
+
+
+def test_the_smollm2_id_is_recorded_as_an_id(tmp_path):
+    from bear.model import base_reference
+
+    assert base_reference("smollm2-135m", tmp_path / "run" / "model") == "smollm2-135m"
+    assert base_reference(str(tmp_path / "m.gguf"), tmp_path / "run" / "model") == "../../m.gguf"
+
+
 def test_load_run_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="RUN/model"):
         load_run(tmp_path)
