@@ -72,6 +72,7 @@ setup(
             *TRITON,
             *TRL,
             *GGUF,
+            *TENSORBOARD,  # tests read bear's event files with tensorboard's own reader
         ],
     },
     entry_points={"console_scripts": ["bear=bear.cli:main"]},
