@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from bear.checkpoints import SMOLLM2, resolve_checkpoint
 from bear.config import TrainConfig
+from bear.faults import disk_full, fault_point, full_disk_error
 
 __all__ = [
     "DTYPES",
@@ -206,18 +207,26 @@ def save_run_model(
     A peft model gives its LoRA adapter (adapter_config.json + adapter_model.safetensors) whose
     ``base_model_name_or_path`` is ``base_reference(base, folder)`` where ``base`` (the run's
     ``--model``) is given, so that the run folder travels with its base; the tiny model gives
-    the whole model. Written to a hidden folder beside ``folder``, then renamed into place.
+    the whole model. Written to a hidden folder beside ``folder``, then renamed into place; a
+    full disk raises ``bear.faults.full_disk_error`` (the hidden folder removed).
     """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
-    adapter = tmp / "adapter_config.json"
-    if base is not None and adapter.is_file():
-        config = json.loads(adapter.read_text())
-        config["base_model_name_or_path"] = base_reference(base, folder)
-        adapter.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    try:
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        adapter = tmp / "adapter_config.json"
+        if base is not None and adapter.is_file():
+            config = json.loads(adapter.read_text())
+            config["base_model_name_or_path"] = base_reference(base, folder)
+            adapter.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        fault_point(f"write:{folder.name}")
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc, folder.parent):
+            raise full_disk_error(folder, "the run's checkpoints are intact") from exc
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

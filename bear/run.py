@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from bear.checkpoints import resolve_checkpoint
 from bear.config import TrainConfig
 from bear.data import Dataset, filter_catalogue, load_dataset
-from bear.faults import fault_point
+from bear.faults import disk_full, fault_point, full_disk_error
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import (
     LoraSettings,
@@ -245,12 +245,18 @@ def save_atomic(path: Path, obj) -> None:
 
 def _replace_atomic(path: Path, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path`` (``bear.run_folder.temp_file_beside``),
-    then rename it onto ``path``; the temporary file is removed if the write fails."""
+    then rename it onto ``path``; the temporary file is removed if the write fails, and a full
+    disk raises ``bear.faults.full_disk_error`` (``path`` itself is untouched)."""
     tmp = temp_file_beside(path)
     try:
         write(tmp)
         fault_point(f"write:{path.name}")
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        if disk_full(exc, path.parent):
+            raise full_disk_error(path, f"the previous {path.name} is intact") from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

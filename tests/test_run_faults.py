@@ -236,3 +236,28 @@ def test_run_files_are_readable_by_the_group_as_the_umask_allows(synth, tmp_path
         os.umask(old)
     for name in ("config.json", "metrics.json", "last.pt", "best.pt"):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("file", ["last.pt", "model"])
+def test_a_full_disk_is_named_and_resume_continues(synth, tmp_path, file):
+    """A write that runs out of space (a checkpoint, the model folder): one line saying the disk
+    is full, that nothing was lost and to continue with --resume; the resume ends as a run the
+    disk never stopped."""
+    whole = _bear("train", *_args(synth, tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    args = _args(synth, tmp_path / "full")
+    cut = _bear("train", *args, BEAR_FAULT_AT=f"write:{file}", BEAR_FAULT_SIGNAL="ENOSPC")
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    line = cut.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"bear train: error: {tmp_path / 'full' / file}: the disk is full")
+    assert "nothing was lost" in line and "--resume" in line
+    assert (
+        not list((tmp_path / "full").glob("*.bear-tmp"))
+        and not (tmp_path / "full" / ".model.tmp").exists()
+    )
+    resumed = _bear("train", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "full" / "model").is_dir()
+    a, b = last_weights(tmp_path / "whole"), last_weights(tmp_path / "full")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
