@@ -21,7 +21,8 @@ never does).
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
+import types
 import warnings
 
 import torch
@@ -269,19 +270,93 @@ def _inside_forward(lm):
         lm._bear_depth -= 1
 
 
-def _guard_the_decoder(lm) -> None:
-    """Warn (once per model) when the decoder runs outside the patched forward: a trainer that
-    runs the decoder and its own head itself (TRL's fused LM head) trains its own loss."""
+class _DecoderGuard:
+    """A forward pre-hook on the decoder that warns (once per model) when the decoder runs
+    outside the patched forward: a trainer that runs the decoder and its own head itself (TRL's
+    fused LM head) trains its own loss. An object, not a closure, so that copy.deepcopy and
+    pickle carry it with the model and a copy guards itself."""
 
-    def check(module, args):
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __call__(self, module, args):
+        lm = self.lm
         if getattr(lm, "_bear_depth", 0) == 0 and not getattr(lm, "_bear_warned", False):
             lm._bear_warned = True
             warnings.warn(BYPASSED, RuntimeWarning, stacklevel=2)
 
-    previous = getattr(lm, "_bear_guard", None)
-    if previous is not None:  # applied again: one guard
-        previous.remove()
-    lm._bear_guard = lm.base_model.register_forward_pre_hook(check)
+
+def _guard_the_decoder(lm) -> None:
+    """Register one ``_DecoderGuard`` on the decoder (applied again: the old one goes)."""
+    hooks = lm.base_model._forward_pre_hooks
+    for key in [k for k, hook in hooks.items() if isinstance(hook, _DecoderGuard)]:
+        del hooks[key]
+    lm.base_model.register_forward_pre_hook(_DecoderGuard(lm))
+
+
+class _BEARForward:
+    """The forward ``apply_bear_loss`` installs on a causal LM: with labels, BEAR on the
+    supervised positions' logits; without, the model's own forward (``original``, or the class's
+    where that is None). An object holding its model, not a closure, so that copy.deepcopy and
+    pickle of the model carry it: a copy computes with its own weights."""
+
+    def __init__(self, lm, original, allowed_mask_fn, ignore_index: int, options: dict):
+        self.lm, self.original = lm, original
+        self.allowed_mask_fn, self.ignore_index, self.options = (
+            allowed_mask_fn,
+            ignore_index,
+            options,
+        )
+
+    def _original(self):
+        if self.original is not None:
+            return self.original
+        return types.MethodType(type(self.lm).forward, self.lm)
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # what Trainer and generate inspect
+        return inspect.signature(self._original())
+
+    def __call__(self, *args, labels=None, num_items_in_batch=None, **kwargs):
+        lm = self.lm
+        if kwargs.get("fused_lm_head"):
+            raise RuntimeError(BYPASSED)
+        if labels is None:
+            with _inside_forward(lm):
+                return self._original()(*args, **kwargs)
+        if kwargs.get("shift_labels") is not None:
+            raise ValueError(
+                "apply_bear_loss: shift_labels (context parallelism) is not supported; call "
+                "BEARForCausalLMLoss on the logits instead"
+            )
+        kwargs.pop("shift_labels", None)
+        kwargs.pop("logits_to_keep", None)  # only the supervised positions become logits
+        kwargs.setdefault("use_cache", False)  # a loss, not generation: no KV cache
+        with _inside_forward(lm):
+            outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
+        hidden = outputs[0]  # (batch, T, H) after the final norm
+        labels = labels.to(hidden.device)
+        ignore_index = self.ignore_index
+        mask = None if self.allowed_mask_fn is None else self.allowed_mask_fn(labels)
+        target, mask = _shift(labels, mask, ignore_index)
+        rows = _supervised_rows(target, ignore_index)  # (S,)
+        head = lm.get_output_embeddings()
+        rows_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (S, H)
+        rows_logits = head(rows_hidden.to(head.weight.device))  # (S, V)
+        rows_target = target.reshape(-1).index_select(0, rows).to(rows_logits.device)  # (S,)
+        rows_mask = None
+        if mask is not None:
+            rows_mask = mask.reshape(-1, mask.shape[-1]).index_select(0, rows)
+            rows_mask = rows_mask.to(rows_logits.device)  # (S, W)
+        loss = _reduce(
+            rows_logits, rows_target, rows_mask, num_items_in_batch, ignore_index, self.options
+        )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
 
 
 def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
@@ -318,48 +393,7 @@ def apply_bear_loss(model, allowed_mask_fn=None, **options) -> None:
     _check_options(options)
     lm = _causal_lm(model)
     ignore_index = options.pop("ignore_index", -100)
-    original = getattr(lm.forward, "bear_original_forward", lm.forward)
+    current = lm.__dict__.get("forward")  # an instance forward: ours, or another library's patch
+    original = current.original if isinstance(current, _BEARForward) else current
     _guard_the_decoder(lm)
-
-    @functools.wraps(original)  # keeps the signature that Trainer and generate inspect
-    def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
-        if kwargs.get("fused_lm_head"):
-            raise RuntimeError(BYPASSED)
-        if labels is None:
-            with _inside_forward(lm):
-                return original(*args, **kwargs)
-        if kwargs.get("shift_labels") is not None:
-            raise ValueError(
-                "apply_bear_loss: shift_labels (context parallelism) is not supported; call "
-                "BEARForCausalLMLoss on the logits instead"
-            )
-        kwargs.pop("shift_labels", None)
-        kwargs.pop("logits_to_keep", None)  # only the supervised positions become logits
-        kwargs.setdefault("use_cache", False)  # a loss, not generation: no KV cache
-        with _inside_forward(lm):
-            outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
-        hidden = outputs[0]  # (batch, T, H) after the final norm
-        labels = labels.to(hidden.device)
-        mask = None if allowed_mask_fn is None else allowed_mask_fn(labels)
-        target, mask = _shift(labels, mask, ignore_index)
-        rows = _supervised_rows(target, ignore_index)  # (S,)
-        head = lm.get_output_embeddings()
-        rows_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (S, H)
-        rows_logits = head(rows_hidden.to(head.weight.device))  # (S, V)
-        rows_target = target.reshape(-1).index_select(0, rows).to(rows_logits.device)  # (S,)
-        rows_mask = None
-        if mask is not None:
-            rows_mask = mask.reshape(-1, mask.shape[-1]).index_select(0, rows)
-            rows_mask = rows_mask.to(rows_logits.device)  # (S, W)
-        loss = _reduce(
-            rows_logits, rows_target, rows_mask, num_items_in_batch, ignore_index, options
-        )
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=None,
-            hidden_states=getattr(outputs, "hidden_states", None),
-            attentions=getattr(outputs, "attentions", None),
-        )
-
-    forward.bear_original_forward = original
-    lm.forward = forward
+    lm.forward = _BEARForward(lm, original, allowed_mask_fn, ignore_index, options)

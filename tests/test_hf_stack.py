@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,35 @@ def test_apply_bear_loss_equals_the_loss_on_full_logits(peft):
     # without labels, the original forward: full logits, unchanged
     plain = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(plain, logits)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_patched_model_computes_with_its_own_weights(how, tmp_path):
+    """copy.deepcopy and torch.save / torch.load carry the BEAR forward with the model: the copy
+    gives the same loss, its gradient lands on its own parameters, and it keeps its own guard."""
+    import copy
+
+    model = tiny_lora()
+    apply_bear_loss(model, allowed_mask_fn=item_trie().labels_allowed_mask, **LOSSES["bear"][1])
+    batch = collate(examples(4, seed=7))
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        torch.save(model, tmp_path / "model.pt")
+        twin = torch.load(tmp_path / "model.pt", weights_only=False)
+    expected = model(**batch).loss
+    out = twin(**batch)
+    assert out.logits is None  # still the BEAR forward
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the copy's decoder runs inside the copy's forward
+        twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():  # the copy's weights, not the original's
+        next(p for p in twin.parameters() if p.requires_grad).add_(1.0)
+    assert not torch.allclose(twin(**batch).loss, expected)
 
 
 def test_apply_bear_loss_projects_only_supervised_positions():
