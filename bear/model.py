@@ -263,25 +263,60 @@ def load_run(run_dir, dtype: torch.dtype = torch.float32, base: str | None = Non
     base is ``base`` (a checkpoint folder, FILE.gguf or ``smollm2-135m``) where given, else the
     one adapter_config.json records (``base_reference``: an id, or a path relative to
     RUN/model). A tiny run loads the whole model in ``dtype``.
-    Raises FileNotFoundError if RUN/model/ is missing (a run that has not finished) or its base
-    is not where it was recorded (pass ``base=``).
+    Raises FileNotFoundError if RUN/model/ is missing (a run that has not finished), lacks a
+    file, or its base is not where it was recorded (pass ``base=``); ValueError naming the
+    folder if a file is damaged or another model's, or its tokenizer is not its model's.
     """
     folder = Path(run_dir) / "model"
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: missing; RUN/model/ is written when training ends")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if (folder / "adapter_config.json").is_file():
+    lora = (folder / "adapter_config.json").is_file()
+    _check_run_files(folder, lora)
+    if lora:
         from peft import PeftConfig, PeftModel
 
         recorded = PeftConfig.from_pretrained(folder).base_model_name_or_path
         base_folder = _base_model_folder(folder, recorded, base)
-        base_model = AutoModelForCausalLM.from_pretrained(
-            base_folder, local_files_only=True, dtype=dtype
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if lora:
+            base_model = AutoModelForCausalLM.from_pretrained(
+                base_folder, local_files_only=True, dtype=dtype
+            )
+            model = PeftModel.from_pretrained(base_model, folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    except Exception as exc:  # the libraries' own errors: a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{folder}: cannot load it ({type(exc).__name__}: {first[:200]}); a file is damaged "
+            "or belongs to another model: restore the folder, or train the run again"
+        ) from exc
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab or (not lora and len(tokenizer) != vocab):
+        raise ValueError(
+            f"{folder}: its tokenizer has {len(tokenizer)} tokens, its model {vocab}; the folder "
+            "mixes two runs' files: restore its own tokenizer files"
         )
-        model = PeftModel.from_pretrained(base_model, folder)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     return model.eval(), tokenizer
+
+
+# the files RUN/model holds (any one of each group), by kind of run
+_RUN_FILES = {
+    "lora": (("adapter_config.json",), ("adapter_model.safetensors", "adapter_model.bin")),
+    "tiny": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _check_run_files(folder: Path, lora: bool) -> None:
+    """FileNotFoundError naming the first file RUN/model lacks (the model's, the tokenizer's)."""
+    for group in (*_RUN_FILES["lora" if lora else "tiny"], _TOKENIZER_FILES):
+        if not any((folder / name).is_file() for name in group):
+            raise FileNotFoundError(
+                f"{folder}: {' or '.join(group)} is missing; the folder is incomplete: restore "
+                "it, or train the run again"
+            )
 
 
 def response_logits(model, batch) -> torch.Tensor:

@@ -113,6 +113,55 @@ def test_the_smollm2_id_is_recorded_as_an_id(tmp_path):
     assert base_reference(str(tmp_path / "m.gguf"), tmp_path / "run" / "model") == "../../m.gguf"
 
 
+def _damaged_copy(tiny_run, tmp_path, damage) -> Path:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run / "model", run / "model")
+    damage(run / "model")
+    return run
+
+
+def _truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _foreign_weights(folder):
+    """Another model size's weights under this model's config.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(folder)
+    config.hidden_size, config.intermediate_size = 64, 96
+    LlamaForCausalLM(config).save_pretrained(folder / "other")
+    (folder / "other" / "model.safetensors").replace(folder / "model.safetensors")
+
+
+def _foreign_tokenizer(folder):
+    from bear.tokenizer import train_tokenizer
+
+    train_tokenizer(["a b c d e f g h"] * 3, 300).save_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        (_truncate, ValueError, "cannot load it .*damaged or belongs to another model"),
+        (lambda f: (f / "config.json").unlink(), FileNotFoundError, "config.json is missing"),
+        (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+         FileNotFoundError, "tokenizer.json or tokenizer_config.json is missing"),
+        (_foreign_weights, ValueError, "cannot load it"),
+        (_foreign_tokenizer, ValueError, r"tokenizer has \d+ tokens, its model 320; .* two runs"),
+    ],
+    ids=["truncated-weights", "no-config", "no-tokenizer", "foreign-weights", "foreign-tokenizer"],
+)  # fmt: skip
+def test_load_run_names_a_damaged_or_mixed_folder(tiny_run, tmp_path, damage, error, message):
+    run = _damaged_copy(tiny_run, tmp_path, damage)
+    with pytest.raises(error, match=message) as caught:
+        load_run(run)
+    assert str(run / "model") in str(caught.value)
+
+
 def test_load_run_needs_a_finished_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="RUN/model"):
         load_run(tmp_path)
