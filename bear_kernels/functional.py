@@ -9,6 +9,8 @@ cross-entropy) come from `bear_kernels._common`, which the paths and the referen
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,37 @@ def _resolve_impl(impl, z, beam_width):
     return impl
 
 
+_EAGER_REASON = (
+    "the BEAR loss runs eagerly: it selects the counted rows and the top-B threshold from the "
+    "logits' values (data-dependent shapes); compile the model and call the loss outside it"
+)
+
+
+def _entry_point(fn):
+    """A public loss function: eager under torch.compile (one graph break at the call; with
+    fullgraph=True, torch's error gives ``_EAGER_REASON``), and a clear error under torch.func
+    transforms, whose autograd.Function rules the fused backwards do not implement."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            if "setup_context" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"{fn.__name__}: torch.func transforms (grad, vmap, jacrev, ...) are not "
+                "supported: the gradient is computed by a fused backward; take it with "
+                "loss.backward() or torch.autograd.grad (loop over examples for per-example "
+                "gradients)"
+            ) from exc
+
+    try:
+        return torch.compiler.disable(run, reason=_EAGER_REASON)
+    except TypeError:  # torch < 2.8: no reason
+        return torch.compiler.disable(run)
+
+
 class _FirstOrderOnly(torch.autograd.Function):
     """Identity on the logits whose backward refuses create_graph=True.
 
@@ -93,6 +126,12 @@ def _prepare(
     check_flag("validate_target", validate_target)
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if isinstance(logits, torch.Tensor) and logits.device.type == "meta":
+        raise ValueError(
+            "logits: a meta tensor (shapes, no values); the loss selects its rows and the top-B "
+            "threshold from the values: materialise the model first (to_empty, then initialise "
+            "or load its weights)"
+        )
     z, y, mask, shape = flatten_inputs(
         logits, target, allowed_mask, ignore_index, allow_float64=True, validate=validate_target
     )
@@ -110,6 +149,7 @@ def _ce_margin_rows(z, y, mask, impl, params):
     return _torch.ce_margin_torch(z, y, mask, params)
 
 
+@_entry_point
 def ce_margin(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -154,7 +194,12 @@ def ce_margin(
         non-positive B or tau, non-finite values, mismatched shapes / dtypes / devices, a target
         outside [0, V) or outside A, an unknown impl, or impl="triton" it cannot serve.
         RuntimeError in backward under create_graph=True: the fused backward is first-order
-        only (bear_loss too); bear_loss_reference gives higher-order gradients.
+        only (bear_loss too); bear_loss_reference gives higher-order gradients. ValueError for
+        meta-device logits (the loss needs values); RuntimeError under torch.func transforms.
+
+    Under ``torch.compile`` the loss (this function, bear_loss, bear_regularizer) runs eagerly,
+    one graph break at its call, whatever ``validate_target``: it selects rows and a threshold
+    by value; ``fullgraph=True`` refuses it. Compile the model and call the loss outside it.
     """
     check_flag("return_counted", return_counted)
     z, y, mask, shape, impl, params = _prepare(
@@ -174,6 +219,7 @@ def ce_margin(
     return ce.reshape(shape), margin.reshape(shape)
 
 
+@_entry_point
 def bear_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -238,6 +284,7 @@ def bear_loss(
     return reduce_rows(row_loss.reshape(shape), counted, reduction)
 
 
+@_entry_point
 def bear_regularizer(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -95,3 +95,42 @@ def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, maske
     ref = ce_margin_reference(z.double(), y, beam_width=beam_width, allowed_mask=mask)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, equal_nan=True)
+
+
+def _loss(z, y):
+    return bear_loss(z, y, beam_width=5, impl="torch")
+
+
+def test_under_torch_compile_the_loss_runs_eagerly_and_gives_the_eager_values():
+    """Default torch.compile: one graph break at the loss, same loss and gradient; fullgraph=True
+    refuses it with the loss's reason."""
+    torch.manual_seed(0)
+    z, y = torch.randn(6, 50, requires_grad=True), torch.randint(0, 50, (6,))
+    eager = _loss(z, y)
+    (g_eager,) = torch.autograd.grad(eager, z)
+    compiled = torch.compile(lambda a, b: _loss(a * 1.0, b))(z, y)
+    (g_compiled,) = torch.autograd.grad(compiled, z)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="runs eagerly: it selects the counted rows"):
+        torch.compile(_loss, fullgraph=True)(z, y)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_get_a_clear_error(transform):
+    z, y = torch.randn(6, 50), torch.randint(0, 50, (6,))
+    if transform == "grad":
+        run = lambda: torch.func.grad(lambda a: _loss(a, y))(z)  # noqa: E731
+    else:
+        run = lambda: torch.func.vmap(lambda a: _loss(a[None], y[:1]))(z)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"bear_loss: torch.func transforms .* loss.backward"):
+        run()
+
+
+def test_meta_logits_get_a_clear_error():
+    z = torch.empty(6, 50, device="meta")
+    y = torch.zeros(6, dtype=torch.long, device="meta")
+    for fn in (_loss, lambda a, b: ce_margin(a, b, impl="torch")):
+        with pytest.raises(ValueError, match="logits: a meta tensor .* materialise the model"):
+            fn(z, y)
