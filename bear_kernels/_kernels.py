@@ -282,8 +282,12 @@ def _finish_row(
     # (so is a row whose largest t is finite and exactly that value: z·log2(e)/tau = -FLT_MAX)
     m2 = tl.where(m2 == _lowest(COMPUTE), float("-inf"), m2)
     lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0: m2 = -inf (no allowed token)
+    # an allowed +inf logit: s is NaN (inf - inf), lse = +inf; Δ = (x_b - lse) - (x_y - lse) is
+    # NaN, as the reference computes them
+    inf_row = m2 == float("inf")
+    lse = tl.where(inf_row, float("inf"), lse)
     # 3. ce = lse - x_y; 5. Δ = x_b - x_y = log β - log p_y
-    return counted, b, lse, lse - x_y, x_b - x_y
+    return counted, b, lse, lse - x_y, tl.where(inf_row, float("nan"), x_b - x_y)
 
 
 @triton.jit

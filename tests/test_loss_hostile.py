@@ -80,18 +80,19 @@ def test_double_backward_of_the_reference_works():
     assert torch.isfinite(gg).all() and gg.abs().sum() > 0
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("beam_width", [1, 2])
 @pytest.mark.parametrize("masked", [False, True])
-def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, masked):
+def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, masked, impl):
     """One +inf among the allowed logits: lse = +inf, so ce = +inf for another target (NaN for the
     +inf one) and Δ = log β - log p_y is NaN, as the reference computes them (the torch path gave
-    ce NaN and a finite Δ)."""
+    ce NaN and a finite Δ; the Triton path ce NaN and Δ finite or -inf)."""
     z = torch.tensor([[1.0, float("inf"), 0.5, 2.0], [float("inf"), 0.0, 1.0, 0.3]])
     y = torch.tensor([2, 0])
     mask = None
     if masked:
         mask = pack_allowed_mask(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool))
-    got = ce_margin(z, y, beam_width=beam_width, allowed_mask=mask, impl="torch")
+    got = ce_margin(z, y, beam_width=beam_width, allowed_mask=mask, impl=impl)
     ref = ce_margin_reference(z.double(), y, beam_width=beam_width, allowed_mask=mask)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, equal_nan=True)
