@@ -193,3 +193,37 @@ def test_prompts_share_nothing_when_the_cache_drops_positions(monkeypatch):
     got = beam_search(model, input_ids, mask, trie, 4, kv_sharing="copy")
     assert torch.equal(got.item_ids, want.item_ids)
     torch.testing.assert_close(got.scores, want.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_score_items_runs_each_prompt_once_and_falls_back_without_a_full_cache(monkeypatch):
+    """score_items prefills the prompts once and feeds only the items after them (the model sees
+    no prompt token again); a prefilled PromptCache gives the same scores; a model whose cache
+    drops positions runs prompt and item together, to the same scores."""
+    import bear.decoding.teacher_forcing
+    from bear.decoding import score_items
+    from bear.decoding.prompt_cache import PromptCache
+
+    model = tiny_model()
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    pick = torch.tensor(ids[:5]).expand(3, -1)
+    fed = []
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda module, args, out: fed.append(args[0].numel())
+    )
+    want = score_items(model, input_ids, mask, trie, pick, "after")
+    hook.remove()
+    longest = max(len(seqs[ids.index(i)]) for i in ids[:5])
+    assert sum(fed) <= input_ids.numel() + 15 * longest  # prompts once, then the items only
+    cache = PromptCache.prefill(model, input_ids, mask)
+    reused = score_items(model, input_ids, mask, trie, pick, "after", prompt=cache)
+    torch.testing.assert_close(reused, want, atol=1e-5, rtol=1e-5)
+
+    def no_full_cache(cache, length):
+        raise ValueError("the model's cache holds fewer positions")
+
+    monkeypatch.setattr(bear.decoding.teacher_forcing, "layer_tensors", no_full_cache)
+    again = score_items(model, input_ids, mask, trie, pick, "after")
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds other prompts"):
+        score_items(model, input_ids[:2], mask[:2], trie, pick[:2], "after", prompt=cache)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from bear.decoding.common import check_inputs, model_vocab
-from bear.decoding.prompt_cache import PromptCache, cache_kwarg
+from bear.decoding.prompt_cache import PromptCache, cache_kwarg, layer_tensors, prefill
 from bear.trie import ItemTrie
 
 __all__ = ["continuation_logits", "item_logits", "score_items"]
@@ -132,8 +132,14 @@ def score_items(
     trie: ItemTrie,
     item_ids: torch.Tensor,
     scoring: str = "before",
+    prompt: PromptCache | None = None,
 ) -> torch.Tensor:
     """Teacher-forced item scores: sum_t log p(y_t | x, y_<t), EOS included (no length penalty).
+
+    Each prompt runs once (``prompt``: a prefill already made, else one here); every item is fed
+    after its prompt's cached keys and values, and the model computes logits at the items'
+    positions only (``item_logits``). A model whose cache does not keep every prompt position
+    (a sliding window) runs each prompt again with its items instead.
 
     Args:
         model: a Hugging Face causal LM.
@@ -141,13 +147,14 @@ def score_items(
         trie: the catalogue; moved to the model's device.
         item_ids: (U, M) item ids (any id of a leaf; identical titles score identically).
         scoring: "before" or "after" (see `bear.decoding`).
+        prompt: a `PromptCache` of these prompts, or None.
 
     Returns:
         (U, M) float32.
 
     Raises:
-        ValueError / TypeError: bad inputs (see `check_inputs`), item_ids not (U, M), or an item
-            id not in the trie.
+        ValueError / TypeError: bad inputs (see `check_inputs`), item_ids not (U, M), an item id
+            not in the trie, or a ``prompt`` of other prompts.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     device = input_ids.device
@@ -158,11 +165,40 @@ def score_items(
             f"item_ids must be (U, M) with U={input_ids.shape[0]}, got {tuple(item_ids.shape)}"
         )
     U, M = item_ids.shape
-    targets, nodes, cont = _forced_tokens(trie, item_ids.reshape(-1))  # R = U·M rows
-    valid = targets != -100
+    flat = item_ids.reshape(-1)  # R = U·M rows
     rows = torch.arange(U, device=device).repeat_interleave(M)
-    logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
+    if prompt is not None:
+        prompt.check_prompts(input_ids, mask)
+    else:
+        prompt = _prompt_cache(model, input_ids, mask)
+    if prompt is None:  # the cache drops positions: each prompt runs again with its items
+        targets, nodes, cont = _forced_tokens(trie, flat)
+        logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
+        return _summed(trie, logits, nodes, targets, scoring).view(U, M)
+    width = int((trie.item_tokens(flat) != -100).sum(1).max())  # longest item, EOS included
+    chunk = max(1, ROW_BUDGET // max(1, width * prompt.logits.shape[-1]))
+    scores = []
+    for s in range(0, U * M, chunk):
+        part = prompt.select(rows[s : s + chunk])  # the prompts' entries, once per item
+        logits, targets, nodes = item_logits(model, part, trie, flat[s : s + chunk])
+        scores.append(_summed(trie, logits, nodes, targets, scoring))
+    return torch.cat(scores).view(U, M)
+
+
+def _prompt_cache(model, input_ids, mask) -> PromptCache | None:
+    """The prompts prefilled once, or None for a model whose cache does not keep every prompt
+    position (``layer_tensors`` refuses it)."""
+    cache, kv_mask, last_pos, logits = prefill(model, input_ids, mask)
+    try:
+        layers = layer_tensors(cache, kv_mask.shape[1])
+    except ValueError:
+        return None
+    return PromptCache(layers, input_ids, mask, kv_mask, last_pos, logits)
+
+
+def _summed(trie, logits, nodes, targets, scoring) -> torch.Tensor:
+    """(R,) float32: the sum over an item's steps of log p of its tokens, EOS included."""
     lp = _step_logprobs(
         trie, logits.reshape(-1, logits.shape[-1]), nodes.reshape(-1), targets.reshape(-1), scoring
     ).view_as(targets)
-    return torch.where(valid, lp, 0.0).sum(-1).view(U, M).float()
+    return torch.where(targets != -100, lp, 0.0).sum(-1).float()
