@@ -144,6 +144,28 @@ def test_ties_at_the_cut_keep_the_lowest_indices():
     assert topk_stable(x, 4)[1].tolist() == [[1, 2, 4, 5]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_topk_stable_is_the_stable_sorts_first_k(dtype):
+    """The selection (int64 keys of value and index) gives exactly the stable descending sort's
+    first k, with ties, ±inf, -0.0 beside +0.0, and k past the row's end."""
+    from bear.decoding.common import topk_stable
+
+    g = torch.Generator().manual_seed(4)
+    specials = torch.tensor([float("-inf"), float("inf"), -0.0, 0.0, 0.5, -0.5])
+    for _ in range(200):
+        n, k = (
+            int(torch.randint(1, 50, (1,), generator=g)),
+            int(torch.randint(1, 60, (1,), generator=g)),
+        )
+        x = specials[torch.randint(0, 6, (3, n), generator=g)].to(dtype)
+        x = torch.where(
+            torch.rand(3, n, generator=g) < 0.3, torch.randn(3, n, generator=g).to(dtype), x
+        )
+        want_val, want_idx = x.sort(dim=-1, descending=True, stable=True)
+        val, idx = topk_stable(x, k)
+        assert torch.equal(idx, want_idx[..., :k]) and torch.equal(val, want_val[..., :k])
+
+
 @pytest.mark.parametrize("scoring", ["before", "after"])
 @pytest.mark.parametrize("kv_sharing", ["tree", "copy"])
 def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_dropped(
@@ -227,3 +249,27 @@ def test_score_items_runs_each_prompt_once_and_falls_back_without_a_full_cache(m
     torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds other prompts"):
         score_items(model, input_ids[:2], mask[:2], trie, pick[:2], "after", prompt=cache)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_beam_children_are_the_padded_candidates_without_the_padding(scoring):
+    """Each user's candidates side by side (beam_children) are child_logprobs' (beam, child)
+    candidates in the same order, with the same log-probabilities, and nothing else."""
+    from bear.decoding.common import beam_children, child_logprobs, max_candidates, max_fanout
+
+    seqs, ids, trie = build(60, seed=3)
+    g = torch.Generator().manual_seed(5)
+    node = torch.randint(-1, trie.num_nodes, (4, 5), generator=g)
+    node[trie.leaf_item[node.clamp(min=0)] >= 0] = -1  # leaves have no children
+    logits = torch.randn(4, 5, trie.vocab_size, generator=g)
+    F, W = max(int(max_fanout(trie, node)), 1), max(int(max_candidates(trie, node)), 1)
+    padded, padded_edge = child_logprobs(trie, logits, node, F, scoring)
+    logp, edge, beam = beam_children(trie, logits, node, W, scoring)
+    for u in range(4):
+        keep = padded_edge[u].reshape(-1) >= 0
+        n = int(keep.sum())
+        assert torch.equal(edge[u, :n], padded_edge[u].reshape(-1)[keep])
+        torch.testing.assert_close(logp[u, :n], padded[u].reshape(-1)[keep])
+        beams = torch.arange(5)[:, None].expand(5, F).reshape(-1)[keep]
+        assert torch.equal(beam[u, :n], beams)
+        assert (edge[u, n:] == -1).all() and torch.isinf(logp[u, n:]).all()

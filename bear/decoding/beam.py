@@ -16,11 +16,12 @@ import torch
 from bear.decoding.beam_cache import CopiedKVCache, TreeKVCache
 from bear.decoding.common import (
     DecodeResult,
+    beam_children,
     check_finite_float,
     check_inputs,
     check_no_nan_scores,
     check_positive_int,
-    child_logprobs,
+    max_candidates,
     max_fanout,
     ranked_result,
     topk_stable,
@@ -63,24 +64,24 @@ class BeamStep:
 def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str):
     """Expand every live beam by its trie children and keep the best, as Hugging Face does.
 
-    Candidates are (beam, child) pairs of score s + log p (`child_logprobs`); the top 2B are
+    Candidates are (beam, child) pairs of score s + log p (`beam_children`); the top 2B are
     ranked by (score desc, candidate index asc); the next beams are the best B non-EOS among them.
 
     Args:
         logits: (U * Bc, V) next-token logits of the current beams.
         node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
-        width: F >= the largest fan-out among `node`.
+        width: W >= the most children of one user's beams (``max_candidates``).
         B: beam width.
 
     Returns:
         BeamStep.
     """
     U, Bc = node.shape
-    logp, edge = child_logprobs(trie, logits.view(U, Bc, -1), node, width, scoring)
-    cand = (score[..., None] + logp).view(U, Bc * width)  # (U, Bc*F)
-    k2 = min(2 * B, Bc * width)
+    logp, edge, beam = beam_children(trie, logits.view(U, Bc, -1), node, width, scoring)
+    cand = score.gather(1, beam) + logp  # (U, W)
+    k2 = min(2 * B, width)
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
-    e = edge.view(U, -1).gather(1, idx).clamp(min=0)
+    e = edge.gather(1, idx).clamp(min=0)
     tok = trie.child_token[e]
     child = trie.child_node[e]
     ok = torch.isfinite(top)
@@ -95,7 +96,7 @@ def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scorin
         score=next_score,
         node=torch.where(alive, child.gather(1, li), -1),
         token=torch.where(alive, tok.gather(1, li), trie.eos_token_id),
-        src=idx.gather(1, li) // width,
+        src=beam.gather(1, idx.gather(1, li)),
         alive=alive,
         nan=torch.isnan(cand).any(1),
     )
@@ -220,12 +221,15 @@ def beam_search(
         useful = _beams_that_matter(step, pool.worst, done, alpha)
         node = torch.where(useful, node, -1)  # the rest, a suffix (beams in score order), go
         # The one host synchronisation of this step: which users are done, whose scores are
-        # NaN, the beams kept and the largest fan-out among their nodes (the next width).
+        # NaN, the beams kept, the largest fan-out among their nodes (1: a step to defer) and
+        # the most children of one user's beams (the next width).
         kept = useful.sum(1).max().view(1)
-        host = torch.cat([done.long(), step.nan.long(), kept, max_fanout(trie, node).view(1)]).cpu()
+        widths = torch.stack([max_fanout(trie, node), max_candidates(trie, node)]).view(2)
+        host = torch.cat([done.long(), step.nan.long(), kept, widths]).cpu()
         n_users = done.shape[0]
-        check_no_nan_scores(host[n_users:-2].bool(), users)
-        done_host, nb, width = host[:n_users].bool(), int(host[-2]), max(int(host[-1]), 1)
+        check_no_nan_scores(host[n_users:-3].bool(), users)
+        done_host, nb = host[:n_users].bool(), int(host[-3])
+        fanout, width = int(host[-2]), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
             out_leaf[users[d]] = pool.leaf[d]
@@ -237,7 +241,7 @@ def beam_search(
         token = torch.where(useful, step.token, trie.eos_token_id)[keep, :nb]
         users, node = users[keep], node[keep, :nb]
         pool.select(keep)
-        logits = _advance(kv, step.src[keep, :nb], token, keep, defer and width == 1, trie)
+        logits = _advance(kv, step.src[keep, :nb], token, keep, defer and fanout <= 1, trie)
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
     return ranked_result(trie, out_leaf, out_score)
@@ -286,13 +290,14 @@ def beam_thresholds(
         if step.top.shape[1] >= B:
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score
-        # one host synchronisation per step: NaN scores, the next candidate width
-        host = torch.cat([step.nan.long(), max_fanout(trie, node).view(1)]).cpu()
-        check_no_nan_scores(host[:-1].bool())
-        width = int(host[-1])
+        # one host synchronisation per step: NaN scores, the largest fan-out, the next width
+        widths = torch.stack([max_fanout(trie, node), max_candidates(trie, node)]).view(2)
+        host = torch.cat([step.nan.long(), widths]).cpu()
+        check_no_nan_scores(host[:-2].bool())
+        fanout, width = int(host[-2]), int(host[-1])
         if width == 0 or t == trie.max_len:
             break
-        logits = _advance(kv, step.src, step.token, None, defer and width == 1, trie)
+        logits = _advance(kv, step.src, step.token, None, defer and fanout == 1, trie)
     return theta
 
 

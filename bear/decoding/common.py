@@ -17,7 +17,9 @@ __all__ = [
     "check_inputs",
     "check_no_nan_scores",
     "check_positive_int",
+    "beam_children",
     "child_logprobs",
+    "max_candidates",
     "max_fanout",
     "model_vocab",
     "ranked_result",
@@ -223,6 +225,63 @@ def child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
     return logp, torch.where(valid, edge, torch.full_like(edge, -1))
 
 
+def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
+    """Log-probabilities of every child of every beam, each user's children side by side.
+
+    As ``child_logprobs`` without padding each beam to the widest node: user u's candidates are
+    its beams' children in (beam, child) order, ``deg(u, b)`` of them for beam b, padded only up
+    to ``width``, the largest number of candidates of one user (``max_candidates``). The order
+    is that of ``child_logprobs``' flattened (beam, child) layout, so a stable ranking of either
+    picks the same candidates.
+
+    Args:
+        logits: (U, Bc, V) next-token logits of each beam.
+        node: (U, Bc) trie node of each beam, -1 for dead beams.
+        width: W >= the largest sum of the beams' fan-outs of one user.
+
+    Returns:
+        logp (U, W), edge (U, W) trie edge ids and beam (U, W) the candidate's beam; -inf / -1 /
+        0 where there is no candidate.
+    """
+    U, Bc = node.shape
+    n = node.clamp(min=0)
+    start = trie.child_ptr[n]  # (U, Bc)
+    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - start, torch.zeros_like(start))
+    ends = deg.cumsum(1)  # (U, Bc) end of each beam's candidates
+    p = torch.arange(width, device=node.device).expand(U, width)  # (U, W)
+    beam = torch.searchsorted(ends, p, right=True).clamp(max=Bc - 1)  # (U, W)
+    valid = p < ends[:, -1:]  # (U, W)
+    j = p - (ends - deg).gather(1, beam)  # child index within its beam
+    edge = (start.gather(1, beam) + j).clamp(min=0, max=max(trie.child_token.shape[0] - 1, 0))
+    tok = trie.child_token[edge]  # (U, W)
+    V = logits.shape[-1]
+    flat = logits.reshape(U, Bc * V)
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    if scoring == "after":
+        lse = torch.logsumexp(logits, dim=-1)  # (U, Bc)
+        logp = flat.gather(1, beam * V + tok) - lse.gather(1, beam)
+    else:
+        z = torch.where(valid, flat.gather(1, beam * V + tok), neg_inf)  # (U, W)
+        m = torch.full((U, Bc), float("-inf"), device=z.device, dtype=z.dtype)
+        m = m.scatter_reduce(1, beam, z, reduce="amax")  # (U, Bc) each beam's largest child
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        shifted = torch.exp(z - m.gather(1, beam))  # 0 where no candidate
+        total = torch.zeros_like(m).scatter_add(1, beam, shifted)  # (U, Bc)
+        lse = m + torch.log(total)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        logp = z - lse.gather(1, beam)
+    logp = torch.where(valid, logp, neg_inf)
+    return logp, torch.where(valid, edge, -1), torch.where(valid, beam, 0)
+
+
+def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
+    """Largest number of children of one user's beams (-1 entries count 0): ``beam_children``'s
+    width, as a 0-d device tensor."""
+    n = node.clamp(min=0)
+    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
+    return deg.sum(-1).max() if deg.numel() else torch.zeros((), dtype=torch.int64)
+
+
 def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
     """Largest number of children among `node` (-1 entries count 0), as a 0-d device tensor."""
     n = node.clamp(min=0)
@@ -233,9 +292,23 @@ def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
 def topk_stable(x: torch.Tensor, k: int):
     """The first k along the last dim in the order (value desc, index asc), ties at the cut
     included: (values, indices). (`Tensor.topk` may pick any of the values tied at the k-th,
-    so a search that changes its candidates' count could change which tied item it keeps.)"""
-    val, idx = x.sort(dim=-1, descending=True, stable=True)
-    return val[..., :k], idx[..., :k]
+    so a search that changes its candidates' count could change which tied item it keeps.)
+
+    A selection, not a sort: for float32 and narrower, each value and its index form one int64
+    key (the float's order-preserving bits above, the complement of the index below), all
+    distinct, whose `topk` is exactly that order; float64 values are sorted stably instead.
+    """
+    k = min(k, x.shape[-1])
+    if x.dtype == torch.float64 or x.shape[-1] >= 2**32:
+        val, idx = x.sort(dim=-1, descending=True, stable=True)
+        return val[..., :k], idx[..., :k]
+    x32 = x.float() + 0.0  # -0.0 becomes +0.0: the two compare equal
+    bits = x32.view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order
+    index = torch.arange(x.shape[-1], device=x.device)
+    keys = (ordered << 32) | (0xFFFFFFFF - index)  # ties: the lower index is the larger key
+    idx = keys.topk(k, dim=-1).indices  # sorted, largest first
+    return x.gather(-1, idx), idx
 
 
 def ranked_result(trie: ItemTrie, leaf: torch.Tensor, scores: torch.Tensor) -> DecodeResult:
