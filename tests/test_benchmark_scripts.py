@@ -98,3 +98,24 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"config"' not in again.stdout  # no run trained again
     assert "test (" not in again.stderr  # no evaluation repeated
+
+
+def test_catalogue_scale_measures_this_checkout_and_a_baseline(tmp_path):
+    """At toy size: one row per (version, size) with every measurement, the plot written."""
+    results = tmp_path / "results"
+    cmd = [sys.executable, "catalogue_scale.py", "--sizes", "50", "120", "--topk-items", "60",
+           "--baseline", str(REPO), "--results-dir", str(results), "--tag", "toy"]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = results.glob("catalogue_scale_*_toy.json")
+    rows = json.loads(written.read_text())["rows"]
+    assert [(r["version"], r["items"]) for r in rows] == [
+        ("this", 50),
+        ("this", 120),
+        ("baseline", 50),
+        ("baseline", 120),
+    ]
+    assert all(r["beam_search_ms_per_user"] > 0 and r["score_items_ms_per_item"] > 0 for r in rows)
+    assert [r["exact_topk_ms_per_user"] is None for r in rows] == [False, True, False, True]
+    assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()

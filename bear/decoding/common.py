@@ -248,7 +248,7 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
     start = trie.child_ptr[n]  # (U, Bc)
     deg = torch.where(node >= 0, trie.child_ptr[n + 1] - start, torch.zeros_like(start))
     ends = deg.cumsum(1)  # (U, Bc) end of each beam's candidates
-    p = torch.arange(width, device=node.device).expand(U, width)  # (U, W)
+    p = torch.arange(width, device=node.device).repeat(U, 1)  # (U, W)
     beam = torch.searchsorted(ends, p, right=True).clamp(max=Bc - 1)  # (U, W)
     valid = p < ends[:, -1:]  # (U, W)
     j = p - (ends - deg).gather(1, beam)  # child index within its beam
