@@ -27,7 +27,14 @@ from bear.decoding.registry import decoder_names, get_decoder
 from bear.losses.registry import NORMALISATIONS, LossSettings, get_loss, loss_names
 from bear.protocol import PROTOCOLS, test_file_for
 
-__all__ = ["EVALUATION_FIELDS", "FLAG_GROUPS", "TrainConfig", "field_choices", "flag_name"]
+__all__ = [
+    "EVALUATION_FIELDS",
+    "FLAG_GROUPS",
+    "TrainConfig",
+    "default_lr",
+    "field_choices",
+    "flag_name",
+]
 
 # How a prompt is laid out (``bear.prompts``): the paper's template or the tokenizer's chat one.
 PROMPT_STYLES = ("paper", "chat")
@@ -134,6 +141,12 @@ FLAG_GROUPS = {
         "extra",
     ),
 }
+
+
+def default_lr(model: str) -> float:
+    """The learning rate of a run that names none: 1e-3 for the tiny model (full fine-tuning),
+    1e-4 for a checkpoint (LoRA)."""
+    return 1e-3 if model == "tiny" else 1e-4
 
 
 def _setting(default: Any, help: str, **cli: Any):
@@ -499,7 +512,7 @@ class TrainConfig:
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
         if self.lr is None:
-            self.lr = 1e-3 if self.model == "tiny" else 1e-4
+            self.lr = default_lr(self.model)
         if self.micro_batch_size is None:
             self.micro_batch_size = self.batch_size
         self.lora_targets = tuple(self.lora_targets)
@@ -533,6 +546,11 @@ class TrainConfig:
         for flag, value in needs_checks.items():
             if value is not None and self.eval_every is None:
                 raise ValueError(f"{flag}: given without --eval-every N, the steps between checks")
+        if self.prompt == "chat" and self.model == "tiny":
+            raise ValueError(
+                "--prompt chat: the tiny model's tokenizer is trained here and has no chat "
+                "template; give an instruct checkpoint as --model"
+            )
         if self.prompt == "chat" and self.protocol == "upstream":
             raise ValueError(
                 "--prompt chat: the upstream protocol is the paper's, prompt included; use "

@@ -53,6 +53,8 @@ def disk_full(exc: BaseException, folder: Path) -> bool:
     """Whether a failed write ran out of space: ENOSPC anywhere in the exception's chain, or (the
     writers that lose the errno: torch.save's "unexpected pos", safetensors) under 1 MiB left on
     ``folder``'s file system."""
+    if isinstance(exc, OSError) and exc.errno not in (None, errno.ENOSPC):
+        return False  # another cause named by its errno (a permission, a missing folder)
     seen = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
@@ -71,7 +73,8 @@ def full_disk_error(path: Path, kept: str) -> OSError:
     is ``kept``, what to do."""
     error = OSError(
         f"{path}: the disk is full (no space left on device) while writing it; nothing was lost "
-        f"({kept}): free space on {path.parent}, then run the same command with --resume"
+        f"({kept}): free space on {path.parent}, then run the same command again (a training "
+        "run: with --resume)"
     )
     error.errno = errno.ENOSPC
     return error

@@ -272,26 +272,23 @@ def load_run(run_dir, dtype: torch.dtype = torch.float32, base: str | None = Non
         raise FileNotFoundError(f"{folder}: missing; RUN/model/ is written when training ends")
     lora = (folder / "adapter_config.json").is_file()
     _check_run_files(folder, lora)
+    damaged = "a file is damaged or belongs to another model: restore the folder, or train again"
+    tokenizer = _loaded(
+        folder, damaged, AutoTokenizer.from_pretrained, folder, local_files_only=True
+    )
     if lora:
         from peft import PeftConfig, PeftModel
 
-        recorded = PeftConfig.from_pretrained(folder).base_model_name_or_path
-        base_folder = _base_model_folder(folder, recorded, base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if lora:
-            base_model = AutoModelForCausalLM.from_pretrained(
-                base_folder, local_files_only=True, dtype=dtype
-            )
-            model = PeftModel.from_pretrained(base_model, folder)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    except Exception as exc:  # the libraries' own errors: a damaged or foreign file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"{folder}: cannot load it ({type(exc).__name__}: {first[:200]}); a file is damaged "
-            "or belongs to another model: restore the folder, or train the run again"
-        ) from exc
+        config = _loaded(folder, damaged, PeftConfig.from_pretrained, folder)
+        base_folder = _base_model_folder(folder, config.base_model_name_or_path, base)
+        fix = "restore it, or pass load_run(run, base=FOLDER_OR_GGUF)"
+        base_model = _loaded(base_folder, f"the run's base model: {fix}",
+                             AutoModelForCausalLM.from_pretrained, base_folder,
+                             local_files_only=True, dtype=dtype)  # fmt: skip
+        model = _loaded(folder, damaged, PeftModel.from_pretrained, base_model, folder)
+    else:
+        model = _loaded(folder, damaged, AutoModelForCausalLM.from_pretrained, folder,
+                        local_files_only=True, dtype=dtype)  # fmt: skip
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > vocab or (not lora and len(tokenizer) != vocab):
         raise ValueError(
@@ -299,6 +296,20 @@ def load_run(run_dir, dtype: torch.dtype = torch.float32, base: str | None = Non
             "mixes two runs' files: restore its own tokenizer files"
         )
     return model.eval(), tokenizer
+
+
+def _loaded(where: Path, fix: str, load, *args, **kwargs):
+    """``load(*args, **kwargs)``; a library's error (a damaged or foreign file) becomes a
+    ValueError naming ``where`` and ``fix``. Running out of memory is not a damaged file."""
+    try:
+        return load(*args, **kwargs)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{where}: cannot load it ({type(exc).__name__}: {first[:200]}); {fix}"
+        ) from exc
 
 
 # the files RUN/model holds (any one of each group), by kind of run

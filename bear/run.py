@@ -253,9 +253,9 @@ def _replace_atomic(path: Path, write) -> None:
         fault_point(f"write:{path.name}")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         if disk_full(exc, path.parent):
-            raise full_disk_error(path, f"the previous {path.name} is intact") from exc
+            kept = f"the previous {path.name} is intact" if path.exists() else "no file written"
+            raise full_disk_error(path, kept) from exc
         raise
     finally:
         tmp.unlink(missing_ok=True)

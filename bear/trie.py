@@ -191,7 +191,9 @@ class ItemTrie:
                 the paper's prompt (``bear.prompts.format_prompt``); for an instruct model
                 ``format_prompt(history, PromptText(..., chat=chat_wrap(tokenizer)))``; or the
                 user's own prompt text.
-            vocab_size: as for ``ItemTrie`` (default: ``len(tokenizer)``).
+            vocab_size: as for ``ItemTrie`` (default: ``len(tokenizer)``); give the model's
+                output width (``model.get_output_embeddings().weight.shape[0]``) where its
+                embeddings are padded past the tokenizer.
 
         Raises:
             ValueError if the tokenizer has no EOS, titles is empty or not titles;
@@ -200,8 +202,16 @@ class ItemTrie:
         """
         if getattr(tokenizer, "eos_token_id", None) is None:
             raise ValueError("ItemTrie.from_titles: the tokenizer has no eos_token_id; set one")
+        if isinstance(titles, str):
+            raise ValueError(
+                "ItemTrie.from_titles: titles is one string; give {item id: title} or a list "
+                "of titles"
+            )
         if not isinstance(titles, Mapping):
             titles = dict(enumerate(titles))
+        key = next((k for k in titles if isinstance(k, bool) or not isinstance(k, int)), None)
+        if key is not None:
+            raise ValueError(f"ItemTrie.from_titles: item id {key!r} is not an integer")
         bad = next(((k, v) for k, v in titles.items() if not isinstance(v, str)), None)
         if bad is not None:
             raise ValueError(f"ItemTrie.from_titles: item {bad[0]}: got {bad[1]!r}, not a title")
@@ -435,7 +445,8 @@ class ItemTrie:
                 f"labels: row {u} ends at position {last} (token {int(labels[u, last])}) "
                 f"without EOS: the trie ends every item with EOS ({self.eos_token_id}); append "
                 "tokenizer.eos_token_id to each response's labels (a response cut short by "
-                "truncation is refused too)"
+                "truncation is refused too; a collator that sets the padding to -100 also hides an "
+                "EOS equal to the pad token: give the tokenizer a pad token of its own)"
             )
         if flags[1]:
             u, t = (int(i) for i in beyond.nonzero()[0])

@@ -255,3 +255,14 @@ def row_coefficients(g_ce, g_margin, counted, params: LossParams, dtype):
     if params.threshold_grad:
         return g_ce * inv_tau, c_y, g_margin * inv_tau
     return c_y, c_y, torch.zeros_like(c_y)
+
+
+def refuse_meta(logits) -> None:
+    """ValueError for logits on the meta device (shapes without values): the loss selects its
+    rows and the top-B threshold from the values."""
+    if isinstance(logits, torch.Tensor) and logits.device.type == "meta":
+        raise ValueError(
+            "logits: a meta tensor (shapes, no values); the loss selects its rows and the top-B "
+            "threshold from the values: materialise the model first (to_empty, then initialise "
+            "or load its weights)"
+        )

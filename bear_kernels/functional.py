@@ -25,6 +25,7 @@ from ._common import (
     check_reduction,
     flatten_inputs,
     reduce_rows,
+    refuse_meta,
 )
 
 __all__ = ["BEARLoss", "bear_loss", "bear_regularizer", "ce_margin"]
@@ -126,12 +127,7 @@ def _prepare(
     check_flag("validate_target", validate_target)
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if isinstance(logits, torch.Tensor) and logits.device.type == "meta":
-        raise ValueError(
-            "logits: a meta tensor (shapes, no values); the loss selects its rows and the top-B "
-            "threshold from the values: materialise the model first (to_empty, then initialise "
-            "or load its weights)"
-        )
+    refuse_meta(logits)
     z, y, mask, shape = flatten_inputs(
         logits, target, allowed_mask, ignore_index, allow_float64=True, validate=validate_target
     )

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import BEARLoss, bear_loss
+from ._common import refuse_meta
 
 __all__ = ["BEARForCausalLMLoss", "apply_bear_loss", "bear_compute_loss_func"]
 
@@ -159,6 +160,7 @@ def BEARForCausalLMLoss(  # noqa: N802 (transformers' name pattern for loss func
         target, mask = _shift(labels, allowed_mask, ignore_index)
     else:
         target, mask = shift_labels, allowed_mask
+    refuse_meta(logits)
     target = target.to(logits.device)
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -335,6 +337,7 @@ class _BEARForward:
         with _inside_forward(lm):
             outputs = lm.base_model(*args, **kwargs)  # looked up per call: FSDP may replace it
         hidden = outputs[0]  # (batch, T, H) after the final norm
+        refuse_meta(hidden)
         labels = labels.to(hidden.device)
         ignore_index = self.ignore_index
         mask = None if self.allowed_mask_fn is None else self.allowed_mask_fn(labels)

@@ -39,9 +39,10 @@ class BEARSFTTrainer(SFTTrainer):
             impl, ignore_index (as `BEARForCausalLMLoss`); reg_weight=0 gives msl with a mask.
 
     Raises:
-        TypeError if `compute_loss_func` is given, and the errors of `apply_bear_loss` (an
-        unknown option, a model that is no causal LM, one that transforms its logits after the
-        head), before any training.
+        TypeError if `compute_loss_func` is given; ValueError for TRL options that change its
+        own loss (loss_type other than "nll", label smoothing, a router loss); the errors of
+        `apply_bear_loss` (an unknown option, a model that is no causal LM, one that transforms
+        its logits after the head), before any training.
     """
 
     def __init__(self, *args, allowed_mask_fn=None, bear_options: dict | None = None, **kwargs):
@@ -51,6 +52,17 @@ class BEARSFTTrainer(SFTTrainer):
                 "(pass allowed_mask_fn= and bear_options=), or use trl.SFTTrainer with it"
             )
         super().__init__(*args, **kwargs)
+        unserved = {
+            "loss_type": getattr(self.args, "loss_type", "nll") != "nll",
+            "label_smoothing_factor": self.label_smoother is not None,
+            "a mixture-of-experts router loss": getattr(self, "aux_loss_enabled", False),
+        }
+        named = [name for name, given in unserved.items() if given]
+        if named:
+            raise ValueError(
+                f"BEARSFTTrainer: {named} change TRL's own loss, which BEAR replaces; leave them "
+                "at their defaults (loss_type='nll', no label smoothing, no router loss)"
+            )
         # after TRL's own patch of the forward: without labels, TRL's forward runs as before
         apply_bear_loss(self.model, allowed_mask_fn=allowed_mask_fn, **(bear_options or {}))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -51,11 +52,63 @@ def test_a_config_file_trains_and_a_runs_config_json_reproduces_its_settings(tmp
 
 def test_switches_in_the_file_and_on_the_command_line(tmp_path):
     file = tmp_path / "c.json"
-    file.write_text(json.dumps({"data": "d", "out": "o", "progress": False, "resume": True}))
+    file.write_text(json.dumps({"data": "d", "out": "o", "progress": False, "validate": True}))
     quiet = _train_config(["train", "--config", str(file)])
-    assert (quiet.progress, quiet.resume) == (False, True)
+    assert (quiet.progress, quiet.validate) == (False, True)
     file.write_text(json.dumps({"data": "d", "out": "o", "progress": True}))
     assert _train_config(["train", "--config", str(file), "--no-progress"]).progress is False
+    assert _train_config(["train", "--config", str(file), "--resume"]).resume is True
+
+
+def _run_config(tmp_path, **settings) -> Path:
+    """A config.json as train writes it (settings, then the run's records), without training."""
+    from bear.protocol import resolved_settings
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "run"), **settings)
+    saved = dataclasses.asdict(config) | {
+        "protocol_settings": resolved_settings(config),
+        "data_resolved": str(data.resolve()),
+        "data_fingerprint": {},
+    }
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(saved))
+    return file
+
+
+def test_a_runs_explicit_settings_survive_and_what_it_derived_is_derived_again(tmp_path):
+    chosen = dict(length_penalty=0.5, test_file="mine.csv", normalisation="micro-batch",
+                  lr=3e-4, batch_size=8, micro_batch_size=4)  # fmt: skip
+    again = _train_config(["train", "--config", str(_run_config(tmp_path, **chosen))])
+    assert {k: getattr(again, k) for k in chosen} == chosen
+    derived = _run_config(tmp_path, batch_size=8)  # lr, micro-batch, protocol files derived
+    moved = _train_config(["train", "--config", str(derived), "--model", str(tmp_path),
+                           "--batch-size", "16", "--protocol", "upstream"])  # fmt: skip
+    assert (moved.lr, moved.micro_batch_size, moved.length_penalty) == (1e-4, 16, 1.0)
+    assert moved.train_file == TrainConfig(data="d", out="o", protocol="upstream").train_file
+
+
+def test_a_runs_launch_switches_are_not_settings(tmp_path):
+    """A resumed or overwriting run records resume / overwrite true; reusing its config.json
+    neither resumes nor overwrites; a hand-written file may not set them."""
+    file = _run_config(tmp_path, resume=True, overwrite=True, allow_data_change=True)
+    again = _train_config(["train", "--config", str(file), "--out", "elsewhere"])
+    assert (again.resume, again.overwrite, again.allow_data_change) == (False, False, False)
+    hand = tmp_path / "hand.json"
+    hand.write_text(json.dumps({"data": "d", "out": "o", "overwrite": True}))
+    with pytest.raises(ValueError, match=r"\['overwrite'\] belong to one launch"):
+        parse_args(["train", "--config", str(hand)])
+
+
+def test_a_sweep_file_keeps_its_data_axis_and_floats(tmp_path):
+    file = tmp_path / "grid.json"
+    file.write_text(json.dumps({"data": ["a", "b"], "reg_weight": [1, 2], "data_resolved": "x"}))
+    grid = sweep_grid(parse_args(["sweep", "--config", str(file), "--out", "s"]))
+    assert grid["data"] == ["a", "b"]
+    assert grid["reg_weight"] == [1.0, 2.0] and all(
+        isinstance(v, float) for v in grid["reg_weight"]
+    )
 
 
 def test_required_flags_may_come_from_the_file_and_are_still_required_without_it(tmp_path):
@@ -94,7 +147,7 @@ def test_a_missing_file_is_named(tmp_path, capsys):
 
 def test_sweep_takes_a_file_whose_lists_are_axes_and_keeps_its_own_folder(tmp_path):
     file = tmp_path / "grid.json"
-    settings = {"data": "d", "out": "elsewhere", "resume": True, "reg_weight": [0.5, 1.0]}
+    settings = {"data": "d", "out": "elsewhere", "resume": False, "reg_weight": [0.5, 1.0]}
     file.write_text(json.dumps({**settings, "lora_targets": ["q_proj", "k_proj"]}))
     args = parse_args(["sweep", "--config", str(file), "--out", "s", "--seed", "0", "1"])
     grid = sweep_grid(args)

@@ -273,3 +273,12 @@ def test_beam_children_are_the_padded_candidates_without_the_padding(scoring):
         beams = torch.arange(5)[:, None].expand(5, F).reshape(-1)[keep]
         assert torch.equal(beam[u, :n], beams)
         assert (edge[u, n:] == -1).all() and torch.isinf(logp[u, n:]).all()
+
+
+def test_score_items_of_no_items_is_an_empty_score_table():
+    from bear.decoding import score_items
+
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((5, 3))
+    out = score_items(tiny_model(), input_ids, mask, trie, torch.zeros(2, 0, dtype=torch.long))
+    assert out.shape == (2, 0)

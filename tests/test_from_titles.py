@@ -139,3 +139,10 @@ def test_train_with_a_chat_prompt_on_a_checkpoint(tmp_path, capsys):
             "--no-progress", "--device", "cpu", "--vocab-size", "320"]  # fmt: skip
     assert main(tiny) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_from_titles_refuses_a_string_and_ids_that_are_not_integers(tokenizer):
+    with pytest.raises(ValueError, match="titles is one string"):
+        ItemTrie.from_titles(tokenizer, "Red Pen")
+    with pytest.raises(ValueError, match="item id 'a' is not an integer"):
+        ItemTrie.from_titles(tokenizer, {"a": "Red Pen"})

@@ -340,6 +340,19 @@ def test_bear_sft_trainer_refuses_a_compute_loss_func(tmp_path):
         )  # fmt: skip
 
 
+def test_bear_sft_trainer_refuses_trl_options_that_change_its_own_loss(tmp_path):
+    from bear_kernels.trl import BEARSFTTrainer
+
+    trainer = _make_sft_trainer(
+        tmp_path, tiny_lora(), examples(4), 4, 1, trainer_cls=BEARSFTTrainer
+    )
+    assert trainer.args.loss_type == "nll"
+    trainer.args.loss_type = "dft"
+    with pytest.raises(ValueError, match=r"\['loss_type'\] change TRL's own loss"):
+        BEARSFTTrainer(model=tiny_lora(), args=trainer.args, train_dataset=trainer.train_dataset,
+                       data_collator=collate, processing_class=word_tokenizer())  # fmt: skip
+
+
 def test_bear_sft_trainer_gives_compute_metrics_the_full_logits(tmp_path):
     """What compute_metrics receives is what TRL gives it without BEAR: the model's logits."""
     from bear_kernels.trl import BEARSFTTrainer
@@ -435,3 +448,10 @@ def test_two_processes_with_average_tokens_equal_one(tmp_path, how):
     exs = examples(8, seed=19)
     reference = reference_grad(tiny_lora(), exs, "bear")
     assert relative_error(grad, reference) <= TOLERANCE
+
+
+def test_meta_logits_get_the_losss_error_in_the_hugging_face_entry_points():
+    logits = torch.empty(2, 6, VOCAB, device="meta")
+    labels = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="logits: a meta tensor"):
+        BEARForCausalLMLoss(logits, labels)

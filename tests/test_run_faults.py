@@ -261,3 +261,28 @@ def test_a_full_disk_is_named_and_resume_continues(synth, tmp_path, file):
     a, b = last_weights(tmp_path / "whole"), last_weights(tmp_path / "full")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+
+
+def test_an_older_runs_record_of_its_test_file_does_not_block_resume(synth, tmp_path):
+    """Runs before the fingerprint left the test file out recorded it too; a resume compares
+    only the files that decide training, and still names one that changed."""
+    from bear.run_folder import _check_data, data_fingerprint
+
+    cfg = tiny_config(synth, tmp_path / "run")
+    older = data_fingerprint(cfg) | {"test.csv": {"bytes": 1, "sha256": "0" * 64}}
+    _check_data(cfg, {"data_fingerprint": older}, tmp_path / "run")
+    changed = older | {cfg.train_file: {"bytes": 2, "sha256": "1" * 64}}
+    with pytest.raises(ValueError, match=f"{cfg.train_file} changed since"):
+        _check_data(cfg, {"data_fingerprint": changed}, tmp_path / "run")
+
+
+def test_an_error_with_another_errno_is_not_called_a_full_disk(tmp_path):
+    import errno
+
+    from bear.faults import disk_full
+
+    assert not disk_full(PermissionError(errno.EACCES, "Permission denied"), tmp_path)
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    wrapped = RuntimeError("unexpected pos 64 vs 0")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "full")
+    assert disk_full(wrapped, tmp_path)

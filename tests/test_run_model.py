@@ -104,6 +104,9 @@ def test_a_lora_run_travels_with_its_base(synth, tmp_path):
     model, _ = load_run(alone, base=str(moved / "ckpt"))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=TOKENS).logits, logits)
+    (alone / "model" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"alone/model: cannot load it .* restore the folder"):
+        load_run(alone, base=str(moved / "ckpt"))
 
 
 def test_the_smollm2_id_is_recorded_as_an_id(tmp_path):

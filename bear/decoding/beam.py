@@ -165,8 +165,8 @@ def beam_search(
         input_ids, attention_mask: (U, P) left-padded prompts.
         trie: the catalogue; moved to the model's device.
         beam_width: B >= 1.
-        num_beams: B under ``generate``'s name (keyword only; an error if it and ``beam_width``
-            are both given and differ).
+        num_beams: B under ``generate``'s name (keyword only); it replaces ``beam_width``'s
+            default 10, and an error is raised if ``beam_width`` is given another value.
         scoring: "before" or "after" (see `bear.decoding`).
         length_penalty: alpha.
         kv_sharing: how the beams share their user's prompt cache. "tree" (default): one cache
@@ -297,7 +297,7 @@ def beam_thresholds(
         fanout, width = int(host[-2]), int(host[-1])
         if width == 0 or t == trie.max_len:
             break
-        logits = _advance(kv, step.src, step.token, None, defer and fanout == 1, trie)
+        logits = _advance(kv, step.src, step.token, None, defer and fanout <= 1, trie)
     return theta
 
 

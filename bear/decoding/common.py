@@ -56,7 +56,8 @@ class DecodeResult:
 
     def texts(self, trie: ItemTrie, tokenizer) -> list[list[str]]:
         """Each user's items as text (``tokenizer.decode`` of their tokens, EOS dropped), best
-        first; padding is left out."""
+        first; padding is left out. The text is the response as the trie holds it: a trie of
+        ``ItemTrie.from_titles`` gives the title in the quotes ``format_response`` adds."""
         eos = trie.eos_token_id
         out = []
         for row, ids in zip(self.sequences(trie).tolist(), self.item_ids.tolist(), strict=True):
@@ -279,7 +280,9 @@ def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
     width, as a 0-d device tensor."""
     n = node.clamp(min=0)
     deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
-    return deg.sum(-1).max() if deg.numel() else torch.zeros((), dtype=torch.int64)
+    if not deg.numel():
+        return torch.zeros((), dtype=torch.int64, device=node.device)
+    return deg.sum(-1).max()
 
 
 def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
@@ -303,6 +306,7 @@ def topk_stable(x: torch.Tensor, k: int):
         val, idx = x.sort(dim=-1, descending=True, stable=True)
         return val[..., :k], idx[..., :k]
     x32 = x.float() + 0.0  # -0.0 becomes +0.0: the two compare equal
+    x32 = torch.where(torch.isnan(x32), float("nan"), x32)  # one NaN, ranked first as by sort
     bits = x32.view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order
     index = torch.arange(x.shape[-1], device=x.device)

@@ -165,6 +165,8 @@ def score_items(
             f"item_ids must be (U, M) with U={input_ids.shape[0]}, got {tuple(item_ids.shape)}"
         )
     U, M = item_ids.shape
+    if M == 0:
+        return torch.zeros(U, 0, device=device)
     flat = item_ids.reshape(-1)  # R = U·M rows
     rows = torch.arange(U, device=device).repeat_interleave(M)
     if prompt is not None:
@@ -176,13 +178,19 @@ def score_items(
         logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
         return _summed(trie, logits, nodes, targets, scoring).view(U, M)
     width = int((trie.item_tokens(flat) != -100).sum(1).max())  # longest item, EOS included
-    chunk = max(1, ROW_BUDGET // max(1, width * prompt.logits.shape[-1]))
+    per_row = max(width * prompt.logits.shape[-1], _cache_elements(prompt))
+    chunk = max(1, ROW_BUDGET // per_row)  # bounds the logits and the copied prompt entries
     scores = []
     for s in range(0, U * M, chunk):
         part = prompt.select(rows[s : s + chunk])  # the prompts' entries, once per item
         logits, targets, nodes = item_logits(model, part, trie, flat[s : s + chunk])
         scores.append(_summed(trie, logits, nodes, targets, scoring))
     return torch.cat(scores).view(U, M)
+
+
+def _cache_elements(prompt: PromptCache) -> int:
+    """Elements of one prompt's keys and values over every layer (what ``select`` copies)."""
+    return sum((k[0].numel() + v[0].numel()) for k, v in prompt.layers)
 
 
 def _prompt_cache(model, input_ids, mask) -> PromptCache | None:
