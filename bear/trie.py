@@ -16,6 +16,7 @@ contiguous and sorted by token):
     child_token (E,)    token of each edge, sorted within a node
     child_node  (E,)    node id each edge leads to
     depth_fanout (L+2,) largest number of children of a node at each depth (decoding width per step)
+    root_edge   (V,)    edge id of each token that is a child of the root, -1 for the others
 
 Building is vectorised (one lexicographic sort of the padded sequences, one pass per depth), so a
 catalogue of a million items takes seconds.
@@ -161,6 +162,9 @@ class ItemTrie:
         self.child_token = self.node_token[1:].clone()
         self.child_node = torch.arange(1, num_nodes, dtype=torch.int64)
         self.depth_fanout = torch.from_numpy(fanout)
+        root_edges = torch.arange(int(child_ptr[0]), int(child_ptr[1]))  # edges of the root
+        self.root_edge = torch.full((vocab_size,), -1, dtype=torch.int64)
+        self.root_edge[self.child_token[root_edges]] = root_edges
         # Sorted (parent, token) keys for child lookups by searchsorted.
         self._edge_key = self.node_parent[1:] * vocab_size + self.child_token
 
@@ -242,6 +246,7 @@ class ItemTrie:
         "child_token",
         "child_node",
         "depth_fanout",
+        "root_edge",
         "_edge_key",
         "_item_sorted",
         "_item_leaf",

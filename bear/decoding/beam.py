@@ -24,6 +24,7 @@ from bear.decoding.common import (
     max_candidates,
     max_fanout,
     ranked_result,
+    root_children,
     topk_stable,
 )
 from bear.decoding.decoder import Decoder
@@ -61,7 +62,9 @@ class BeamStep:
     nan: torch.Tensor
 
 
-def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str):
+def expand_beams(
+    trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str, at_root: bool = False
+):
     """Expand every live beam by its trie children and keep the best, as Hugging Face does.
 
     Candidates are (beam, child) pairs of score s + log p (`beam_children`); the top 2B are
@@ -72,14 +75,19 @@ def expand_beams(trie: ItemTrie, logits, node, score, width: int, B: int, scorin
         node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
         width: W >= the most children of one user's beams (``max_candidates``).
         B: beam width.
+        at_root: every beam is the root (the first step): ``root_children`` serves it, at a
+            cost that does not grow with the root's fan-out (``width`` is then unused).
 
     Returns:
         BeamStep.
     """
     U, Bc = node.shape
-    logp, edge, beam = beam_children(trie, logits.view(U, Bc, -1), node, width, scoring)
+    if at_root:
+        logp, edge, beam = root_children(trie, logits.view(U, Bc, -1), scoring)
+    else:
+        logp, edge, beam = beam_children(trie, logits.view(U, Bc, -1), node, width, scoring)
     cand = score.gather(1, beam) + logp  # (U, W)
-    k2 = min(2 * B, width)
+    k2 = min(2 * B, cand.shape[1])
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
     e = edge.gather(1, idx).clamp(min=0)
     tok = trie.child_token[e]
@@ -214,7 +222,7 @@ def beam_search(
     logits = kv.logits
     width = trie.depth_fanout_list[0]  # the root's fan-out
     for t in range(trie.max_len + 2):
-        step = expand_beams(trie, logits, node, score, width, B, scoring)
+        step = expand_beams(trie, logits, node, score, width, B, scoring, at_root=t == 0)
         node, score = step.node, step.score
         pool.add(step.top, step.child, step.is_eos, t)
         done = pool.done(score[:, 0], t)
@@ -286,7 +294,7 @@ def beam_thresholds(
     logits = kv.logits
     width = trie.depth_fanout_list[0]
     for t in range(trie.max_len + 1):
-        step = expand_beams(trie, logits, node, score, width, B, scoring)
+        step = expand_beams(trie, logits, node, score, width, B, scoring, at_root=t == 0)
         if step.top.shape[1] >= B:
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score

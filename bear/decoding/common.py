@@ -20,6 +20,7 @@ __all__ = [
     "beam_children",
     "child_logprobs",
     "max_candidates",
+    "root_children",
     "max_fanout",
     "model_vocab",
     "ranked_result",
@@ -259,8 +260,7 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
     flat = logits.reshape(U, Bc * V)
     neg_inf = torch.tensor(float("-inf"), device=logits.device)
     if scoring == "after":
-        lse = torch.logsumexp(logits, dim=-1)  # (U, Bc)
-        logp = flat.gather(1, beam * V + tok) - lse.gather(1, beam)
+        logp = torch.log_softmax(logits, dim=-1).reshape(U, Bc * V).gather(1, beam * V + tok)
     else:
         z = torch.where(valid, flat.gather(1, beam * V + tok), neg_inf)  # (U, W)
         m = torch.full((U, Bc), float("-inf"), device=z.device, dtype=z.dtype)
@@ -273,6 +273,34 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
         logp = z - lse.gather(1, beam)
     logp = torch.where(valid, logp, neg_inf)
     return logp, torch.where(valid, edge, -1), torch.where(valid, beam, 0)
+
+
+def root_children(trie: ItemTrie, logits, scoring: str):
+    """``beam_children`` for beams that are all at the root (a search's first step), at a cost
+    that does not depend on the root's fan-out: every token of the trie's vocabulary is a
+    candidate slot, the root's children (``trie.root_edge``) the valid ones, in token order,
+    which is the root's child order.
+
+    Args:
+        logits: (U, 1, V) next-token logits of each user's root beam.
+
+    Returns:
+        logp (U, Vt), edge (U, Vt), beam (U, Vt) zeros; Vt = trie.vocab_size.
+    """
+    U = logits.shape[0]
+    vt = trie.vocab_size
+    edge = trie.root_edge.expand(U, vt)  # (U, Vt)
+    valid = edge >= 0
+    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    z = logits.reshape(U, -1)
+    if scoring == "after":
+        logp = torch.log_softmax(z, dim=-1)[:, :vt]
+    else:
+        z = torch.where(valid, z[:, :vt], neg_inf)  # (U, Vt)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        logp = z - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    logp = torch.where(valid, logp, neg_inf)
+    return logp, edge, torch.zeros_like(edge)
 
 
 def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
