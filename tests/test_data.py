@@ -279,5 +279,5 @@ def test_context_dependent_tokenisation_is_detected(synth, tmp_path):
     with pytest.raises(ContextError, match=rf"{first.source}: item {first.target}"):
         check_in_context(tok, data, data.train[:5], items)
     data.titles = {k: "MERGE" for k in data.titles}
-    with pytest.raises(ContextError, match="merge with the response header"):
+    with pytest.raises(ContextError, match="merge with the end of the prompt"):
         item_sequences(tok, data.titles, data.domain)
