@@ -167,7 +167,8 @@ def load_pretrained(path: str, lora: LoraSettings, dtype: torch.dtype = torch.fl
     """(model with LoRA adapters, tokenizer) from a local Hugging Face checkpoint folder.
 
     The base weights are loaded in ``dtype``; the adapters are float32 (peft's default upcast). The
-    folder is recorded by its absolute path (``adapter_config.json``'s base model).
+    adapter's config names the folder by its absolute path; ``save_run_model`` records a portable
+    reference in RUN/model instead (``base_reference``).
     """
     from peft import LoraConfig, get_peft_model
 
