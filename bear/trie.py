@@ -6,17 +6,20 @@ that edge is the item's leaf. Identical sequences share one leaf whose canonical
 item id among them.
 
 Layout (all tensors on one device; nodes numbered breadth-first, so the children of a node are
-contiguous and sorted by token):
+contiguous and sorted by token, and edge e leads to node e + 1):
 
     node_parent (N,)    parent node id, -1 for the root (node 0)
     node_token  (N,)    token on the edge into the node, -1 for the root
     node_depth  (N,)    number of tokens from the root (EOS included)
     leaf_item   (N,)    canonical item id of a leaf, -1 for inner nodes
     child_ptr   (N+1,)  CSR row pointer: node n has the edges child_ptr[n] : child_ptr[n+1]
-    child_token (E,)    token of each edge, sorted within a node
-    child_node  (E,)    node id each edge leads to
+    child_token (E,)    token of each edge, sorted within a node (a view of node_token[1:])
     depth_fanout (L+2,) largest number of children of a node at each depth (decoding width per step)
     root_edge   (V,)    edge id of each token that is a child of the root, -1 for the others
+
+Node and edge ids, tokens and depths are int32 (int64 only where a value would not fit: more than
+2**31 - 1 nodes, a vocabulary or an item id past int32), so a node costs about 26 bytes and ten
+million items fit on a laptop; index with them as with int64 (arithmetic with int64 promotes).
 
 Building is vectorised (one lexicographic sort of the padded sequences, one pass per depth), so a
 catalogue of a million items takes seconds.
@@ -122,30 +125,31 @@ class ItemTrie:
         # Breadth-first numbering: by depth, then by row (lexicographic within a depth).
         d_idx, r_idx = np.nonzero(new.T)  # both sorted by (depth, row)
         num_nodes = 1 + d_idx.shape[0]
-        node_depth = np.concatenate([[0], d_idx + 1]).astype(np.int64)
-        node_token = np.concatenate([[-1], padded[r_idx, d_idx]]).astype(np.int64)
+        index = np.int32 if num_nodes < 2**31 - 1 else np.int64  # node and edge ids
+        node_depth = np.concatenate([[0], d_idx + 1]).astype(np.int32)
+        node_token = np.concatenate([[-1], padded[r_idx, d_idx]]).astype(dtype)
 
         # Node id of the depth-d prefix of every row: the last node started at a row <= r.
-        node_at = np.zeros((len(seqs), width + 1), dtype=np.int64)  # (M, L+2); column 0 = root
+        node_at = np.zeros((len(seqs), width + 1), dtype=index)  # (M, L+2); column 0 = root
         bounds = np.searchsorted(d_idx, np.arange(width + 1))  # d_idx is sorted by depth
         for d in range(1, width + 1):
             lo, hi = bounds[d - 1], bounds[d]
-            starts = np.zeros(len(seqs), dtype=np.int64)
+            starts = np.zeros(len(seqs), dtype=index)
             starts[r_idx[lo:hi]] = np.arange(1 + lo, 1 + hi)
             np.maximum.accumulate(starts, out=starts)
             node_at[:, d] = starts
-        node_parent = np.concatenate([[-1], node_at[r_idx, d_idx]]).astype(np.int64)
+        node_parent = np.concatenate([[-1], node_at[r_idx, d_idx]]).astype(index)
 
         # Leaves: the node reached through the EOS edge; the first row of a group is canonical.
         rows = np.arange(len(seqs))
         leaf_of_row = node_at[rows, lengths_sorted + 1]  # (M,)
-        leaf_item = np.full(num_nodes, -1, dtype=np.int64)
+        leaf_item = np.full(num_nodes, -1, dtype=np.int32 if ids.max() < 2**31 else np.int64)
         first = np.concatenate([[True], leaf_of_row[1:] != leaf_of_row[:-1]])
         leaf_item[leaf_of_row[first]] = ids_sorted[first]
 
         # CSR children: edge e leads to node e + 1 (parents are non-decreasing in node order).
         counts = np.bincount(node_parent[1:], minlength=num_nodes)
-        child_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        child_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(index)
         fanout = np.zeros(width + 2, dtype=np.int64)
         np.maximum.at(fanout, node_depth, counts)
 
@@ -159,14 +163,13 @@ class ItemTrie:
         self.node_depth = torch.from_numpy(node_depth)
         self.leaf_item = torch.from_numpy(leaf_item)
         self.child_ptr = torch.from_numpy(child_ptr)
-        self.child_token = self.node_token[1:].clone()
-        self.child_node = torch.arange(1, num_nodes, dtype=torch.int64)
+        self.child_token = self.node_token[1:]  # edge e leads to node e + 1
         self.depth_fanout = torch.from_numpy(fanout)
-        root_edges = torch.arange(int(child_ptr[0]), int(child_ptr[1]))  # edges of the root
-        self.root_edge = torch.full((vocab_size,), -1, dtype=torch.int64)
+        root_edges = torch.arange(int(child_ptr[0]), int(child_ptr[1]), dtype=self.child_ptr.dtype)
+        self.root_edge = torch.full((vocab_size,), -1, dtype=self.child_ptr.dtype)
         self.root_edge[self.child_token[root_edges]] = root_edges
         # Sorted (parent, token) keys for child lookups by searchsorted.
-        self._edge_key = self.node_parent[1:] * vocab_size + self.child_token
+        self._edge_key = self.node_parent[1:].long() * vocab_size + self.child_token
 
         self.eos_token_id = eos
         self.vocab_size = vocab_size
@@ -243,8 +246,6 @@ class ItemTrie:
         "node_depth",
         "leaf_item",
         "child_ptr",
-        "child_token",
-        "child_node",
         "depth_fanout",
         "root_edge",
         "_edge_key",
@@ -261,6 +262,7 @@ class ItemTrie:
         new.__dict__.update(self.__dict__)
         for name in self._TENSORS:
             setattr(new, name, getattr(self, name).to(device))
+        new.child_token = new.node_token[1:]
         return new
 
     def __repr__(self) -> str:
@@ -299,7 +301,7 @@ class ItemTrie:
             return torch.full_like(node_ids, -1)
         pos = torch.searchsorted(self._edge_key, key).clamp(max=self._edge_key.shape[0] - 1)
         ok &= self._edge_key[pos] == key
-        return torch.where(ok, self.child_node[pos], torch.full_like(pos, -1))
+        return torch.where(ok, pos + 1, torch.full_like(pos, -1))  # edge pos leads to node pos + 1
 
     def path_nodes(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Nodes along each item's path: (M,) -> (M, L_max + 1).
@@ -327,8 +329,8 @@ class ItemTrie:
             d = self.node_depth[cur]  # depth of cur = column of its token + 1
             col = (d - 1).clamp(min=0)
             parent = self.node_parent[cur].clamp(min=0)
-            tokens[rows[live], col[live]] = self.node_token[cur][live]
-            nodes[rows[live], col[live]] = parent[live]
+            tokens[rows[live], col[live]] = self.node_token[cur][live].long()
+            nodes[rows[live], col[live]] = parent[live].long()
             cur = torch.where(live, parent, cur)
         return nodes, tokens
 
@@ -355,7 +357,7 @@ class ItemTrie:
             torch.cumsum(count, 0) - count, count, output_size=total
         )
         edge = start[rows] + offset
-        return rows, self.child_token[edge]
+        return rows, self.child_token[edge].long()
 
     def allowed_mask(self, node_ids: torch.Tensor) -> torch.Tensor:
         """Pack the child tokens of each node into the SPEC §2 bitmask.

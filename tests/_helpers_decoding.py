@@ -94,6 +94,6 @@ def prefix_tokens(trie: ItemTrie, nodes: torch.Tensor):
     for _ in range(D):
         d = trie.node_depth[cur]
         live = d > 0
-        out[rows[live], d[live] - 1] = trie.node_token[cur[live]]
+        out[rows[live], d[live] - 1] = trie.node_token[cur[live]].long()
         cur = torch.where(live, trie.node_parent[cur].clamp(min=0), cur)
     return out, depth

@@ -105,3 +105,35 @@ def test_unknown_item_ids_raise():
     trie = ItemTrie([[3]], [5], EOS)
     with pytest.raises(ValueError, match="not in the trie"):
         trie.path_nodes(torch.tensor([6]))
+
+
+def test_node_arrays_are_int32_and_cost_at_most_32_bytes_per_node():
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 500, (int(n),), generator=gen).tolist() for n in
+            torch.randint(1, 12, (3000,), generator=gen)]  # fmt: skip
+    trie = ItemTrie(seqs, range(len(seqs)), EOS, vocab_size=500)
+    for name in ("node_parent", "node_token", "node_depth", "leaf_item", "child_ptr", "root_edge"):
+        assert getattr(trie, name).dtype == torch.int32, name
+    assert trie.child_token.data_ptr() == trie.node_token[1:].data_ptr()  # a view, not a copy
+    held = sum(getattr(trie, name).nbytes for name in trie._TENSORS) - trie.root_edge.nbytes
+    assert held / trie.num_nodes <= 32
+    moved = trie.to("meta")
+    assert (
+        moved.child_token.device.type == "meta"
+        and moved.child_token.shape == trie.child_token.shape
+    )
+
+
+def test_item_ids_past_int32_keep_their_value():
+    from bear.decoding.common import ranked_result
+
+    ids = [2**40, 3, 2**31]
+    trie = ItemTrie([[5, 6], [5], [7]], ids, EOS, vocab_size=10)
+    assert trie.leaf_item.dtype == torch.int64
+    assert trie.canonical(torch.tensor(ids)).tolist() == ids
+    leaves = trie.path_nodes(torch.tensor(ids))  # walk to each leaf: the node after EOS
+    leaf = torch.stack(
+        [trie.child(leaves[m, len(s)], EOS) for m, s in enumerate([[5, 6], [5], [7]])]
+    )
+    result = ranked_result(trie, leaf[None], torch.tensor([[-1.0, -2.0, -3.0]]))
+    assert result.item_ids.dtype == torch.int64 and result.item_ids.tolist() == [ids]

@@ -91,7 +91,7 @@ def expand_beams(
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
     e = edge.gather(1, idx).clamp(min=0)
     tok = trie.child_token[e]
-    child = trie.child_node[e]
+    child = e + 1
     ok = torch.isfinite(top)
     is_eos = ok & (tok == trie.eos_token_id)
     live_key = torch.where(ok & ~is_eos, top, float("-inf"))

@@ -106,7 +106,7 @@ def exact_topk(
     if floor is not None:
         floor = floor.to(device=device, dtype=f_score.dtype)
         f_score = torch.where(f_score >= floor[:, None], f_score, neg_inf)
-    f_node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
+    f_node = torch.where(edge[:, 0] >= 0, edge[:, 0] + 1, -1)
     f_slot = torch.full_like(f_node, -1)  # (U, F)
     f_node, f_pend = through_single_children(trie, f_node, torch.ones_like(f_node), scoring)
     res_leaf = torch.full((U, k + 1), -1, dtype=torch.int64, device=device)  # +1: overflow slot
@@ -151,7 +151,7 @@ def exact_topk(
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
         new_score = (exp_score[:, None] + logp[:, 0]).reshape(-1)  # (R*F,)
-        new_node = trie.child_node[edge[:, 0].clamp(min=0)].reshape(-1)
+        new_node = (edge[:, 0].clamp(min=0) + 1).reshape(-1)
         new_user = exp_u[:, None].expand(-1, width).reshape(-1)
         new_slot = exp_slot[:, None].expand(-1, width).reshape(-1)
         new_node, new_pend = through_single_children(

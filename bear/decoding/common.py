@@ -346,7 +346,7 @@ def topk_stable(x: torch.Tensor, k: int):
 def ranked_result(trie: ItemTrie, leaf: torch.Tensor, scores: torch.Tensor) -> DecodeResult:
     """Trie leaves (U, K) (-1 padding) and their scores as a DecodeResult of canonical item ids,
     sorted by score desc, then item id asc; -1 / -inf padding last."""
-    item = torch.where(leaf >= 0, trie.leaf_item[leaf.clamp(min=0)], -1)
+    item = torch.where(leaf >= 0, trie.leaf_item[leaf.clamp(min=0)].long(), -1)  # (U, K) int64
     key_id = torch.where(item >= 0, item, torch.full_like(item, 2**62))
     o1 = torch.argsort(key_id, dim=-1, stable=True)
     item, scores = item.gather(-1, o1), scores.gather(-1, o1)

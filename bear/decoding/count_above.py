@@ -141,7 +141,7 @@ def count_items_above(
     width = trie.depth_fanout_list[0]
     root = torch.zeros(U, 1, dtype=torch.int64, device=device)
     logp, edge = child_logprobs(trie, prefixes.logits[:, None], root, width, scoring)
-    node = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)  # (U, F)
+    node = torch.where(edge[:, 0] >= 0, edge[:, 0] + 1, -1)  # (U, F)
     entries = admit(
         users[:, None].expand(-1, width).reshape(-1),
         logp[:, 0].reshape(-1),
@@ -181,7 +181,7 @@ def count_items_above(
         logits, exp_slot = feed_paths(prefixes, trie, pu, f_slot[pu, pc], exp_node, f_pend[pu, pc])
         width = int((trie.child_ptr[exp_node + 1] - trie.child_ptr[exp_node]).max())
         logp, edge = child_logprobs(trie, logits[:, None], exp_node[:, None], width, scoring)
-        child = torch.where(edge[:, 0] >= 0, trie.child_node[edge[:, 0].clamp(min=0)], -1)
+        child = torch.where(edge[:, 0] >= 0, edge[:, 0] + 1, -1)
         new = admit(
             pu[:, None].expand(-1, width).reshape(-1),
             (exp_score[:, None] + logp[:, 0]).reshape(-1),

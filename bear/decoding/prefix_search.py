@@ -24,8 +24,8 @@ def through_single_children(trie: ItemTrie, node, pend, scoring: str):
         one = (node >= 0) & (trie.child_ptr[n + 1] - trie.child_ptr[n] == 1)
         if not bool(one.any()):
             return node, pend
-        first = trie.child_ptr[n].clamp(max=trie.child_node.shape[0] - 1)  # a leaf has none
-        node = torch.where(one, trie.child_node[first], node)
+        first = trie.child_ptr[n].clamp(max=trie.child_token.shape[0] - 1)  # a leaf has none
+        node = torch.where(one, first + 1, node)  # edge e leads to node e + 1
         pend = pend + one.long()
 
 
