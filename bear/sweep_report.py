@@ -119,12 +119,20 @@ def _heatmaps(rows, x: str, y: str, title: str, out: Path) -> Path:
     return out
 
 
+def ordered(values) -> list:
+    """Distinct axis values in reading order: numbers by value (0.25 before 4 before 10), then
+    the rest (loss names, decoders) alphabetically."""
+    distinct = set(values)
+    numeric = {v for v in distinct if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return sorted(numeric) + sorted(distinct - numeric, key=str)
+
+
 def _lines(rows, x: str, series: str, metrics: tuple[str, ...], ylabels, out: Path) -> Path:
     """metric against x, one line per value of ``series``, mean ± SE over the other axes
     (seeds): error bars."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, metric, ylabel in zip(axes[0], metrics, ylabels, strict=True):
-        for value in sorted({r[series] for r in rows}, key=str):
+        for value in ordered(r[series] for r in rows):
             part = [r for r in rows if r[series] == value]
             stats = _grouped(part, (x,), metric)
             xs = sorted(k[0] for k in stats)
@@ -134,6 +142,8 @@ def _lines(rows, x: str, series: str, metrics: tuple[str, ...], ylabels, out: Pa
         ax.set(xlabel=x, ylabel=ylabel)
         if x in ("reg_weight", "reg_temperature"):
             ax.set_xscale("symlog", linthresh=0.1)
+        if metric == "reg_grad_ratio":  # spans decades (about λ / ξ)
+            ax.set_yscale("symlog", linthresh=0.1)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

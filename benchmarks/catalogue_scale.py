@@ -1,5 +1,6 @@
 """Decoding cost against catalogue size: the trie's build and memory, the constraint step at each
-depth, beam search and exact top-K per user, for catalogues of 10^3 ... 10^6 items (--sizes).
+depth, beam search and exact top-K per user, the training mask (``labels_allowed_mask``) per row,
+for catalogues of 10^3 ... 10^6 items (--sizes; 10^7 too when asked).
 
 Catalogue: random titles of 4-12 tokens over a VOCAB-token vocabulary, their first tokens drawn
 from a Zipf law (so the root's fan-out grows with the catalogue, as real titles' first words do).
@@ -96,6 +97,10 @@ def measure(bear, n: int, model, prompts, seed: int, topk_items: int) -> dict:
     start = time.perf_counter()
     bear.decoding.score_items(model, *prompts, trie, picks, scoring="after")
     scored = time.perf_counter() - start
+    labels = trie.item_tokens(picks.reshape(-1))  # (USERS * SCORED, L + 1): tokens, EOS, -100
+    start = time.perf_counter()
+    trie.labels_allowed_mask(labels)
+    masked = time.perf_counter() - start
     topk = None
     if n <= topk_items:
         start = time.perf_counter()
@@ -108,12 +113,14 @@ def measure(bear, n: int, model, prompts, seed: int, topk_items: int) -> dict:
         "root_fanout": trie.depth_fanout_list[0],
         "build_s": round(build, 3),
         "trie_mb": round(trie_bytes(trie) / 2**20, 1),
+        "bytes_per_node": round(trie_bytes(trie) / trie.num_nodes, 1),
         "root_step_ms": round(1e3 * per_step[0], 2),
         "later_step_ms_max": round(1e3 * max(per_step[1:] or [0.0]), 2),
         "later_step_ms_median": round(1e3 * statistics.median(per_step[1:] or [0.0]), 2),
         "step_ms_by_depth": [round(1e3 * s, 2) for s in per_step],
         "beam_search_ms_per_user": round(1e3 * searches[-1] / USERS, 1),
         "score_items_ms_per_item": round(1e3 * scored / picks.numel(), 2),
+        "labels_mask_ms_per_row": round(1e3 * masked / labels.shape[0], 3),
         "exact_topk_ms_per_user": None if topk is None else round(1e3 * topk / USERS, 1),
     }
 

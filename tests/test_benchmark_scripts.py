@@ -117,5 +117,6 @@ def test_catalogue_scale_measures_this_checkout_and_a_baseline(tmp_path):
         ("baseline", 120),
     ]
     assert all(r["beam_search_ms_per_user"] > 0 and r["score_items_ms_per_item"] > 0 for r in rows)
+    assert all(r["labels_mask_ms_per_row"] > 0 and r["bytes_per_node"] > 0 for r in rows)
     assert [r["exact_topk_ms_per_user"] is None for r in rows] == [False, True, False, True]
     assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()

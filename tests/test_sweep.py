@@ -85,3 +85,11 @@ def test_the_inference_width_defaults_to_the_training_width(synth, tmp_path):
     assert EvalSettings.from_config(tiny_config(synth, tmp_path, beam_width=4)).beam_width == 4
     wider = tiny_config(synth, tmp_path, beam_width=4, eval_beam_width=7)
     assert EvalSettings.from_config(wider).beam_width == 7
+
+
+def test_plot_series_are_in_reading_order():
+    from bear.sweep_report import ordered
+
+    # by value, not as text ("10.0" sorts before "4.0"); names after numbers
+    assert ordered([10.0, 0.25, 4.0, 0.0, 1.0, 4.0]) == [0.0, 0.25, 1.0, 4.0, 10.0]
+    assert ordered(x for x in ["msl", 5, "bear", 20, 10]) == [5, 10, 20, "bear", "msl"]
