@@ -33,7 +33,7 @@ class NegativeSampler:
             )
         self.trie, self.negatives, self.seed = trie.to("cpu"), negatives, seed
         leaf_items = self.trie.leaf_item
-        self.items = leaf_items[leaf_items >= 0].unique()  # (C,) canonical ids, ascending
+        self.items = leaf_items[leaf_items >= 0].unique().long()  # (C,) canonical ids, ascending
         self.weights = torch.ones(self.items.shape[0], dtype=torch.float64)  # (C,)
         if kind == "popularity":
             seen = [i for e in train for i in (e.target, *e.history)]

@@ -287,7 +287,7 @@ class ItemTrie:
     def canonical(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Map item ids to the canonical (smallest) id of their leaf; same shape."""
         item_ids = torch.as_tensor(item_ids, dtype=torch.int64, device=self.device)
-        return self.leaf_item[self._leaf(item_ids.reshape(-1))].reshape(item_ids.shape)
+        return self.leaf_item[self._leaf(item_ids.reshape(-1))].long().reshape(item_ids.shape)
 
     def child(self, node_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Child of each (node, token) pair, -1 where the edge does not exist (same shape)."""

@@ -115,6 +115,7 @@ def test_node_arrays_are_int32_and_cost_at_most_32_bytes_per_node():
     for name in ("node_parent", "node_token", "node_depth", "leaf_item", "child_ptr", "root_edge"):
         assert getattr(trie, name).dtype == torch.int32, name
     assert trie.child_token.data_ptr() == trie.node_token[1:].data_ptr()  # a view, not a copy
+    assert trie.canonical(torch.tensor([0, 1])).dtype == torch.int64  # what users get stays int64
     held = sum(getattr(trie, name).nbytes for name in trie._TENSORS) - trie.root_edge.nbytes
     assert held / trie.num_nodes <= 32
     moved = trie.to("meta")
@@ -131,6 +132,7 @@ def test_item_ids_past_int32_keep_their_value():
     trie = ItemTrie([[5, 6], [5], [7]], ids, EOS, vocab_size=10)
     assert trie.leaf_item.dtype == torch.int64
     assert trie.canonical(torch.tensor(ids)).tolist() == ids
+    assert trie.canonical(torch.tensor([3])).dtype == torch.int64
     leaves = trie.path_nodes(torch.tensor(ids))  # walk to each leaf: the node after EOS
     leaf = torch.stack(
         [trie.child(leaves[m, len(s)], EOS) for m, s in enumerate([[5, 6], [5], [7]])]
