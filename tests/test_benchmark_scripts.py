@@ -120,3 +120,22 @@ def test_catalogue_scale_measures_this_checkout_and_a_baseline(tmp_path):
     assert all(r["labels_mask_ms_per_row"] > 0 and r["bytes_per_node"] > 0 for r in rows)
     assert [r["exact_topk_ms_per_user"] is None for r in rows] == [False, True, False, True]
     assert written.with_suffix(".png").is_file() and written.with_suffix(".csv").is_file()
+
+
+def test_sweep_summary_groups_cells_with_mean_and_standard_error(tmp_path):
+    """Groups in numeric order, mean ± SE over the seeds, failed cells left out and counted."""
+    head = "cell,loss,seed,reg_weight,status,error,ndcg@10,pr@10\n"
+    body = ["a,bear,0,10.0,done,,0.1,0.0", "b,bear,1,10.0,done,,0.3,", "c,bear,0,4.0,done,,0.2,0.5",
+            "d,msl,0,,done,,0.05,0.25", "e,bear,2,4.0,failed,boom,,"]  # fmt: skip
+    (tmp_path / "sweep.csv").write_text(head + "\n".join(body) + "\n")
+    cmd = [sys.executable, "benchmarks/sweep_summary.py", str(tmp_path), "--by", "loss",
+           "reg_weight", "--metrics", "ndcg@10", "pr@10"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[2] == "| bear | 4 | 1 | 0.2000 | 0.5000 |"
+    assert lines[3] == "| bear | 10 | 2 | 0.2000 ± 0.1000 | 0.0000 |"  # pr@10 of one cell only
+    assert lines[4] == "| msl | - | 1 | 0.0500 | 0.2500 |"
+    assert "(1 of 5 cells not done: left out)" in done.stdout
+    bad = subprocess.run([*cmd[:3], "--by", "lambda"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no column 'lambda'" in bad.stderr
