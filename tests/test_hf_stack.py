@@ -282,6 +282,15 @@ def test_a_batch_mean_from_the_model_is_scaled_by_the_accumulation_steps(tmp_pat
 
 
 # ------------------------------------------------------------------ TRL
+def _bear_sft_trainer():
+    """bear_kernels.trl.BEARSFTTrainer, or a skip where TRL is not installed (the floor
+    environment: TRL 1.x needs transformers >= 4.56.2)."""
+    pytest.importorskip("trl", reason="TRL 1.x needs transformers >= 4.56.2")
+    from bear_kernels.trl import BEARSFTTrainer
+
+    return BEARSFTTrainer
+
+
 def _sft_trainer(tmp_path, model, exs, batch_size, accumulation, trainer_cls=None, **kwargs):
     """One TRL step's gradient (trainer_cls: trl.SFTTrainer by default)."""
     trainer = _make_sft_trainer(
@@ -319,7 +328,7 @@ def _make_sft_trainer(tmp_path, model, exs, batch_size, accumulation, trainer_cl
 def test_bear_sft_trainer_gives_the_step_gradient(tmp_path, loss, split):
     """The TRL subclass (no compute_loss_func) trains the loss it is given, exactly, however the
     step is split into micro-batches."""
-    from bear_kernels.trl import BEARSFTTrainer
+    BEARSFTTrainer = _bear_sft_trainer()
 
     batch_size, accumulation = split
     exs, model, reference, mask_fn, options = _step_setup(batch_size * accumulation, loss, seed=13)
@@ -331,7 +340,7 @@ def test_bear_sft_trainer_gives_the_step_gradient(tmp_path, loss, split):
 
 
 def test_bear_sft_trainer_refuses_a_compute_loss_func(tmp_path):
-    from bear_kernels.trl import BEARSFTTrainer
+    BEARSFTTrainer = _bear_sft_trainer()
 
     with pytest.raises(TypeError, match="computes BEAR itself"):
         _make_sft_trainer(
@@ -341,7 +350,7 @@ def test_bear_sft_trainer_refuses_a_compute_loss_func(tmp_path):
 
 
 def test_bear_sft_trainer_refuses_trl_options_that_change_its_own_loss(tmp_path):
-    from bear_kernels.trl import BEARSFTTrainer
+    BEARSFTTrainer = _bear_sft_trainer()
 
     trainer = _make_sft_trainer(
         tmp_path, tiny_lora(), examples(4), 4, 1, trainer_cls=BEARSFTTrainer
@@ -355,7 +364,7 @@ def test_bear_sft_trainer_refuses_trl_options_that_change_its_own_loss(tmp_path)
 
 def test_bear_sft_trainer_gives_compute_metrics_the_full_logits(tmp_path):
     """What compute_metrics receives is what TRL gives it without BEAR: the model's logits."""
-    from bear_kernels.trl import BEARSFTTrainer
+    BEARSFTTrainer = _bear_sft_trainer()
 
     seen = {}
 
