@@ -88,3 +88,27 @@ def test_bad_arguments_are_named(case):
         constrained_sampling(model, input_ids, mask, trie, 4, top_p=1.5)
     assert get_decoder("sample").from_options(["samples=8", "top_p=0.9"]).samples == 8
     assert get_decoder("diverse").from_options(["groups=5"]).groups == 5
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_every_decoder_feeds_the_model_int64_token_ids(case, scoring):
+    """The trie stores tokens as int32; what reaches the model's input_ids is int64 (as
+    tokenizers give it), so no model or compiled graph meets a second dtype mid-search."""
+    from bear.decoding import beam_thresholds, exact_topk
+
+    model, trie, input_ids, mask = case
+    seen = set()
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.add(kwargs.get("input_ids", args[0] if args else None).dtype),
+        with_kwargs=True,
+    )
+    try:
+        for kv in ("tree", "copy"):
+            beam_search(model, input_ids, mask, trie, 4, scoring=scoring, kv_sharing=kv)
+        beam_thresholds(model, input_ids, mask, trie, 4, scoring=scoring)
+        exact_topk(model, input_ids, mask, trie, k=3, scoring=scoring)
+        diverse_beam_search(model, input_ids, mask, trie, 4, groups=2, scoring=scoring)
+        constrained_sampling(model, input_ids, mask, trie, 4, scoring=scoring, seed=0)
+    finally:
+        hook.remove()
+    assert seen == {torch.int64}

@@ -89,8 +89,8 @@ def expand_beams(
     cand = score.gather(1, beam) + logp  # (U, W)
     k2 = min(2 * B, cand.shape[1])
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
-    e = edge.gather(1, idx).clamp(min=0)
-    tok = trie.child_token[e]
+    e = edge.gather(1, idx).clamp(min=0).long()
+    tok = trie.child_token[e].long()  # int64, as the model's input_ids
     child = e + 1
     ok = torch.isfinite(top)
     is_eos = ok & (tok == trie.eos_token_id)

@@ -300,7 +300,7 @@ def root_children(trie: ItemTrie, logits, scoring: str):
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         logp = z - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     logp = torch.where(valid, logp, neg_inf)
-    return logp, edge, torch.zeros_like(edge)
+    return logp, edge, torch.zeros((), dtype=torch.int64, device=edge.device).expand(U, vt)
 
 
 def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:

@@ -50,8 +50,8 @@ def _expand_group(trie, logits, node, pen, true, width, beams, scoring, counts, 
     cand_true = (true[..., None] + logp).view(U, -1)
     k2 = min(2 * beams, cand.shape[1])
     top, idx = topk_stable(cand, k2)
-    e = edge.view(U, -1).gather(1, idx).clamp(min=0)
-    token, child = trie.child_token[e], e + 1
+    e = edge.view(U, -1).gather(1, idx).clamp(min=0).long()
+    token, child = trie.child_token[e].long(), e + 1
     ok = torch.isfinite(top)
     is_eos = ok & (token == trie.eos_token_id)
     live, li = topk_stable(torch.where(ok & ~is_eos, top, float("-inf")), min(beams, k2))

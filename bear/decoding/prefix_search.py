@@ -46,7 +46,7 @@ def feed_paths(prefixes: PrefixKVCache, trie: ItemTrie, rows, parent, node, pend
         live = (j < pend).nonzero().view(-1)
         step_nodes = path[live, j]
         out, new_slot = prefixes.extend(
-            rows[live], slot[live], trie.node_token[step_nodes], trie.node_depth[step_nodes]
+            rows[live], slot[live], trie.node_token[step_nodes].long(), trie.node_depth[step_nodes]
         )
         slot[live] = new_slot
         if logits is None:

@@ -102,9 +102,9 @@ def constrained_sampling(
         live = node >= 0
         probs = _nucleus(torch.where(live[..., None], raw.exp(), 1.0), top_p)  # (U, S, F)
         pick = torch.multinomial(probs.view(U * S, -1), 1, generator=generator).view(U, S, 1)
-        e = edge.gather(2, pick)[..., 0].clamp(min=0)  # (U, S) the chosen edges
+        e = edge.gather(2, pick)[..., 0].clamp(min=0).long()  # (U, S) the chosen edges
         score = torch.where(live, score + logp.gather(2, pick)[..., 0], score)
-        token, child = trie.child_token[e], e + 1
+        token, child = trie.child_token[e].long(), e + 1
         ends = live & (token == trie.eos_token_id)
         leaf = torch.where(ends, child, leaf)
         final = torch.where(ends, score / length_penalty_factor(t + 1, alpha), final)
