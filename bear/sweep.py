@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bear.config import TrainConfig
 from bear.losses.registry import get_loss, loss_names
 
-__all__ = ["SWEEP_MANAGED", "Cell", "cells_of", "loss_settings", "run_sweep"]
+__all__ = ["SWEEP_MANAGED", "Cell", "cells_of", "loss_settings", "run_sweep", "settings_read"]
 
 # train flags the sweep sets for every cell itself: its folder and whether it resumes
 SWEEP_MANAGED = ("out", "overwrite", "resume")
@@ -56,11 +56,21 @@ def loss_settings() -> set[str]:
     return {h for name in loss_names() for h in get_loss(name).hyperparameters}
 
 
+def settings_read(loss, eval_beam_width) -> set[str]:
+    """The loss settings a run of ``loss`` reads: its own, and --beam-width wherever it is the
+    inference width too (no --eval-beam-width), whatever the loss."""
+    reads = set(loss.hyperparameters)
+    if eval_beam_width is None:
+        reads.add("beam_width")
+    return reads
+
+
 def cells_of(grid: dict[str, list], out: Path) -> list[Cell]:
     """Every combination of the grid's values (field -> values; a field with several values is
     an axis), as a checked configuration each; a loss runs once over the values of the loss
-    settings it does not read (msl over --reg-weight, say: those axes take their default for it
-    and leave its name). Raises ValueError naming the first bad cell."""
+    settings it does not read (msl over --reg-weight, or over --beam-width once --eval-beam-width
+    is given, say: those axes take their default for it and leave its name). Raises ValueError
+    naming the first bad cell."""
     for folder in grid.get("data", []):
         if not Path(folder).is_dir():
             raise ValueError(f"sweep: --data {folder}: not a dataset folder; nothing was run")
@@ -71,7 +81,8 @@ def cells_of(grid: dict[str, list], out: Path) -> list[Cell]:
     for combo in itertools.product(*(grid[a] for a in axes)):
         values = dict(zip(axes, combo, strict=True))
         loss = get_loss(values.get("loss", fixed.get("loss", "bear")))
-        values = {a: v for a, v in values.items() if a not in settings - set(loss.hyperparameters)}
+        reads = settings_read(loss, values.get("eval_beam_width", fixed.get("eval_beam_width")))
+        values = {a: v for a, v in values.items() if a not in settings - reads}
         name = "__".join(f"{a}-{_value_text(v)}" for a, v in values.items()) or "single"
         if name in seen:
             continue

@@ -29,7 +29,7 @@ from bear.config import TrainConfig  # noqa: E402
 from bear.losses.registry import get_loss  # noqa: E402
 from bear.metrics import TABLE_KEYS  # noqa: E402
 from bear.plots import read_log  # noqa: E402
-from bear.sweep import Cell, loss_settings  # noqa: E402
+from bear.sweep import Cell, loss_settings, settings_read  # noqa: E402
 
 __all__ = ["grid_axes", "sweep_rows", "write_sweep"]
 
@@ -61,7 +61,7 @@ def sweep_rows(cells: list[Cell], errors: dict[str, str | None]) -> list[dict]:
     for cell in cells:
         cfg, run = cell.config, Path(cell.config.out)
         row = {"cell": cell.name}
-        ignored = loss_settings() - set(get_loss(cfg.loss).hyperparameters)
+        ignored = loss_settings() - settings_read(get_loss(cfg.loss), cfg.eval_beam_width)
         for name in (*axes, *USUAL):
             row[name] = None if name in ignored else getattr(cfg, name)  # None: not read
         row["eval_beam_width"] = cfg.eval_beam_width or cfg.beam_width
@@ -168,9 +168,11 @@ def _plots(rows: list[dict], axes: list[str], out: Path) -> list[Path]:
         series, part = ("reg_temperature", bear_rows) if by_xi else ("loss", done)
         path = out / "sweep_lambda.png"
         written.append(_lines(part, "reg_weight", series, *both, path))
-    if {"beam_width", "eval_beam_width"} & axes:
-        title, path = "training × inference", out / "sweep_widths.png"
-        written.append(_heatmaps(done, "eval_beam_width", "beam_width", title, path))
+    width_rows = [r for r in bear_rows if r["beam_width"] is not None]  # one loss, width read
+    if {"beam_width", "eval_beam_width"} & axes and width_rows:
+        title = f"{width_rows[0]['loss']}, training × inference"
+        path = out / "sweep_widths.png"
+        written.append(_heatmaps(width_rows, "eval_beam_width", "beam_width", title, path))
     ratio_rows = [r for r in bear_rows if r["reg_grad_ratio"] is not None]
     if "reg_temperature" in axes and ratio_rows:
         series = "reg_weight" if "reg_weight" in axes else "loss"

@@ -93,3 +93,24 @@ def test_plot_series_are_in_reading_order():
     # by value, not as text ("10.0" sorts before "4.0"); names after numbers
     assert ordered([10.0, 0.25, 4.0, 0.0, 1.0, 4.0]) == [0.0, 0.25, 1.0, 4.0, 10.0]
     assert ordered(x for x in ["msl", 5, "bear", 20, 10]) == [5, 10, 20, "bear", "msl"]
+
+
+def test_a_loss_runs_once_over_training_widths_it_does_not_read(synth, tmp_path):
+    """msl trains without B: once --eval-beam-width fixes the inference width, its cells do not
+    repeat over --beam-width (they did: a third of a widths grid ran msl three times over);
+    without --eval-beam-width, B is its inference width and each value is a cell."""
+    from bear.sweep import cells_of
+
+    base = {"data": [str(synth)], "epochs": [1]}
+    grid = base | {"loss": ["msl", "bear"], "beam_width": [5, 10], "eval_beam_width": [5, 10]}
+    names = [c.name for c in cells_of(grid, tmp_path)]
+    assert names == [
+        "loss-msl__eval_beam_width-5",
+        "loss-msl__eval_beam_width-10",
+        "loss-bear__beam_width-5__eval_beam_width-5",
+        "loss-bear__beam_width-5__eval_beam_width-10",
+        "loss-bear__beam_width-10__eval_beam_width-5",
+        "loss-bear__beam_width-10__eval_beam_width-10",
+    ]
+    alone = cells_of(base | {"loss": ["msl"], "beam_width": [5, 10]}, tmp_path)
+    assert [c.name for c in alone] == ["beam_width-5", "beam_width-10"]

@@ -27,7 +27,7 @@ class BeamSim(Loss):
 
     name = "beam-sim"
     takes_temperature = False  # θ_t are decoded at τ = 1
-    hyperparameters = ("reg_weight", "reg_temperature")
+    hyperparameters = ("reg_weight", "reg_temperature", "beam_width")
 
     def prepare(self, ctx, micro) -> torch.Tensor:
         """θ_t (U, W) aligned with the micro-batch's targets, -inf where undefined."""

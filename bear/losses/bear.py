@@ -16,7 +16,7 @@ class BEAR(Loss):
     """Row term ce + λ·log σ(Δ/ξ) on counted rows, Δ = log β - log p_y over the trie children."""
 
     name = "bear"
-    hyperparameters = ("reg_weight", "reg_temperature", "temperature")
+    hyperparameters = ("reg_weight", "reg_temperature", "temperature", "beam_width")
 
     def terms(self, ce, margin, counted, target, prepared) -> RowTerms:
         lam, xi = self.settings.reg_weight, self.settings.reg_temperature

@@ -22,7 +22,14 @@ class BEARUpstream(Loss):
     """Row term w·ce, w = (1 + λ_u·σ(−Δ/ξ)) detached; λ_u = ``topk_weight`` if given, else λ/ξ."""
 
     name = "bear-upstream"
-    hyperparameters = ("reg_weight", "reg_temperature", "temperature", "topk_weight", "topk_tau")
+    hyperparameters = (
+        "reg_weight",
+        "reg_temperature",
+        "temperature",
+        "topk_weight",
+        "topk_tau",
+        "beam_width",
+    )
 
     @classmethod
     def check(cls, settings: LossSettings) -> None:

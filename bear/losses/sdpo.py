@@ -131,7 +131,7 @@ class SDPOBEAR(SDPO):
     takes them; at λ = 0 it trains exactly what sdpo trains."""
 
     name = "sdpo-bear"
-    hyperparameters = SDPO.hyperparameters + ("reg_weight", "reg_temperature")
+    hyperparameters = SDPO.hyperparameters + ("reg_weight", "reg_temperature", "beam_width")
 
     @property
     def regularised(self) -> bool:
