@@ -15,7 +15,6 @@ contiguous and sorted by token, and edge e leads to node e + 1):
     child_ptr   (N+1,)  CSR row pointer: node n has the edges child_ptr[n] : child_ptr[n+1]
     child_token (E,)    token of each edge, sorted within a node (a view of node_token[1:])
     depth_fanout (L+2,) largest number of children of a node at each depth (decoding width per step)
-    root_edge   (V,)    edge id of each token that is a child of the root, -1 for the others
 
 Node and edge ids, tokens and depths are int32 (int64 only where a value would not fit: more than
 2**31 - 1 nodes, a vocabulary or an item id past int32), so a node costs about 26 bytes and ten
@@ -165,9 +164,6 @@ class ItemTrie:
         self.child_ptr = torch.from_numpy(child_ptr)
         self.child_token = self.node_token[1:]  # edge e leads to node e + 1
         self.depth_fanout = torch.from_numpy(fanout)
-        root_edges = torch.arange(int(child_ptr[0]), int(child_ptr[1]), dtype=self.child_ptr.dtype)
-        self.root_edge = torch.full((vocab_size,), -1, dtype=self.child_ptr.dtype)
-        self.root_edge[self.child_token[root_edges]] = root_edges
         # Sorted (parent, token) keys for child lookups by searchsorted.
         self._edge_key = self.node_parent[1:].long() * vocab_size + self.child_token
 
@@ -247,7 +243,6 @@ class ItemTrie:
         "leaf_item",
         "child_ptr",
         "depth_fanout",
-        "root_edge",
         "_edge_key",
         "_item_sorted",
         "_item_leaf",

@@ -112,11 +112,11 @@ def test_node_arrays_are_int32_and_cost_at_most_32_bytes_per_node():
     seqs = [torch.randint(3, 500, (int(n),), generator=gen).tolist() for n in
             torch.randint(1, 12, (3000,), generator=gen)]  # fmt: skip
     trie = ItemTrie(seqs, range(len(seqs)), EOS, vocab_size=500)
-    for name in ("node_parent", "node_token", "node_depth", "leaf_item", "child_ptr", "root_edge"):
+    for name in ("node_parent", "node_token", "node_depth", "leaf_item", "child_ptr"):
         assert getattr(trie, name).dtype == torch.int32, name
     assert trie.child_token.data_ptr() == trie.node_token[1:].data_ptr()  # a view, not a copy
     assert trie.canonical(torch.tensor([0, 1])).dtype == torch.int64  # what users get stays int64
-    held = sum(getattr(trie, name).nbytes for name in trie._TENSORS) - trie.root_edge.nbytes
+    held = sum(getattr(trie, name).nbytes for name in trie._TENSORS)
     assert held / trie.num_nodes <= 32
     moved = trie.to("meta")
     assert (

@@ -75,8 +75,8 @@ def expand_beams(
         node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
         width: W >= the most children of one user's beams (``max_candidates``).
         B: beam width.
-        at_root: every beam is the root (the first step): ``root_children`` serves it, at a
-            cost that does not grow with the root's fan-out (``width`` is then unused).
+        at_root: every beam is the root (the first step): ``root_children`` serves it, one
+            gather over the root's children without padding (``width`` is then unused).
 
     Returns:
         BeamStep.

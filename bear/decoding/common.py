@@ -276,31 +276,30 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
 
 
 def root_children(trie: ItemTrie, logits, scoring: str):
-    """``beam_children`` for beams that are all at the root (a search's first step), at a cost
-    that does not depend on the root's fan-out: every token of the trie's vocabulary is a
-    candidate slot, the root's children (``trie.root_edge``) the valid ones, in token order,
-    which is the root's child order.
+    """``beam_children`` for beams that are all at the root (a search's first step). The root's
+    children are the edges 0 .. F-1 (breadth-first numbering), so its candidates are one gather of
+    their tokens' log-probabilities: no padding, no per-beam bookkeeping, O(F) after the softmax
+    (F the root's fan-out), in the root's child order, which is token order.
 
     Args:
         logits: (U, 1, V) next-token logits of each user's root beam.
 
     Returns:
-        logp (U, Vt), edge (U, Vt), beam (U, Vt) zeros; Vt = trie.vocab_size.
+        logp (U, F), edge (U, F), beam (U, F) zeros.
     """
     U = logits.shape[0]
-    vt = trie.vocab_size
-    edge = trie.root_edge.expand(U, vt)  # (U, Vt)
-    valid = edge >= 0
-    neg_inf = torch.tensor(float("-inf"), device=logits.device)
+    fanout = trie.depth_fanout_list[0]  # host copy: no synchronisation
+    edge = torch.arange(fanout, device=logits.device)  # (F,) the root's edges
+    tok = trie.child_token[:fanout].long()  # (F,)
     z = logits.reshape(U, -1)
     if scoring == "after":
-        logp = torch.log_softmax(z, dim=-1)[:, :vt]
+        logp = torch.log_softmax(z, dim=-1)[:, tok]  # (U, F)
     else:
-        z = torch.where(valid, z[:, :vt], neg_inf)  # (U, Vt)
+        z = z[:, tok]  # (U, F)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         logp = z - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    logp = torch.where(valid, logp, neg_inf)
-    return logp, edge, torch.zeros((), dtype=torch.int64, device=edge.device).expand(U, vt)
+    beam = torch.zeros((), dtype=torch.int64, device=logits.device).expand(U, fanout)
+    return logp, edge.expand(U, fanout), beam
 
 
 def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
