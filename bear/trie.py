@@ -174,6 +174,9 @@ class ItemTrie:
         self.max_len = max_len  # longest sequence, EOS excluded
         self.max_fanout = int(counts.max())
         self.depth_fanout_list = fanout.tolist()  # host copy: decoding width per step, no sync
+        # every label row starts at the root, whose fan-out grows with the catalogue: its packed
+        # row is built once (ceil(V / 32) int32)
+        self._root_mask = self._packed(torch.zeros(1, dtype=torch.int64))[0]
 
     @classmethod
     def from_titles(
@@ -246,6 +249,7 @@ class ItemTrie:
         "_edge_key",
         "_item_sorted",
         "_item_leaf",
+        "_root_mask",
     )
 
     def to(self, device) -> ItemTrie:
@@ -366,6 +370,12 @@ class ItemTrie:
             (N, ceil(vocab_size / 32)) int32 on the trie's device.
         """
         node_ids = torch.as_tensor(node_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        root = node_ids == 0  # (N,) rows served by the stored root row (the widest node)
+        mask = self._packed(torch.where(root, -1, node_ids))
+        return torch.where(root[:, None], self._root_mask, mask)
+
+    def _packed(self, node_ids: torch.Tensor) -> torch.Tensor:
+        """``allowed_mask`` built from the children themselves: O(total fan-out of the rows)."""
         words = (self.vocab_size + 31) // 32
         rows, toks = self._child_pairs(node_ids)
         acc = torch.zeros(node_ids.shape[0], words, dtype=torch.int64, device=self.device)
