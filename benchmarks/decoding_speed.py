@@ -16,12 +16,20 @@ Also measured per catalogue: the trie build time and the per-step cost of the co
 (child gather + log-softmax + top-2B for U*B beams at trie depths 0-3, synthetic logits) for ours,
 and generate's PrefixConstrainedLogitsProcessor over the dict trie for the baseline.
 
+`--model smollm2-135m` (or a checkpoint folder / GGUF file) decodes with that pretrained model
+instead, float32, its own tokenizer and the paper's prompt (Amazon catalogues only). Every row
+also counts the model's forward calls: `forwards_per_call` is the number of sequential forwards
+one decoding call of `--batch` users made, the cost that grows with title length.
+
 Writes benchmarks/results/decoding_<device>.csv and .json (benchmarks/_common.py names them).
 
 Usage (full run, on a quiet machine):
     .venv/bin/python benchmarks/decoding_speed.py
 Small validation run:
     .venv/bin/python benchmarks/decoding_speed.py --users 16 --synth-items 100000 --tag smoke
+A real model:
+    .venv/bin/python benchmarks/decoding_speed.py --model smollm2-135m --catalogues Office \
+        --users 32 --batch 8 --tag smollm2
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from _common import (
 )
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
+from bear.checkpoints import resolve_checkpoint
 from bear.decoding import beam_search
 from bear.decoding.common import child_logprobs, max_fanout, topk_stable
 from bear.items import item_sequences, left_pad
@@ -76,6 +85,17 @@ class Config:
     catalogues: tuple = ("Office", "Clothing", "synthetic")
     data: str = str(DATA)
     tag: str = ""  # suffix of the results file name (e.g. "smoke")
+    model: str = "tiny"  # "tiny" (a random Llama at the size above) or a --model checkpoint
+
+
+def load_checkpoint(cfg: Config):
+    """(model, tokenizer) of ``cfg.model`` (a --model value of bear train), float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_checkpoint(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    return model.eval().to(cfg.device), tokenizer
 
 
 def build_model(cfg: Config, vocab: int):
@@ -90,8 +110,9 @@ def build_model(cfg: Config, vocab: int):
     return build_tiny_model(vocab, PAD_ID, EOS_ID, size, cfg.seed).eval().to(cfg.device)
 
 
-def amazon_catalogue(cfg: Config, name: str):
-    """(sequences, item ids, prompt token lists) for an upstream Amazon dataset."""
+def amazon_catalogue(cfg: Config, name: str, tok=None):
+    """(sequences, item ids, prompt token lists, vocabulary) for an upstream Amazon dataset; with
+    ``tok`` (a checkpoint's tokenizer) that tokenizer, else a BPE trained on the titles."""
     folder = Path(cfg.data) / name
     titles = {int(k): v for k, v in json.loads((folder / "id2name4Rec.json").read_text()).items()}
     domain = name.lower()
@@ -103,7 +124,8 @@ def amazon_catalogue(cfg: Config, name: str):
             if len(histories) == cfg.users:
                 break
     prompts_text = [format_prompt(h, domain) for h in histories]
-    tok = train_tokenizer(list(titles.values()) + prompts_text, cfg.vocab)
+    if tok is None:
+        tok = train_tokenizer(list(titles.values()) + prompts_text, cfg.vocab)
     seq_of = item_sequences(tok, titles, domain)
     ids = sorted(seq_of)
     prompts = tok(prompts_text, add_special_tokens=True)["input_ids"]
@@ -130,49 +152,49 @@ def synthetic_catalogue(cfg: Config):
 
 
 # ------------------------------------------------------------------------------- the baseline
-def dict_trie(seqs):
+def dict_trie(seqs, eos: int):
     """Upstream-style trie: nested dicts keyed by token, EOS as a key of the last level."""
     root: dict = {}
     for s in seqs:
         node = root
         for t in s:
             node = node.setdefault(t, {})
-        node.setdefault(EOS_ID, {})
+        node.setdefault(eos, {})
     return root
 
 
-def make_prefix_fn(root, prompt_len: int):
+def make_prefix_fn(root, prompt_len: int, eos: int):
     def fn(batch_id, sent):
         node = root
         for t in sent[prompt_len:].tolist():
             node = node.get(t)
             if node is None:
-                return [EOS_ID]
-        return list(node.keys()) or [EOS_ID]
+                return [eos]
+        return list(node.keys()) or [eos]
 
     return fn
 
 
-def run_generate(model, ids, mask, root, B, max_new):
+def run_generate(model, ids, mask, root, B, max_new, pad: int, eos: int):
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,
         num_beams=B,
         num_return_sequences=B,
-        prefix_allowed_tokens_fn=make_prefix_fn(root, ids.shape[1]),
+        prefix_allowed_tokens_fn=make_prefix_fn(root, ids.shape[1], eos),
         do_sample=False,
         max_new_tokens=max_new,
         length_penalty=0.0,
         early_stopping=False,
         output_scores=True,
         return_dict_in_generate=True,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
+        pad_token_id=pad,
+        eos_token_id=eos,
     )
     return out.sequences[:, ids.shape[1] :], out.sequences_scores
 
 
-def generate_items(gen, scores, item_of, U, B):
+def generate_items(gen, scores, item_of, U, B, eos: int):
     """Per user: [(item, score)] of generate's complete catalogue items, minus its artefacts."""
     gen = gen.view(U, B, -1).tolist()
     scores = scores.view(U, B).tolist()
@@ -180,9 +202,9 @@ def generate_items(gen, scores, item_of, U, B):
     for u in range(U):
         row = []
         for toks, sc in zip(gen[u], scores[u], strict=True):
-            if EOS_ID not in toks or sc < -1e8:
+            if eos not in toks or sc < -1e8:
                 continue
-            item = item_of.get(tuple(toks[: toks.index(EOS_ID)]))
+            item = item_of.get(tuple(toks[: toks.index(eos)]))
             if item is not None:
                 row.append((item, sc))
         out.append(row)
@@ -219,7 +241,7 @@ def constraint_cost_ours(trie, cfg: Config, vocab: int, rows: int):
     return 1e3 * float(np.mean(t_all)), per_depth
 
 
-def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> float:
+def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int, pad, eos) -> float:
     """ms per step of generate's PrefixConstrainedLogitsProcessor over the dict trie, on the
     device the search runs on (its input_ids and scores there, as inside generate)."""
     dev = cfg.device
@@ -231,9 +253,9 @@ def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> 
         if any(len(s) < d for s in picks):
             picks = [s for s in picks if len(s) >= d] or picks
             picks = (picks * rows)[:rows]
-        sent = torch.tensor([[PAD_ID] * P + s[:d] for s in picks if len(s) >= d] or [[PAD_ID] * P])
+        sent = torch.tensor([[pad] * P + s[:d] for s in picks if len(s) >= d] or [[pad] * P])
         sent = sent[:rows].to(dev)
-        proc = PrefixConstrainedLogitsProcessor(make_prefix_fn(root, P), num_beams=10)
+        proc = PrefixConstrainedLogitsProcessor(make_prefix_fn(root, P, eos), num_beams=10)
         n = (sent.shape[0] // 10) * 10
         if n == 0:
             continue
@@ -247,29 +269,54 @@ def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int) -> 
     return 1e3 * float(np.mean(t_all))
 
 
+class ForwardCounter:
+    """Counts a model's forward calls (a pre-hook), read and reset per decoding call."""
+
+    def __init__(self, model):
+        self.calls = 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
 def bench_catalogue(cfg: Config, name: str, label: str):
     t0 = time.perf_counter()
-    if name == "synthetic":
+    pad, eos = PAD_ID, EOS_ID
+    if cfg.model != "tiny":
+        model, tokenizer = load_checkpoint(cfg)
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        eos = tokenizer.eos_token_id
+        seqs, ids, prompts, _ = amazon_catalogue(cfg, name, tokenizer)
+        vocab = model.get_output_embeddings().weight.shape[0]
+    elif name == "synthetic":
         seqs, ids, prompts, vocab = synthetic_catalogue(cfg)
     else:
         seqs, ids, prompts, vocab = amazon_catalogue(cfg, name)
     prep_s = time.perf_counter() - t0
-    vocab = max(vocab, cfg.vocab)
+    if cfg.model == "tiny":
+        vocab = max(vocab, cfg.vocab)  # the random Llama's width: at least --vocab
     trie, build_s = timed(
-        lambda: ItemTrie(seqs, ids, EOS_ID, vocab_size=vocab).to(cfg.device), cfg.device
+        lambda: ItemTrie(seqs, ids, eos, vocab_size=vocab).to(cfg.device), cfg.device
     )
     print(f"[{name}] {trie}  prep {prep_s:.1f}s  trie build {build_s:.2f}s", flush=True)
-    model = build_model(cfg, vocab)
+    if cfg.model == "tiny":
+        model = build_model(cfg, vocab)
+    counter = ForwardCounter(model)
     B = cfg.beam_width
-    batches = [
-        left_pad(prompts[s : s + cfg.batch], PAD_ID) for s in range(0, len(prompts), cfg.batch)
-    ]
+    batches = [left_pad(prompts[s : s + cfg.batch], pad) for s in range(0, len(prompts), cfg.batch)]
     batches = [(x.to(cfg.device), m.to(cfg.device)) for x, m in batches]
     rows = cfg.batch * B
 
     baseline = name != "synthetic"
     if baseline:
-        root = dict_trie(seqs)
+        root = dict_trie(seqs, eos)
         canon = trie.canonical(torch.tensor(ids, device=cfg.device)).tolist()
         item_of = {}
         for s, c in zip(seqs, canon, strict=True):
@@ -280,16 +327,22 @@ def bench_catalogue(cfg: Config, name: str, label: str):
     # that load from other processes on a shared machine falls on both methods alike.
     beam_search(model, *batches[0], trie, B, "after")
     if baseline:
-        run_generate(model, *batches[0], root, B, max_new)
+        run_generate(model, *batches[0], root, B, max_new, pad, eos)
+    counter.take()
     ours, gens, ours_s, gen_s = [], [], 0.0, 0.0
+    ours_forwards, gen_forwards = [], []  # sequential forwards of each decoding call
     for x, m in batches:
         r, dt = timed(lambda x=x, m=m: beam_search(model, x, m, trie, B, "after"), cfg.device)
         ours.append(r)
         ours_s += dt
+        ours_forwards.append(counter.take())
         if baseline:
-            g, dt = timed(lambda x=x, m=m: run_generate(model, x, m, root, B, max_new), cfg.device)
+            g, dt = timed(
+                lambda x=x, m=m: run_generate(model, x, m, root, B, max_new, pad, eos), cfg.device
+            )
             gens.append(g)
             gen_s += dt
+            gen_forwards.append(counter.take())
     ours_ms, ours_depths = constraint_cost_ours(trie, cfg, vocab, rows)
     base = dict(
         device=label,
@@ -304,6 +357,7 @@ def bench_catalogue(cfg: Config, name: str, label: str):
         batch=cfg.batch,
         beam_width=B,
         trie_build_s=round(build_s, 3),
+        model=cfg.model,
     )
     out = [
         dict(
@@ -313,6 +367,7 @@ def bench_catalogue(cfg: Config, name: str, label: str):
             users_per_s=round(len(prompts) / ours_s, 3),
             constraint_ms_per_step=round(ours_ms, 3),
             constraint_ms_by_depth=" ".join(f"d{d}:F={w}:{ms}ms" for d, w, ms in ours_depths),
+            forwards_per_call=round(float(np.mean(ours_forwards)), 1),
             equal_users="",
             max_abs_score_diff="",
             note="",
@@ -329,6 +384,7 @@ def bench_catalogue(cfg: Config, name: str, label: str):
                 users_per_s="",
                 constraint_ms_per_step="",
                 constraint_ms_by_depth="",
+                forwards_per_call="",
                 equal_users="",
                 max_abs_score_diff="",
                 note="skipped: a Python dict trie of this catalogue exceeds this run's budget",
@@ -337,11 +393,11 @@ def bench_catalogue(cfg: Config, name: str, label: str):
         print(f"[{name}] generate baseline skipped (dict trie too large)")
         return out
 
-    gen_ms = constraint_cost_generate(root, seqs, cfg, vocab, rows)
+    gen_ms = constraint_cost_generate(root, seqs, cfg, vocab, rows, pad, eos)
 
     equal, max_diff = 0, 0.0
     for (x, _), r, (g, sc) in zip(batches, ours, gens, strict=True):
-        hf = generate_items(g, sc, item_of, x.shape[0], B)
+        hf = generate_items(g, sc, item_of, x.shape[0], B, eos)
         for u in range(x.shape[0]):
             mine = [
                 (i, s)
@@ -361,6 +417,7 @@ def bench_catalogue(cfg: Config, name: str, label: str):
             users_per_s=round(len(prompts) / gen_s, 3),
             constraint_ms_per_step=round(gen_ms, 3),
             constraint_ms_by_depth="",
+            forwards_per_call=round(float(np.mean(gen_forwards)), 1),
             equal_users=f"{equal}/{len(prompts)}",
             max_abs_score_diff=f"{max_diff:.2e}",
             note="",
@@ -394,12 +451,22 @@ def main(argv=None):
     p.add_argument(
         "--catalogues",
         nargs="+",
-        default=list(defaults.catalogues),
-        help="Office Clothing synthetic",
+        help="any of Office Clothing synthetic (default all three; Office Clothing with --model)",
     )
     p.add_argument("--data", default=defaults.data, help="folder holding Office/ and Clothing/")
+    p.add_argument(
+        "--model",
+        default=defaults.model,
+        help="tiny (a random Llama of --hidden/--layers, default) or a pretrained checkpoint as "
+        "bear train's --model takes it (smollm2-135m, a folder, FILE.gguf); Amazon catalogues only",
+    )
     add_results_args(p)
     a = p.parse_args(argv)
+    if a.catalogues is None:
+        a.catalogues = list(defaults.catalogues) if a.model == "tiny" else ["Office", "Clothing"]
+    if a.model != "tiny" and "synthetic" in a.catalogues:
+        p.error("--model: the synthetic catalogue's random tokens fit only the tiny model; give "
+                "--catalogues Office or Clothing")  # fmt: skip
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = Config(
@@ -415,6 +482,7 @@ def main(argv=None):
         catalogues=tuple(a.catalogues),
         data=a.data,
         tag=a.tag,
+        model=a.model,
     )
     label = device_label(cfg.device)
     print(f"config: {asdict(cfg)}\ndevice: {label}")

@@ -139,3 +139,37 @@ def test_sweep_summary_groups_cells_with_mean_and_standard_error(tmp_path):
     assert "(1 of 5 cells not done: left out)" in done.stdout
     bad = subprocess.run([*cmd[:3], "--by", "lambda"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "no column 'lambda'" in bad.stderr
+
+
+def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
+    """--model takes a pretrained checkpoint (here a tiny Llama saved with its tokenizer): the
+    special ids come from its tokenizer, both methods agree, each row counts the forwards of one
+    decoding call; a synthetic catalogue with a checkpoint is refused."""
+    import csv
+
+    from bear.model import TinyConfig, build_tiny_model
+    from bear.tokenizer import train_tokenizer
+
+    titles = json.loads((SHARED_DATA / "Office" / "id2name4Rec.json").read_text()).values()
+    tokenizer = train_tokenizer(list(titles), 600)
+    special = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    size = TinyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=1024)  # fmt: skip
+    model = build_tiny_model(len(tokenizer), *special, size, seed=0)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cmd = [sys.executable, "benchmarks/decoding_speed.py", "--model", str(folder), "--catalogues",
+           "Office", "--users", "2", "--batch", "2", "--history", "2", "--device", "cpu",
+           "--data", str(SHARED_DATA), "--results-dir", str(tmp_path), "--tag", "ckpt"]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (table,) = tmp_path.glob("decoding_*_ckpt.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert [r["method"] for r in rows] == ["bear.beam_search", "generate+prefix_allowed_tokens_fn"]
+    assert all(r["model"] == str(folder) and float(r["forwards_per_call"]) > 2 for r in rows)
+    assert rows[0]["equal_users"] == "2/2"
+    bad = subprocess.run([*cmd[:4], "--catalogues", "synthetic"], cwd=REPO, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "synthetic catalogue" in bad.stderr
