@@ -56,6 +56,24 @@ def summary(rows: list[dict], by: list[str], metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def pivot(rows: list[dict], row_key: str, col_key: str, metric: str) -> str:
+    """Markdown: ``metric`` (mean ± SE over the cells that share a pair) with ``row_key``
+    values down and ``col_key`` values across."""
+    groups = defaultdict(list)
+    for row in rows:
+        if row.get(metric) not in (None, ""):
+            groups[(_number(row[row_key]), _number(row[col_key]))].append(float(row[metric]))
+    down = sorted({k[0] for k in groups}, key=lambda v: (isinstance(v, str), v))
+    across = sorted({k[1] for k in groups}, key=lambda v: (isinstance(v, str), v))
+    shown = [f"{v:g}" if isinstance(v, float) else v for v in across]
+    lines = [f"| {row_key} \\ {col_key} | " + " | ".join(shown) + " |",
+             "|" + " --- |" * (len(across) + 1)]  # fmt: skip
+    for r in down:
+        cells = [_mean_se(groups.get((r, c), [])) for c in across]
+        lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
+    return f"{metric}:\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the sweep's folder (holds sweep.csv)")
@@ -65,17 +83,31 @@ def main() -> None:
     parser.add_argument(
         "--metrics", nargs="+", default=list(METRICS), help=f"columns reported (default {METRICS})"
     )
+    parser.add_argument(
+        "--pivot",
+        nargs=2,
+        metavar=("ROW", "COLUMN"),
+        help="also one table per metric with ROW values down and COLUMN values across (e.g. "
+        "reg_weight reg_temperature), over the cells of the loss given by --pivot-loss",
+    )
+    parser.add_argument("--pivot-loss", default="bear", help="loss of the pivot tables (bear)")
     args = parser.parse_args()
     table = args.out / "sweep.csv"
     if not table.is_file():
         parser.error(f"{table} does not exist: give the folder a `bear sweep` wrote (its --out)")
     with table.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    unknown = [c for c in [*args.by, *args.metrics] if rows and c not in rows[0]]
+    unknown = [
+        c for c in [*args.by, *args.metrics, *(args.pivot or [])] if rows and c not in rows[0]
+    ]
     if unknown:
         parser.error(f"{table} has no column {unknown[0]!r}; its columns: {list(rows[0])}")
     done = [r for r in rows if r.get("status") == "done"]
     print(summary(done, args.by, tuple(args.metrics)))
+    if args.pivot:
+        part = [r for r in done if r.get("loss") == args.pivot_loss]
+        for metric in args.metrics:
+            print("\n" + pivot(part, *args.pivot, metric))
     if len(done) < len(rows):
         print(f"\n({len(rows) - len(done)} of {len(rows)} cells not done: left out)")
 

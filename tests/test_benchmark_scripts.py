@@ -139,6 +139,12 @@ def test_sweep_summary_groups_cells_with_mean_and_standard_error(tmp_path):
     assert "(1 of 5 cells not done: left out)" in done.stdout
     bad = subprocess.run([*cmd[:3], "--by", "lambda"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "no column 'lambda'" in bad.stderr
+    cmd = [*cmd[:3], "--by", "loss", "--metrics", "ndcg@10", "--pivot", "reg_weight", "seed"]
+    pivoted = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert pivoted.returncode == 0, pivoted.stderr
+    table = pivoted.stdout.split("ndcg@10:\n\n")[1].splitlines()
+    assert table[0] == "| reg_weight \\ seed | 0 | 1 |"  # bear cells only
+    assert table[2:4] == ["| 4 | 0.2000 | - |", "| 10 | 0.1000 | 0.3000 |"]
 
 
 def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
