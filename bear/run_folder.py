@@ -107,10 +107,15 @@ def resume_conflicts(saved: dict, cfg: TrainConfig) -> list[str]:
     """The settings of ``cfg`` that differ from a run's saved config.json, as "--flag is NEW but the
     run used OLD" (empty: the run may resume). Fields with ``metadata["resume_may_change"]`` may
     differ; a field the saved config lacks (an older bear) counts as its default."""
+    return config_conflicts(saved, cfg, lambda f: f.metadata.get("resume_may_change", False))
+
+
+def config_conflicts(saved: dict, cfg: TrainConfig, may_differ) -> list[str]:
+    """As ``resume_conflicts``, with ``may_differ(field) -> bool`` naming the fields let through."""
     now = _as_json(asdict(cfg))
     conflicts = []
     for f in fields(cfg):
-        if f.metadata.get("resume_may_change"):
+        if may_differ(f):
             continue
         before = saved[f.name] if f.name in saved else _as_json(_default_value(f))
         if now[f.name] != before:

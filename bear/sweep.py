@@ -128,10 +128,37 @@ def _run_cell(cell: Cell) -> tuple[str, str | None, float]:
     return cell.name, error, time.perf_counter() - t0
 
 
+# settings that leave a finished cell's results as they are (where it runs, how it reports)
+RESULT_NEUTRAL = ("out", "overwrite", "resume", "allow_data_change", "progress", "device",
+                  "save_every", "eval_batch_size")  # fmt: skip
+
+
+def check_finished_cells(cells: list[Cell]) -> None:
+    """ValueError naming the first finished cell whose run used other settings than the grid
+    gives it now (a cell's folder is named by its axes only, so a fixed flag changed between two
+    runs of one sweep, --epochs say, would otherwise reuse results trained or tested otherwise)."""
+    from bear.run_folder import config_conflicts, read_saved_config  # torch: not at import time
+
+    for cell in cells:
+        if _status(cell) != "done":
+            continue
+        run = Path(cell.config.out)
+        saved = read_saved_config(run, "the cell's run is damaged; move it away and run again")
+        conflicts = config_conflicts(saved, cell.config, lambda f: f.name in RESULT_NEUTRAL)
+        if conflicts:
+            raise ValueError(
+                f"sweep: the finished cell {run} ran with other settings ({'; '.join(conflicts)})"
+                "; its results are not this grid's: give the sweep a new --out, or the settings "
+                "that cell ran with; nothing was run"
+            )
+
+
 def run_sweep(cells: list[Cell], out: Path, jobs: int) -> dict[str, str | None]:
     """Run the cells not finished yet, ``jobs`` at a time; cell name -> its error (None: done).
-    Progress: a bar of the cells and one line per cell as it ends."""
+    Progress: a bar of the cells and one line per cell as it ends. Raises ValueError
+    (``check_finished_cells``) before anything runs when a finished cell ran otherwise."""
     out.mkdir(parents=True, exist_ok=True)
+    check_finished_cells(cells)
     errors: dict[str, str | None] = {c.name: None for c in cells if _status(c) == "done"}
     todo = [c for c in cells if c.name not in errors]
     done, ahead = len(errors), len(todo)

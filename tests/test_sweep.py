@@ -51,8 +51,13 @@ def test_a_grid_runs_each_cell_once_writes_its_table_and_resumes(synth, tmp_path
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["axes"] == ["loss", "eval_beam_width", "reg_weight"]  # the flags' order
     assert "sweep_lambda.png" in summary["plots"] and (out / "sweep_widths.png").is_file()
-    again = _sweep(*args)
+    again = _sweep(*args, "--no-progress")  # how it reports: the finished cells stand
     assert again.returncode == 0 and "6 done before, 0 to run" in again.stdout
+    # a fixed flag changed: the finished cells ran otherwise (they were reused silently before)
+    other = [("2" if a == "1" and args[i - 1] == "--epochs" else a) for i, a in enumerate(args)]
+    refused = _sweep(*other)
+    assert refused.returncode == 2 and "nothing was run" in refused.stderr
+    assert "--epochs is 2 but the run used 1" in refused.stderr
 
 
 def test_a_bad_value_or_flag_is_refused_before_any_cell_runs(synth, tmp_path, capsys):
