@@ -17,8 +17,9 @@ contiguous and sorted by token, and edge e leads to node e + 1):
     depth_fanout (L+2,) largest number of children of a node at each depth (decoding width per step)
 
 Node and edge ids, tokens and depths are int32 (int64 only where a value would not fit: more than
-2**31 - 1 nodes, a vocabulary or an item id past int32), so a node costs about 26 bytes and ten
-million items fit on a laptop; index with them as with int64 (arithmetic with int64 promotes).
+2**31 - 1 nodes, a vocabulary or an item id past int32), so a node costs about 30 bytes (ten
+million random titles: 74 M nodes, 2.1 GB); index with them as with int64 (arithmetic with int64
+promotes).
 
 Building is vectorised (one lexicographic sort of the padded sequences, one pass per depth), so a
 catalogue of a million items takes seconds.
