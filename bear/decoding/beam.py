@@ -21,10 +21,9 @@ from bear.decoding.common import (
     check_inputs,
     check_no_nan_scores,
     check_positive_int,
-    max_candidates,
-    max_fanout,
     ranked_result,
     root_children,
+    step_widths,
     topk_stable,
 )
 from bear.decoding.decoder import Decoder
@@ -73,7 +72,7 @@ def expand_beams(
     Args:
         logits: (U * Bc, V) next-token logits of the current beams.
         node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
-        width: W >= the most children of one user's beams (``max_candidates``).
+        width: W >= the most children of one user's beams (``step_widths``).
         B: beam width.
         at_root: every beam is the root (the first step): ``root_children`` serves it, one
             gather over the root's children without padding (``width`` is then unused).
@@ -232,8 +231,7 @@ def beam_search(
         # NaN, the beams kept, the largest fan-out among their nodes (1: a step to defer) and
         # the most children of one user's beams (the next width).
         kept = useful.sum(1).max().view(1)
-        widths = torch.stack([max_fanout(trie, node), max_candidates(trie, node)]).view(2)
-        host = torch.cat([done.long(), step.nan.long(), kept, widths]).cpu()
+        host = torch.cat([done.long(), step.nan.long(), kept, step_widths(trie, node)]).cpu()
         n_users = done.shape[0]
         check_no_nan_scores(host[n_users:-3].bool(), users)
         done_host, nb = host[:n_users].bool(), int(host[-3])
@@ -299,8 +297,7 @@ def beam_thresholds(
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score
         # one host synchronisation per step: NaN scores, the largest fan-out, the next width
-        widths = torch.stack([max_fanout(trie, node), max_candidates(trie, node)]).view(2)
-        host = torch.cat([step.nan.long(), widths]).cpu()
+        host = torch.cat([step.nan.long(), step_widths(trie, node)]).cpu()
         check_no_nan_scores(host[:-2].bool())
         fanout, width = int(host[-2]), int(host[-1])
         if width == 0 or t == trie.max_len:

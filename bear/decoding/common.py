@@ -22,6 +22,7 @@ __all__ = [
     "max_candidates",
     "root_children",
     "max_fanout",
+    "step_widths",
     "model_vocab",
     "ranked_result",
     "topk_stable",
@@ -302,21 +303,32 @@ def root_children(trie: ItemTrie, logits, scoring: str):
     return logp, edge.expand(U, fanout), beam
 
 
+def _degrees(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
+    """Number of children of each node, 0 for -1 entries; int64, node's shape."""
+    n = node.clamp(min=0)
+    return torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0).long()
+
+
 def max_candidates(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
     """Largest number of children of one user's beams (-1 entries count 0): ``beam_children``'s
     width, as a 0-d device tensor."""
-    n = node.clamp(min=0)
-    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
-    if not deg.numel():
-        return torch.zeros((), dtype=torch.int64, device=node.device)
-    return deg.sum(-1).max()
+    return step_widths(trie, node)[1]
 
 
 def max_fanout(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
     """Largest number of children among `node` (-1 entries count 0), as a 0-d device tensor."""
-    n = node.clamp(min=0)
-    deg = torch.where(node >= 0, trie.child_ptr[n + 1] - trie.child_ptr[n], 0)
+    deg = _degrees(trie, node)
     return deg.max() if deg.numel() else torch.zeros((), dtype=torch.int64, device=node.device)
+
+
+def step_widths(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
+    """(2,) int64 device tensor from one lookup of the (U, Bc) beams' fan-outs: the largest
+    fan-out among them (``max_fanout``) and the most children of one user's beams
+    (``max_candidates``); zeros for no beams."""
+    deg = _degrees(trie, node)
+    if not deg.numel():
+        return torch.zeros(2, dtype=torch.int64, device=node.device)
+    return torch.stack([deg.max(), deg.sum(-1).max()])
 
 
 def topk_stable(x: torch.Tensor, k: int):
