@@ -14,6 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from bear.sweep_report import ordered
+
 METRICS = ("ndcg@10", "hr@10", "pr@10", "violation_share", "reg_grad_ratio")
 
 
@@ -63,8 +65,7 @@ def pivot(rows: list[dict], row_key: str, col_key: str, metric: str) -> str:
     for row in rows:
         if row.get(metric) not in (None, ""):
             groups[(_number(row[row_key]), _number(row[col_key]))].append(float(row[metric]))
-    down = sorted({k[0] for k in groups}, key=lambda v: (isinstance(v, str), v))
-    across = sorted({k[1] for k in groups}, key=lambda v: (isinstance(v, str), v))
+    down, across = ordered(k[0] for k in groups), ordered(k[1] for k in groups)
     shown = [f"{v:g}" if isinstance(v, float) else v for v in across]
     lines = [f"| {row_key} \\ {col_key} | " + " | ".join(shown) + " |",
              "|" + " --- |" * (len(across) + 1)]  # fmt: skip
