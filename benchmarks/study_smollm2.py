@@ -5,7 +5,8 @@ history kept and excluded, with paired differences and their standard errors.
 Per seed and loss, one training run (``bear train`` with ``--eval-every`` checks of the
 teacher-forced validation loss, ``--early-stopping`` on it, a cap of ``--epochs``), then the weights
 of its best check (RUN/best_check.pt) are tested on the first ``--limit-eval`` test users in three
-evaluations, each under both scorings:
+evaluations, each under both scorings. A seed trains all its losses first, then runs each
+evaluation across the losses in the order below, so a study stopped early has a0 for every loss:
 
     a0        length penalty 0, history kept: HR, NDCG, PR@K (exact ranks), violation share
     a1        length penalty 1 (upstream's generate): HR, NDCG
@@ -74,33 +75,35 @@ def _per_user(rows: RowResults) -> dict:
     return out
 
 
-def _evaluate(cfg: TrainConfig, device) -> dict[str, dict]:
-    """name -> the per-user results of each evaluation of the run (computed where missing)."""
-    run = Path(cfg.out)
-    folder = run / "study"
+def _evaluate(cfg: TrainConfig, device, name: str) -> dict:
+    """The per-user results of one evaluation of the run (computed if its file is missing);
+    the run's coverage file is written beside it the first time."""
+    folder = Path(cfg.out) / "study"
     folder.mkdir(exist_ok=True)
-    done = {n: folder / f"{n}.json" for n in EVALUATIONS} | {"coverage": folder / "coverage.json"}
-    if all(p.is_file() for p in done.values()):
-        return {n: json.loads(p.read_text()) for n, p in done.items()}
-    setup = build_setup(cfg, run, fresh=False, device=device)
-    write_json(done["coverage"], _coverage(setup, cfg.limit_eval))
-    model = setup.model.to(device)
-    checkpoint = _weights(run)
-    load_weights(model, read_checkpoint(checkpoint)["model"], source=str(checkpoint))
-    base = dataclasses.replace(EvalSettings.from_config(cfg), both_scorings=True, progress=True)
-    out = {"coverage": json.loads(done["coverage"].read_text())}
-    for name, (alpha, excluded, full) in EVALUATIONS.items():
-        if not done[name].is_file():
-            settings = dataclasses.replace(base, length_penalty=alpha, exclude_history=excluded)
-            t0 = time.perf_counter()
-            rows = evaluate_rows(model, setup, "test", settings, device, full=full)
-            record = _per_user(rows) | {
-                "checkpoint": checkpoint.name,
-                "seconds": time.perf_counter() - t0,
-            }
-            write_json(done[name], record)
-        out[name] = json.loads(done[name].read_text())
-    return out
+    done, coverage = folder / f"{name}.json", folder / "coverage.json"
+    if not (done.is_file() and coverage.is_file()):
+        setup = build_setup(cfg, Path(cfg.out), fresh=False, device=device)
+        write_json(coverage, _coverage(setup, cfg.limit_eval))
+    if not done.is_file():
+        model = setup.model.to(device)
+        checkpoint = _weights(Path(cfg.out))
+        load_weights(model, read_checkpoint(checkpoint)["model"], source=str(checkpoint))
+        alpha, excluded, full = EVALUATIONS[name]
+        settings = dataclasses.replace(
+            EvalSettings.from_config(cfg),
+            both_scorings=True,
+            progress=True,
+            length_penalty=alpha,
+            exclude_history=excluded,
+        )
+        t0 = time.perf_counter()
+        rows = evaluate_rows(model, setup, "test", settings, device, full=full)
+        record = _per_user(rows) | {
+            "checkpoint": checkpoint.name,
+            "seconds": time.perf_counter() - t0,
+        }
+        write_json(done, record)
+    return json.loads(done.read_text()) | {"coverage": json.loads(coverage.read_text())}
 
 
 def _coverage(setup, limit: int) -> dict:
@@ -141,9 +144,13 @@ def _cells(results: dict) -> dict[str, dict]:
             for scoring in SCORINGS:
                 ranks, exact, near = [], [], []
                 for per_eval in seeds.values():
+                    if name not in per_eval:
+                        continue
                     ranks += per_eval[name][f"rank/{scoring}"]
                     exact += per_eval[name].get(f"exact/{scoring}", [])
                     near += per_eval[name]["near_copy"]
+                if not ranks:
+                    continue
                 cell = {"hr@10": _mean_se(_hits(ranks)), "ndcg@10": _mean_se(_gains(ranks))}
                 if exact:
                     eligible = [b for b, e in zip(ranks, exact, strict=True) if 0 <= e < K]
@@ -180,7 +187,11 @@ def _paired(results: dict) -> list[dict]:
     for a, b in PAIRS:
         if a[0] not in results or b[0] not in results:
             continue
-        seeds = sorted(set(results[a[0]]) & set(results[b[0]]))
+        seeds = sorted(
+            seed
+            for seed in set(results[a[0]]) & set(results[b[0]])
+            if a[1] in results[a[0]][seed] and b[1] in results[b[0]][seed]
+        )
         d_hit, d_gain = [], []
         for seed in seeds:
             ra = results[a[0]][seed][a[1]][f"rank/{a[2]}"]
@@ -252,6 +263,34 @@ def _plot_curves(runs: dict[str, Path], out: Path) -> None:
     plt.close(fig)
 
 
+def _config(args: argparse.Namespace, loss: str, seed: int, data_name: str) -> TrainConfig:
+    """The training run of one loss and seed: RUN = <out>/<data>_<loss>_s<seed>."""
+    return TrainConfig(
+        data=args.data,
+        out=str(Path(args.out) / f"{data_name}_{loss}_s{seed}"),
+        loss=loss,
+        model=args.model,
+        epochs=args.epochs,
+        limit_train=args.limit_train,
+        min_item_count=args.min_item_count,
+        max_history=args.max_history,
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        valid_rows=args.valid_rows,
+        early_stopping=args.early_stopping,
+        limit_eval=args.limit_eval,
+        exact_budget=args.exact_budget,
+        eval_batch_size=args.eval_batch_size,
+        seed=seed,
+        device=args.device,
+        dtype=args.dtype,
+        validate=False,
+        progress=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset folder (upstream format)")
@@ -287,67 +326,56 @@ def main() -> None:
     device = resolve_device(args.device)
     results: dict[str, dict] = {}
     runs: dict[str, Path] = {}
-    missing = [f"{loss} seed {seed}" for seed in args.seeds for loss in args.losses]
+    missing = [
+        f"{loss} seed {seed} {evaluation}"
+        for seed in args.seeds
+        for evaluation in EVALUATIONS
+        for loss in args.losses
+    ]
     t0 = time.perf_counter()
-    for seed in args.seeds:
-        for loss in args.losses:
-            run = Path(args.out) / f"{name}_{loss}_s{seed}"
-            cfg = TrainConfig(
-                data=args.data,
-                out=str(run),
-                loss=loss,
-                model=args.model,
-                epochs=args.epochs,
-                limit_train=args.limit_train,
-                min_item_count=args.min_item_count,
-                max_history=args.max_history,
-                batch_size=args.batch_size,
-                micro_batch_size=args.micro_batch_size,
-                lr=args.lr,
-                eval_every=args.eval_every,
-                valid_rows=args.valid_rows,
-                early_stopping=args.early_stopping,
-                limit_eval=args.limit_eval,
-                exact_budget=args.exact_budget,
-                eval_batch_size=args.eval_batch_size,
-                seed=seed,
-                device=args.device,
-                dtype=args.dtype,
-                validate=False,
-                progress=True,
-            )
-            _train(cfg)
-            results.setdefault(loss, {})[seed] = _evaluate(cfg, device)
-            runs[f"{loss} s{seed}"] = run
-            missing.remove(f"{loss} seed {seed}")
-            cells, paired = _cells(results), _paired(results)
-            settings = {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")}
-            write_json(
-                stem.with_suffix(".json"),
-                {
-                    "device": device_name,
-                    "data": name,
-                    "settings": settings,
-                    "evaluations": {
-                        k: dict(
-                            zip(("length_penalty", "history_excluded", "exact"), v, strict=True)
-                        )
-                        for k, v in EVALUATIONS.items()
-                    },
-                    "cells": cells,
-                    "paired": paired,
-                    "missing": missing,
-                    "coverage": {
-                        f"{loss} s{seed}": per_eval["coverage"]
-                        for loss, seeds in results.items()
-                        for seed, per_eval in seeds.items()
-                    },
-                    "wall_seconds_this_invocation": time.perf_counter() - t0,
+
+    def report() -> None:
+        cells, paired = _cells(results), _paired(results)
+        settings = {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")}
+        write_json(
+            stem.with_suffix(".json"),
+            {
+                "device": device_name,
+                "data": name,
+                "settings": settings,
+                "evaluations": {
+                    k: dict(zip(("length_penalty", "history_excluded", "exact"), v, strict=True))
+                    for k, v in EVALUATIONS.items()
                 },
-            )
-            stem.with_suffix(".md").write_text(_table(cells, paired, missing))
-            _plot_curves(runs, Path(f"{stem}_curves.png"))
-            print(f"{loss} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+                "cells": cells,
+                "paired": paired,
+                "missing": missing,
+                "coverage": {
+                    f"{loss} s{seed}": next(iter(per_eval.values()))["coverage"]
+                    for loss, seeds in results.items()
+                    for seed, per_eval in seeds.items()
+                },
+                "wall_seconds_this_invocation": time.perf_counter() - t0,
+            },
+        )
+        stem.with_suffix(".md").write_text(_table(cells, paired, missing))
+        _plot_curves(runs, Path(f"{stem}_curves.png"))
+
+    # per seed: every loss trained first, then each evaluation across the losses (a0, the one
+    # with the exact ranks, first), so a study stopped early already has its main comparison
+    for seed in args.seeds:
+        configs = {loss: _config(args, loss, seed, name) for loss in args.losses}
+        for loss, cfg in configs.items():
+            _train(cfg)
+            runs[f"{loss} s{seed}"] = Path(cfg.out)
+        for evaluation in EVALUATIONS:
+            for loss, cfg in configs.items():
+                per_eval = results.setdefault(loss, {}).setdefault(seed, {})
+                per_eval[evaluation] = _evaluate(cfg, device, evaluation)
+                missing.remove(f"{loss} seed {seed} {evaluation}")
+                report()
+                done_after = time.perf_counter() - t0
+                print(f"{loss} seed {seed} {evaluation} done ({done_after:.0f} s)", flush=True)
     print(_table(_cells(results), _paired(results), missing))
 
 
