@@ -2,19 +2,26 @@
 
 It serves every device (the CPU default) under the same API as the Triton kernels. Only counted
 rows are computed, in chunks of rows, so the float32 temporaries are (rows_per_chunk, V), never
-(N, V); the backward of ce_margin recomputes the softmax of a chunk instead of keeping it, and
-bear_loss with a sum / mean reduction writes its gradient in the forward, while the chunk is in
-cache (_BEARLossTorchFused, the scheme of the Triton path). lse = z_(1) - log p_(1) comes from the
-softmax, which is exact to rounding because p_(1) >= 1/n. z_(B') comes from a
-two-level top-k: the top-B of the maxima of groups of GROUP tokens picks B groups, and the top-B
-of those groups' members is the top-B of the row (every token outside the chosen groups is at most
-the B-th largest group maximum). One host synchronisation per call lists the counted rows.
+(N, V), and they are buffers of the call that every chunk reuses (`_Workspace`). A chunk whose
+rows allow few tokens (a trie's allowed sets: a node's children) is computed on those tokens only
+(`_sparse_rows`): (R, K) gathers, no (R, V) float32 pass. The backward of ce_margin recomputes
+the softmax of a chunk instead of keeping it, and bear_loss with a sum / mean reduction writes its
+gradient in the forward, while the chunk is in cache (_BEARLossTorchFused, the scheme of the
+Triton path). lse = z_(1) - log p_(1) comes from the softmax, which is exact to rounding because
+p_(1) >= 1/n. z_(B') comes from a two-level top-k: the top-B of the maxima of groups of GROUP
+tokens picks B groups, and the top-B of those groups' members is the top-B of the row (every
+token outside the chosen groups is at most the B-th largest group maximum). One host
+synchronisation per call lists the counted rows; with a mask, a second one reads each chunk's
+widest allowed set.
 
 The gradient of the per-row terms, d_j = a·p_j - c_y·[j=y] + c_b·[j=b], is derived above
 `row_coefficients` in bear_kernels._common.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +38,72 @@ CHUNK_ELEMENTS = 1 << 20
 CUDA_CHUNK_ELEMENTS = 1 << 26
 # Tokens per group of the two-level top-k (a power of two; 64 measured well on CPU).
 GROUP = 64
+# A chunk is sparse when its rows allow at most V // SPARSE_RATIO tokens each: its allowed logits
+# are gathered (R, K) and its gradient rows are zeros plus a scatter, instead of (R, V) float32
+# passes (a trie's allowed sets, a node's children, are a few hundred of tens of thousands).
+SPARSE_RATIO = 16
+SPARSE_ROWS = 8
+# Per device: each byte's set-bit positions and count (`_byte_bits`), for sparse chunks.
+_BYTE_BITS: dict = {}
 # Bit k of an int32 word is bit k % 8 of its byte k // 8 (little-endian, as every torch target).
 # _BYTE_BIAS[(device, dtype)][byte] holds the 8 additive biases of a byte's bits: 0 for an allowed
 # token, -inf for a masked one. Adding a gathered bias is ~5x faster on CPU than masked_fill.
 _BYTE_BIAS: dict = {}
+
+
+class _Workspace:
+    """The chunk buffers of one call, reused by every chunk.
+
+    A fresh (R, V) float32 temporary per chunk and op is a few MiB: glibc maps blocks of that
+    size afresh on every allocation, so each one page-faults its memory in again (on this
+    project's 2-core VM that was a third of the bf16 loss's time).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of that shape and dtype (contents undefined), the same memory every call."""
+        numel = math.prod(shape)
+        buf = self._flat.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype, device=self.device)
+            self._flat[name] = buf
+        return buf[:numel].view(shape)
+
+
+@dataclass
+class _Chunk:
+    """Rows of one chunk: ``sel`` indexes z (a slice when every row is counted), ``part`` the
+    chunk's entries of the counted-row list; ``width`` K when the chunk is sparse (its rows allow
+    at most K tokens), else None."""
+
+    def row_ids(self, device: torch.device) -> torch.Tensor:
+        """(R,) int64 the chunk's rows of z."""
+        if isinstance(self.sel, slice):
+            return torch.arange(self.sel.start, self.sel.stop, device=device)
+        return self.sel
+
+    sel: slice | torch.Tensor
+    part: slice
+    width: int | None
+
+
+@dataclass
+class _Probs:
+    """softmax over A of one chunk: dense p (R, V); or sparse p (R, K) over the token ids
+    tok (R, K) (ascending; padding entries have p = 0 and the row's target as token)."""
+
+    p: torch.Tensor
+    tok: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # (R, K) sparse: the entries that are tokens of A
+
+    def at(self, t: torch.Tensor) -> torch.Tensor:
+        """(R,) the probability of token t (R,) of each row; 0 for a token outside A."""
+        if self.tok is None:
+            return self.p.gather(1, t[:, None]).squeeze(1)
+        return (self.p * (self.tok == t[:, None])).sum(1)  # a padding hit adds p = 0
 
 
 def _rows_per_chunk(vocab: int, device: torch.device) -> int:
@@ -42,8 +111,11 @@ def _rows_per_chunk(vocab: int, device: torch.device) -> int:
     return max(1, elements // max(vocab, 1))
 
 
-def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    """int32 (R, W) bitmask -> (R, V) additive bias in dtype: 0 on A, -inf outside A.
+def _mask_bias(
+    mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype, ws: _Workspace | None = None
+) -> torch.Tensor:
+    """int32 (R, W) bitmask -> (R, V) additive bias in dtype: 0 on A, -inf outside A (in the
+    workspace's buffer "x" when one is given).
 
     (A masked logit of +inf or NaN gives NaN once added; `_scaled_rows` then selects instead.)
     """
@@ -55,9 +127,10 @@ def _mask_bias(mask_rows: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch
         table = torch.zeros(256, 8, dtype=dtype, device=mask_rows.device)  # (256, 8)
         table.masked_fill_(bits == 0, float("-inf"))
         _BYTE_BIAS[key] = table
-    as_bytes = mask_rows.contiguous().view(torch.uint8).reshape(-1).long()  # (R*4W,)
-    bias = table.index_select(0, as_bytes)  # (R*4W, 8)
-    return bias.reshape(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
+    as_bytes = mask_rows.contiguous().view(torch.uint8).reshape(-1).int()  # (R*4W,)
+    out = None if ws is None else ws.take("x", (as_bytes.shape[0], 8), dtype)
+    bias = torch.index_select(table, 0, as_bytes, out=out)  # (R*4W, 8)
+    return bias.view(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
 
 
 def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int):
@@ -97,36 +170,109 @@ def _threshold_index(scaled, allowed, z_b, beam):
     return hit.to(torch.uint8).argmax(-1)  # (R,)
 
 
-def _chunks(rows: torch.Tensor, n_rows: int, vocab: int):
-    """Yield (slice or index tensor) chunks of the counted rows."""
-    step = _rows_per_chunk(vocab, rows.device)
-    if rows.numel() == n_rows:  # every row is counted: contiguous slices, no copies
-        for s in range(0, n_rows, step):
-            yield slice(s, min(s + step, n_rows)), slice(s, min(s + step, n_rows))
-    else:
-        for s in range(0, rows.numel(), step):
-            yield rows[s : s + step], slice(s, min(s + step, rows.numel()))
+def _chunks(rows: torch.Tensor, n_rows: int, vocab: int, n_all: torch.Tensor, masked: bool):
+    """The chunks of the counted rows (list of _Chunk).
+
+    With a mask, one host synchronisation reads the widest allowed set: when every counted row
+    allows at most V // SPARSE_RATIO tokens, every chunk is sparse, with SPARSE_ROWS times the
+    rows of a dense one (its temporaries are (R, V / 8) bytes scanned and (R, K) values)."""
+    width = None
+    if masked and rows.numel():
+        widest = int(n_all[rows].max())
+        width = widest if widest * SPARSE_RATIO <= vocab else None
+    step = _rows_per_chunk(vocab, rows.device) * (1 if width is None else SPARSE_ROWS)
+    every = rows.numel() == n_rows  # every row counted: contiguous slices, no copies
+    parts = [slice(s, min(s + step, rows.numel())) for s in range(0, rows.numel(), step)]
+    return [_Chunk(part if every else rows[part], part, width) for part in parts]
 
 
-def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select=False):
+def _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, ws, select=False):
     """Chunk of scaled logits z/tau restricted to A (R, V) in cdtype (-inf outside A).
 
-    One pass where possible: with a mask, the fresh bias buffer takes z/tau in place (the dtype
+    One pass where possible: with a mask, the bias buffer takes z/tau in place (the dtype
     conversion happens inside the add). That add turns a masked +inf or NaN into NaN, so a chunk
     holding one is redone with `select=True`: masked entries are set to -inf whatever they hold
-    (SPEC §2: logits outside A have no effect). Without a mask the result may be a view of z:
-    callers only read it.
+    (SPEC §2: logits outside A have no effect). Without a mask and in z's dtype the result may
+    be a view of z: callers only read it.
     """
     x = z[sel]  # (R, V)
     if mask is not None and select:
         allowed = _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
         return torch.where(allowed, x.to(cdtype) * inv_tau, float("-inf"))  # (R, V)
     if mask is not None:
-        return _mask_bias(mask[sel], vocab, cdtype).add_(x, alpha=inv_tau)  # (R, V)
+        return _mask_bias(mask[sel], vocab, cdtype, ws).add_(x, alpha=inv_tau)  # (R, V)
     if x.dtype != cdtype:
-        x = x.to(cdtype)  # (R, V) a new tensor
-        return x.mul_(inv_tau) if inv_tau != 1.0 else x
-    return x * inv_tau if inv_tau != 1.0 else x
+        out = ws.take("x", tuple(x.shape), cdtype).copy_(x)  # (R, V)
+        return out.mul_(inv_tau) if inv_tau != 1.0 else out
+    if inv_tau != 1.0:
+        return torch.mul(x, inv_tau, out=ws.take("x", tuple(x.shape), cdtype))
+    return x
+
+
+def _byte_bits(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (256, 8), counts (256,)) int64: each byte's set bits, ascending, padded with 8."""
+    table = _BYTE_BITS.get(device)
+    if table is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8)
+        order = torch.where(bits == 1, torch.arange(8), 8).sort(1).values  # set bits first
+        table = (order.to(device), bits.sum(1).to(device))
+        _BYTE_BITS[device] = table
+    return table
+
+
+def _sparse_rows(z, mask, sel, y_r, inv_tau, cdtype, vocab, width):
+    """A sparse chunk's allowed scaled logits: x (R, K) in cdtype, their token ids tok (R, K)
+    int64, ascending per row, and valid (R, K) bool; padding entries are -inf at the row's
+    target y (whose gradient entry is written last). Masked logits are never read (SPEC §2:
+    they have no effect, whatever they hold)."""
+    as_bytes = mask[sel].contiguous().view(torch.uint8)  # (R, 4W): byte i holds tokens 8i..8i+7
+    n_rows, device = as_bytes.shape[0], as_bytes.device
+    r, i = (as_bytes != 0).nonzero(as_tuple=True)  # (M,) each, row-major
+    positions, counts = _byte_bits(device)
+    byte = as_bytes[r, i].long()  # (M,)
+    count = counts[byte]  # (M,) set bits of each byte
+    token = i[:, None] * 8 + positions[byte]  # (M, 8)
+    j = torch.arange(8, device=device)
+    keep = (j < count[:, None]) & (token < vocab)  # (M, 8) bits past V sit at a row's end
+    first = count.cumsum(0) - count  # (M,) entries before the byte, all rows
+    per_row = torch.zeros(n_rows, dtype=torch.int64, device=device).index_add_(0, r, count)
+    in_row = first - (per_row.cumsum(0) - per_row)[r]  # (M,) entries before it in its row
+    slot = torch.where(keep, (r * width + in_row)[:, None] + j, n_rows * width)  # last: unused
+    tok = torch.full((n_rows * width + 1,), -1, dtype=torch.int64, device=device)
+    tok = tok.scatter_(0, slot.reshape(-1), token.reshape(-1))[:-1].view(n_rows, width)
+    valid = tok >= 0  # (R, K)
+    tok = torch.where(valid, tok, y_r[:, None])
+    raw = z[sel].gather(1, tok) if isinstance(sel, slice) else z[sel[:, None], tok]  # (R, K)
+    return torch.where(valid, raw.to(cdtype) * inv_tau, float("-inf")), tok, valid
+
+
+def _put_(grad: torch.Tensor, flat_index: torch.Tensor, values: torch.Tensor) -> None:
+    """grad.view(-1)[flat_index] = values in grad's dtype (2-byte floats through an int16 view,
+    as `_scatter_`); of repeated positions, one value is kept."""
+    values = values.to(grad.dtype)
+    if grad.element_size() == 2:
+        grad, values = grad.view(torch.int16), values.view(torch.int16)
+    grad.view(-1).put_(flat_index.reshape(-1), values.reshape(-1))
+
+
+def _scatter_(d: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """d.scatter_(1, index, values) in d's dtype; 2-byte floats through an int16 view (a copy of
+    the bits): torch 2.13's CPU scatter_ on bf16 / fp16 costs a pass over all of d per call."""
+    values = values.to(d.dtype)
+    if d.element_size() == 2:
+        d.view(torch.int16).scatter_(1, index, values.view(torch.int16))
+        return d
+    return d.scatter_(1, index, values)
+
+
+def _chunk_probs(z, y_r, mask, chunk: _Chunk, inv_tau, cdtype, vocab, ws, select=False):
+    """(x, probs): the chunk's scaled logits over A (dense (R, V) or sparse (R, K)) and _Probs;
+    y_r (R,) the chunk's targets."""
+    if chunk.width is not None:
+        x, tok, valid = _sparse_rows(z, mask, chunk.sel, y_r, inv_tau, cdtype, vocab, chunk.width)
+        return x, _Probs(torch.softmax(x, dim=-1), tok, valid)
+    x = _scaled_rows(z, mask, chunk.sel, inv_tau, cdtype, vocab, ws, select)  # (R, V)
+    return x, _Probs(torch.softmax(x, dim=-1, out=ws.take("p", tuple(x.shape), cdtype)))
 
 
 def _counted(z, y, mask, params: LossParams):
@@ -140,65 +286,88 @@ def _counted(z, y, mask, params: LossParams):
     return n_all, counted, counted.nonzero().squeeze(1)
 
 
-def _chunk_forward(z, y, mask, sel, idx, n_all, params: LossParams, cdtype):
+def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cdtype, ws):
     """Steps 1-4 of the reference on one chunk.
 
-    Returns (p (R, V), ce (R,), Δ (R,), b (R,) or None, select): `select` says whether the
+    Returns (probs, ce (R,), Δ (R,), b (R,) or None, select): `select` says whether the
     chunk's masked logits had to be selected away (see `_scaled_rows`); backward does the same.
+    A sparse chunk works on its allowed tokens (positions in x), mapped back to token ids.
     """
     vocab = z.shape[1]
     inv_tau = 1.0 / params.temperature
+    sparse = chunk.width is not None
     # 1. scaled logits of the chunk, restricted to A
-    x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab)  # (R, V)
-    y_r = y[idx][:, None]  # (R, 1)
+    y_r = y[idx]  # (R,)
+    x, probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws)  # (R, V) / (R, K)
     # 2. z_(B') with B' = min(B, n); b only when the gradient needs it (threshold_grad)
     beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
-    k = min(params.beam_width, vocab)
-    z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
-    # topk ranks NaN first, so z_(1) is NaN iff the row of x holds a NaN; with a mask that may
-    # come from a masked +inf / NaN: redo the chunk by selection (one host sync, masks only).
-    select = mask is not None and bool(torch.isnan(z_max).any())
+    k = min(params.beam_width, x.shape[1])
+    z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each; i_max a position in x
+    # topk ranks NaN first, so z_(1) is NaN iff the row of x holds a NaN; with a dense mask that
+    # may come from a masked +inf / NaN: redo the chunk by selection (one host sync, masks only;
+    # a sparse chunk never reads a masked logit).
+    select = mask is not None and not sparse and bool(torch.isnan(z_max).any())
     if select:
-        x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select=True)  # (R, V)
+        x, probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, select=True)
         z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
     b = None
     if params.threshold_grad:
-        allowed = None if mask is None else _mask_bias(mask[sel], vocab, cdtype) == 0  # (R, V)
+        if sparse:
+            allowed = probs.valid  # (R, K)
+        else:
+            allowed = None if mask is None else _mask_bias(mask[chunk.sel], vocab, cdtype) == 0
         b = _threshold_index(x, allowed, z_b, beam)  # (R,)
+        b = probs.tok.gather(1, b[:, None]).squeeze(1) if sparse else b
     # 3. p = softmax over A (native fused kernel, fast on -inf); lse = z_(1) - log p_(1),
     #    exact to rounding since p_(1) >= 1/n; ce = lse - z_y
-    p = torch.softmax(x, dim=-1)  # (R, V)
-    lse = z_max - torch.log(p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
-    z_y = x.gather(1, y_r).squeeze(1)  # (R,)
+    lse = z_max - torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
+    if sparse:
+        at_y = probs.tok == y_r[:, None]  # (R, K); padding (token y) holds -inf
+        z_y = torch.where(at_y, x, float("-inf")).amax(1)  # (R,) -inf for y outside A
+    else:
+        z_y = x.gather(1, y_r[:, None]).squeeze(1)  # (R,)
     # an allowed +inf logit: lse = +inf (softmax gives NaN there), so ce = +inf - z_y and
     # Δ = log β - log p_y = (z_(B') - lse) - (z_y - lse) is NaN, as the reference computes them
     inf_row = torch.isposinf(z_max)  # (R,)
     lse = torch.where(inf_row, z_max, lse)
     # 4. Δ = (z_(B') - z_y) / tau
     margin = torch.where(inf_row, torch.full_like(z_b, float("nan")), z_b - z_y)
-    return p, lse - z_y, margin, b, select
+    return probs, lse - z_y, margin, b, select
 
 
-def _write_chunk_grad(grad, sel, p, a_r, cy_r, cb_r, y_r, b_r, threshold_grad):
-    """grad[sel] = a·p - c_y·[j=y] + c_b·[j=b] for one chunk; p (R, V) is consumed.
+def _write_chunk_grad(grad, chunk: _Chunk, probs: _Probs, a_r, cy_r, cb_r, y_r, b_r,
+                      threshold_grad):  # fmt: skip
+    """grad[sel] = a·p - c_y·[j=y] + c_b·[j=b] for one chunk; a dense p (R, V) is consumed.
 
-    The dense part is written straight into grad when the rows are a slice; the entries at y
-    and b are then overwritten with their exact values, computed in p's dtype, rounded once.
+    The dense part is written straight into grad when the rows are a slice (a sparse chunk:
+    zeros, then a·p put onto A, never an (R, V) temporary); the entries at y and b are then
+    overwritten with their exact values, computed in p's dtype, rounded once.
     """
-    v_y = a_r * p.gather(1, y_r).squeeze(1) - cy_r  # (R,)
+    sel = chunk.sel
+    v_y = a_r * probs.at(y_r) - cy_r  # (R,)
     if threshold_grad:
-        same = (b_r == y_r).squeeze(1)  # (R,)
-        v_b = a_r * p.gather(1, b_r).squeeze(1) + cb_r  # (R,)
+        same = b_r == y_r  # (R,)
+        v_b = a_r * probs.at(b_r) + cb_r  # (R,)
         v_y = torch.where(same, v_y + cb_r, v_y)
         v_b = torch.where(same, v_b - cy_r, v_b)
-    if isinstance(sel, slice):
-        d = torch.mul(p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
+    if probs.tok is not None:  # zeros, then a·p, v_y and v_b put at their flat positions
+        if isinstance(sel, slice):
+            grad[sel].zero_()  # (a buffer with uncounted rows is zeros already)
+        base = chunk.row_ids(grad.device)[:, None] * grad.shape[1]  # (R, 1)
+        _put_(grad, base + probs.tok, probs.p * a_r[:, None])  # padding: 0 at y, put over next
+        _put_(grad, base + y_r[:, None], v_y[:, None])
+        if threshold_grad:
+            _put_(grad, base + b_r[:, None], v_b[:, None])
+        return
+    rows = isinstance(sel, slice)
+    if rows:
+        d = torch.mul(probs.p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
     else:
-        d = p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
-    d.scatter_(1, y_r, v_y[:, None].to(d.dtype))
+        d = probs.p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
+    _scatter_(d, y_r[:, None], v_y[:, None])
     if threshold_grad:
-        d.scatter_(1, b_r, v_b[:, None].to(d.dtype))
-    if not isinstance(sel, slice):
+        _scatter_(d, b_r[:, None], v_b[:, None])
+    if not rows:
         grad[sel] = d.to(grad.dtype)
 
 
@@ -216,17 +385,19 @@ class _CEMarginTorch(torch.autograd.Function):
         ce = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         margin = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         b_idx = torch.zeros(n_rows, dtype=torch.int64, device=z.device)  # (N,)
+        chunks = _chunks(rows, n_rows, vocab, n_all, mask is not None)
+        ws = _Workspace(z.device)
         selected = []  # per chunk: masked logits selected away (see _scaled_rows)
-        for sel, part in _chunks(rows, n_rows, vocab):
-            idx = rows[part]  # (R,) row ids of this chunk
+        for chunk in chunks:
+            idx = rows[chunk.part]  # (R,) row ids of this chunk
             _, ce[idx], margin[idx], b, select = _chunk_forward(
-                z, y, mask, sel, idx, n_all, params, cdtype
+                z, y, mask, chunk, idx, n_all, params, cdtype, ws
             )
             selected.append(select)
             if b is not None:
                 b_idx[idx] = b
         ctx.save_for_backward(z, y, mask, rows, b_idx, counted)
-        ctx.params, ctx.selected = params, selected
+        ctx.params, ctx.selected, ctx.chunks = params, selected, chunks
         ctx.mark_non_differentiable(counted)
         return ce, margin, counted
 
@@ -235,24 +406,24 @@ class _CEMarginTorch(torch.autograd.Function):
         check_first_order()
         z, y, mask, rows, b_idx, counted = ctx.saved_tensors
         params = ctx.params
-        n_rows, vocab = z.shape
+        vocab = z.shape[1]
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         a, c_y, c_b = row_coefficients(g_ce, g_margin, counted, params, cdtype)  # (N,) each
         grad = _grad_buffer(z, rows)  # (N, V)
-        for (sel, part), select in zip(_chunks(rows, n_rows, vocab), ctx.selected, strict=True):
-            idx = rows[part]  # (R,)
-            inv_tau = 1.0 / params.temperature
-            x = _scaled_rows(z, mask, sel, inv_tau, cdtype, vocab, select)  # (R, V)
-            p = torch.softmax(x, dim=-1)  # (R, V), 0 outside A
+        ws = _Workspace(z.device)
+        inv_tau = 1.0 / params.temperature
+        for chunk, select in zip(ctx.chunks, ctx.selected, strict=True):
+            idx = rows[chunk.part]  # (R,)
+            _, probs = _chunk_probs(z, y[idx], mask, chunk, inv_tau, cdtype, vocab, ws, select)
             _write_chunk_grad(
                 grad,
-                sel,
-                p,
+                chunk,
+                probs,
                 a[idx],
                 c_y[idx],
                 c_b[idx],
-                y[idx][:, None],
-                b_idx[idx][:, None],
+                y[idx],
+                b_idx[idx],
                 params.threshold_grad,
             )
         return grad, None, None, None
@@ -275,9 +446,12 @@ class _BEARLossTorchFused(torch.autograd.Function):
         scale = 1.0 / max(rows.numel(), 1) if fused.reduction == "mean" else 1.0
         total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         grad = _grad_buffer(z, rows)  # (N, V)
-        for sel, part in _chunks(rows, n_rows, vocab):
-            idx = rows[part]  # (R,)
-            p, ce, margin, b, _ = _chunk_forward(z, y, mask, sel, idx, n_all, params, cdtype)
+        ws = _Workspace(z.device)
+        for chunk in _chunks(rows, n_rows, vocab, n_all, mask is not None):
+            idx = rows[chunk.part]  # (R,)
+            probs, ce, margin, b, _ = _chunk_forward(
+                z, y, mask, chunk, idx, n_all, params, cdtype, ws
+            )
             # 5-6. row loss = ce + λ·log σ(Δ/ξ); its gradient has g_ce = scale and
             #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in _common's derivation
             total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
@@ -288,10 +462,8 @@ class _BEARLossTorchFused(torch.autograd.Function):
                 a, c_b = g_ce * inv_tau, g_m * inv_tau
             else:
                 a, c_b = c_y, torch.zeros_like(c_y)
-            b_r = (b if b is not None else torch.zeros_like(idx))[:, None]  # (R, 1)
-            _write_chunk_grad(
-                grad, sel, p, a, c_y, c_b, y[idx][:, None], b_r, params.threshold_grad
-            )
+            b_r = b if b is not None else torch.zeros_like(idx)  # (R,)
+            _write_chunk_grad(grad, chunk, probs, a, c_y, c_b, y[idx], b_r, params.threshold_grad)
         ctx.save_for_backward(grad)
         ctx.used = False
         return total * scale

@@ -74,14 +74,17 @@ def allowed_count(allowed_mask: torch.Tensor | None, vocab_size: int) -> torch.T
             f"allowed_mask must have last dim ceil(vocab_size/32) = {words}, "
             f"got {allowed_mask.shape[-1]}"
         )
-    x = allowed_mask.to(torch.int64) & 0xFFFFFFFF  # (..., W) unsigned words
     tail = vocab_size - (words - 1) * BITS_PER_WORD  # valid bits in the last word, 1..32
-    keep = torch.full((words,), 0xFFFFFFFF, dtype=torch.int64, device=x.device)  # (W,)
-    keep[-1] = (1 << tail) - 1
-    x = x & keep
-    # SWAR popcount of 32-bit words held in int64
+    x = allowed_mask.to(torch.int32)  # (..., W)
+    if tail < BITS_PER_WORD:
+        keep = torch.full((words,), -1, dtype=torch.int32, device=x.device)  # (W,) all bits
+        keep[-1] = (1 << tail) - 1
+        x = x & keep
+    # SWAR popcount in int32 (the arithmetic shifts' sign bits are masked off or land above the
+    # count's 6 bits): no int64 pass over the mask
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    x = ((x * 0x01010101) & 0xFFFFFFFF) >> 24
-    return x.sum(-1)
+    x = (x + (x >> 4)) & 0x0F0F0F0F  # (..., W) four byte counts per word
+    x = x + (x >> 8)
+    x = (x + (x >> 16)) & 0x3F  # (..., W) the word's count, 0..32
+    return x.sum(-1)  # int64

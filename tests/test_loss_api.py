@@ -225,6 +225,33 @@ def test_torch_path_small_chunks(monkeypatch):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("ignored", [(), (1, 4)], ids=["all-rows", "ignored-rows"])
+def test_torch_path_sparse_chunks_equal_dense_ones(monkeypatch, dtype, threshold_grad, ignored):
+    """Rows that allow few tokens are computed on those tokens only (sparse chunks, several of
+    them here); forced through the dense chunks instead, every value and gradient entry is the
+    same to rounding (both are the softmax over A, summed in another order)."""
+    import bear_kernels._torch as tp
+
+    monkeypatch.setattr(tp, "CHUNK_ELEMENTS", 300)  # sparse chunks of 8 rows
+    z, y, mask = make_case(9, 300, "mixed", seed=7, ignore_rows=ignored, dtype=dtype)
+    chunks = tp._chunks(torch.arange(9), 9, 300, allowed_count(mask, 300), True)
+    assert len(chunks) == 2 and all(c.width == 13 for c in chunks)  # the widest row allows 13
+    kw = dict(beam_width=7, allowed_mask=mask, threshold_grad=threshold_grad, impl="torch")
+    out = {}
+    for path, ratio in (("sparse", tp.SPARSE_RATIO), ("dense", 10**9)):
+        monkeypatch.setattr(tp, "SPARSE_RATIO", ratio)
+        for reduction in ("mean", "none"):
+            leaf = z.clone().requires_grad_(True)
+            loss = bear_loss(leaf, y, reduction=reduction, **kw)
+            loss.sum().backward()
+            out[path, reduction] = (loss.detach(), leaf.grad)
+    for reduction in ("mean", "none"):
+        for a, b in zip(out["sparse", reduction], out["dense", reduction], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("fn", [bear_loss, bear_loss_reference, ce_margin])
 def test_device_mismatch_raises(fn):
     z, y = _inputs()

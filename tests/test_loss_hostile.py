@@ -15,12 +15,16 @@ V = 70  # three bitmask words, the last one partial
 IMPLS = ("torch", "triton")
 
 
-def _masked_case(bad_value):
-    """Logits whose masked-out entries hold `bad_value`, and the same logits with 0 there."""
+def _masked_case(bad_value, density="dense"):
+    """Logits whose masked-out entries hold `bad_value`, and the same logits with 0 there; about
+    40 % of the tokens allowed ("dense"), or 3 per row ("sparse": the torch path then reads only
+    the allowed logits)."""
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(3, V, generator=g)
-    allowed = torch.rand(3, V, generator=g) < 0.4
+    allowed = torch.rand(3, V, generator=g) < (0.4 if density == "dense" else 0.0)
     allowed[:, :2] = True  # every row has at least 2 allowed tokens, target 0 or 1
+    if density == "sparse":
+        allowed[torch.arange(3), torch.tensor([5, 37, 69])] = True  # one in each word
     hostile = torch.where(allowed, clean, bad_value)
     clean = torch.where(allowed, clean, 0.0)
     return hostile, clean, torch.tensor([0, 1, 0]), pack_allowed_mask(allowed)
@@ -38,8 +42,11 @@ def _value_and_grad(fn, z):
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["+inf", "nan"])
 @pytest.mark.parametrize("threshold_grad", [False, True])
 @pytest.mark.parametrize("form", ["ce", "margin", "mean", "none"])
-def test_nonfinite_logits_outside_the_allowed_set_have_no_effect(impl, bad, threshold_grad, form):
-    hostile, clean, y, mask = _masked_case(bad)
+@pytest.mark.parametrize("density", ["dense", "sparse"])
+def test_nonfinite_logits_outside_the_allowed_set_have_no_effect(
+    impl, bad, threshold_grad, form, density
+):
+    hostile, clean, y, mask = _masked_case(bad, density)
     kw = dict(beam_width=3, allowed_mask=mask, impl=impl, threshold_grad=threshold_grad)
     if form in ("ce", "margin"):
         pick = 0 if form == "ce" else 1
