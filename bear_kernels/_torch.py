@@ -36,6 +36,10 @@ CHUNK_ELEMENTS = 1 << 20
 # On a GPU (no cache to stay in; each chunk costs ~40 kernel launches): 256 MiB of fp32, so that
 # N = 8192 at V = 128256 takes 16 chunks instead of 1024 (not yet measured on a GPU).
 CUDA_CHUNK_ELEMENTS = 1 << 26
+# A chunk holds at most 1/WORKSPACE_SHARE of the logits' elements, so that its float32 buffer
+# (one on the CPU, where the softmax overwrites its input) adds at most 4/32 bytes per logit to
+# the call's peak: the gradient (the logits' size) is then nearly all the memory the loss adds.
+WORKSPACE_SHARE = 32
 # Tokens per group of the two-level top-k (a power of two; 64 measured well on CPU).
 GROUP = 64
 # A chunk is sparse when its rows allow at most V // SPARSE_RATIO tokens each: its allowed logits
@@ -106,8 +110,12 @@ class _Probs:
         return (self.p * (self.tok == t[:, None])).sum(1)  # a padding hit adds p = 0
 
 
-def _rows_per_chunk(vocab: int, device: torch.device) -> int:
+def _rows_per_chunk(vocab: int, device: torch.device, n_rows: int | None = None) -> int:
+    """Rows of a dense chunk; with ``n_rows`` (the logits' rows), few enough that the chunk's
+    float32 buffer stays within 1/16 of bf16 logits (1/32 of float32 ones) on small inputs."""
     elements = CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    if n_rows is not None:
+        elements = min(elements, n_rows * vocab // WORKSPACE_SHARE)
     return max(1, elements // max(vocab, 1))
 
 
@@ -133,25 +141,64 @@ def _mask_bias(
     return bias.view(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
 
 
-def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int):
-    """(z_(B'), z_(1), index of z_(1)) per row of x (R, V): the beam-th and the largest value.
+def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int, rows=None, inv_tau=None):
+    """(z_(B'), z_(1), index of z_(1)) per row: the beam-th and the largest value.
 
-    beam (R,) holds B' in [1, k]; k = min(B, V). Two-level top-k when V is large (see above).
+    x (R, V) scaled logits; or, with ``rows`` (R,) and ``inv_tau``, raw logits (N, V) of which
+    those rows are read: the group maxima in x's own dtype, the candidates converted to float32
+    (float64 for float64 logits) and scaled by 1/τ (a conversion and a scaling by a positive
+    constant keep the order, so the top-k is the same). beam (R,) holds B' in [1, k];
+    k = min(B, V). Two-level top-k when V is large (see above).
     """
-    n_rows, vocab = x.shape
+    vocab = x.shape[1]
     full = vocab // GROUP * GROUP
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
     if full // GROUP > k:
-        group_max = x[:, :full].reshape(n_rows, full // GROUP, GROUP).amax(-1)  # (R, V/G)
+        if x.stride(1) == 1:  # groups of a row are contiguous: a view, no copy
+            grouped = x.as_strided((x.shape[0], full // GROUP, GROUP), (x.stride(0), GROUP, 1))
+        else:
+            grouped = x[:, :full].reshape(x.shape[0], full // GROUP, GROUP)
+        group_max = pick(grouped.amax(-1))  # (R, V/G)
+        n_rows = group_max.shape[0]
         groups = torch.topk(group_max, k, dim=-1, sorted=False).indices  # (R, k)
         members = groups[:, :, None] * GROUP + torch.arange(GROUP, device=x.device)  # (R, k, G)
         tail = torch.arange(full, vocab, device=x.device).expand(n_rows, -1)  # (R, V % G)
         where = torch.cat([members.reshape(n_rows, -1), tail], dim=1)  # (R, k*G + V % G)
-        cand = x.gather(1, where)  # (R, k*G + V % G)
+        cand = x.gather(1, where) if rows is None else x[rows[:, None], where]
     else:
-        where, cand = None, x
+        where, cand = None, pick(x)
+    if inv_tau is not None:
+        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cand = cand.to(cdtype) * inv_tau
     top = torch.topk(cand, k, dim=-1, sorted=True)  # (R, k) values and positions in cand
     i_max = top.indices[:, 0] if where is None else where.gather(1, top.indices[:, :1]).squeeze(1)
     return top.values.gather(1, (beam - 1)[:, None]).squeeze(1), top.values[:, 0], i_max
+
+
+@dataclass
+class _RowTerms:
+    """Steps 2 and 4 of the reference for the counted rows (M,) each: z_(B'), z_(1) and its
+    index, B', z_y and Δ (NaN on a row with an allowed +inf logit, as the reference)."""
+
+    z_b: torch.Tensor
+    z_max: torch.Tensor
+    i_max: torch.Tensor
+    beam: torch.Tensor
+    z_y: torch.Tensor
+    margin: torch.Tensor
+
+
+def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
+    """_RowTerms of every counted row at once when there is no mask (A = the vocabulary): one
+    pass over z's group maxima in its own dtype and a gather of the chosen groups, so the row
+    chunks that follow only soft-max (no per-chunk top-k, no per-chunk row arithmetic)."""
+    inv_tau = 1.0 / params.temperature
+    beam = n_all[rows].clamp(max=params.beam_width)  # (M,)
+    k = min(params.beam_width, z.shape[1])
+    z_b, z_max, i_max = _kth_largest(z, beam, k, rows=rows, inv_tau=inv_tau)  # (M,) each
+    z_y = z[rows, y[rows]].to(cdtype) * inv_tau  # (M,)
+    margin = torch.where(torch.isposinf(z_max), float("nan"), z_b - z_y)
+    return _RowTerms(z_b, z_max, i_max, beam, z_y, margin)
 
 
 def _threshold_index(scaled, allowed, z_b, beam):
@@ -180,7 +227,7 @@ def _chunks(rows: torch.Tensor, n_rows: int, vocab: int, n_all: torch.Tensor, ma
     if masked and rows.numel():
         widest = int(n_all[rows].max())
         width = widest if widest * SPARSE_RATIO <= vocab else None
-    step = _rows_per_chunk(vocab, rows.device) * (1 if width is None else SPARSE_ROWS)
+    step = _rows_per_chunk(vocab, rows.device, n_rows) * (1 if width is None else SPARSE_ROWS)
     every = rows.numel() == n_rows  # every row counted: contiguous slices, no copies
     parts = [slice(s, min(s + step, rows.numel())) for s in range(0, rows.numel(), step)]
     return [_Chunk(part if every else rows[part], part, width) for part in parts]
@@ -265,14 +312,28 @@ def _scatter_(d: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> tor
     return d.scatter_(1, index, values)
 
 
-def _chunk_probs(z, y_r, mask, chunk: _Chunk, inv_tau, cdtype, vocab, ws, select=False):
-    """(x, probs): the chunk's scaled logits over A (dense (R, V) or sparse (R, K)) and _Probs;
-    y_r (R,) the chunk's targets."""
+def _chunk_logits(z, y_r, mask, chunk: _Chunk, inv_tau, cdtype, vocab, ws, select=False):
+    """(x, tok, valid): the chunk's scaled logits over A, dense (R, V) with tok = valid = None,
+    or sparse (R, K) (`_sparse_rows`); y_r (R,) the chunk's targets."""
     if chunk.width is not None:
-        x, tok, valid = _sparse_rows(z, mask, chunk.sel, y_r, inv_tau, cdtype, vocab, chunk.width)
-        return x, _Probs(torch.softmax(x, dim=-1), tok, valid)
-    x = _scaled_rows(z, mask, chunk.sel, inv_tau, cdtype, vocab, ws, select)  # (R, V)
-    return x, _Probs(torch.softmax(x, dim=-1, out=ws.take("p", tuple(x.shape), cdtype)))
+        return _sparse_rows(z, mask, chunk.sel, y_r, inv_tau, cdtype, vocab, chunk.width)
+    return _scaled_rows(z, mask, chunk.sel, inv_tau, cdtype, vocab, ws, select), None, None
+
+
+def _softmax(x: torch.Tensor, z: torch.Tensor, ws: _Workspace) -> torch.Tensor:
+    """softmax over the last dim of x, written over x when x is this call's own memory (not a
+    view of z) on the CPU, whose kernel reads each entry before writing it (bit-identical to a
+    separate output, tested), so a chunk needs one (R, V) buffer; else into the buffer "p"."""
+    own = x.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()
+    if own and x.device.type == "cpu" and x.is_contiguous():
+        return torch.softmax(x, dim=-1, out=x)
+    return torch.softmax(x, dim=-1, out=ws.take("p", tuple(x.shape), x.dtype))
+
+
+def _chunk_probs(z, y_r, mask, chunk: _Chunk, inv_tau, cdtype, vocab, ws, select=False):
+    """_Probs of the chunk (softmax over A of `_chunk_logits`)."""
+    x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, select)
+    return _Probs(_softmax(x, z, ws), tok, valid)
 
 
 def _counted(z, y, mask, params: LossParams):
@@ -298,7 +359,7 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     sparse = chunk.width is not None
     # 1. scaled logits of the chunk, restricted to A
     y_r = y[idx]  # (R,)
-    x, probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws)  # (R, V) / (R, K)
+    x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws)
     # 2. z_(B') with B' = min(B, n); b only when the gradient needs it (threshold_grad)
     beam = n_all[idx].clamp(max=params.beam_width)  # (R,)
     k = min(params.beam_width, x.shape[1])
@@ -308,24 +369,24 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     # a sparse chunk never reads a masked logit).
     select = mask is not None and not sparse and bool(torch.isnan(z_max).any())
     if select:
-        x, probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, select=True)
+        x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, True)
         z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
     b = None
     if params.threshold_grad:
         if sparse:
-            allowed = probs.valid  # (R, K)
+            allowed = valid  # (R, K)
         else:
             allowed = None if mask is None else _mask_bias(mask[chunk.sel], vocab, cdtype) == 0
         b = _threshold_index(x, allowed, z_b, beam)  # (R,)
-        b = probs.tok.gather(1, b[:, None]).squeeze(1) if sparse else b
-    # 3. p = softmax over A (native fused kernel, fast on -inf); lse = z_(1) - log p_(1),
-    #    exact to rounding since p_(1) >= 1/n; ce = lse - z_y
-    lse = z_max - torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
+        b = tok.gather(1, b[:, None]).squeeze(1) if sparse else b
     if sparse:
-        at_y = probs.tok == y_r[:, None]  # (R, K); padding (token y) holds -inf
-        z_y = torch.where(at_y, x, float("-inf")).amax(1)  # (R,) -inf for y outside A
+        z_y = torch.where(tok == y_r[:, None], x, float("-inf")).amax(1)  # (R,) -inf: y not in A
     else:
         z_y = x.gather(1, y_r[:, None]).squeeze(1)  # (R,)
+    # 3. p = softmax over A (native fused kernel, fast on -inf; over x, which is not read
+    #    again); lse = z_(1) - log p_(1), exact to rounding since p_(1) >= 1/n; ce = lse - z_y
+    probs = _Probs(_softmax(x, z, ws), tok, valid)
+    lse = z_max - torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
     # an allowed +inf logit: lse = +inf (softmax gives NaN there), so ce = +inf - z_y and
     # Δ = log β - log p_y = (z_(B') - lse) - (z_y - lse) is NaN, as the reference computes them
     inf_row = torch.isposinf(z_max)  # (R,)
@@ -414,7 +475,7 @@ class _CEMarginTorch(torch.autograd.Function):
         inv_tau = 1.0 / params.temperature
         for chunk, select in zip(ctx.chunks, ctx.selected, strict=True):
             idx = rows[chunk.part]  # (R,)
-            _, probs = _chunk_probs(z, y[idx], mask, chunk, inv_tau, cdtype, vocab, ws, select)
+            probs = _chunk_probs(z, y[idx], mask, chunk, inv_tau, cdtype, vocab, ws, select)
             _write_chunk_grad(
                 grad,
                 chunk,
@@ -427,6 +488,18 @@ class _CEMarginTorch(torch.autograd.Function):
                 params.threshold_grad,
             )
         return grad, None, None, None
+
+
+def _fused_coefficients(margin, scale: float, params: LossParams, fused: FusedParams):
+    """(a, c_y, c_b) of each row's gradient a·p - c_y·[j=y] + c_b·[j=b] for the reduced BEAR
+    loss: g_ce = scale and g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in _common's derivation."""
+    inv_tau = 1.0 / params.temperature
+    lam, xi = fused.reg_weight, fused.reg_temperature
+    g_m = scale * (lam / xi) * torch.sigmoid(-margin / xi)  # (R,)
+    c_y = (g_m + scale) * inv_tau  # (R,)
+    if params.threshold_grad:
+        return torch.full_like(c_y, scale * inv_tau), c_y, g_m * inv_tau
+    return c_y, c_y, torch.zeros_like(c_y)
 
 
 class _BEARLossTorchFused(torch.autograd.Function):
@@ -444,26 +517,40 @@ class _BEARLossTorchFused(torch.autograd.Function):
         reg_weight, reg_temperature = fused.reg_weight, fused.reg_temperature
         n_all, counted, rows = _counted(z, y, mask, params)
         scale = 1.0 / max(rows.numel(), 1) if fused.reduction == "mean" else 1.0
-        total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         grad = _grad_buffer(z, rows)  # (N, V)
         ws = _Workspace(z.device)
+        # 5-6. row loss = ce + λ·log σ(Δ/ξ); without a mask, Δ and so every row's gradient
+        # coefficients are known before the chunks (_unmasked_terms), which then only soft-max
+        terms = None if mask is not None else _unmasked_terms(z, y, rows, n_all, params, cdtype)
+        if terms is not None:
+            coef_all = _fused_coefficients(terms.margin, scale, params, fused)  # (M,) each
+            lse = torch.empty_like(terms.z_y)  # (M,) filled chunk by chunk
+        total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         for chunk in _chunks(rows, n_rows, vocab, n_all, mask is not None):
             idx = rows[chunk.part]  # (R,)
-            probs, ce, margin, b, _ = _chunk_forward(
-                z, y, mask, chunk, idx, n_all, params, cdtype, ws
-            )
-            # 5-6. row loss = ce + λ·log σ(Δ/ξ); its gradient has g_ce = scale and
-            #      g_Δ = scale·(λ/ξ)·σ(-Δ/ξ) in _common's derivation
-            total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
-            g_ce = torch.full_like(ce, scale)  # (R,)
-            g_m = scale * (reg_weight / reg_temperature) * torch.sigmoid(-margin / reg_temperature)
-            c_y = (g_ce + g_m) * inv_tau  # (R,)
-            if params.threshold_grad:
-                a, c_b = g_ce * inv_tau, g_m * inv_tau
+            b = None
+            if terms is None:
+                probs, ce, margin, b, _ = _chunk_forward(
+                    z, y, mask, chunk, idx, n_all, params, cdtype, ws
+                )
+                total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
+                coef = _fused_coefficients(margin, scale, params, fused)
             else:
-                a, c_b = c_y, torch.zeros_like(c_y)
+                part = chunk.part
+                x = _scaled_rows(z, None, chunk.sel, inv_tau, cdtype, vocab, ws)  # (R, V)
+                if params.threshold_grad:
+                    b = _threshold_index(x, None, terms.z_b[part], terms.beam[part])
+                probs = _Probs(_softmax(x, z, ws))
+                i_max = terms.i_max[part]
+                lse[part] = -torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))
+                coef = tuple(c[part] for c in coef_all)
             b_r = b if b is not None else torch.zeros_like(idx)  # (R,)
-            _write_chunk_grad(grad, chunk, probs, a, c_y, c_b, y[idx], b_r, params.threshold_grad)
+            _write_chunk_grad(grad, chunk, probs, *coef, y[idx], b_r, params.threshold_grad)
+        if terms is not None:  # lse = z_(1) - log p_(1); +inf on a row with an allowed +inf
+            z_max = terms.z_max
+            lse = torch.where(torch.isposinf(z_max), z_max, lse + z_max)
+            reg = reg_weight * F.logsigmoid(terms.margin / reg_temperature)
+            total = (lse - terms.z_y + reg).sum()
         ctx.save_for_backward(grad)
         ctx.used = False
         return total * scale

@@ -252,6 +252,20 @@ def test_torch_path_sparse_chunks_equal_dense_ones(monkeypatch, dtype, threshold
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(21, 49152), (4, 4099), (1, 7), (300, 33)])
+def test_the_cpu_softmax_written_over_its_input_equals_a_separate_output(shape):
+    """The torch path soft-maxes a chunk's own buffer in place on the CPU (one (R, V) buffer per
+    chunk, not two); torch's kernel must read each entry before writing it."""
+    from bear_kernels._torch import _softmax, _Workspace
+
+    z = torch.randn(*shape, dtype=torch.float64).float() * 4  # stands in for the logits
+    x = z * 1.0  # a buffer of the call's own, as _scaled_rows returns one
+    want = torch.softmax(x, dim=-1)
+    got = _softmax(x, z, _Workspace(z.device))
+    assert got.data_ptr() == x.data_ptr() and torch.equal(got, want)
+    assert _softmax(z, z, _Workspace(z.device)).data_ptr() != z.data_ptr()  # z is never written
+
+
 @pytest.mark.parametrize("fn", [bear_loss, bear_loss_reference, ce_margin])
 def test_device_mismatch_raises(fn):
     z, y = _inputs()
