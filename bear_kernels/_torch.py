@@ -161,17 +161,21 @@ def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int, rows=None, inv_tau
         group_max = pick(grouped.amax(-1))  # (R, V/G)
         n_rows = group_max.shape[0]
         groups = torch.topk(group_max, k, dim=-1, sorted=False).indices  # (R, k)
-        members = groups[:, :, None] * GROUP + torch.arange(GROUP, device=x.device)  # (R, k, G)
-        tail = torch.arange(full, vocab, device=x.device).expand(n_rows, -1)  # (R, V % G)
-        where = torch.cat([members.reshape(n_rows, -1), tail], dim=1)  # (R, k*G + V % G)
-        cand = x.gather(1, where) if rows is None else x[rows[:, None], where]
+        src = torch.arange(n_rows, device=x.device) if rows is None else rows  # (R,) rows of x
+        cand = grouped[src[:, None], groups].reshape(n_rows, k * GROUP)  # (R, k*G) their tokens
+        if full < vocab:
+            cand = torch.cat([cand, x[src, full:]], dim=1)  # (R, k*G + V % G) and the tail
     else:
-        where, cand = None, pick(x)
+        groups, cand = None, pick(x)
     if inv_tau is not None:
         cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cand = cand.to(cdtype) * inv_tau
     top = torch.topk(cand, k, dim=-1, sorted=True)  # (R, k) values and positions in cand
-    i_max = top.indices[:, 0] if where is None else where.gather(1, top.indices[:, :1]).squeeze(1)
+    i_max = top.indices[:, 0]  # (R,) a position in cand
+    if groups is not None:  # back to a token: its group's first token + the offset, or the tail
+        kg = k * GROUP
+        group = groups.gather(1, (i_max // GROUP).clamp(max=k - 1)[:, None]).squeeze(1)
+        i_max = torch.where(i_max < kg, group * GROUP + i_max % GROUP, full + i_max - kg)
     return top.values.gather(1, (beam - 1)[:, None]).squeeze(1), top.values[:, 0], i_max
 
 
@@ -421,8 +425,10 @@ def _write_chunk_grad(grad, chunk: _Chunk, probs: _Probs, a_r, cy_r, cb_r, y_r, 
             _put_(grad, base + b_r[:, None], v_b[:, None])
         return
     rows = isinstance(sel, slice)
-    if rows:
+    if rows and probs.p.dtype == grad.dtype:
         d = torch.mul(probs.p, a_r[:, None], out=grad[sel])  # (R, V) in the logits dtype
+    elif rows:  # into bf16 / fp16: a mul with that output would make an (R, V) float32 temporary
+        d = grad[sel].copy_(probs.p.mul_(a_r[:, None]))
     else:
         d = probs.p.mul_(a_r[:, None])  # (R, V) in cdtype, copied into grad below
     _scatter_(d, y_r[:, None], v_y[:, None])
