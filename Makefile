@@ -79,9 +79,11 @@ wheel-check: $(VENV)/.dev
 test-hf-floor: $(VENV_FLOOR)/.installed
 	$(PY_FLOOR) -m pytest -q $(HF_TESTS)
 
-# the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU)
+# the loss-kernel benchmark on this machine (the torch path beside F.cross_entropy on a CPU, the
+# grid of results/kernel_cpu.csv: no mask and 1 % of the tokens allowed, as a trie allows)
 bench: $(VENV)/.dev
-	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --repeats 3 --warmup 1
+	$(PY) benchmarks/kernel_speed.py --impls torch torch_ce --modes fwd_bwd --repeats 5 --warmup 1 \
+	    --n-rows 256 1024 4096 --vocab 49152 128256 --masked-fraction 0 0.99 --device-name cpu
 
 # Triton 3.6, the version the device machines carry, beside the dev extras' Triton (the package
 # alone, put first on PYTHONPATH; benchmarks/README.md, "Spills")

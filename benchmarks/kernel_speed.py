@@ -11,12 +11,15 @@ setting, not on split-V shapes), `torch_ce` (F.cross_entropy: the plain SFT
 cost), `torch_compile` (torch.compile of bear_loss_reference; CUDA only), `liger_ce` (Liger-Kernel's
 cross entropy; only when `liger_kernel` imports and CUDA is used). `triton` runs on CUDA only here
 (the interpreter is a test tool, not a benchmark). Modes: `fwd`, `bwd` (backward alone, after an
-untimed forward), `fwd_bwd`. On CUDA each timed call runs between two CUDA events after an L2
-flush; on the CPU it is wall time; warm-up and compilation are not timed. `floor_ms` is the
-memory floor of the mode at the copy bandwidth measured in the same run (N·V·itemsize read for
-fwd; that plus N·V·itemsize written for bwd and fwd_bwd); `gbps` is those bytes over the
-measured median. `peak_mem_mb` is the peak allocation above the inputs
-(CUDA only; NaN on CPU, where torch keeps no allocator statistics). `note` says "out of memory"
+untimed forward), `fwd_bwd`. The impls of a case take turns call by call (interleaved, so a change
+in the machine's load falls on all alike). On CUDA each timed call runs between two CUDA events
+after an L2 flush; on the CPU it is wall time; warm-up and compilation are not timed. `floor_ms`
+is the memory floor of the mode at the copy bandwidth measured in the same run (N·V·itemsize read
+for fwd; that plus N·V·itemsize written for bwd and fwd_bwd); `gbps` is those bytes over the
+measured median. `peak_mem_mb` is the peak memory one call adds above the inputs (the gradient
+included): on CUDA the allocator's peak; on the CPU the peak resident set of a child process that
+runs the case alone with glibc returning every block of 64 KiB or more when freed (NaN without
+Linux's /proc); `peak_over_logits` is it over the logits' size. `note` says "out of memory"
 for a case that ran out of GPU memory (its figures NaN; the next case runs).
 """
 
@@ -24,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +66,7 @@ COLUMNS = [
     "gbps",
     "floor_ms",
     "peak_mem_mb",
+    "peak_over_logits",
     "note",
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -202,8 +209,9 @@ def make_inputs(n_rows, vocab, dtype, masked_fraction, device, seed=0):
     return z, y, mask
 
 
-def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
-    """(ms_median, peak_mem_mb) of one impl and mode, or None if the impl is unavailable."""
+def prepare_case(impl, mode, z, y, beam_width, mask, device):
+    """(timed, setup) of one impl and mode: setup() runs untimed before each timed(arg) call; None
+    if the impl is unavailable here."""
     fn = make_loss_fn(impl, beam_width, mask, device, z.shape)
     if fn is None:
         return None
@@ -223,26 +231,79 @@ def run_case(impl, mode, z, y, beam_width, mask, device, repeats, warmup):
         leaf.grad = None
 
     if mode == "fwd":
-        timed, setup = forward, None
-    elif mode == "bwd":
-        timed, setup = backward, lambda: fn(leaf, y)
-    else:
-        timed, setup = forward_backward, None
-    ms = _time_ms(timed, device, repeats, warmup, setup)
-    peak = float("nan")
-    if device.type == "cuda":
+        return forward, None
+    if mode == "bwd":
+        return backward, lambda: fn(leaf, y)
+    return forward_backward, None
+
+
+def time_interleaved(cases: dict, device, repeats, warmup) -> dict:
+    """impl -> median ms of its timed calls, the impls taking turns call by call (so a change in
+    the machine's load falls on all of them alike); warm-up calls first, untimed."""
+    for _ in range(warmup):
+        for timed_fn, setup in cases.values():
+            timed_fn(setup() if setup else None)
+    times = {impl: [] for impl in cases}
+    for _ in range(repeats):
+        for impl, (timed_fn, setup) in cases.items():
+            times[impl].append(_time_ms(timed_fn, device, 1, 0, setup))
+    return {impl: statistics.median(t) for impl, t in times.items()}
+
+
+def cuda_peak_mb(timed_fn, setup, mode, device) -> float:
+    """Peak CUDA allocation (MiB) above what was allocated before one call (for bwd: after its
+    forward)."""
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    arg = setup() if setup else None
+    if mode == "bwd":  # the forward's own allocations are not the backward's
         sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        arg = setup() if setup else None
-        if mode == "bwd":  # the forward's own allocations are not the backward's
-            sync(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        timed(arg)
-        sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return ms, peak
+        torch.cuda.reset_peak_memory_stats(device)
+    timed_fn(arg)
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# A child process measures the CPU peak: glibc then maps every block of 64 KiB or more on its own
+# and unmaps it when freed, so the resident set follows the live tensors, and the kernel's peak
+# resident set (VmHWM, reset through /proc/self/clear_refs) is the call's peak.
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def probe_cpu_peak(case: dict) -> float:
+    """In the probe process: the peak resident memory (MiB) one call of the case adds (the
+    gradient included), after one untimed call (lazily built tables)."""
+    z, y, mask = make_inputs(case["n"], case["v"], DTYPES[case["dtype"]], case["frac"],
+                             torch.device("cpu"))  # fmt: skip
+    timed_fn, setup = prepare_case(case["impl"], case["mode"], z, y, case["b"], mask,
+                                   torch.device("cpu"))  # fmt: skip
+    timed_fn(setup() if setup else None)
+    arg = setup() if setup else None
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    base = _rss_kib("VmRSS")
+    timed_fn(arg)
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def cpu_peak_mb(case: dict, threads: int | None) -> float:
+    """The case's CPU peak (MiB) measured in a child process (NaN where /proc is missing)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return float("nan")
+    cmd = [sys.executable, __file__, "--probe-memory", json.dumps(case)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {**os.environ, **PROBE_ENV}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def floor_bytes(mode, n_rows, vocab, itemsize):
@@ -281,8 +342,18 @@ def main(argv=None):
         "finishes; the CSV, rewritten after every impl, keeps what was measured and the run "
         "lists what it skipped)",
     )
+    p.add_argument(
+        "--probe-memory",
+        metavar="CASE_JSON",
+        help="internal: measure one case's CPU peak in this process and print it (MiB)",
+    )
     add_results_args(p)
     args = p.parse_args(argv)
+    if args.probe_memory:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(probe_cpu_peak(json.loads(args.probe_memory)))
+        return
 
     from tqdm import tqdm
 
@@ -313,20 +384,36 @@ def main(argv=None):
         dtype = DTYPES[dname]
         z, y, mask = make_inputs(n, v, dtype, frac, device)
         gbps_copy = copy_gbps(dtype, device, args.repeats)
-        for impl in args.impls:
-            for mode in args.modes:
-                bar.set_description(f"{impl} {dname} N={n} V={v} B={b} {mode}")
-                note = ""
-                try:
-                    res = run_case(impl, mode, z, y, b, mask, device, args.repeats, args.warmup)
-                except torch.cuda.OutOfMemoryError:  # a row that says so; the next case runs
-                    res, note = (float("nan"), float("nan")), "out of memory"
-                    torch.cuda.empty_cache()
-                bar.update()
-                if res is None:
-                    continue
-                ms, peak = res
+        for mode in args.modes:
+            bar.set_description(f"{dname} N={n} V={v} B={b} {mode}")
+            cases = {}
+            for impl in args.impls:
+                case = prepare_case(impl, mode, z, y, b, mask, device)
+                if case is not None:
+                    cases[impl] = case
+            note = ""
+            try:
+                ms = time_interleaved(cases, device, args.repeats, args.warmup)
+            except torch.cuda.OutOfMemoryError:  # rows that say so; the next case runs
+                ms, note = dict.fromkeys(cases, float("nan")), "out of memory"
+                torch.cuda.empty_cache()
+            if device.type == "cuda":
+                peaks = {
+                    impl: float("nan") if note else cuda_peak_mb(timed_fn, setup, mode, device)
+                    for impl, (timed_fn, setup) in cases.items()
+                }
+            del cases  # the CPU probes run beside this process: its copies are freed first
+            if device.type != "cuda":
+                peaks = {
+                    impl: cpu_peak_mb(
+                        dict(impl=impl, mode=mode, n=n, v=v, b=b, dtype=dname, frac=frac),
+                        args.threads,
+                    )
+                    for impl in ms
+                }
+            for impl, peak in peaks.items():
                 nbytes = floor_bytes(mode, n, v, z.element_size())
+                logits_mb = n * v * z.element_size() / 2**20
                 rows.append(
                     {
                         "device": name,
@@ -337,14 +424,18 @@ def main(argv=None):
                         "beam_width": b,
                         "masked_fraction": frac,
                         "mode": mode,
-                        "ms_median": round(ms, 4),
-                        "gbps": round(nbytes / (ms * 1e-3) / 1e9, 2),
+                        "ms_median": round(ms[impl], 4),
+                        "gbps": round(nbytes / (ms[impl] * 1e-3) / 1e9, 2),
                         "floor_ms": round(nbytes / (gbps_copy * 1e9) * 1e3, 4),
                         "peak_mem_mb": round(peak, 2) if math.isfinite(peak) else "nan",
+                        "peak_over_logits": round(peak / logits_mb, 3)
+                        if math.isfinite(peak)
+                        else "nan",
                         "note": note,
                     }
                 )
-            write_csv(out, rows, COLUMNS)  # after every impl: a run cut short keeps its rows
+            bar.update(len(args.impls))
+            write_csv(out, rows, COLUMNS)  # after every mode: a run cut short keeps its rows
         del z, y, mask
         if device.type == "cuda":
             torch.cuda.empty_cache()

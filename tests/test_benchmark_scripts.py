@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -98,6 +99,40 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"config"' not in again.stdout  # no run trained again
     assert "test (" not in again.stderr  # no evaluation repeated
+
+
+def test_the_study_report_trains_and_evaluates_nothing_and_lists_what_is_missing(tmp_path):
+    """--report on a study that has not run: the results files are written, every evaluation
+    of every run is listed as missing, and no run folder is created."""
+    data = tiny_synth(tmp_path / "data")
+    cmd = [sys.executable, "study_smollm2.py", "--data", str(data), "--model", "tiny",
+           "--out", str(tmp_path / "runs"), "--seeds", "0", "1", "--device", "cpu",
+           "--results-dir", str(tmp_path / "results"), "--report"]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = (tmp_path / "results").glob("study_data_smollm2_*.json")
+    result = json.loads(written.read_text())
+    assert len(result["missing"]) == 2 * 3 * 3 and result["cells"] == {}
+    assert "sft seed 0 a0" in result["missing"] and not (tmp_path / "runs").exists()
+    assert "Missing: sft seed 0 a0" in written.with_suffix(".md").read_text()
+
+
+def test_kernel_speed_measures_the_cpu_peak_of_each_impl(tmp_path):
+    """On the CPU each row carries the peak memory one call adds, from a child process: at least
+    the gradient (the logits' size) for the BEAR loss, more for F.cross_entropy (its log-softmax
+    and gradient buffers)."""
+    cmd = [sys.executable, "kernel_speed.py", "--n-rows", "256", "--vocab", "4096",
+           "--beam-width", "10", "--dtype", "bf16", "--masked-fraction", "0.99", "--impls",
+           "torch", "torch_ce", "--modes", "fwd_bwd", "--repeats", "1", "--warmup", "0",
+           "--device", "cpu", "--threads", "1", "--results-dir", str(tmp_path)]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = tmp_path.glob("kernel_*.csv")
+    rows = {r["impl"]: r for r in csv.DictReader(written.open())}
+    ours, ce = (float(rows[i]["peak_over_logits"]) for i in ("torch", "torch_ce"))
+    assert 0.9 <= ours < ce, (ours, ce)
 
 
 def test_catalogue_scale_measures_this_checkout_and_a_baseline(tmp_path):
