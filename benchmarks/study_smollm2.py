@@ -318,6 +318,12 @@ def main() -> None:
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per decoding batch")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="base weights")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train and evaluate nothing: write the results files from the evaluations already "
+        "done (what is not done is listed as missing)",
+    )
     add_results_args(p)
     args = p.parse_args()
     name = Path(args.data).resolve().name.lower()
@@ -366,16 +372,21 @@ def main() -> None:
     for seed in args.seeds:
         configs = {loss: _config(args, loss, seed, name) for loss in args.losses}
         for loss, cfg in configs.items():
-            _train(cfg)
+            if not args.report:
+                _train(cfg)
             runs[f"{loss} s{seed}"] = Path(cfg.out)
         for evaluation in EVALUATIONS:
             for loss, cfg in configs.items():
+                if args.report and not (Path(cfg.out) / "study" / f"{evaluation}.json").is_file():
+                    continue
                 per_eval = results.setdefault(loss, {}).setdefault(seed, {})
                 per_eval[evaluation] = _evaluate(cfg, device, evaluation)
                 missing.remove(f"{loss} seed {seed} {evaluation}")
                 report()
                 done_after = time.perf_counter() - t0
                 print(f"{loss} seed {seed} {evaluation} done ({done_after:.0f} s)", flush=True)
+    if args.report:
+        report()
     print(_table(_cells(results), _paired(results), missing))
 
 
