@@ -2,17 +2,20 @@
 
 It serves every device (the CPU default) under the same API as the Triton kernels. Only counted
 rows are computed, in chunks of rows, so the float32 temporaries are (rows_per_chunk, V), never
-(N, V), and they are buffers of the call that every chunk reuses (`_Workspace`). A chunk whose
-rows allow few tokens (a trie's allowed sets: a node's children) is computed on those tokens only
-(`_sparse_rows`): (R, K) gathers, no (R, V) float32 pass. The backward of ce_margin recomputes
-the softmax of a chunk instead of keeping it, and bear_loss with a sum / mean reduction writes its
-gradient in the forward, while the chunk is in cache (_BEARLossTorchFused, the scheme of the
-Triton path). lse = z_(1) - log p_(1) comes from the softmax, which is exact to rounding because
-p_(1) >= 1/n. z_(B') comes from a two-level top-k: the top-B of the maxima of groups of GROUP
-tokens picks B groups, and the top-B of those groups' members is the top-B of the row (every
-token outside the chosen groups is at most the B-th largest group maximum). One host
-synchronisation per call lists the counted rows; with a mask, a second one reads each chunk's
-widest allowed set.
+(N, V), and they are buffers of the call that every chunk reuses (`_Workspace`). When every
+counted row allows few tokens (at most V / SPARSE_RATIO: a trie's allowed sets, a node's
+children), the chunks work on those tokens only (`_sparse_rows`): (R, K) gathers, no (R, V)
+float32 pass. Without a mask, every row's top-B, Δ and gradient coefficients come from a pass
+before the chunks (`_unmasked_terms`), which then only soft-max and write. The backward of
+ce_margin recomputes the softmax of a chunk instead of keeping it, and bear_loss with a sum /
+mean reduction writes its gradient in the forward, while the chunk is in cache
+(_BEARLossTorchFused, the scheme of the Triton path). lse = z_(1) - log p_(1) comes from the
+softmax, which is exact to rounding because p_(1) >= 1/n. z_(B') comes from a two-level top-k:
+the top-B of the maxima of groups of GROUP tokens picks B groups, and the top-B of those groups'
+members is the top-B of the row (every token outside the chosen groups is at most the B-th
+largest group maximum). Host synchronisations: one per call lists the counted rows; with a mask,
+one reads the widest allowed set, and each chunk has one more (a dense chunk's NaN check, a
+sparse chunk's `nonzero`), free on the CPU, the device this path is built for.
 
 The gradient of the per-row terms, d_j = a·p_j - c_y·[j=y] + c_b·[j=b], is derived above
 `row_coefficients` in bear_kernels._common.
@@ -193,13 +196,24 @@ class _RowTerms:
 
 
 def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
-    """_RowTerms of every counted row at once when there is no mask (A = the vocabulary): one
-    pass over z's group maxima in its own dtype and a gather of the chosen groups, so the row
-    chunks that follow only soft-max (no per-chunk top-k, no per-chunk row arithmetic)."""
+    """_RowTerms of every counted row when there is no mask (A = the vocabulary), before the
+    chunks: z's group maxima in its own dtype and a gather of the chosen groups, in blocks of
+    rows whose candidates are no more elements than a chunk, so the row chunks that follow only
+    soft-max (no per-chunk top-k, no per-chunk row arithmetic). z must be row-contiguous
+    (stride 1 along V)."""
     inv_tau = 1.0 / params.temperature
+    n_rows, vocab = z.shape
     beam = n_all[rows].clamp(max=params.beam_width)  # (M,)
-    k = min(params.beam_width, z.shape[1])
-    z_b, z_max, i_max = _kth_largest(z, beam, k, rows=rows, inv_tau=inv_tau)  # (M,) each
+    k = min(params.beam_width, vocab)
+    grouped = vocab // GROUP > k  # as _kth_largest decides
+    width = k * GROUP + vocab % GROUP if grouped else vocab  # candidates per row
+    elements = CHUNK_ELEMENTS if z.device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    step = max(1, min(elements, n_rows * vocab // WORKSPACE_SHARE) // width)  # rows per block
+    parts = [
+        _kth_largest(z, beam[s : s + step], k, rows=rows[s : s + step], inv_tau=inv_tau)
+        for s in range(0, max(rows.numel(), 1), step)  # one (empty) block when no row counts
+    ]
+    z_b, z_max, i_max = (torch.cat(t) for t in zip(*parts, strict=True))  # (M,) each
     z_y = z[rows, y[rows]].to(cdtype) * inv_tau  # (M,)
     margin = torch.where(torch.isposinf(z_max), float("nan"), z_b - z_y)
     return _RowTerms(z_b, z_max, i_max, beam, z_y, margin)
@@ -439,8 +453,10 @@ def _write_chunk_grad(grad, chunk: _Chunk, probs: _Probs, a_r, cy_r, cb_r, y_r, 
 
 
 def _grad_buffer(z, rows):
-    """(N, V) gradient in the logits dtype; rows that are not counted are 0."""
-    return torch.empty_like(z) if rows.numel() == z.shape[0] else torch.zeros_like(z)
+    """(N, V) row-major gradient in the logits dtype (whatever z's strides: sparse chunks write
+    it at flat positions row·V + token); rows that are not counted are 0."""
+    make = torch.empty if rows.numel() == z.shape[0] else torch.zeros
+    return make(z.shape, dtype=z.dtype, device=z.device)
 
 
 class _CEMarginTorch(torch.autograd.Function):
@@ -527,7 +543,8 @@ class _BEARLossTorchFused(torch.autograd.Function):
         ws = _Workspace(z.device)
         # 5-6. row loss = ce + λ·log σ(Δ/ξ); without a mask, Δ and so every row's gradient
         # coefficients are known before the chunks (_unmasked_terms), which then only soft-max
-        terms = None if mask is not None else _unmasked_terms(z, y, rows, n_all, params, cdtype)
+        vectorised = mask is None and z.stride(1) == 1  # else the chunks find their own terms
+        terms = _unmasked_terms(z, y, rows, n_all, params, cdtype) if vectorised else None
         if terms is not None:
             coef_all = _fused_coefficients(terms.margin, scale, params, fused)  # (M,) each
             lse = torch.empty_like(terms.z_y)  # (M,) filled chunk by chunk

@@ -252,6 +252,39 @@ def test_torch_path_sparse_chunks_equal_dense_ones(monkeypatch, dtype, threshold
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "mixed", "random"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_path_takes_logits_that_are_a_transposed_view(mask_kind, reduction):
+    """Logits whose rows are not contiguous (a transposed view): the gradient buffer is
+    row-major whatever z's strides (sparse chunks wrote it at row·V + token and raised), and
+    the unmasked pre-pass is skipped for the chunks' own top-k."""
+    z, y, mask = make_case(7, 300, mask_kind, seed=8, ignore_rows=(2,), dtype=torch.float64)
+    view = z.t().contiguous().t()  # same values, strides (1, N)
+    assert view.stride(1) != 1
+    kw = dict(beam_width=5, allowed_mask=mask, reduction=reduction)
+    out = []
+    for fn, logits in ((bear_loss, view), (bear_loss_reference, z)):
+        leaf = logits.detach().clone() if fn is bear_loss_reference else logits.detach()
+        leaf = leaf.requires_grad_(True)
+        loss = fn(leaf, y, **kw) if fn is bear_loss_reference else fn(leaf, y, impl="torch", **kw)
+        loss.sum().backward()
+        out.append((loss.detach(), leaf.grad))
+    for got, want in zip(*out, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_path_unmasked_terms_in_blocks_of_rows(monkeypatch):
+    """Without a mask every row's top-B comes before the chunks, in blocks of rows no larger
+    than a chunk (here one row each, some B above V / 64: candidates are whole rows)."""
+    import bear_kernels._torch as tp
+
+    monkeypatch.setattr(tp, "CHUNK_ELEMENTS", 300)
+    z, y, _ = make_case(6, 300, "none", seed=9, ignore_rows=(1,), dtype=torch.float64)
+    for beam_width in (2, 7):
+        kw = dict(beam_width=beam_width, temperature=0.8)
+        check_parity(lambda a, b, **k: bear_loss(a, b, impl="torch", **k), z, y, **kw)
+
+
 @pytest.mark.parametrize("shape", [(21, 49152), (4, 4099), (1, 7), (300, 33)])
 def test_the_cpu_softmax_written_over_its_input_equals_a_separate_output(shape):
     """The torch path soft-maxes a chunk's own buffer in place on the CPU (one (R, V) buffer per
