@@ -144,24 +144,32 @@ def _mask_bias(
     return bias.view(mask_rows.shape[0], -1)[:, :vocab]  # (R, V)
 
 
-def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int, rows=None, inv_tau=None):
+def _group_view(x: torch.Tensor) -> torch.Tensor:
+    """(N, V // GROUP, GROUP) the groups of x's rows (a view when x is contiguous along V)."""
+    full = x.shape[1] // GROUP * GROUP
+    if x.stride(1) == 1:
+        return x.as_strided((x.shape[0], full // GROUP, GROUP), (x.stride(0), GROUP, 1))
+    return x[:, :full].reshape(x.shape[0], full // GROUP, GROUP)
+
+
+def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int, rows=None, inv_tau=None,
+                 group_max=None):  # fmt: skip
     """(z_(B'), z_(1), index of z_(1)) per row: the beam-th and the largest value.
 
     x (R, V) scaled logits; or, with ``rows`` (R,) and ``inv_tau``, raw logits (N, V) of which
     those rows are read: the group maxima in x's own dtype, the candidates converted to float32
     (float64 for float64 logits) and scaled by 1/τ (a conversion and a scaling by a positive
-    constant keep the order, so the top-k is the same). beam (R,) holds B' in [1, k];
-    k = min(B, V). Two-level top-k when V is large (see above).
+    constant keep the order, so the top-k is the same); ``group_max`` (R, V // GROUP) those
+    rows' group maxima when already computed. beam (R,) holds B' in [1, k]; k = min(B, V).
+    Two-level top-k when V is large (see above).
     """
     vocab = x.shape[1]
     full = vocab // GROUP * GROUP
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
     if full // GROUP > k:
-        if x.stride(1) == 1:  # groups of a row are contiguous: a view, no copy
-            grouped = x.as_strided((x.shape[0], full // GROUP, GROUP), (x.stride(0), GROUP, 1))
-        else:
-            grouped = x[:, :full].reshape(x.shape[0], full // GROUP, GROUP)
-        group_max = pick(grouped.amax(-1))  # (R, V/G)
+        grouped = _group_view(x)  # (N, V/G, G)
+        if group_max is None:
+            group_max = pick(grouped.amax(-1))  # (R, V/G)
         n_rows = group_max.shape[0]
         groups = torch.topk(group_max, k, dim=-1, sorted=False).indices  # (R, k)
         src = torch.arange(n_rows, device=x.device) if rows is None else rows  # (R,) rows of x
@@ -209,10 +217,12 @@ def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
     width = k * GROUP + vocab % GROUP if grouped else vocab  # candidates per row
     elements = CHUNK_ELEMENTS if z.device.type == "cpu" else CUDA_CHUNK_ELEMENTS
     step = max(1, min(elements, n_rows * vocab // WORKSPACE_SHARE) // width)  # rows per block
+    group_max = _group_view(z).amax(-1)[rows] if grouped else None  # (M, V/G) one pass
     parts = [
-        _kth_largest(z, beam[s : s + step], k, rows=rows[s : s + step], inv_tau=inv_tau)
+        _kth_largest(z, beam[s : s + step], k, rows=rows[s : s + step], inv_tau=inv_tau,
+                     group_max=None if group_max is None else group_max[s : s + step])
         for s in range(0, max(rows.numel(), 1), step)  # one (empty) block when no row counts
-    ]
+    ]  # fmt: skip
     z_b, z_max, i_max = (torch.cat(t) for t in zip(*parts, strict=True))  # (M,) each
     z_y = z[rows, y[rows]].to(cdtype) * inv_tau  # (M,)
     margin = torch.where(torch.isposinf(z_max), float("nan"), z_b - z_y)
