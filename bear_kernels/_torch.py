@@ -86,15 +86,15 @@ class _Chunk:
     chunk's entries of the counted-row list; ``width`` K when the chunk is sparse (its rows allow
     at most K tokens), else None."""
 
+    sel: slice | torch.Tensor
+    part: slice
+    width: int | None
+
     def row_ids(self, device: torch.device) -> torch.Tensor:
         """(R,) int64 the chunk's rows of z."""
         if isinstance(self.sel, slice):
             return torch.arange(self.sel.start, self.sel.stop, device=device)
         return self.sel
-
-    sel: slice | torch.Tensor
-    part: slice
-    width: int | None
 
 
 @dataclass
@@ -113,13 +113,14 @@ class _Probs:
         return (self.p * (self.tok == t[:, None])).sum(1)  # a padding hit adds p = 0
 
 
-def _rows_per_chunk(vocab: int, device: torch.device, n_rows: int | None = None) -> int:
-    """Rows of a dense chunk; with ``n_rows`` (the logits' rows), few enough that the chunk's
+def _rows_per_chunk(width: int, device: torch.device, logits: int | None = None) -> int:
+    """Rows of a chunk whose rows hold ``width`` elements each; with ``logits`` (N·V, the logits'
+    element count), few enough that the chunk stays within 1/WORKSPACE_SHARE of them, so its
     float32 buffer stays within 1/16 of bf16 logits (1/32 of float32 ones) on small inputs."""
     elements = CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
-    if n_rows is not None:
-        elements = min(elements, n_rows * vocab // WORKSPACE_SHARE)
-    return max(1, elements // max(vocab, 1))
+    if logits is not None:
+        elements = min(elements, logits // WORKSPACE_SHARE)
+    return max(1, elements // max(width, 1))
 
 
 def _mask_bias(
@@ -215,8 +216,7 @@ def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
     k = min(params.beam_width, vocab)
     grouped = vocab // GROUP > k  # as _kth_largest decides
     width = k * GROUP + vocab % GROUP if grouped else vocab  # candidates per row
-    elements = CHUNK_ELEMENTS if z.device.type == "cpu" else CUDA_CHUNK_ELEMENTS
-    step = max(1, min(elements, n_rows * vocab // WORKSPACE_SHARE) // width)  # rows per block
+    step = _rows_per_chunk(width, z.device, n_rows * vocab)  # rows per block
     group_max = _group_view(z).amax(-1)[rows] if grouped else None  # (M, V/G) one pass
     parts = [
         _kth_largest(z, beam[s : s + step], k, rows=rows[s : s + step], inv_tau=inv_tau,
@@ -255,7 +255,8 @@ def _chunks(rows: torch.Tensor, n_rows: int, vocab: int, n_all: torch.Tensor, ma
     if masked and rows.numel():
         widest = int(n_all[rows].max())
         width = widest if widest * SPARSE_RATIO <= vocab else None
-    step = _rows_per_chunk(vocab, rows.device, n_rows) * (1 if width is None else SPARSE_ROWS)
+    step = _rows_per_chunk(vocab, rows.device, n_rows * vocab)
+    step *= 1 if width is None else SPARSE_ROWS
     every = rows.numel() == n_rows  # every row counted: contiguous slices, no copies
     parts = [slice(s, min(s + step, rows.numel())) for s in range(0, rows.numel(), step)]
     return [_Chunk(part if every else rows[part], part, width) for part in parts]
@@ -557,7 +558,7 @@ class _BEARLossTorchFused(torch.autograd.Function):
         terms = _unmasked_terms(z, y, rows, n_all, params, cdtype) if vectorised else None
         if terms is not None:
             coef_all = _fused_coefficients(terms.margin, scale, params, fused)  # (M,) each
-            lse = torch.empty_like(terms.z_y)  # (M,) filled chunk by chunk
+            neg_log_p_max = torch.empty_like(terms.z_y)  # (M,) -log p_(1), chunk by chunk
         total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         for chunk in _chunks(rows, n_rows, vocab, n_all, mask is not None):
             idx = rows[chunk.part]  # (R,)
@@ -575,13 +576,13 @@ class _BEARLossTorchFused(torch.autograd.Function):
                     b = _threshold_index(x, None, terms.z_b[part], terms.beam[part])
                 probs = _Probs(_softmax(x, z, ws))
                 i_max = terms.i_max[part]
-                lse[part] = -torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))
+                neg_log_p_max[part] = -torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))
                 coef = tuple(c[part] for c in coef_all)
             b_r = b if b is not None else torch.zeros_like(idx)  # (R,)
             _write_chunk_grad(grad, chunk, probs, *coef, y[idx], b_r, params.threshold_grad)
         if terms is not None:  # lse = z_(1) - log p_(1); +inf on a row with an allowed +inf
             z_max = terms.z_max
-            lse = torch.where(torch.isposinf(z_max), z_max, lse + z_max)
+            lse = torch.where(torch.isposinf(z_max), z_max, z_max + neg_log_p_max)
             reg = reg_weight * F.logsigmoid(terms.margin / reg_temperature)
             total = (lse - terms.z_y + reg).sum()
         ctx.save_for_backward(grad)
