@@ -39,6 +39,7 @@ import csv
 import json
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ from transformers.generation.logits_process import PrefixConstrainedLogitsProces
 
 from bear.checkpoints import resolve_checkpoint
 from bear.decoding import beam_search
+from bear.decoding.chain_cache import default_chain_limit
 from bear.decoding.common import child_logprobs, max_fanout, topk_stable
 from bear.items import item_sequences, left_pad
 from bear.model import TinyConfig, build_tiny_model
@@ -86,6 +88,7 @@ class Config:
     data: str = str(DATA)
     tag: str = ""  # suffix of the results file name (e.g. "smoke")
     model: str = "tiny"  # "tiny" (a random Llama at the size above) or a --model checkpoint
+    chain_limit: int | None = None  # beam_search's (None: its device default)
 
 
 def load_checkpoint(cfg: Config):
@@ -270,18 +273,22 @@ def constraint_cost_generate(root, seqs, cfg: Config, vocab: int, rows: int, pad
 
 
 class ForwardCounter:
-    """Counts a model's forward calls (a pre-hook), read and reset per decoding call."""
+    """Counts a model's forward calls and the token positions they ran (padding included: the
+    work a forward does), read and reset per decoding call."""
 
     def __init__(self, model):
-        self.calls = 0
-        model.register_forward_pre_hook(self._count)
+        self.calls = self.tokens = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def _count(self, *_):
+    def _count(self, _module, args, kwargs):
         self.calls += 1
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.tokens += ids.numel() if ids is not None else 0
 
-    def take(self) -> int:
-        calls, self.calls = self.calls, 0
-        return calls
+    def take(self) -> tuple[int, int]:
+        """(forward calls, token positions) since the last take."""
+        out, self.calls, self.tokens = (self.calls, self.tokens), 0, 0
+        return out
 
 
 def bench_catalogue(cfg: Config, name: str, label: str):
@@ -325,14 +332,16 @@ def bench_catalogue(cfg: Config, name: str, label: str):
 
     # One untimed warm-up call each, then the batches timed alternately (ours, generate), so
     # that load from other processes on a shared machine falls on both methods alike.
-    beam_search(model, *batches[0], trie, B, "after")
+    ours_call = partial(beam_search, trie=trie, beam_width=B, scoring="after",
+                        chain_limit=cfg.chain_limit)  # fmt: skip
+    ours_call(model, *batches[0])
     if baseline:
         run_generate(model, *batches[0], root, B, max_new, pad, eos)
     counter.take()
     ours, gens, ours_s, gen_s = [], [], 0.0, 0.0
     ours_forwards, gen_forwards = [], []  # sequential forwards of each decoding call
     for x, m in batches:
-        r, dt = timed(lambda x=x, m=m: beam_search(model, x, m, trie, B, "after"), cfg.device)
+        r, dt = timed(lambda x=x, m=m: ours_call(model, x, m), cfg.device)
         ours.append(r)
         ours_s += dt
         ours_forwards.append(counter.take())
@@ -367,7 +376,9 @@ def bench_catalogue(cfg: Config, name: str, label: str):
             users_per_s=round(len(prompts) / ours_s, 3),
             constraint_ms_per_step=round(ours_ms, 3),
             constraint_ms_by_depth=" ".join(f"d{d}:F={w}:{ms}ms" for d, w, ms in ours_depths),
-            forwards_per_call=round(float(np.mean(ours_forwards)), 1),
+            forwards_per_call=round(float(np.mean([f for f, _ in ours_forwards])), 1),
+            tokens_per_call=round(float(np.mean([t for _, t in ours_forwards])), 1),
+            chain_limit=cfg.chain_limit or default_chain_limit(cfg.device),
             equal_users="",
             max_abs_score_diff="",
             note="",
@@ -385,6 +396,8 @@ def bench_catalogue(cfg: Config, name: str, label: str):
                 constraint_ms_per_step="",
                 constraint_ms_by_depth="",
                 forwards_per_call="",
+                tokens_per_call="",
+                chain_limit="",
                 equal_users="",
                 max_abs_score_diff="",
                 note="skipped: a Python dict trie of this catalogue exceeds this run's budget",
@@ -417,7 +430,9 @@ def bench_catalogue(cfg: Config, name: str, label: str):
             users_per_s=round(len(prompts) / gen_s, 3),
             constraint_ms_per_step=round(gen_ms, 3),
             constraint_ms_by_depth="",
-            forwards_per_call=round(float(np.mean(gen_forwards)), 1),
+            forwards_per_call=round(float(np.mean([f for f, _ in gen_forwards])), 1),
+            tokens_per_call=round(float(np.mean([t for _, t in gen_forwards])), 1),
+            chain_limit="",
             equal_users=f"{equal}/{len(prompts)}",
             max_abs_score_diff=f"{max_diff:.2e}",
             note="",
@@ -460,6 +475,9 @@ def main(argv=None):
         help="tiny (a random Llama of --hidden/--layers, default) or a pretrained checkpoint as "
         "bear train's --model takes it (smollm2-135m, a folder, FILE.gguf); Amazon catalogues only",
     )
+    p.add_argument("--chain-limit", type=int, default=0,
+                   help="beam_search's chain_limit: the most tokens of one forced chain fed in one "
+                   "forward (0: its device default, 1 on a CPU, 16 on a GPU)")  # fmt: skip
     add_results_args(p)
     a = p.parse_args(argv)
     if a.catalogues is None:
@@ -483,6 +501,7 @@ def main(argv=None):
         data=a.data,
         tag=a.tag,
         model=a.model,
+        chain_limit=a.chain_limit or None,
     )
     label = device_label(cfg.device)
     print(f"config: {asdict(cfg)}\ndevice: {label}")

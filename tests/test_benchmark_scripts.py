@@ -184,8 +184,9 @@ def test_sweep_summary_groups_cells_with_mean_and_standard_error(tmp_path):
 
 def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     """--model takes a pretrained checkpoint (here a tiny Llama saved with its tokenizer): the
-    special ids come from its tokenizer, both methods agree, each row counts the forwards of one
-    decoding call; a synthetic catalogue with a checkpoint is refused."""
+    special ids come from its tokenizer, both methods agree, each row counts the forwards and the
+    token positions of one decoding call, and with --chain-limit 16 ours runs fewer forwards than
+    generate's one per title token; a synthetic catalogue with a checkpoint is refused."""
     import csv
 
     from bear.model import TinyConfig, build_tiny_model
@@ -202,7 +203,8 @@ def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     tokenizer.save_pretrained(folder)
     cmd = [sys.executable, "benchmarks/decoding_speed.py", "--model", str(folder), "--catalogues",
            "Office", "--users", "2", "--batch", "2", "--history", "2", "--device", "cpu",
-           "--data", str(SHARED_DATA), "--results-dir", str(tmp_path), "--tag", "ckpt"]  # fmt: skip
+           "--data", str(SHARED_DATA), "--results-dir", str(tmp_path), "--tag", "ckpt",
+           "--chain-limit", "16"]  # fmt: skip
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -210,7 +212,9 @@ def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     rows = list(csv.DictReader(table.open()))
     assert [r["method"] for r in rows] == ["bear.beam_search", "generate+prefix_allowed_tokens_fn"]
     assert all(r["model"] == str(folder) and float(r["forwards_per_call"]) > 2 for r in rows)
-    assert rows[0]["equal_users"] == "2/2"
+    assert all(float(r["tokens_per_call"]) >= float(r["forwards_per_call"]) for r in rows)
+    assert rows[0]["equal_users"] == "2/2" and rows[0]["chain_limit"] == "16"
+    assert float(rows[0]["forwards_per_call"]) < float(rows[1]["forwards_per_call"])
     bad = subprocess.run([*cmd[:4], "--catalogues", "synthetic"], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "synthetic catalogue" in bad.stderr

@@ -168,31 +168,6 @@ def test_exact_topk_rejects_a_bad_floor_or_budget(setup):
         exact_topk(model, input_ids, mask, trie, 3, max_expansions=2.5)
 
 
-def test_tree_cache_deferred_steps_equal_one_step_at_a_time(setup):
-    """TreeKVCache: three steps recorded with defer=True (a user dropped in the middle, beams
-    reordered and one duplicated) then one that feeds them: the logits equal those of feeding
-    every step at once, and the next step after that agrees too."""
-    from bear.decoding.beam_cache import TreeKVCache
-
-    model, input_ids, mask = setup[0], setup[4], setup[5]
-    tok = lambda *rows: torch.tensor(rows)  # noqa: E731
-    steps = [  # (src, tokens, keep) per step; step 0 expands each user's root to 2 beams
-        (tok([0, 0], [0, 0], [0, 0]), tok([3, 4], [5, 6], [7, 8]), None),
-        (tok([1, 0], [0, 1], [1, 1]), tok([9, 3], [4, 5], [6, 7]), None),
-        (tok([0, 1], [1, 0]), tok([8, 9], [3, 4]), torch.tensor([0, 2])),
-        (tok([1, 1], [0, 1]), tok([5, 6], [7, 8]), None),
-        (tok([0, 1], [1, 0]), tok([9, 3], [4, 5]), None),
-    ]
-    eager, lazy = TreeKVCache(model, input_ids, mask), TreeKVCache(model, input_ids, mask)
-    for t, (src, tokens, keep) in enumerate(steps):
-        want = eager.step(src, tokens, keep)
-        got = lazy.step(src, tokens, keep, defer=t in (1, 2))
-        if t in (1, 2):
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_score_items_equals_teacher_forcing(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup
@@ -224,10 +199,11 @@ def test_score_items_equals_teacher_forcing(setup, scoring):
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_kv_sharing_modes_agree(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup
-    a = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="tree")
     b = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="copy")
-    assert torch.equal(a.item_ids, b.item_ids)
-    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
+    for limit in (1, 2, 16):
+        a = beam_search(model, input_ids, mask, trie, 5, scoring, chain_limit=limit)
+        assert torch.equal(a.item_ids, b.item_ids)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
 
 
 def _long_tail_catalogue():
@@ -248,9 +224,10 @@ def _long_tail_catalogue():
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
-    """Under "before" scoring the tree cache runs no forward for a step after which every beam
-    sits on a one-child node (log p = 0) and feeds those tokens with the next branching step:
-    fewer forwards, and the same items and scores as the copy cache's one forward per step."""
+    """Under either scoring the tree cache feeds a one-child chain in one forward ("after": ahead,
+    up to chain_limit tokens; "before": when the beam reaches a branching node) and runs none at
+    a depth where no kept beam needs logits: fewer forwards, and the same items and scores as
+    the copy cache's one forward per step."""
     model, input_ids, mask = setup[0], setup[4], setup[5]
     trie = _long_tail_catalogue()
     calls = {"tree": 0, "copy": 0}
@@ -258,15 +235,13 @@ def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
     for kv in calls:
         hook = model.register_forward_hook(lambda *_, kv=kv: calls.__setitem__(kv, calls[kv] + 1))
         try:
-            results[kv] = beam_search(model, input_ids, mask, trie, 3, scoring, kv_sharing=kv)
+            results[kv] = beam_search(model, input_ids, mask, trie, 3, scoring, kv_sharing=kv,
+                                      chain_limit=16)  # fmt: skip
         finally:
             hook.remove()
     assert torch.equal(results["tree"].item_ids, results["copy"].item_ids)
     torch.testing.assert_close(results["tree"].scores, results["copy"].scores, atol=1e-5, rtol=0)
-    if scoring == "before":
-        assert calls["tree"] < calls["copy"]
-    else:
-        assert calls["tree"] == calls["copy"]
+    assert calls["tree"] < calls["copy"]
 
 
 def test_a_peft_model_gets_the_cache_under_its_base_models_name(setup):
@@ -387,14 +362,13 @@ def _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha):
     return result
 
 
-@pytest.mark.parametrize("kv_sharing", ["tree", "copy"])
+@pytest.mark.parametrize(("kv_sharing", "chain_limit"), [("tree", 1), ("tree", 3), ("copy", 1)])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 @pytest.mark.parametrize("B", [2, 3, 6])  # num_beams=1 is greedy search in HF
-def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing):
+def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing, chain_limit):
     model, seqs, ids, trie, input_ids, mask = setup
-    ours = beam_search(
-        model, input_ids, mask, trie, B, "after", length_penalty=alpha, kv_sharing=kv_sharing
-    )
+    ours = beam_search(model, input_ids, mask, trie, B, "after", length_penalty=alpha,
+                       kv_sharing=kv_sharing, chain_limit=chain_limit)  # fmt: skip
     hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
     for u in range(input_ids.shape[0]):
         got = [
@@ -413,8 +387,9 @@ def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, 
                                                                           monkeypatch):  # fmt: skip
     """Titles of 1-8 tokens: short items fill the pool while longer beams run on. Dead beams
     (every alpha) and, at alpha = 0, live beams at or below a full pool's worst (seen here at
-    least once) are dropped from the feed: fewer than B beam tokens per user in some forward,
-    the items and scores of the search that keeps every live beam, and generate's ("after")."""
+    least once) are dropped from the feed: fewer than B beam tokens per user in some forward of
+    the copy cache (one token per fed beam), the items and scores of the search that keeps every
+    live beam under either cache, and generate's ("after")."""
     model = tiny_model()
     seqs, ids = random_catalogue(60, seed=seed, max_len=8)
     trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
@@ -433,18 +408,20 @@ def test_beams_that_cannot_reach_the_pool_are_not_fed_and_change_nothing(alpha, 
     try:
         with monkeypatch.context() as patch:
             patch.setattr(bear.decoding.beam, "_beams_that_matter", recording)
-            ours = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
+            ours = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha,
+                               kv_sharing="copy")  # fmt: skip
     finally:
         hook.remove()
-    if scoring == "after":  # one token per beam a forward ("before" defers one-child steps)
-        assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
+    assert min(widths[1:]) < B  # widths[0]: the prompts' prefill
     assert (sum(live_dropped) > 0) == (alpha == 0)
     with monkeypatch.context() as patch:
         patch.setattr(bear.decoding.beam, "_beams_that_matter",
                       lambda step, worst, done, a: step.alive & ~done[:, None])  # fmt: skip
         every = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
-    assert torch.equal(ours.item_ids, every.item_ids)
-    torch.testing.assert_close(ours.scores, every.scores, atol=1e-5, rtol=1e-5)
+    tree = beam_search(model, input_ids, mask, trie, B, scoring, length_penalty=alpha)
+    for got in (ours, tree):
+        assert torch.equal(got.item_ids, every.item_ids)
+        torch.testing.assert_close(got.scores, every.scores, atol=1e-5, rtol=1e-5)
     if scoring == "before":
         return
     hf = _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha)
@@ -562,6 +539,10 @@ def test_invalid_inputs_raise_clear_errors(setup):
         beam_search(model, input_ids, mask, trie, 2, scoring="middle")
     with pytest.raises(ValueError, match="kv_sharing"):
         beam_search(model, input_ids, mask, trie, 2, kv_sharing="none")
+    with pytest.raises(ValueError, match="chain_limit must be an integer >= 1, got 0"):
+        beam_search(model, input_ids, mask, trie, 2, chain_limit=0)
+    with pytest.raises(TypeError, match="chain_limit"):
+        beam_search(model, input_ids, mask, trie, 2, chain_limit=2.5)
     with pytest.raises(ValueError, match="k must"):
         exact_topk(model, input_ids, mask, trie, 0)
     with pytest.raises(ValueError, match="not in the trie"):

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from bear.decoding.beam_cache import CopiedKVCache, TreeKVCache
+from bear.decoding.beam_cache import CopiedKVCache
+from bear.decoding.chain_cache import ChainKVCache, default_chain_limit
 from bear.decoding.common import (
     DecodeResult,
     beam_children,
@@ -28,7 +29,7 @@ from bear.decoding.common import (
 )
 from bear.decoding.decoder import Decoder
 from bear.decoding.pool import FinishedPool
-from bear.decoding.prompt_cache import PromptCache, keeps_logits
+from bear.decoding.prompt_cache import PromptCache
 from bear.decoding.registry import register_decoder
 from bear.trie import ItemTrie
 
@@ -62,7 +63,15 @@ class BeamStep:
 
 
 def expand_beams(
-    trie: ItemTrie, logits, node, score, width: int, B: int, scoring: str, at_root: bool = False
+    trie: ItemTrie,
+    logits,
+    node,
+    score,
+    width: int,
+    B: int,
+    scoring: str,
+    at_root: bool = False,
+    forced: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Expand every live beam by its trie children and keep the best, as Hugging Face does.
 
@@ -76,6 +85,9 @@ def expand_beams(
         B: beam width.
         at_root: every beam is the root (the first step): ``root_children`` serves it, one
             gather over the root's children without padding (``width`` is then unused).
+        forced: None, or (is_forced (U, Bc) bool, log p (U, Bc)): beams on a one-child node whose
+            child's log p is already known (``ChainKVCache.forced``); their logits rows are
+            not read.
 
     Returns:
         BeamStep.
@@ -85,6 +97,11 @@ def expand_beams(
         logp, edge, beam = root_children(trie, logits.view(U, Bc, -1), scoring)
     else:
         logp, edge, beam = beam_children(trie, logits.view(U, Bc, -1), node, width, scoring)
+        if forced is not None:
+            is_forced, forced_logp = forced
+            logp = torch.where(
+                is_forced.gather(1, beam) & (edge >= 0), forced_logp.gather(1, beam), logp
+            )
     cand = score.gather(1, beam) + logp  # (U, W)
     k2 = min(2 * B, cand.shape[1])
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
@@ -107,16 +124,6 @@ def expand_beams(
         alive=alive,
         nan=torch.isnan(cand).any(1),
     )
-
-
-def _advance(kv, src, tokens, keep, one_child: bool, trie: ItemTrie) -> torch.Tensor:
-    """The next beams' logits (U' * Bn, V) from the cache's step. ``one_child`` (every next beam
-    on a node with one child, "before" scoring): the step is deferred (``TreeKVCache``) and
-    zeros stand in for the logits, which give that child log p = 0 as any finite logits do."""
-    if one_child:
-        kv.step(src, tokens, keep, defer=True)
-        return torch.zeros((), device=src.device).expand(tokens.numel(), trie.vocab_size)
-    return kv.step(src, tokens, keep)
 
 
 def _beams_that_matter(step: BeamStep, pool_worst, done, alpha: float) -> torch.Tensor:
@@ -145,6 +152,7 @@ def beam_search(
     prompt: PromptCache | None = None,
     *,
     num_beams: int | None = None,
+    chain_limit: int | None = None,
 ) -> DecodeResult:
     """Trie-constrained beam search with Hugging Face semantics, batched over users and beams.
 
@@ -162,10 +170,13 @@ def beam_search(
     Each prompt is prefilled once and its KV cache expanded to the beams after the first step;
     one host synchronisation per step (which users are done). Beams that cannot change the
     result (dead ones; at alpha = 0, live ones at or below a full pool's worst) are not fed.
-    Under "before" scoring with the tree cache, a step after which every live beam sits on a
-    node with one child runs no forward: that child's log-probability is 0 whatever the
-    logits, so its tokens are fed with those of the next step that branches (item titles end in
-    long unshared tails; the model's NaN check covers the steps that run it).
+    With the tree cache the model runs once per branching point, not once per title token
+    (``ChainKVCache``): a beam that enters a node by a choice is fed its token and every forced
+    (one-child) token after it in one forward, which returns each forced token's log p ("after":
+    the model's; "before": 0, whatever the logits) and the logits where the chain branches; the
+    ranking above is then replayed depth by depth from those values, so the items are those of
+    a search that feeds one token per step, and a depth where no kept beam branched runs no
+    forward. A beam pruned inside its chain had tokens fed that such a search would not feed.
 
     Args:
         model: a Hugging Face causal LM.
@@ -177,22 +188,30 @@ def beam_search(
         scoring: "before" or "after" (see `bear.decoding`).
         length_penalty: alpha.
         kv_sharing: how the beams share their user's prompt cache. "tree" (default): one cache
-            row per user, beam tokens appended with a custom 4-D attention mask (tree attention;
-            needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do).
-            "copy": the cache is expanded to one row per beam and reordered every step through
-            `Cache.batch_select_indices` (works with any model whose cache can be reordered).
+            row per user, beam chains appended with a custom 4-D attention mask (tree attention;
+            needs an attention implementation that honours 4-D masks, as HF's sdpa and eager do),
+            one forward per branching point. "copy": the cache is expanded to one row per beam
+            and reordered every step through `Cache.batch_select_indices`, one forward per title
+            token (works with any model whose cache can be reordered).
         prompt: None (the prompts are prefilled here), or a `PromptCache` of these
             prompts to read instead (shared with other readers of one prefill; the search then
             runs on a plain DynamicCache, so only for models whose cache keeps every position).
+        chain_limit: with kv_sharing="tree", the most tokens of one chain fed in one forward
+            (keyword only; >= 1). None: ``default_chain_limit(device)``, whole chains cut at 16
+            tokens on a GPU, where a forward's cost is mostly its latency, and 1 token on a CPU,
+            where it is the tokens fed (a chain fed ahead feeds the tokens of beams pruned
+            before they get there, and pads the users that have less to feed:
+            benchmarks/README "Decoding on a pretrained model"). The items are the same for
+            every limit.
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
 
     Raises:
         ValueError / TypeError: bad inputs (see `check_inputs`), beam_width not an integer >= 1,
-            a non-finite length_penalty, unknown kv_sharing, kv_sharing="tree" with an
-            attention that ignores 4-D masks, or a prompt cache of other prompts; ValueError when
-            the model scores a candidate NaN.
+            a non-finite length_penalty, chain_limit not an integer >= 1, unknown kv_sharing,
+            kv_sharing="tree" with an attention that ignores 4-D masks, or a prompt cache of
+            other prompts; ValueError when the model scores a candidate NaN.
     """
     mask = check_inputs(model, input_ids, attention_mask, trie, scoring)
     if num_beams is not None:
@@ -207,11 +226,17 @@ def beam_search(
     if kv_sharing not in KV_SHARING:
         raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
     device = input_ids.device
+    if chain_limit is None:
+        chain_limit = default_chain_limit(device)
+    chain_limit = check_positive_int("chain_limit", chain_limit)
     trie = trie.to(device)
     U = input_ids.shape[0]
     neg_inf = float("-inf")
-    kv = (TreeKVCache if kv_sharing == "tree" else CopiedKVCache)(model, input_ids, mask, prompt)
-    defer = kv_sharing == "tree" and scoring == "before" and keeps_logits(model)
+    chains = kv_sharing == "tree"
+    if chains:
+        kv = ChainKVCache(model, input_ids, mask, trie, scoring, prompt, chain_limit)
+    else:
+        kv = CopiedKVCache(model, input_ids, mask, prompt)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
     out_score = torch.full((U, B), neg_inf, device=device)
     users = torch.arange(U, device=device)  # global index of each active user
@@ -221,21 +246,20 @@ def beam_search(
     logits = kv.logits
     width = trie.depth_fanout_list[0]  # the root's fan-out
     for t in range(trie.max_len + 2):
-        step = expand_beams(trie, logits, node, score, width, B, scoring, at_root=t == 0)
+        forced = kv.forced() if chains else None
+        step = expand_beams(trie, logits, node, score, width, B, scoring, t == 0, forced)
         node, score = step.node, step.score
         pool.add(step.top, step.child, step.is_eos, t)
         done = pool.done(score[:, 0], t)
         useful = _beams_that_matter(step, pool.worst, done, alpha)
         node = torch.where(useful, node, -1)  # the rest, a suffix (beams in score order), go
         # The one host synchronisation of this step: which users are done, whose scores are
-        # NaN, the beams kept, the largest fan-out among their nodes (1: a step to defer) and
-        # the most children of one user's beams (the next width).
+        # NaN, the beams kept and the most children of one user's beams (the next width).
         kept = useful.sum(1).max().view(1)
-        host = torch.cat([done.long(), step.nan.long(), kept, step_widths(trie, node)]).cpu()
+        host = torch.cat([done.long(), step.nan.long(), kept, step_widths(trie, node)[1:]]).cpu()
         n_users = done.shape[0]
-        check_no_nan_scores(host[n_users:-3].bool(), users)
-        done_host, nb = host[:n_users].bool(), int(host[-3])
-        fanout, width = int(host[-2]), max(int(host[-1]), 1)
+        check_no_nan_scores(host[n_users:-2].bool(), users)
+        done_host, nb, width = host[:n_users].bool(), int(host[-2]), max(int(host[-1]), 1)
         if bool(done_host.any()):
             d = done_host.nonzero().view(-1).to(device)
             out_leaf[users[d]] = pool.leaf[d]
@@ -247,7 +271,10 @@ def beam_search(
         token = torch.where(useful, step.token, trie.eos_token_id)[keep, :nb]
         users, node = users[keep], node[keep, :nb]
         pool.select(keep)
-        logits = _advance(kv, step.src[keep, :nb], token, keep, defer and fanout <= 1, trie)
+        if chains:
+            logits = kv.step(step.src[keep, :nb], token, node, t + 1, keep)
+        else:
+            logits = kv.step(step.src[keep, :nb], token, keep)
     else:  # pragma: no cover - the trie has no node deeper than max_len + 1
         raise RuntimeError("beam search ran past the deepest trie node")
     return ranked_result(trie, out_leaf, out_score)
@@ -271,7 +298,7 @@ def beam_thresholds(
 
     Args:
         model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV
-            cache is shared as kv_sharing="tree", one-child steps deferred as there).
+            cache is shared as kv_sharing="tree", one forward per branching point as there).
 
     Returns:
         (U, L_max + 1) float32; -inf where fewer than B candidates exist.
@@ -285,24 +312,23 @@ def beam_thresholds(
     trie = trie.to(device)
     U = input_ids.shape[0]
     theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
-    kv = TreeKVCache(model, input_ids, mask)
-    defer = scoring == "before" and keeps_logits(model)
+    kv = ChainKVCache(model, input_ids, mask, trie, scoring, None, default_chain_limit(device))
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)
     logits = kv.logits
     width = trie.depth_fanout_list[0]
     for t in range(trie.max_len + 1):
-        step = expand_beams(trie, logits, node, score, width, B, scoring, at_root=t == 0)
+        step = expand_beams(trie, logits, node, score, width, B, scoring, t == 0, kv.forced())
         if step.top.shape[1] >= B:
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score
-        # one host synchronisation per step: NaN scores, the largest fan-out, the next width
-        host = torch.cat([step.nan.long(), step_widths(trie, node)]).cpu()
-        check_no_nan_scores(host[:-2].bool())
-        fanout, width = int(host[-2]), int(host[-1])
+        # one host synchronisation per step: NaN scores, the next width
+        host = torch.cat([step.nan.long(), step_widths(trie, node)[1:]]).cpu()
+        check_no_nan_scores(host[:-1].bool())
+        width = int(host[-1])
         if width == 0 or t == trie.max_len:
             break
-        logits = _advance(kv, step.src, step.token, None, defer and fanout <= 1, trie)
+        logits = kv.step(step.src, step.token, node, t + 1)
     return theta
 
 

@@ -3,6 +3,7 @@
 - `CopiedKVCache`: one cache row per beam, rows copied and reordered every step (any model).
 - `TreeKVCache`: one cache row per user; the beams' tokens are appended side by side and a 4-D
   attention mask (tree attention) keeps each beam to its own ancestors (sdpa / eager attention).
+  `bear.decoding.chain_cache.ChainKVCache` builds on the same layout for beam search.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 from bear.decoding.prompt_cache import (
     PromptCache,
     cache_kwarg,
-    keeps_logits,
     output_cache,
     prefilled,
 )
@@ -95,21 +95,15 @@ class CopiedKVCache:
 
 
 class TreeKVCache:
-    """KV cache with one row per user that its beams share through tree attention
-    (kv_sharing="tree").
+    """KV cache with one row per user that its beams share through tree attention (the
+    diverse and sampling searches; beam search feeds whole chains, `ChainKVCache`).
 
     The row holds the prompt, then every step appends the user's Bn beam tokens (after G slots
-    so far, beam j's token at slot G + j; k tokens per beam after deferred steps: G + j·k + i).
-    A 4-D attention mask lets each new token attend to its prompt and the slots of its own
-    ancestors only, which is exactly the attention of a separate sequence per beam;
-    positions are prompt length + t for every beam. Nothing is copied between beams and the cache
-    is never reordered; users that leave are dropped through `Cache.batch_select_indices`.
-
-    A step whose logits nobody needs (`step(..., defer=True)`: every next beam has one trie
-    child, whose "before" log-probability is 0 whatever the logits) is only recorded; the next
-    step that needs logits feeds each beam's deferred tokens and its new one in one forward
-    (k tokens per beam side by side, causal along the beam, logits of its last token only).
-    Beams never split across deferred steps (one child each), so no token is fed twice.
+    so far, beam j's token at slot G + j). A 4-D attention mask lets each new token attend to its
+    prompt and the slots of its own ancestors only, which is exactly the attention of a separate
+    sequence per beam; positions are prompt length + t for every beam. Nothing is copied between
+    beams and the cache is never reordered; users that leave are dropped through
+    `Cache.batch_select_indices`.
     """
 
     def __init__(self, model, input_ids, mask, prompt: PromptCache | None = None):
@@ -123,68 +117,40 @@ class TreeKVCache:
         )
         self.generated = 0  # slots appended after the prompt
         self.dtype = next(model.parameters()).dtype
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # deferred (src, tokens)
-        self.keeps_logits = keeps_logits(model)  # a flush asks for its last tokens' logits only
 
     def _select_users(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
         self.prompt_mask = self.prompt_mask[keep]
         self.last_pos = self.last_pos[keep]
         self.ancestors = self.ancestors[keep]
-        self.pending = [(src[keep], tok[keep]) for src, tok in self.pending]
 
     def step(
-        self,
-        src: torch.Tensor,
-        tokens: torch.Tensor,
-        keep: torch.Tensor | None = None,
-        defer: bool = False,
-    ) -> torch.Tensor | None:
-        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits; with
-        ``defer`` the step is recorded and None returned (see the class docstring)."""
+        self, src: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """As `CopiedKVCache.step`: (U', Bn) parents and tokens -> (U' * Bn, V) logits."""
         if keep is not None and keep.shape[0] < self.prompt_mask.shape[0]:
             self._select_users(keep)
-        self.pending.append((src, tokens))
-        if defer:
-            return None
-        # each final beam's chain through the pending steps: its tokens, oldest first, and
-        # its parent among the beams whose slots `ancestors` holds
-        chain, parent = [tokens], src
-        for s, tok in reversed(self.pending[:-1]):
-            chain.append(tok.gather(1, parent))
-            parent = s.gather(1, parent)
-        self.pending = []
-        k = len(chain)
         U, Bn = tokens.shape
         G, t = self.generated, self.ancestors.shape[2]
         device = tokens.device
-        # beam j's i-th token goes to slot G + j·k + i
-        new_slot = G + torch.arange(Bn * k, device=device).view(1, Bn, k).expand(U, -1, -1)
-        anc = self.ancestors.gather(1, parent[..., None].expand(-1, -1, t))  # (U, Bn, t)
-        self.ancestors = torch.cat([anc, new_slot], dim=2)  # (U, Bn, t + k)
-        own = torch.zeros(U, Bn, k, G + Bn * k, dtype=torch.bool, device=device)
-        own.scatter_(3, anc[:, :, None, :].expand(-1, -1, k, -1), True)  # the beam's ancestors
-        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()  # its own tokens <= i
-        own.scatter_(3, new_slot[:, :, None, :].expand(-1, -1, k, -1), causal.expand(U, Bn, k, k))
-        prompt = self.prompt_mask[:, None, None, :].expand(-1, Bn, k, -1)
-        allowed = torch.cat([prompt, own], dim=3).reshape(U, Bn * k, -1)
+        new_slot = G + torch.arange(Bn, device=device).view(1, Bn, 1).expand(U, -1, -1)
+        anc = self.ancestors.gather(1, src[..., None].expand(-1, -1, t))  # (U, Bn, t)
+        self.ancestors = torch.cat([anc, new_slot], dim=2)  # (U, Bn, t + 1)
+        own = torch.zeros(U, Bn, G + Bn, dtype=torch.bool, device=device)
+        own.scatter_(2, self.ancestors, True)  # the beam's ancestors and its own slot
+        allowed = torch.cat([self.prompt_mask[:, None, :].expand(-1, Bn, -1), own], dim=2)
         neg = torch.finfo(self.dtype).min
         mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn·k, P + G + Bn·k)
-        pos = self.last_pos[:, None] + t + 1 + torch.arange(k, device=device)  # (U, k)
-        extra, keep_last = {}, k > 1 and self.keeps_logits
-        if keep_last:  # the logits of each beam's last token only
-            extra["logits_to_keep"] = torch.arange(k - 1, Bn * k, k, device=device)
+        mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn, P + G + Bn)
+        pos = (self.last_pos[:, None] + t + 1).expand(-1, Bn)  # (U, Bn)
         out = self.model(
-            input_ids=torch.stack(chain[::-1], dim=2).reshape(U, Bn * k),
+            input_ids=tokens.reshape(U, Bn),
             attention_mask=mask4d,
-            position_ids=pos[:, None, :].expand(-1, Bn, -1).reshape(U, Bn * k),
+            position_ids=pos,
             use_cache=True,
             **{self.cache_kw: self.cache},
-            **extra,
         )
         self.cache = output_cache(out)
-        self.generated = G + Bn * k
-        logits = out.logits if keep_last or k == 1 else out.logits[:, k - 1 :: k]
-        self.logits = logits.float().reshape(U * Bn, -1)
+        self.generated = G + Bn
+        self.logits = out.logits.float().reshape(U * Bn, -1)
         return self.logits
