@@ -1,16 +1,19 @@
-"""The KV cache of a beam search that runs one forward per branching point (SPEC §4).
+"""The KV cache of a beam search that runs the model per branching point, not per title token
+(SPEC §4).
 
-Most of a title's tokens sit on trie nodes with one child. A beam that enters a node by a choice
-(its parent had several children) is fed at once its token and every forced token after it, up
-to the next node with several children or the title's end, in one forward on its user's
-tree-attention row. That forward returns the log-probability of each forced token (the model's
-under "after" scoring; 0 under "before", where a lone child's log p is 0 whatever the logits) and
-the logits at the branching node. The search then walks the beam down its chain depth by depth
-from those values, ranking it against the other beams exactly as a step-by-step search does, and
-runs the model only at the depths where some kept beam has branched.
+Most of a title's tokens sit on trie nodes with one child (forced tokens). Under "before" scoring
+a forced token's log p is 0 whatever the logits, so a beam is fed only when it reaches a node
+with several children, its tokens not yet in the cache all at once; a title's unshared tail is
+never fed. Under "after" scoring every log p needs the model: a beam that enters a node by a
+choice is fed its token and up to ``limit - 1`` forced tokens after it in one forward, which
+returns each one's log p and, where the chain branches, the logits there. Either way the search
+walks each beam down its chain depth by depth from those values, ranking it against the other
+beams exactly as a step-by-step search does, and the model runs only at the depths where some
+kept beam needs logits.
 
-A beam pruned before the end of its chain had tokens fed that a step-by-step search would not
-have fed; the forwards saved are those of every depth where no kept beam branches.
+Feeding ahead ("after") also feeds the tokens of beams pruned before the end of their chain, and
+a forward pads every user to the one with the most tokens to feed: on a CPU, where a forward
+costs its tokens, that outweighs the forwards saved (``default_chain_limit``).
 """
 
 from __future__ import annotations
@@ -189,8 +192,8 @@ class ChainKVCache:
         return self.logits
 
     def _feed_paths(self, need, node, depth: int) -> None:
-        """ "before": feed the ``unfed`` last tokens of the paths of the ``need`` (U, Bn) beams,
-        which sit on branching nodes; keep the logits after the last."""
+        """Under "before" scoring: feed the ``unfed`` last tokens of the paths of the ``need``
+        (U, Bn) beams, which sit on branching nodes; keep the logits after the last."""
         user, beam = need.nonzero().unbind(1)
         unfed = self.unfed[user, beam]  # (N,) >= 1
         K = int(unfed.max())
@@ -209,7 +212,8 @@ class ChainKVCache:
         self.unfed[user, beam] = 0
 
     def _feed_ahead(self, need, tokens, node, depth: int) -> None:
-        """ "after": feed the ``need`` (U, Bn) beams' chains; their lookahead is replaced."""
+        """Under "after" scoring: feed the ``need`` (U, Bn) beams' chains; their lookahead is
+        replaced."""
         user, beam = need.nonzero().unbind(1)
         chain, chain_node, length = forced_chains(
             self.trie, node[user, beam], tokens[user, beam], self.limit
