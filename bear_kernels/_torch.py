@@ -15,7 +15,9 @@ the top-B of the maxima of groups of GROUP tokens picks B groups, and the top-B 
 members is the top-B of the row (every token outside the chosen groups is at most the B-th
 largest group maximum). Host synchronisations: one per call lists the counted rows; with a mask,
 one reads the widest allowed set, and each chunk has one more (a dense chunk's NaN check, a
-sparse chunk's `nonzero`), free on the CPU, the device this path is built for.
+sparse chunk's `nonzero`), free on the CPU, the device this path is built for. Hostile rows
+get the reference's values: an allowed NaN or +inf makes Δ NaN (`_margin`), and a target outside
+A (validate_target=False) a zero gradient (`_target_in_set`).
 
 The gradient of the per-row terms, d_j = a·p_j - c_y·[j=y] + c_b·[j=b], is derived above
 `row_coefficients` in bear_kernels._common.
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import FusedParams, LossParams, check_first_order, row_coefficients
-from .bitmask import allowed_count
+from .bitmask import BITS_PER_WORD, allowed_count
 
 # Rows per chunk are chosen so that one chunk of float32 logits is about this many elements
 # (4 MiB of fp32; 2^18..2^22 measured within noise of each other on CPU): per-op overhead stays
@@ -194,7 +196,7 @@ def _kth_largest(x: torch.Tensor, beam: torch.Tensor, k: int, rows=None, inv_tau
 @dataclass
 class _RowTerms:
     """Steps 2 and 4 of the reference for the counted rows (M,) each: z_(B'), z_(1) and its
-    index, B', z_y and Δ (NaN on a row with an allowed +inf logit, as the reference)."""
+    index, B', z_y and Δ (NaN where z_(1) is not finite, as the reference: `_margin`)."""
 
     z_b: torch.Tensor
     z_max: torch.Tensor
@@ -202,6 +204,16 @@ class _RowTerms:
     beam: torch.Tensor
     z_y: torch.Tensor
     margin: torch.Tensor
+
+
+def _margin(z_b: torch.Tensor, z_y: torch.Tensor, z_max: torch.Tensor) -> torch.Tensor:
+    """(R,) Δ = z_(B') - z_y of scaled logits; NaN on a row whose z_(1) is not finite.
+
+    The reference computes Δ = (z_(B') - lse) - (z_y - lse): an allowed NaN or +inf makes lse NaN
+    or +inf, so its Δ is NaN, while z_(B') - z_y alone stays finite when neither is that logit
+    (B' > 1; topk ranks NaN first). (z_(1) = -inf: every allowed logit is -inf, NaN either way.)
+    """
+    return torch.where(torch.isfinite(z_max), z_b - z_y, float("nan"))
 
 
 def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
@@ -225,8 +237,7 @@ def _unmasked_terms(z, y, rows, n_all, params: LossParams, cdtype) -> _RowTerms:
     ]  # fmt: skip
     z_b, z_max, i_max = (torch.cat(t) for t in zip(*parts, strict=True))  # (M,) each
     z_y = z[rows, y[rows]].to(cdtype) * inv_tau  # (M,)
-    margin = torch.where(torch.isposinf(z_max), float("nan"), z_b - z_y)
-    return _RowTerms(z_b, z_max, i_max, beam, z_y, margin)
+    return _RowTerms(z_b, z_max, i_max, beam, z_y, _margin(z_b, z_y, z_max))
 
 
 def _threshold_index(scaled, allowed, z_b, beam):
@@ -380,7 +391,8 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     """Steps 1-4 of the reference on one chunk.
 
     Returns (probs, ce (R,), Δ (R,), b (R,) or None, select): `select` says whether the
-    chunk's masked logits had to be selected away (see `_scaled_rows`); backward does the same.
+    chunk's masked logits had to be selected away (see `_scaled_rows`); backward does the same,
+    and zeroes the chunk's gradient outside A (`_zero_outside`).
     A sparse chunk works on its allowed tokens (positions in x), mapped back to token ids.
     """
     vocab = z.shape[1]
@@ -395,7 +407,8 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each; i_max a position in x
     # topk ranks NaN first, so z_(1) is NaN iff the row of x holds a NaN; with a dense mask that
     # may come from a masked +inf / NaN: redo the chunk by selection (one host sync, masks only;
-    # a sparse chunk never reads a masked logit).
+    # a sparse chunk never reads a masked logit). An allowed NaN stays: its row soft-maxes to NaN
+    # outside A too, so the gradient of a selected chunk is zeroed there (`_zero_outside`).
     select = mask is not None and not sparse and bool(torch.isnan(z_max).any())
     if select:
         x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, True)
@@ -416,30 +429,50 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     #    again); lse = z_(1) - log p_(1), exact to rounding since p_(1) >= 1/n; ce = lse - z_y
     probs = _Probs(_softmax(x, z, ws), tok, valid)
     lse = z_max - torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))  # (R,)
-    # an allowed +inf logit: lse = +inf (softmax gives NaN there), so ce = +inf - z_y and
-    # Δ = log β - log p_y = (z_(B') - lse) - (z_y - lse) is NaN, as the reference computes them
-    inf_row = torch.isposinf(z_max)  # (R,)
-    lse = torch.where(inf_row, z_max, lse)
-    # 4. Δ = (z_(B') - z_y) / tau
-    margin = torch.where(inf_row, torch.full_like(z_b, float("nan")), z_b - z_y)
-    return probs, lse - z_y, margin, b, select
+    # an allowed +inf logit: lse = +inf (softmax gives NaN there), so ce = +inf - z_y, as the
+    # reference computes it (an allowed NaN: lse is NaN already)
+    lse = torch.where(torch.isposinf(z_max), z_max, lse)
+    # 4. Δ = (z_(B') - z_y) / tau; NaN where z_(1) is +inf or NaN, as the reference's
+    return probs, lse - z_y, _margin(z_b, z_y, z_max), b, select
 
 
-def _write_chunk_grad(grad, chunk: _Chunk, probs: _Probs, a_r, cy_r, cb_r, y_r, b_r,
-                      threshold_grad):  # fmt: skip
+def _target_in_set(mask, rows: torch.Tensor, y_r: torch.Tensor) -> torch.Tensor | None:
+    """(R,) bool: whether each row's target y lies in its allowed set A, read from one bitmask
+    word per row; None without a mask (A = the vocabulary). A counted target outside A gets
+    past the argument checks only with validate_target=False."""
+    if mask is None:
+        return None
+    word = mask[rows, y_r // BITS_PER_WORD]  # (R,)
+    return (word >> (y_r % BITS_PER_WORD)) & 1 == 1
+
+
+def _zero_outside(grad, mask, chunk: _Chunk, vocab: int) -> None:
+    """grad = 0 outside A on a dense chunk's rows. Needed after a chunk redone by selection
+    (`_chunk_forward`): a row with an allowed NaN soft-maxes to NaN over all of its entries, masked
+    ones too, where the reference's gradient is 0 (its masked_fill stops it there)."""
+    outside = _mask_bias(mask[chunk.sel], vocab, grad.dtype) != 0  # (R, V)
+    grad[chunk.sel] = grad[chunk.sel].masked_fill(outside, 0.0)
+
+
+def _write_chunk_grad(grad, chunk: _Chunk, probs: _Probs, coef, y_r, b_r, y_in, threshold_grad):
     """grad[sel] = a·p - c_y·[j=y] + c_b·[j=b] for one chunk; a dense p (R, V) is consumed.
 
-    The dense part is written straight into grad when the rows are a slice (a sparse chunk:
-    zeros, then a·p put onto A, never an (R, V) temporary); the entries at y and b are then
-    overwritten with their exact values, computed in p's dtype, rounded once.
+    coef: (a, c_y, c_b), (R,) each; y_in: `_target_in_set` (or None). The dense part is written
+    straight into grad when the rows are a slice (a sparse chunk: zeros, then a·p put onto A,
+    never an (R, V) temporary); the entries at y and b are then overwritten with their exact
+    values, computed in p's dtype, rounded once. A target outside A gets 0, as in the reference,
+    which masks z_y before reading it: no -c_y there (nor a NaN, from a row's NaN p).
     """
     sel = chunk.sel
+    a_r, cy_r, cb_r = coef
     v_y = a_r * probs.at(y_r) - cy_r  # (R,)
     if threshold_grad:
         same = b_r == y_r  # (R,)
         v_b = a_r * probs.at(b_r) + cb_r  # (R,)
         v_y = torch.where(same, v_y + cb_r, v_y)
         v_b = torch.where(same, v_b - cy_r, v_b)
+    if y_in is not None:  # b is in A, so b != y on these rows
+        v_y = torch.where(y_in, v_y, 0.0)
     if probs.tok is not None:  # zeros, then a·p, v_y and v_b put at their flat positions
         if isinstance(sel, slice):
             grad[sel].zero_()  # (a buffer with uncounted rows is zeros already)
@@ -508,18 +541,15 @@ class _CEMarginTorch(torch.autograd.Function):
         inv_tau = 1.0 / params.temperature
         for chunk, select in zip(ctx.chunks, ctx.selected, strict=True):
             idx = rows[chunk.part]  # (R,)
-            probs = _chunk_probs(z, y[idx], mask, chunk, inv_tau, cdtype, vocab, ws, select)
+            y_r = y[idx]  # (R,)
+            probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, select)
+            coef = (a[idx], c_y[idx], c_b[idx])
+            y_in = _target_in_set(mask, idx, y_r)
             _write_chunk_grad(
-                grad,
-                chunk,
-                probs,
-                a[idx],
-                c_y[idx],
-                c_b[idx],
-                y[idx],
-                b_idx[idx],
-                params.threshold_grad,
+                grad, chunk, probs, coef, y_r, b_idx[idx], y_in, params.threshold_grad
             )
+            if select:
+                _zero_outside(grad, mask, chunk, vocab)
         return grad, None, None, None
 
 
@@ -562,9 +592,9 @@ class _BEARLossTorchFused(torch.autograd.Function):
         total = torch.zeros((), dtype=cdtype, device=z.device)  # ()
         for chunk in _chunks(rows, n_rows, vocab, n_all, mask is not None):
             idx = rows[chunk.part]  # (R,)
-            b = None
+            b, select = None, False
             if terms is None:
-                probs, ce, margin, b, _ = _chunk_forward(
+                probs, ce, margin, b, select = _chunk_forward(
                     z, y, mask, chunk, idx, n_all, params, cdtype, ws
                 )
                 total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
@@ -579,7 +609,11 @@ class _BEARLossTorchFused(torch.autograd.Function):
                 neg_log_p_max[part] = -torch.log(probs.p.gather(1, i_max[:, None]).squeeze(1))
                 coef = tuple(c[part] for c in coef_all)
             b_r = b if b is not None else torch.zeros_like(idx)  # (R,)
-            _write_chunk_grad(grad, chunk, probs, *coef, y[idx], b_r, params.threshold_grad)
+            y_r = y[idx]  # (R,)
+            y_in = _target_in_set(mask, idx, y_r)
+            _write_chunk_grad(grad, chunk, probs, coef, y_r, b_r, y_in, params.threshold_grad)
+            if select:
+                _zero_outside(grad, mask, chunk, vocab)
         if terms is not None:  # lse = z_(1) - log p_(1); +inf on a row with an allowed +inf
             z_max = terms.z_max
             lse = torch.where(torch.isposinf(z_max), z_max, z_max + neg_log_p_max)

@@ -1,15 +1,20 @@
-"""Hostile inputs of the loss (SPEC §10): non-finite logits outside A, double backward."""
+"""Hostile inputs of the loss (SPEC §10): non-finite logits, targets outside A, double backward."""
+
+from functools import partial
 
 import pytest
 import torch
 
+import bear_kernels._torch as tp
 from bear_kernels import (
+    allowed_count,
     bear_loss,
     bear_loss_reference,
     ce_margin,
     ce_margin_reference,
     pack_allowed_mask,
 )
+from tests._helpers_kernels import ATOL
 
 V = 70  # three bitmask words, the last one partial
 IMPLS = ("torch", "triton")
@@ -103,6 +108,103 @@ def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, maske
     ref = ce_margin_reference(z.double(), y, beam_width=beam_width, allowed_mask=mask)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, equal_nan=True)
+
+
+# Every path of the torch loss (see bear_kernels._torch), on logits of VG tokens: four groups of
+# 64 and a tail, so that the two-level top-k of B = 3 runs. "unmasked": the reduced loss's
+# pre-pass; "unmasked-view": logits not contiguous along V (the chunks find their own terms);
+# "dense": about 40 % allowed, dense chunks; "sparse": 5 tokens a row, sparse chunks.
+VG = 260
+TORCH_PATHS = ("unmasked", "unmasked-view", "dense", "sparse")
+FORMS = ("ce", "margin", "none", "sum", "mean")
+
+
+def _path_case(path, ignored):
+    """Logits (3, VG), targets [0, 1, 0] (row 2 ignored with `ignored`: the counted rows are then
+    gathered by index, not sliced) and the allowed set (3, VG) bool, tokens 0 and 1 in every row."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(3, VG, generator=g)
+    if path == "dense":
+        allowed = torch.rand(3, VG, generator=g) < 0.4
+    else:
+        allowed = torch.zeros(3, VG, dtype=torch.bool)
+        allowed[:, [37, 150, 259]] = True  # sparse: tokens in later groups and in the tail
+    if path.startswith("unmasked"):
+        allowed[:] = True
+    allowed[:, :2] = True
+    return z, torch.tensor([0, 1, -100 if ignored else 0]), allowed
+
+
+def _torch_and_reference(z, y, allowed, path, form, dtype, **kw):
+    """((values, gradient) of the torch path, the same of the float64 reference) for one form:
+    ce or Δ of ce_margin, or bear_loss with that reduction; the reference gets the same values."""
+    mask = None
+    if not path.startswith("unmasked"):
+        mask = pack_allowed_mask(allowed)
+        chunks = tp._chunks(torch.arange(3), 3, VG, allowed_count(mask, VG), True)
+        assert (chunks[0].width is not None) == (path == "sparse")  # the path the case names
+    kw = dict(kw, beam_width=3, allowed_mask=mask)
+    logits = z.to(dtype)
+    fast_z = logits.t().contiguous().t() if path == "unmasked-view" else logits
+
+    def run(fn_margin, fn_loss, logits):
+        if form in ("ce", "margin"):
+            return _value_and_grad(lambda a: fn_margin(a, y, **kw)[form == "margin"], logits)
+        return _value_and_grad(lambda a: fn_loss(a, y, reduction=form, **kw), logits)
+
+    fast = run(partial(ce_margin, impl="torch"), partial(bear_loss, impl="torch"), fast_z)
+    return fast, run(ce_margin_reference, bear_loss_reference, logits.double())
+
+
+def _assert_matches(fast, reference, dtype):
+    """Values and gradient of the torch path equal the reference's, NaN where it has NaN."""
+    for got, want in zip(fast, reference, strict=True):
+        tol = ATOL[dtype]
+        torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", TORCH_PATHS)
+@pytest.mark.parametrize("ignored", [False, True], ids=["sliced", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("threshold_grad", [False, True])
+def test_an_allowed_nan_logit_gives_the_references_nans(path, ignored, dtype, form, threshold_grad):
+    """A NaN among a counted row's allowed logits (not its target's): the reference's lse is NaN,
+    so ce, Δ = (z_(B') - lse) - (z_y - lse) and the loss are NaN, and the gradient is NaN on A
+    and 0 outside A; the other rows keep their values. The torch path gave a finite Δ (from
+    z_(B') - z_y), and on dense chunks a NaN gradient outside A too."""
+    z, y, allowed = _path_case(path, ignored)
+    z[1, 0] = float("nan")  # allowed, row 1's target is 1
+    fast, reference = _torch_and_reference(
+        z, y, allowed, path, form, dtype, threshold_grad=threshold_grad
+    )
+    _assert_matches(fast, reference, dtype)
+    value, grad = fast
+    assert torch.isnan(value.reshape(-1)[1 if value.dim() else 0])
+    assert torch.isnan(grad[1][allowed[1]]).all() and (grad[1][~allowed[1]] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("ignored", [False, True], ids=["sliced", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("nan_row", [False, True], ids=["finite", "nan-in-A"])
+def test_a_target_outside_the_allowed_set_unchecked_gives_the_references_values(
+    path, ignored, dtype, form, threshold_grad, nan_row
+):
+    """validate_target=False and a counted row whose target y lies outside A: the reference masks
+    z_y to -inf before reading it, so ce = Δ = +inf and the gradient at y is 0 (p_y = 0 and the
+    masked_fill stops the -1 of d(-log p_y)/dz_y). The torch path wrote -c_y there (-1 for ce)."""
+    z, y, allowed = _path_case(path, ignored)
+    allowed[1, 1] = False  # row 1's target; A keeps token 0 and others
+    if nan_row:
+        z[1, 0] = float("nan")
+    fast, reference = _torch_and_reference(
+        z, y, allowed, path, form, dtype, threshold_grad=threshold_grad, validate_target=False
+    )
+    _assert_matches(fast, reference, dtype)
+    assert fast[1][1, 1] == 0
 
 
 def _loss(z, y):
