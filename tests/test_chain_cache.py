@@ -56,7 +56,8 @@ def _step(kv, src, tokens, prefixes, depth, keep=None):
         lambda _m, _a, kw, _o: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
     try:
-        kv.step(torch.tensor([src] * U), torch.tensor([tokens] * U), node, depth, keep)
+        with torch.no_grad():
+            kv.step(torch.tensor([src] * U), torch.tensor([tokens] * U), node, depth, keep)
     finally:
         hook.remove()
     return calls

@@ -43,6 +43,8 @@ def test_the_builtin_decoders_are_beam_search_and_the_exact_top_k():
     beam = get_decoder("beam").from_options(["kv_sharing=copy"]).decode(*args)
     want = beam_search(model, input_ids, mask, trie, 4, "after", kv_sharing="copy")
     assert torch.equal(beam.item_ids, want.item_ids)
+    chains = get_decoder("beam").from_options(["chain_limit=3"]).decode(*args)
+    assert torch.equal(chains.item_ids, want.item_ids)
     exact = get_decoder("exact")().decode(*args)
     assert torch.equal(
         exact.item_ids, exact_topk(model, input_ids, mask, trie, 4, "after").item_ids
@@ -52,8 +54,13 @@ def test_the_builtin_decoders_are_beam_search_and_the_exact_top_k():
 def test_decoder_options_are_parsed_by_type_and_bad_ones_named():
     beam = get_decoder("beam")
     assert beam.from_options([]).kv_sharing == "tree"
-    with pytest.raises(ValueError, match=r"KEY one of \('kv_sharing',\)"):
+    assert beam.from_options(["chain_limit=4"]).chain_limit == 4
+    with pytest.raises(ValueError, match=r"KEY one of \('kv_sharing', 'chain_limit'\)"):
         beam.from_options(["width=3"])
+    with pytest.raises(ValueError, match=r"chain_limit=-1: expected an integer >= 1, or 0"):
+        beam.from_options(["chain_limit=-1"])
+    with pytest.raises(ValueError, match=r"chain_limit=two: decoder 'beam' expects int"):
+        beam.from_options(["chain_limit=two"])
     with pytest.raises(
         ValueError, match=r"kv_sharing=sideways: expected one of \('tree', 'copy'\)"
     ):

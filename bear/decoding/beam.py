@@ -86,8 +86,8 @@ def expand_beams(
         at_root: every beam is the root (the first step): ``root_children`` serves it, one
             gather over the root's children without padding (``width`` is then unused).
         forced: None, or (is_forced (U, Bc) bool, log p (U, Bc)): beams on a one-child node whose
-            child's log p is already known (``ChainKVCache.forced``); their logits rows are
-            not read.
+            child's log p is already known (``ChainKVCache.forced``); that log p replaces the
+            one computed from their (stale) logits rows.
 
     Returns:
         BeamStep.
@@ -168,15 +168,19 @@ def beam_search(
     (Hugging Face's `early_stopping=False` test; exact for alpha = 0), or when no beam is live.
 
     Each prompt is prefilled once and its KV cache expanded to the beams after the first step;
-    one host synchronisation per step (which users are done). Beams that cannot change the
-    result (dead ones; at alpha = 0, live ones at or below a full pool's worst) are not fed.
-    With the tree cache the model runs once per branching point, not once per title token
-    (``ChainKVCache``): a beam that enters a node by a choice is fed its token and every forced
-    (one-child) token after it in one forward, which returns each forced token's log p ("after":
-    the model's; "before": 0, whatever the logits) and the logits where the chain branches; the
-    ranking above is then replayed depth by depth from those values, so the items are those of
-    a search that feeds one token per step, and a depth where no kept beam branched runs no
-    forward. A beam pruned inside its chain had tokens fed that such a search would not feed.
+    the search synchronises with the host once per step (which users are done), the tree cache
+    a few times more in a step that feeds. Beams that cannot change the result (dead ones; at
+    alpha = 0, live ones at or below a full pool's worst) are not fed. With the tree cache
+    (``ChainKVCache``) most title tokens, which sit on one-child trie nodes, cost no forward of
+    their own: under "before" a lone child's log p is 0 whatever the logits, so a beam is fed
+    only when it reaches a node with several children (its pending tokens at once; a title's
+    unshared tail is never fed); under "after" a beam that enters a node by a choice is fed its
+    token and up to ``chain_limit - 1`` forced tokens after it in one forward, which returns
+    their log p and the logits where the chain branches. The ranking above is replayed depth by
+    depth from those values, so the items are those of a search that feeds one token per step
+    (up to rounding: a forward of several tokens rounds differently), and a depth where no kept
+    beam needs logits runs no forward. Under "after", a beam pruned inside its chain had tokens
+    fed that such a search would not feed.
 
     Args:
         model: a Hugging Face causal LM.
@@ -196,13 +200,13 @@ def beam_search(
         prompt: None (the prompts are prefilled here), or a `PromptCache` of these
             prompts to read instead (shared with other readers of one prefill; the search then
             runs on a plain DynamicCache, so only for models whose cache keeps every position).
-        chain_limit: with kv_sharing="tree", the most tokens of one chain fed in one forward
-            (keyword only; >= 1). None: ``default_chain_limit(device)``, whole chains cut at 16
-            tokens on a GPU, where a forward's cost is mostly its latency, and 1 token on a CPU,
-            where it is the tokens fed (a chain fed ahead feeds the tokens of beams pruned
-            before they get there, and pads the users that have less to feed:
-            benchmarks/README "Decoding on a pretrained model"). The items are the same for
-            every limit.
+        chain_limit: with kv_sharing="tree" and "after" scoring, the most tokens of one chain fed
+            in one forward (keyword only; >= 1; "before" feeds a beam's pending tokens whole and
+            does not use it). None: ``default_chain_limit(device)``, 16 on a GPU, where a
+            forward's cost is mostly its latency, and 1 on a CPU, where it is the tokens fed (a
+            chain fed ahead feeds the tokens of beams pruned before they get there, and pads the
+            users that have less to feed: benchmarks/README "A pretrained model:
+            SmolLM2-135M-Instruct on Office"). The items are the same for every limit.
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
@@ -298,7 +302,7 @@ def beam_thresholds(
 
     Args:
         model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV
-            cache is shared as kv_sharing="tree", one forward per branching point as there).
+            cache is shared as kv_sharing="tree", with the device's default chain_limit).
 
     Returns:
         (U, L_max + 1) float32; -inf where fewer than B candidates exist.
@@ -335,16 +339,23 @@ def beam_thresholds(
 @register_decoder
 @dataclass(frozen=True)
 class BeamSearch(Decoder):
-    """``beam_search`` as the evaluation's decoder ``beam`` (the default); its option
-    ``kv_sharing`` ("tree" or "copy") is ``beam_search``'s."""
+    """``beam_search`` as the evaluation's decoder ``beam`` (the default); its options
+    ``kv_sharing`` ("tree" or "copy") and ``chain_limit`` (0: the device's default) are
+    ``beam_search``'s."""
 
     name: ClassVar[str] = "beam"
     kv_sharing: str = "tree"
+    chain_limit: int = 0
 
     def __post_init__(self):
         if self.kv_sharing not in KV_SHARING:
             raise ValueError(
                 f"--decoder-option kv_sharing={self.kv_sharing}: expected one of {KV_SHARING}"
+            )
+        if self.chain_limit < 0:
+            raise ValueError(
+                f"--decoder-option chain_limit={self.chain_limit}: expected an integer >= 1, or 0 "
+                "for the device's default"
             )
 
     def decode(
@@ -360,4 +371,5 @@ class BeamSearch(Decoder):
             length_penalty=length_penalty,
             kv_sharing=self.kv_sharing,
             prompt=prompt,
+            chain_limit=self.chain_limit or None,
         )

@@ -33,7 +33,7 @@ from bear.trie import ItemTrie
 __all__ = ["ChainKVCache", "default_chain_limit", "forced_chains", "lone_child_token"]
 
 GPU_CHAIN_LIMIT = 16  # the most tokens of one chain a forward feeds on a GPU
-PER_BEAM = ("node", "unfed", "lineage", "rows", "branches", "ahead", "offset", "length")
+PER_BEAM = ("unfed", "lineage", "rows", "branches", "ahead", "offset", "length")
 
 
 def forced_chains(trie: ItemTrie, node: torch.Tensor, token: torch.Tensor, limit: int):
@@ -72,7 +72,8 @@ def default_chain_limit(device) -> int:
     """The most tokens of one chain a forward feeds when ``beam_search`` is not told: 16 on a
     GPU (a forward there costs mostly its latency: fewer forwards win), 1 elsewhere (a CPU's
     forward costs its tokens: feeding a chain ahead adds the tokens of beams pruned on the way
-    and pads the users with less to feed; benchmarks/README "Decoding on a pretrained model")."""
+    and pads the users with less to feed; benchmarks/README "A pretrained model:
+    SmolLM2-135M-Instruct on Office")."""
     return GPU_CHAIN_LIMIT if torch.device(device).type == "cuda" else 1
 
 
@@ -123,10 +124,11 @@ class ChainKVCache:
         self.cache, kv_mask, self.last_pos, logits = prefilled(model, input_ids, mask, prompt)
         U, device = input_ids.shape[0], mask.device
         self.prompt_mask = kv_mask.bool()  # (U, S) the prompts' cached positions
-        zeros = torch.zeros(U, 1, dtype=torch.int64, device=device)
-        self.node, self.unfed, self.offset, self.length = zeros, zeros, zeros, zeros
+        self.node, self.unfed, self.offset, self.length = (
+            torch.zeros(U, 1, dtype=torch.int64, device=device) for _ in range(4)
+        )
         self.lineage = torch.zeros(U, 1, 0, dtype=torch.bool, device=device)
-        self.rows = logits.float().view(U, 1, -1)
+        self.rows = logits.float().view(U, 1, -1).clone()  # never a view of a PromptCache's
         self.branches = torch.ones(U, 1, dtype=torch.bool, device=device)
         self.ahead = torch.zeros(U, 1, 0, device=device)
         self.dtype = next(model.parameters()).dtype
