@@ -23,6 +23,10 @@ loaded with 128-bit loads, a zero word skipping its 32):
   - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
     worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
     reference, and z_b is reloaded from memory.
+Hostile rows get the reference's values at per-row scalar cost (`_finish_row`): Δ is NaN where
+lse is not finite (an allowed NaN, +inf, or every allowed logit -inf), and a counted target
+outside A (validate_target=False) reads as z_y = -inf (ce = Δ = +inf) and has no -c_y term
+(`_target_in_set`: one mask word per row).
 Split-V (bear_kernels._kernels_split) runs the same loop over spans of a row and merges them.
 Backward, per row or per span: d_j = a·p_j - c_y·[j=y] + c_b·[j=b] on A, 0 outside (see
 bear_kernels._common for the derivation of a, c_y, c_b), written once in the logits dtype; the
@@ -78,7 +82,7 @@ def _write_grad_span(
     hi,  # end of the span (<= V; a span of a whole number of chunks ends at hi or V)
     V,  # vocabulary size
     v_read,  # V on a counted row, 0 on an uncounted row (then nothing is read, zeros written)
-    y,  # target index (int32; -1 on an uncounted row)
+    y,  # target index (int32; -1 on an uncounted row or outside A: no -c_y term)
     b,  # threshold index (int32; -1 on an uncounted row)
     lse,  # logsumexp over A of z / tau
     a,  # coefficient of p_j
@@ -265,29 +269,49 @@ def _scan_span(
 
 
 @triton.jit
+def _target_in_set(row_m, y, HAS_MASK: tl.constexpr):
+    """y where the target lies in A (its bit in the row's mask: one word load), else -1.
+
+    A counted target outside A gets past the argument checks only with validate_target=False;
+    the reference masks z_y to -inf before reading it, so p_y = 0 (ce = Δ = +inf) and its
+    gradient at y is 0: y = -1 gives both (_finish_row, _write_grad_span). y = -1 stays -1.
+    """
+    if HAS_MASK:
+        safe = tl.maximum(y, 0)
+        word = tl.load(row_m + safe // 32)
+        y = tl.where(((word >> (safe % 32)) & 1) != 0, y, -1)
+    return y
+
+
+@triton.jit
 def _finish_row(
     row_z, V, y, supervised, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
 ):
     """Steps 2-5 from the merged statistics: (counted, b, lse, ce, margin).
 
-    n_real = min(K, n) real slots, top_i / low_i the best / worst of them. b is the worst real
-    slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the reference; the
-    target and threshold logits are scalar loads. counted: supervised and n > 1.
+    y: the target, -1 where it is not a token of A (_target_in_set; then x_y = -inf, as the
+    reference's masked z_y). n_real = min(K, n) real slots, top_i / low_i the best / worst of
+    them. b is the worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n)
+    as in the reference; the target and threshold logits are scalar loads. counted: supervised
+    and n > 1.
     """
     b = tl.where(beam_width_in == 1, top_i, low_i)
     counted = supervised & (n_real > 1)
-    x_y = tl.load(row_z + tl.where(counted & (y >= 0), y, 0)).to(COMPUTE) * inv_tau
+    x_y = tl.load(row_z + tl.maximum(y, 0)).to(COMPUTE) * inv_tau
+    x_y = tl.where(y >= 0, x_y, float("-inf"))
     x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
     # m2 is the lowest finite value when every allowed logit is -inf (_scan_span): lse = -inf
     # (so is a row whose largest t is finite and exactly that value: z·log2(e)/tau = -FLT_MAX)
     m2 = tl.where(m2 == _lowest(COMPUTE), float("-inf"), m2)
     lse = (m2 + tl.log2(tl.where(s == 0.0, 1.0, s))) * LN2  # s = 0: m2 = -inf (no allowed token)
-    # an allowed +inf logit: s is NaN (inf - inf), lse = +inf; Δ = (x_b - lse) - (x_y - lse) is
-    # NaN, as the reference computes them
-    inf_row = m2 == float("inf")
-    lse = tl.where(inf_row, float("inf"), lse)
-    # 3. ce = lse - x_y; 5. Δ = x_b - x_y = log β - log p_y
-    return counted, b, lse, lse - x_y, tl.where(inf_row, float("nan"), x_b - x_y)
+    # an allowed +inf logit: s is NaN (inf - inf), lse = +inf (an allowed NaN: m2 skips it, s
+    # and lse are NaN), as the reference's
+    lse = tl.where(m2 == float("inf"), float("inf"), lse)
+    # 3. ce = lse - x_y (+inf for a target outside A); 5. Δ = x_b - x_y = log β - log p_y,
+    #    which the reference computes as (x_b - lse) - (x_y - lse): NaN wherever lse is not
+    #    finite (an allowed NaN or +inf, or no finite allowed logit), whatever x_b and x_y
+    margin = tl.where(tl.abs(lse) < float("inf"), x_b - x_y, float("nan"))
+    return counted, b, lse, lse - x_y, margin
 
 
 @triton.jit
@@ -390,6 +414,7 @@ def _bear_fwd_row(
     y64 = tl.load(target_ptr + row)
     supervised = y64 != ignore_index
     y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
+    y = _target_in_set(row_m, y, HAS_MASK)  # -1 also outside A (validate_target=False)
     # 4. the real slots (index < V) number min(K, n); their best and worst
     real = buf_i < V
     n_real = tl.sum(real.to(tl.int32), 0)
@@ -456,6 +481,7 @@ def _bear_bwd_kernel(
 ):
     inv_tau = tl.full([], inv_tau, COMPUTE)  # fp64 argument, rounded once (_bear_fwd_kernel)
     row = tl.program_id(0)
+    row_m = mask_ptr + row.to(tl.int64) * stride_m
     if SPLIT:
         lo = tl.program_id(1) * span
         hi = tl.minimum(lo + span, V)
@@ -466,11 +492,12 @@ def _bear_bwd_kernel(
     skip = b < 0  # uncounted row: write zeros, read nothing
     y = tl.load(target_ptr + row)
     y = tl.where(skip | (y < 0) | (y >= V), -1, y).to(tl.int32)
+    y = _target_in_set(row_m, y, HAS_MASK)  # a target outside A: no -c_y (0 at y)
     c_b = tl.load(cb_ptr + row) if THRESHOLD_GRAD else 0.0
     _write_grad_span(
         grad_ptr + row.to(tl.int64) * stride_g,
         logits_ptr + row.to(tl.int64) * stride_z,
-        mask_ptr + row.to(tl.int64) * stride_m,
+        row_m,
         lo,
         hi,
         V,

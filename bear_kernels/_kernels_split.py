@@ -15,7 +15,14 @@ same (row, span) grid.
 import triton
 import triton.language as tl
 
-from ._kernels import LOG2E, _finish_row, _fused_coefficients, _scan_span, _store_row
+from ._kernels import (
+    LOG2E,
+    _finish_row,
+    _fused_coefficients,
+    _scan_span,
+    _store_row,
+    _target_in_set,
+)
 
 
 @triton.jit
@@ -80,15 +87,18 @@ def _bear_merge_kernel(
     part_i_ptr,  # (N, S, BEAM_PAD) in
     logits_ptr,  # (N, V) in: z (x_y and x_b are reloaded)
     target_ptr,  # (N,) in, int64: y
+    mask_ptr,  # (N, W) in, int32 bitmask of A: the target's word only (unused without HAS_MASK)
     scale_ptr,  # () in, COMPUTE: d(loss)/d(row loss) of a counted row (FUSED_GRAD only)
     V,  # vocabulary size
     n_spans,  # S
     stride_z,  # row stride of logits (elements)
+    stride_m,  # row stride of the mask (words)
     inv_tau: tl.float64,  # 1 / tau
     ignore_index,  # target value of unsupervised rows
     beam_width_in,  # B
     reg_weight: tl.float64,  # λ (FUSED_GRAD only)
     inv_xi: tl.float64,  # 1 / ξ (FUSED_GRAD only)
+    HAS_MASK: tl.constexpr,  # False: A = the whole vocabulary
     SPAN_PAD: tl.constexpr,  # next power of two >= S
     BEAM_PAD: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -127,6 +137,7 @@ def _bear_merge_kernel(
     y64 = tl.load(target_ptr + row)
     supervised = y64 != ignore_index
     y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
+    y = _target_in_set(mask_ptr + row.to(tl.int64) * stride_m, y, HAS_MASK)  # -1 outside A
     counted, b, lse, ce, margin = _finish_row(
         logits_ptr + row.to(tl.int64) * stride_z,
         V,

@@ -211,6 +211,8 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
     part_m, part_s = (torch.empty(n_rows, n_spans, dtype=tdtype, device=z.device) for _ in "ms")
     part_v = torch.empty(n_rows, n_spans, beam_pad, dtype=tdtype, device=z.device)
     part_i = torch.empty(n_rows, n_spans, beam_pad, dtype=torch.int32, device=z.device)
+    mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
+    stride_m = mask.stride(0) if mask is not None else 0
     _bear_span_kernel[(n_rows, n_spans)](
         part_m,
         part_s,
@@ -218,11 +220,11 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
         part_i,
         z,
         y,
-        mask if mask is not None else y,
+        mask_arg,
         vocab,
         span,
         z.stride(0),
-        mask.stride(0) if mask is not None else 0,
+        stride_m,
         1.0 / params.temperature,
         params.ignore_index,
         params.beam_width,
@@ -247,15 +249,18 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
         part_i,
         z,
         y,
+        mask_arg,
         scale,
         vocab,
         n_spans,
         z.stride(0),
+        stride_m,
         1.0 / params.temperature,
         params.ignore_index,
         params.beam_width,
         float(reg_weight),
         1.0 / reg_temperature,
+        HAS_MASK=mask is not None,
         SPAN_PAD=triton.next_power_of_2(n_spans),
         BEAM_PAD=beam_pad,
         COMPUTE=tl_dtype,

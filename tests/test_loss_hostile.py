@@ -1,11 +1,13 @@
 """Hostile inputs of the loss (SPEC §10): non-finite logits, targets outside A, double backward."""
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import pytest
 import torch
 
 import bear_kernels._torch as tp
+import bear_kernels._triton as tri
 from bear_kernels import (
     allowed_count,
     bear_loss,
@@ -146,18 +148,25 @@ def _torch_and_reference(z, y, allowed, path, form, dtype, **kw):
     kw = dict(kw, beam_width=3, allowed_mask=mask)
     logits = z.to(dtype)
     fast_z = logits.t().contiguous().t() if path == "unmasked-view" else logits
+    fast = _run_form(partial(ce_margin, impl="torch"), partial(bear_loss, impl="torch"), form)
+    reference = _run_form(ce_margin_reference, bear_loss_reference, form)
+    return fast(fast_z, y, **kw), reference(logits.double(), y, **kw)
 
-    def run(fn_margin, fn_loss, logits):
+
+def _run_form(fn_margin, fn_loss, form):
+    """A function (logits, y, **kw) -> (values, gradient) of one form: ce or Δ of fn_margin, or
+    fn_loss with that reduction."""
+
+    def run(logits, y, **kw):
         if form in ("ce", "margin"):
             return _value_and_grad(lambda a: fn_margin(a, y, **kw)[form == "margin"], logits)
         return _value_and_grad(lambda a: fn_loss(a, y, reduction=form, **kw), logits)
 
-    fast = run(partial(ce_margin, impl="torch"), partial(bear_loss, impl="torch"), fast_z)
-    return fast, run(ce_margin_reference, bear_loss_reference, logits.double())
+    return run
 
 
 def _assert_matches(fast, reference, dtype):
-    """Values and gradient of the torch path equal the reference's, NaN where it has NaN."""
+    """Values and gradient of a fast path equal the reference's, NaN where it has NaN."""
     for got, want in zip(fast, reference, strict=True):
         tol = ATOL[dtype]
         torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=tol, atol=tol)
@@ -203,6 +212,130 @@ def test_a_target_outside_the_allowed_set_unchecked_gives_the_references_values(
     fast, reference = _torch_and_reference(
         z, y, allowed, path, form, dtype, threshold_grad=threshold_grad, validate_target=False
     )
+    _assert_matches(fast, reference, dtype)
+    assert fast[1][1, 1] == 0
+
+
+# The same two rows on the Triton path (bear_kernels._triton, under TRITON_INTERPRET=1), every
+# launch the dispatcher can pick: "rows", one program per row (_bear_fwd_kernel, with the
+# gradient fused for sum / mean, else then _bear_bwd_kernel); "row-loop", the fused loss with
+# fewer programs than rows (FUSED_PROGRAMS_PER_SM); "split", split-V (_bear_span_kernel over
+# spans of 32 tokens, _bear_merge_kernel, _bear_bwd_kernel on the (row, span) grid). VT tokens:
+# three mask words, the last one partial, and three spans.
+VT = 70
+TRITON_LAUNCHES = ("rows", "row-loop", "split")
+# a (kernel, grid) that each launch makes for 4 rows, and no other launch makes
+SIGNATURE_LAUNCH = {
+    "rows": ("_bear_fwd_kernel", (4,)),
+    "row-loop": ("_bear_fwd_kernel", (1,)),
+    "split": ("_bear_merge_kernel", (4,)),
+}
+# the interpreter's numpy warns on the NaN and inf arithmetic these rows are made of
+QUIET_NAN = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _triton_params(masks):
+    """(launch, masked, form) cases; the row loop only runs the fused forms (sum, mean)."""
+    return [
+        pytest.param(launch, masked, form, id=f"{launch}-{'masked' if masked else 'all'}-{form}")
+        for launch in TRITON_LAUNCHES
+        for masked in masks
+        for form in FORMS
+        if launch != "row-loop" or form in ("sum", "mean")
+    ]
+
+
+class _Recorded:
+    """A Triton kernel that records (name, grid) of each launch, then launches."""
+
+    def __init__(self, kernel, name, launched):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.append((self.name, grid))
+        return self.kernel[grid]
+
+
+@dataclass
+class _TritonRun:
+    """How a case runs the Triton path: the launch, whether a mask is given, what it launched."""
+
+    launch: str
+    masked: bool
+    launched: list = field(default_factory=list)  # (kernel name, grid) of each launch
+
+
+def _triton_case(monkeypatch, launch, masked):
+    """Logits (4, VT), targets [0, 1, ignored, 0], the allowed set (4, VT) bool (about 40 % with
+    a mask, tokens 0, 1 and 40 in every row; all without) and a _TritonRun, with
+    bear_kernels._triton set up for the launch."""
+    if launch == "split":  # 8 SMs for 4 rows: spans of one 32-token chunk
+        monkeypatch.setattr(tri, "SM_COUNT_CPU", 8)
+        monkeypatch.setattr(tri, "SPLIT_MIN_CHUNKS", 1)
+        monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 32)
+    elif launch == "row-loop":  # 1 SM, 1 program for the 4 rows
+        monkeypatch.setattr(tri, "SM_COUNT_CPU", 1)
+        monkeypatch.setattr(tri, "FUSED_PROGRAMS_PER_SM", 1)
+    run = _TritonRun(launch, masked)
+    for name in ("_bear_fwd_kernel", "_bear_span_kernel", "_bear_merge_kernel", "_bear_bwd_kernel"):
+        monkeypatch.setattr(tri, name, _Recorded(getattr(tri, name), name, run.launched))
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4, VT, generator=g)
+    allowed = torch.rand(4, VT, generator=g) < (0.4 if masked else 2.0)
+    allowed[:, [0, 1, 40]] = True
+    return z, torch.tensor([0, 1, -100, 0]), allowed, run
+
+
+def _triton_and_reference(z, y, allowed, run: _TritonRun, form, dtype, **kw):
+    """((values, gradient) of the Triton path, the same of the float64 reference) for one form,
+    after checking that the Triton path made the launch the case names."""
+    kw = dict(kw, beam_width=3, allowed_mask=pack_allowed_mask(allowed) if run.masked else None)
+    logits = z.to(dtype)
+    fast = _run_form(partial(ce_margin, impl="triton"), partial(bear_loss, impl="triton"), form)
+    fast = fast(logits, y, **kw)
+    assert SIGNATURE_LAUNCH[run.launch] in run.launched
+    reference = _run_form(ce_margin_reference, bear_loss_reference, form)
+    return fast, reference(logits.double(), y, **kw)
+
+
+@QUIET_NAN
+@pytest.mark.parametrize("launch,masked,form", _triton_params((False, True)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+def test_triton_an_allowed_nan_logit_gives_the_references_nans(
+    monkeypatch, launch, masked, form, dtype, threshold_grad
+):
+    """test_an_allowed_nan_logit_gives_the_references_nans on the Triton path, the NaN in
+    another span than the target's: Δ was finite there (x_b - x_y; NaN only on a row with an
+    allowed +inf), the gradient is NaN on A and 0 outside A, the other rows keep their values."""
+    z, y, allowed, run = _triton_case(monkeypatch, launch, masked)
+    z[1, 40] = float("nan")  # allowed, row 1's target is 1
+    fast, reference = _triton_and_reference(
+        z, y, allowed, run, form, dtype, threshold_grad=threshold_grad
+    )
+    _assert_matches(fast, reference, dtype)
+    value, grad = fast
+    assert torch.isnan(value.reshape(-1)[1 if value.dim() else 0])
+    assert torch.isnan(grad[1][allowed[1]]).all() and (grad[1][~allowed[1]] == 0).all()
+
+
+@QUIET_NAN
+@pytest.mark.parametrize("launch,masked,form", _triton_params((True,)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("nan_row", [False, True], ids=["finite", "nan-in-A"])
+def test_triton_a_target_outside_the_allowed_set_unchecked_gives_the_references_values(
+    monkeypatch, launch, masked, form, dtype, threshold_grad, nan_row
+):
+    """test_a_target_outside_the_allowed_set_unchecked_gives_the_references_values on the Triton
+    path: the kernels read z_y whatever the mask, so ce, Δ and the loss were finite, and they
+    wrote -c_y at y; the reference has ce = Δ = +inf and gradient 0 at y."""
+    z, y, allowed, run = _triton_case(monkeypatch, launch, masked)
+    allowed[1, 1] = False  # row 1's target; A keeps tokens 0, 40 and others
+    if nan_row:
+        z[1, 40] = float("nan")
+    kw = dict(threshold_grad=threshold_grad, validate_target=False)
+    fast, reference = _triton_and_reference(z, y, allowed, run, form, dtype, **kw)
     _assert_matches(fast, reference, dtype)
     assert fast[1][1, 1] == 0
 
