@@ -175,8 +175,9 @@ def ce_margin(
         threshold_grad: False (upstream): β is a constant, dΔ/dz_j = (p_j - [j=y]) / tau;
             True: β is differentiable, dΔ/dz_j = ([j=b] - [j=y]) / tau.
         impl: "auto" (Triton for CUDA tensors, torch otherwise), "triton" or "torch".
-        validate_target: check targets against [0, V) and A (one host sync); False skips it
-            (a bad target then gives undefined values, never an out-of-bounds read).
+        validate_target: check targets against [0, V) and A (one host sync); False skips it:
+            a target in [0, V) outside A then gives the reference's values (z_y read as -inf:
+            ce = Δ = +inf, gradient 0 at y), and one outside [0, V) no out-of-bounds read.
         return_counted: also return the rows that count (what the kernels computed, so a
             caller need not compute `counted_rows` again).
 

@@ -111,7 +111,8 @@ def test_target_outside_allowed_set_raises(fn):
     allowed[1, 5] = False
     with pytest.raises(ValueError, match="allowed set"):
         fn(z, y, allowed_mask=pack_allowed_mask(allowed))
-    # the check can be switched off (no error; the value is then undefined but computed)
+    # the check can be switched off: no error, and the reference's value (z_y read as -inf:
+    # tests/test_loss_hostile.py checks each path against it)
     fn(z, y, allowed_mask=pack_allowed_mask(allowed), validate_target=False)
 
 
