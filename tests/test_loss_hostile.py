@@ -172,6 +172,15 @@ def _assert_matches(fast, reference, dtype):
         torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=tol, atol=tol)
 
 
+def _assert_nan_row(fast, reference, allowed, dtype):
+    """fast equals the reference, and row 1 (its NaN logit allowed) is NaN in value and on A,
+    0 outside A."""
+    _assert_matches(fast, reference, dtype)
+    value, grad = fast
+    assert torch.isnan(value.reshape(-1)[1 if value.dim() else 0])
+    assert torch.isnan(grad[1][allowed[1]]).all() and (grad[1][~allowed[1]] == 0).all()
+
+
 @pytest.mark.parametrize("path", TORCH_PATHS)
 @pytest.mark.parametrize("ignored", [False, True], ids=["sliced", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -187,10 +196,7 @@ def test_an_allowed_nan_logit_gives_the_references_nans(path, ignored, dtype, fo
     fast, reference = _torch_and_reference(
         z, y, allowed, path, form, dtype, threshold_grad=threshold_grad
     )
-    _assert_matches(fast, reference, dtype)
-    value, grad = fast
-    assert torch.isnan(value.reshape(-1)[1 if value.dim() else 0])
-    assert torch.isnan(grad[1][allowed[1]]).all() and (grad[1][~allowed[1]] == 0).all()
+    _assert_nan_row(fast, reference, allowed, dtype)
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
@@ -313,10 +319,7 @@ def test_triton_an_allowed_nan_logit_gives_the_references_nans(
     fast, reference = _triton_and_reference(
         z, y, allowed, run, form, dtype, threshold_grad=threshold_grad
     )
-    _assert_matches(fast, reference, dtype)
-    value, grad = fast
-    assert torch.isnan(value.reshape(-1)[1 if value.dim() else 0])
-    assert torch.isnan(grad[1][allowed[1]]).all() and (grad[1][~allowed[1]] == 0).all()
+    _assert_nan_row(fast, reference, allowed, dtype)
 
 
 @QUIET_NAN
