@@ -25,8 +25,9 @@ def test_a_chain_runs_through_lone_children_and_stops_before_a_branch_or_the_end
     node[2] = trie.child(node[2], 10)
     tokens, nodes, length = forced_chains(trie, node, torch.tensor([3, 5, 10]), limit=8)
     assert length.tolist() == [1, 6, 1]  # 3 branches at once; 5 runs to its title's end
-    assert tokens.tolist() == [[3, -1, -1, -1, -1, -1], [5, 6, 7, 8, 9, 10], [10] + [-1] * 5]
-    assert nodes[1].tolist() == _path(trie, [5, 6, 7, 8, 9, 10])
+    # K = min(limit, the longest title + EOS) = 7 columns, -1 after each chain's end
+    assert tokens.tolist() == [[3] + [-1] * 6, [5, 6, 7, 8, 9, 10, -1], [10] + [-1] * 6]
+    assert nodes[1].tolist() == _path(trie, [5, 6, 7, 8, 9, 10]) + [-1]
 
 
 def _path(trie, tokens):

@@ -49,19 +49,16 @@ def forced_chains(trie: ItemTrie, node: torch.Tensor, token: torch.Tensor, limit
 
     Returns:
         tokens (N, K) int64, -1 after a chain's end; nodes (N, K) the node each token enters, -1
-        after the end; lengths (N,) in [1, limit].
+        after the end; lengths (N,) in [1, limit]. K = min(limit, trie.max_len + 1).
     """
     tokens, nodes = [token.long()], [node.long()]
     live, cur = torch.ones_like(node, dtype=torch.bool), node.long()
-    last_edge = max(trie.child_token.shape[0] - 1, 0)
-    while len(tokens) < limit:
-        start = trie.child_ptr[cur]
-        only = (trie.child_ptr[cur + 1] - start) == 1
-        tok = trie.child_token[start.clamp(max=last_edge)].long()
-        live = live & only & (tok != trie.eos_token_id)
-        if not bool(live.any()):
-            break
-        cur = torch.where(live, start.long() + 1, cur)  # edge e leads to node e + 1
+    # no host synchronisation: K = min(limit, the longest title with its EOS) columns at most,
+    # -1 where a chain has ended
+    for _ in range(min(limit, trie.max_len + 1) - 1):
+        tok = lone_child_token(trie, cur)
+        live = live & (tok >= 0) & (tok != trie.eos_token_id)
+        cur = torch.where(live, trie.child_ptr[cur].long() + 1, cur)  # edge e leads to node e + 1
         tokens.append(torch.where(live, tok, -1))
         nodes.append(torch.where(live, cur, -1))
     tokens, nodes = torch.stack(tokens, 1), torch.stack(nodes, 1)
@@ -200,14 +197,13 @@ class ChainKVCache:
         unfed = self.unfed[user, beam]  # (N,) >= 1
         K = int(unfed.max())
         i = torch.arange(K, device=node.device)
-        # path[n, i]: the node entered by the chain's token i (the last is the beam's node)
-        path = torch.full((user.shape[0], K), -1, dtype=torch.int64, device=node.device)
-        cur = node[user, beam]
-        for back in range(K):
-            j = unfed - 1 - back
-            live = j >= 0
-            path[live, j[live]] = cur[live]
-            cur = torch.where(live, self.trie.node_parent[cur.clamp(min=0)].long(), cur)
+        # up[:, k]: each beam's k-th ancestor (k = 0 itself); the chain's token i enters the
+        # (unfed - 1 - i)-th, so the last one enters the beam's node
+        up, cur = [], node[user, beam]
+        for _ in range(K):
+            up.append(cur)
+            cur = self.trie.node_parent[cur.clamp(min=0)].long()
+        path = torch.stack(up, 1).gather(1, (unfed[:, None] - 1 - i).clamp(min=0))  # (N, K)
         chain = torch.where(i < unfed[:, None], self.trie.node_token[path.clamp(min=0)].long(), -1)
         logits, ends = self._forward(user, beam, chain, unfed, depth - unfed + 1, last_only=True)
         self.rows[user, beam] = logits[user, ends].float()
