@@ -197,6 +197,23 @@ def test_score_items_equals_teacher_forcing(setup, scoring):
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
+def test_score_items_in_chunks_of_one_item_keeps_each_users_order(setup, scoring, monkeypatch):
+    """score_items groups items of like length into chunks and writes each score back to its
+    (user, item) place: one item per chunk gives the same scores as all in one."""
+    import bear.decoding.teacher_forcing as teacher_forcing
+
+    model, seqs, ids, trie, input_ids, mask = setup
+    lengths = {i: len(s) for i, s in zip(ids, seqs, strict=True)}
+    pick = torch.tensor([sorted(ids, key=lengths.get)[::-1][:5], sorted(ids, key=lengths.get)[:5],
+                         ids[3:8]])  # fmt: skip
+    assert len({lengths[i] for i in pick.flatten().tolist()}) > 2
+    together = score_items(model, input_ids, mask, trie, pick, scoring)
+    monkeypatch.setattr(teacher_forcing, "ROW_BUDGET", 1)
+    one_by_one = score_items(model, input_ids, mask, trie, pick, scoring)
+    torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
 def test_kv_sharing_modes_agree(setup, scoring):
     model, seqs, ids, trie, input_ids, mask = setup
     b = beam_search(model, input_ids, mask, trie, 5, scoring, kv_sharing="copy")

@@ -166,6 +166,41 @@ def test_topk_stable_is_the_stable_sorts_first_k(dtype):
         assert torch.equal(idx, want_idx[..., :k]) and torch.equal(val, want_val[..., :k])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tensor_topk_ranks_nan_above_every_number(device):
+    """topk_stable's first try (and beam search's NaN check on its output) relies on this."""
+    x = torch.tensor([[1.0, float("nan"), float("inf"), 3.0] * 300], device=device)
+    val = x.topk(301, dim=-1).values
+    assert val[0, :300].isnan().all() and val[0, 300] == float("inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_topk_stable_on_wide_rows_is_the_stable_sorts_first_k(dtype):
+    """Rows of SELECT_FIRST_WIDTH entries or more take Tensor.topk first: distinct values keep
+    it; ties at the cut, NaN, and rows with fewer than k finite entries (-inf padding) fall back;
+    every case gives exactly the stable descending sort's first k."""
+    from bear.decoding.common import SELECT_FIRST_WIDTH, _topk_without_cut_ties, topk_stable
+
+    g = torch.Generator().manual_seed(7)
+    n, k = SELECT_FIRST_WIDTH + 37, 20
+    j = torch.randperm(3 * n, generator=g).view(3, n)
+    distinct = ((j % 128 + 128) * 2.0 ** (j // 128 - 8)).to(dtype)  # exact even in bfloat16
+    tied = distinct.clone()
+    cut = tied.sort(dim=-1, descending=True).values[:, k - 1 : k]
+    tied[:, -5:] = cut  # the k-th value again, at higher indices than the first
+    with_nan = distinct.clone()
+    with_nan[1, 500] = float("nan")
+    padded = torch.full((3, n), float("-inf"), dtype=dtype)
+    padded[:, :7] = distinct[:, :7]
+    assert _topk_without_cut_ties(distinct, k) is not None
+    for x in (distinct, tied, with_nan, padded, -tied):
+        want_val, want_idx = x.sort(dim=-1, descending=True, stable=True)
+        val, idx = topk_stable(x, k)
+        assert torch.equal(idx, want_idx[..., :k])
+        assert torch.equal(val.nan_to_num(7.0), want_val[..., :k].nan_to_num(7.0))
+    assert _topk_without_cut_ties(tied, k) is None and _topk_without_cut_ties(padded, k) is None
+
+
 @pytest.mark.parametrize("scoring", ["before", "after"])
 @pytest.mark.parametrize("kv_sharing", ["tree", "copy"])
 def test_a_model_that_ties_everything_decodes_the_same_items_whatever_beams_are_dropped(

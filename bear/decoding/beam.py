@@ -96,13 +96,15 @@ def expand_beams(
     if at_root:
         logp, edge, beam = root_children(trie, logits.view(U, Bc, -1), scoring)
     else:
-        logp, edge, beam = beam_children(trie, logits.view(U, Bc, -1), node, width, scoring)
+        is_forced, forced_logp = forced if forced is not None else (None, None)
+        logp, edge, beam = beam_children(
+            trie, logits.view(U, Bc, -1), node, width, scoring, known=is_forced
+        )
         if forced is not None:
-            is_forced, forced_logp = forced
             logp = torch.where(
                 is_forced.gather(1, beam) & (edge >= 0), forced_logp.gather(1, beam), logp
             )
-    cand = score.gather(1, beam) + logp  # (U, W)
+    cand = (score if at_root else score.gather(1, beam)) + logp  # (U, W); the root: Bc = 1
     k2 = min(2 * B, cand.shape[1])
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
     e = edge.gather(1, idx).clamp(min=0).long()
@@ -122,7 +124,7 @@ def expand_beams(
         token=torch.where(alive, tok.gather(1, li), trie.eos_token_id),
         src=beam.gather(1, idx.gather(1, li)),
         alive=alive,
-        nan=torch.isnan(cand).any(1),
+        nan=torch.isnan(top).any(1),  # topk_stable ranks a NaN first
     )
 
 

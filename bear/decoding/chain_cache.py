@@ -171,9 +171,7 @@ class ChainKVCache:
             self._select_users(keep)
         was_forced = (self.offset < self.length).gather(1, src)
         for name in PER_BEAM:
-            x = getattr(self, name)
-            index = src if x.dim() == 2 else src[..., None].expand(-1, -1, x.shape[2])
-            setattr(self, name, x.gather(1, index))
+            setattr(self, name, _pick_beams(getattr(self, name), src))
         self.node = node
         if self.scoring == "before":
             self.unfed = self.unfed + 1
@@ -219,18 +217,17 @@ class ChainKVCache:
         logits, cols = self._forward(
             user, beam, chain, length, torch.full_like(length, depth), last_only=False
         )
-        real = chain >= 0
         # what each fed position predicts: its node's lone child (EOS too), else nothing (-1)
-        target = lone_child_token(self.trie, chain_node)  # (N, K)
-        at = logits[user[:, None].expand_as(real)[real], cols[real]].float()  # (fed, V)
-        t = target[real]
-        lp_fed = at.gather(1, t.clamp(min=0)[:, None]).squeeze(1) - torch.logsumexp(at, 1)
-        lp = torch.zeros(real.shape, device=node.device)
-        lp[real] = torch.where(t >= 0, lp_fed, 0.0)
+        target = lone_child_token(self.trie, chain_node)  # (N, K), -1 after the chain too
+        n, k = (target >= 0).nonzero().unbind(1)  # the fed positions that predict a lone child
+        at = logits[user[n], cols[n, k]].float()  # (forced, V)
+        lp = torch.zeros(target.shape, device=node.device)
+        lp[n, k] = torch.log_softmax(at, dim=1).gather(1, target[n, k, None]).squeeze(1)
         end_node = chain_node.gather(1, (length - 1)[:, None]).squeeze(1)
         branches = lone_child_token(self.trie, end_node) < 0  # the chain ends on a branching node
         end_col = cols.gather(1, (length - 1)[:, None]).squeeze(1)
-        self.rows[user[branches], beam[branches]] = logits[user, end_col][branches].float()
+        b = branches.nonzero().squeeze(1)
+        self.rows[user[b], beam[b]] = logits[user[b], end_col[b]].float()
         self.branches[user, beam] = branches
         K = max(self.ahead.shape[2], lp.shape[1])
         self.ahead = _pad_last(self.ahead, K)
@@ -304,6 +301,15 @@ class ChainKVCache:
         )
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=owner.device)
         return mask.masked_fill(~allowed, torch.finfo(self.dtype).min)[:, None]
+
+
+def _pick_beams(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (U, Bc, ...) per beam, picked per user by src (U, Bn): out[u, j] = x[u, src[u, j]] (whole
+    rows copied at once: a gather with an index expanded over V was 4x slower)."""
+    U, Bc = x.shape[:2]
+    flat = (src + Bc * torch.arange(U, device=src.device)[:, None]).reshape(-1)
+    picked = x.reshape(U * Bc, *x.shape[2:]).index_select(0, flat)
+    return picked.view(U, src.shape[1], *x.shape[2:])
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -228,7 +228,7 @@ def child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
     return logp, torch.where(valid, edge, torch.full_like(edge, -1))
 
 
-def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
+def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, known=None):
     """Log-probabilities of every child of every beam, each user's children side by side.
 
     As ``child_logprobs`` without padding each beam to the widest node: user u's candidates are
@@ -241,6 +241,9 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
         logits: (U, Bc, V) next-token logits of each beam.
         node: (U, Bc) trie node of each beam, -1 for dead beams.
         width: W >= the largest sum of the beams' fan-outs of one user.
+        known: None, or (U, Bc) bool: beams whose children's log p the caller already has
+            (``expand_beams``' forced beams); under "after" scoring their rows skip the softmax
+            and their candidates' logp reads 0, for the caller to replace.
 
     Returns:
         logp (U, W), edge (U, W) trie edge ids and beam (U, W) the candidate's beam; -inf / -1 /
@@ -261,7 +264,8 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
     flat = logits.reshape(U, Bc * V)
     neg_inf = torch.tensor(float("-inf"), device=logits.device)
     if scoring == "after":
-        logp = torch.log_softmax(logits, dim=-1).reshape(U, Bc * V).gather(1, beam * V + tok)
+        row = torch.arange(U, device=node.device)[:, None] * Bc + beam  # (U, W)
+        logp = _log_softmax_at(logits.reshape(U * Bc, V), row, tok, known)
     else:
         z = torch.where(valid, flat.gather(1, beam * V + tok), neg_inf)  # (U, W)
         m = torch.full((U, Bc), float("-inf"), device=z.device, dtype=z.dtype)
@@ -274,6 +278,20 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str):
         logp = z - lse.gather(1, beam)
     logp = torch.where(valid, logp, neg_inf)
     return logp, torch.where(valid, edge, -1), torch.where(valid, beam, 0)
+
+
+def _log_softmax_at(rows: torch.Tensor, row, tok, known) -> torch.Tensor:
+    """log_softmax(rows)[row, tok] for rows (R, V) and candidates row, tok (U, W). With ``known``
+    (R entries, bool) the softmax runs over the other rows only (the same values: a row's softmax
+    does not depend on the others) and a known row's candidates read 0."""
+    if known is None:
+        return torch.log_softmax(rows, dim=-1)[row, tok]
+    todo = ~known.reshape(-1)
+    lsm = torch.log_softmax(rows[todo], dim=-1)  # (R', V)
+    if lsm.shape[0] == 0:
+        return torch.zeros(row.shape, dtype=rows.dtype, device=rows.device)
+    compact = (todo.cumsum(0) - 1).clamp(min=0)  # each row's place among the computed
+    return torch.where(todo[row], lsm[compact[row], tok], 0.0)
 
 
 def root_children(trie: ItemTrie, logits, scoring: str):
@@ -294,9 +312,9 @@ def root_children(trie: ItemTrie, logits, scoring: str):
     tok = trie.child_token[:fanout].long()  # (F,)
     z = logits.reshape(U, -1)
     if scoring == "after":
-        logp = torch.log_softmax(z, dim=-1)[:, tok]  # (U, F)
+        logp = torch.log_softmax(z, dim=-1).index_select(1, tok)  # (U, F)
     else:
-        z = z[:, tok]  # (U, F)
+        z = z.index_select(1, tok)  # (U, F)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         logp = z - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     beam = torch.zeros((), dtype=torch.int64, device=logits.device).expand(U, fanout)
@@ -331,16 +349,27 @@ def step_widths(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
     return torch.stack([deg.max(), deg.sum(-1).max()])
 
 
+SELECT_FIRST_WIDTH = 1024  # rows this wide try `Tensor.topk` first: below it the general selection
+# costs about the same on a CPU, above it the int64 keys cost several passes over the row
+
+
 def topk_stable(x: torch.Tensor, k: int):
     """The first k along the last dim in the order (value desc, index asc), ties at the cut
     included: (values, indices). (`Tensor.topk` may pick any of the values tied at the k-th,
     so a search that changes its candidates' count could change which tied item it keeps.)
 
-    A selection, not a sort: for float32 and narrower, each value and its index form one int64
-    key (the float's order-preserving bits above, the complement of the index below), all
-    distinct, whose `topk` is exactly that order; float64 values are sorted stably instead.
+    A selection, not a sort. Rows of at least SELECT_FIRST_WIDTH entries first take `Tensor.topk`
+    of k + 1 and keep its first k when the k-th is strictly above the (k+1)-th in every row (no
+    tie at the cut: the k chosen are exactly the first k, then ordered by a stable sort of k
+    entries). Otherwise, for float32 and narrower, each value and its index form one int64 key
+    (the float's order-preserving bits above, the complement of the index below), all distinct,
+    whose `topk` is exactly that order; float64 values are sorted stably instead.
     """
     k = min(k, x.shape[-1])
+    if x.shape[-1] >= SELECT_FIRST_WIDTH and k > 0:
+        chosen = _topk_without_cut_ties(x, k)
+        if chosen is not None:
+            return chosen
     if x.dtype == torch.float64 or x.shape[-1] >= 2**32:
         val, idx = x.sort(dim=-1, descending=True, stable=True)
         return val[..., :k], idx[..., :k]
@@ -352,6 +381,23 @@ def topk_stable(x: torch.Tensor, k: int):
     keys = (ordered << 32) | (0xFFFFFFFF - index)  # ties: the lower index is the larger key
     idx = keys.topk(k, dim=-1).indices  # sorted, largest first
     return x.gather(-1, idx), idx
+
+
+def _topk_without_cut_ties(x: torch.Tensor, k: int):
+    """``topk_stable(x, k)`` from one `Tensor.topk` of k + 1 when every row's k-th value is
+    strictly above its (k+1)-th (then nothing left out ties with the chosen), else None; the k
+    chosen are ordered by (value desc, index asc) with a stable sort of k entries. `Tensor.topk`
+    ranks NaN above every number, as sorts do (``tests/test_decoding_hostile.py`` checks it on
+    each device), so a NaN is chosen or makes the check fail. One host synchronisation."""
+    n = x.shape[-1]
+    val, idx = x.topk(min(k + 1, n), dim=-1)
+    if k < n and not bool((val[..., k - 1] > val[..., k]).all()):
+        return None
+    val, idx = val[..., :k], idx[..., :k]
+    by_index = idx.argsort(dim=-1)
+    val, idx = val.gather(-1, by_index), idx.gather(-1, by_index)
+    by_value = val.sort(dim=-1, descending=True, stable=True).indices
+    return val.gather(-1, by_value), idx.gather(-1, by_value)
 
 
 def ranked_result(trie: ItemTrie, leaf: torch.Tensor, scores: torch.Tensor) -> DecodeResult:
