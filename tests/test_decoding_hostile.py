@@ -335,3 +335,31 @@ def test_root_children_are_the_roots_candidates_in_child_order(scoring):
     assert edge.shape == (3, width) and (beam == 0).all()
     assert torch.equal(edge, want_edge)
     torch.testing.assert_close(logp, want_logp)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_a_float64_default_dtype_decodes_and_scores_as_float32(setup, scoring):
+    """torch.set_default_dtype(torch.float64) in the user's process: the float32 model decodes to
+    the same items and scores (score_items failed on an index_put of float32 into a float64
+    buffer; the chain cache's "after" log p likewise), and scores stay float32."""
+    model, seqs, ids, trie, input_ids, mask = setup
+    pick = torch.tensor([ids[:4]] * 3)
+    runs = {
+        "score": lambda: score_items(model, input_ids, mask, trie, pick, scoring),
+        "tree": lambda: beam_search(model, input_ids, mask, trie, 4, scoring, chain_limit=3),
+        "copy": lambda: beam_search(model, input_ids, mask, trie, 4, scoring, kv_sharing="copy"),
+        "thresholds": lambda: beam_thresholds(model, input_ids, mask, trie, 4, scoring),
+    }
+    want = {name: run() for name, run in runs.items()}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = {name: run() for name, run in runs.items()}
+    finally:
+        torch.set_default_dtype(previous)
+    assert got["score"].dtype == torch.float32
+    torch.testing.assert_close(got["score"], want["score"])
+    for name in ("tree", "copy"):
+        assert torch.equal(got[name].item_ids, want[name].item_ids)
+        torch.testing.assert_close(got[name].scores.float(), want[name].scores)
+    torch.testing.assert_close(got["thresholds"].float(), want["thresholds"])

@@ -86,8 +86,8 @@ def expand_beams(
         at_root: every beam is the root (the first step): ``root_children`` serves it, one
             gather over the root's children without padding (``width`` is then unused).
         forced: None, or (is_forced (U, Bc) bool, log p (U, Bc)): beams on a one-child node whose
-            child's log p is already known (``ChainKVCache.forced``); that log p replaces the
-            one computed from their (stale) logits rows.
+            child's log p is already known (``ChainKVCache.forced``); that log p is used and
+            their logits rows are not read (no softmax runs over them).
 
     Returns:
         BeamStep.

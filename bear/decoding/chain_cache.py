@@ -33,7 +33,7 @@ from bear.trie import ItemTrie
 __all__ = ["ChainKVCache", "default_chain_limit", "forced_chains", "lone_child_token"]
 
 GPU_CHAIN_LIMIT = 16  # the most tokens of one chain a forward feeds on a GPU
-PER_BEAM = ("unfed", "lineage", "rows", "branches", "ahead", "offset", "length")
+PER_BEAM = ("unfed", "lineage", "branches", "ahead", "offset", "length")  # and ``rows``
 
 
 def forced_chains(trie: ItemTrie, node: torch.Tensor, token: torch.Tensor, limit: int):
@@ -127,14 +127,14 @@ class ChainKVCache:
         self.lineage = torch.zeros(U, 1, 0, dtype=torch.bool, device=device)
         self.rows = logits.float().view(U, 1, -1).clone()  # never a view of a PromptCache's
         self.branches = torch.ones(U, 1, dtype=torch.bool, device=device)
-        self.ahead = torch.zeros(U, 1, 0, device=device)
+        self.ahead = torch.zeros(U, 1, 0, device=device, dtype=torch.float32)
         self.dtype = next(model.parameters()).dtype
         self.keeps_logits = keeps_logits(model)
 
     @property
     def logits(self) -> torch.Tensor:
-        """(U * Bc, V) float32: each beam's logits where they are known (stale elsewhere: the
-        beams ``forced`` names)."""
+        """(U * Bc, V) float32: each beam's logits where a search reads them; undefined for the
+        beams ``forced`` names and for dead beams."""
         return self.rows.reshape(-1, self.rows.shape[-1])
 
     def forced(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +151,7 @@ class ChainKVCache:
 
     def _select_users(self, keep: torch.Tensor) -> None:
         self.cache.batch_select_indices(keep)
-        for name in ("prompt_mask", "last_pos") + PER_BEAM:
+        for name in ("prompt_mask", "last_pos", "rows") + PER_BEAM:
             setattr(self, name, getattr(self, name)[keep])
 
     def step(self, src, tokens, node, depth: int, keep: torch.Tensor | None = None):
@@ -173,6 +173,11 @@ class ChainKVCache:
         for name in PER_BEAM:
             setattr(self, name, _pick_beams(getattr(self, name), src))
         self.node = node
+        parent_rows, (U, Bn), V = self.rows, src.shape, self.rows.shape[2]
+        # a row is carried only while its chain's end logits are pending (``branches``, not fed
+        # again now); the other rows are written below (a fed chain that branches) or never read
+        # (a dead beam; a beam on a one-child node reads ``forced``, not its row)
+        self.rows = parent_rows.new_empty(U, Bn, V)
         if self.scoring == "before":
             self.unfed = self.unfed + 1
             n = node.clamp(min=0)
@@ -184,6 +189,8 @@ class ChainKVCache:
         # a beam whose parent branched, or that reached the end of a chain cut at the limit
         unknown = ~was_forced | ((self.offset >= self.length) & ~self.branches)
         need = (node >= 0) & unknown
+        user, beam = ((node >= 0) & ~need & self.branches).nonzero().unbind(1)
+        self.rows[user, beam] = parent_rows[user, src[user, beam]]
         if bool(need.any()):
             self._feed_ahead(need, tokens, node, depth)
         return self.logits
@@ -221,7 +228,7 @@ class ChainKVCache:
         target = lone_child_token(self.trie, chain_node)  # (N, K), -1 after the chain too
         n, k = (target >= 0).nonzero().unbind(1)  # the fed positions that predict a lone child
         at = logits[user[n], cols[n, k]].float()  # (forced, V)
-        lp = torch.zeros(target.shape, device=node.device)
+        lp = torch.zeros(target.shape, device=node.device, dtype=torch.float32)
         lp[n, k] = torch.log_softmax(at, dim=1).gather(1, target[n, k, None]).squeeze(1)
         end_node = chain_node.gather(1, (length - 1)[:, None]).squeeze(1)
         branches = lone_child_token(self.trie, end_node) < 0  # the chain ends on a branching node

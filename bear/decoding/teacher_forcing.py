@@ -195,7 +195,7 @@ def score_items(
         )
     U, M = item_ids.shape
     if M == 0:
-        return torch.zeros(U, 0, device=device)
+        return torch.zeros(U, 0, device=device, dtype=torch.float32)
     flat = item_ids.reshape(-1)  # R = U·M rows
     rows = torch.arange(U, device=device).repeat_interleave(M)
     if prompt is not None:
@@ -210,7 +210,7 @@ def score_items(
     chunk = max(1, min(ROW_BUDGET // (targets.shape[1] * prompt.logits.shape[-1]),
                        CACHE_BUDGET // max(1, _cache_elements(prompt))))  # fmt: skip
     order = steps.argsort(stable=True)  # items of like length share a chunk: little padding
-    scores = torch.empty(U * M, device=device)
+    scores = torch.empty(U * M, device=device, dtype=torch.float32)
     for s in range(0, U * M, chunk):
         picked = order[s : s + chunk]
         width = int(steps[picked].max())  # these items' longest, EOS included
