@@ -164,7 +164,8 @@ def _cells(results: dict) -> dict[str, dict]:
 
 
 # pairs of (loss, evaluation, scoring) compared user by user: the paper's direction (bear vs msl
-# in its own scoring), the scoring each loss is decoded with, and sft against the rest
+# in its own scoring), the scoring each loss is decoded with, the length penalty, and sft against
+# the rest
 PAIRS = (
     (("bear", "a0", "before"), ("msl", "a0", "before")),
     (("bear", "a0", "after"), ("msl", "a0", "after")),
@@ -174,7 +175,11 @@ PAIRS = (
     (("bear", "a0", "after"), ("bear", "a0", "before")),
     (("sft", "a0", "after"), ("sft", "a0", "before")),
     (("bear", "a1", "before"), ("msl", "a1", "before")),
+    (("bear", "a1", "after"), ("msl", "a1", "after")),
     (("sft", "a1", "after"), ("sft", "a0", "after")),
+    (("msl", "a1", "before"), ("msl", "a0", "before")),
+    (("bear", "a1", "before"), ("bear", "a0", "before")),
+    (("sft", "a1", "after"), ("bear", "a1", "before")),
     (("bear", "a0_excl", "before"), ("msl", "a0_excl", "before")),
     (("sft", "a0_excl", "after"), ("msl", "a0_excl", "before")),
 )
