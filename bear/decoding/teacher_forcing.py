@@ -135,7 +135,7 @@ def _step_logprobs(trie, logits, nodes, targets, scoring):
     """
     z_y = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)  # (N,)
     if scoring == "after":
-        return _log_softmax_at(z_y, logits)
+        return _target_log_softmax(z_y, logits)
     n = nodes.clamp(min=0)
     branching = (nodes >= 0) & (trie.child_ptr[n + 1] - trie.child_ptr[n] > 1)
     logp = torch.where(torch.isfinite(z_y), 0.0, float("nan")).to(logits.dtype)
@@ -143,10 +143,10 @@ def _step_logprobs(trie, logits, nodes, targets, scoring):
     children = trie.children_dense(nodes[rows])  # (N', trie V)
     allowed = F.pad(children, (0, logits.shape[-1] - children.shape[-1]))  # (N', V)
     z = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logp.index_put((rows,), _log_softmax_at(z_y[rows], z))
+    return logp.index_put((rows,), _target_log_softmax(z_y[rows], z))
 
 
-def _log_softmax_at(z_y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _target_log_softmax(z_y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``log_softmax(z)`` at the entries z_y (N,) of the rows z (N, V), read once, written never:
     z_y - logsumexp(z), NaN where a +inf logit makes log_softmax NaN."""
     lse = torch.logsumexp(z, dim=-1)
