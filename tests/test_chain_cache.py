@@ -66,7 +66,7 @@ def _step(kv, src, tokens, prefixes, depth, keep=None):
 
 def test_after_scoring_chains_give_the_log_probabilities_of_one_token_at_a_time():
     """Two steps by hand, a user leaving between them: the forced log p of each chain token and
-    the logits where chains branch equal teacher forcing of the same titles."""
+    the log-probabilities kept where chains branch equal teacher forcing of the same titles."""
     model, trie = tiny_model(), _trie()
     input_ids, mask = prompts([5, 3, 4])
     kv = ChainKVCache(model, input_ids, mask, trie, "after", None, limit=8)
@@ -76,7 +76,7 @@ def test_after_scoring_chains_give_the_log_probabilities_of_one_token_at_a_time(
     tail = [5, 6, 7, 8, 9, 10, EOS]
     for u in range(3):
         want = _logp(model, input_ids, mask, u, [3])
-        torch.testing.assert_close(torch.log_softmax(kv.rows[u, 0], -1), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(kv.rows[u, 0], want, atol=1e-5, rtol=0)  # log-probabilities
         expected = [float(_logp(model, input_ids, mask, u, tail[: i + 1])[tail[i + 1]])
                     for i in range(6)]  # fmt: skip
         got = kv.ahead[u, 1, : int(kv.length[u, 1])].tolist()
@@ -89,7 +89,7 @@ def test_after_scoring_chains_give_the_log_probabilities_of_one_token_at_a_time(
     assert is_forced.tolist() == [[False, True, True]] * 2
     for row, u in enumerate([0, 2]):
         want = _logp(model, input_ids, mask, u, [3, 4])
-        torch.testing.assert_close(torch.log_softmax(kv.rows[row, 0], -1), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(kv.rows[row, 0], want, atol=1e-5, rtol=0)
         end = float(_logp(model, input_ids, mask, u, [3, 10])[EOS])
         seven = float(_logp(model, input_ids, mask, u, [5, 6])[7])
         assert lp[row].tolist()[1:] == pytest.approx([end, seven], abs=1e-5)

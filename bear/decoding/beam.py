@@ -72,6 +72,7 @@ def expand_beams(
     scoring: str,
     at_root: bool = False,
     forced: tuple[torch.Tensor, torch.Tensor] | None = None,
+    normalized: bool = False,
 ):
     """Expand every live beam by its trie children and keep the best, as Hugging Face does.
 
@@ -83,28 +84,31 @@ def expand_beams(
         node, score: (U, Bc) the current beams' trie nodes (-1 dead) and scores.
         width: W >= the most children of one user's beams (``step_widths``).
         B: beam width.
-        at_root: every beam is the root (the first step): ``root_children`` serves it, one
-            gather over the root's children without padding (``width`` is then unused).
+        at_root: every beam is the root with score 0 (the first step): ``root_children``
+            serves it, one gather over the root's children without padding, whose log p are
+            the candidates' scores (``width`` and ``score`` are then unused).
         forced: None, or (is_forced (U, Bc) bool, log p (U, Bc)): beams on a one-child node whose
-            child's log p is already known (``ChainKVCache.forced``); that log p is used and
-            their logits rows are not read (no softmax runs over them).
+            child's log p is already known (``ChainKVCache.forced``); that log p replaces what
+            their logits rows (not kept: any values) would give.
+        normalized: under "after" scoring, ``logits`` already hold their log-softmax
+            (``ChainKVCache.normalized``).
 
     Returns:
         BeamStep.
     """
     U, Bc = node.shape
     if at_root:
-        logp, edge, beam = root_children(trie, logits.view(U, Bc, -1), scoring)
+        logp, edge, beam = root_children(trie, logits.view(U, Bc, -1), scoring, normalized)
     else:
-        is_forced, forced_logp = forced if forced is not None else (None, None)
         logp, edge, beam = beam_children(
-            trie, logits.view(U, Bc, -1), node, width, scoring, known=is_forced
+            trie, logits.view(U, Bc, -1), node, width, scoring, normalized
         )
         if forced is not None:
+            is_forced, forced_logp = forced
             logp = torch.where(
                 is_forced.gather(1, beam) & (edge >= 0), forced_logp.gather(1, beam), logp
             )
-    cand = (score if at_root else score.gather(1, beam)) + logp  # (U, W); the root: Bc = 1
+    cand = logp if at_root else score.gather(1, beam) + logp  # (U, W)
     k2 = min(2 * B, cand.shape[1])
     top, idx = topk_stable(cand, k2)  # (U, k2) best first
     e = edge.gather(1, idx).clamp(min=0).long()
@@ -251,9 +255,12 @@ def beam_search(
     pool = FinishedPool(U, B, alpha, device)  # (Ua, B)
     logits = kv.logits
     width = trie.depth_fanout_list[0]  # the root's fan-out
+    normalized = chains and kv.normalized  # "after" rows hold log-probabilities already
     for t in range(trie.max_len + 2):
         forced = kv.forced() if chains else None
-        step = expand_beams(trie, logits, node, score, width, B, scoring, t == 0, forced)
+        step = expand_beams(
+            trie, logits, node, score, width, B, scoring, t == 0, forced, normalized
+        )
         node, score = step.node, step.score
         pool.add(step.top, step.child, step.is_eos, t)
         done = pool.done(score[:, 0], t)
@@ -324,7 +331,9 @@ def beam_thresholds(
     logits = kv.logits
     width = trie.depth_fanout_list[0]
     for t in range(trie.max_len + 1):
-        step = expand_beams(trie, logits, node, score, width, B, scoring, t == 0, kv.forced())
+        step = expand_beams(
+            trie, logits, node, score, width, B, scoring, t == 0, kv.forced(), kv.normalized
+        )
         if step.top.shape[1] >= B:
             theta[:, t] = step.top[:, B - 1]
         node, score = step.node, step.score

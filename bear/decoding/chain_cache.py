@@ -125,7 +125,11 @@ class ChainKVCache:
             torch.zeros(U, 1, dtype=torch.int64, device=device) for _ in range(4)
         )
         self.lineage = torch.zeros(U, 1, 0, dtype=torch.bool, device=device)
-        self.rows = logits.float().view(U, 1, -1).clone()  # never a view of a PromptCache's
+        # "after": the rows hold log_softmax(z), computed once per fed position and read by
+        # the ranking as they are (``normalized``); "before": the logits
+        self.normalized = scoring == "after"
+        rows = logits.float().view(U, 1, -1)
+        self.rows = torch.log_softmax(rows, -1) if self.normalized else rows.clone()  # not a view
         self.branches = torch.ones(U, 1, dtype=torch.bool, device=device)
         self.ahead = torch.zeros(U, 1, 0, device=device, dtype=torch.float32)
         self.dtype = next(model.parameters()).dtype
@@ -133,8 +137,9 @@ class ChainKVCache:
 
     @property
     def logits(self) -> torch.Tensor:
-        """(U * Bc, V) float32: each beam's logits where a search reads them; undefined for the
-        beams ``forced`` names and for dead beams."""
+        """(U * Bc, V) float32: each beam's logits ("before") or their log-softmax ("after",
+        ``normalized``) where a search reads them; any values for the beams ``forced`` names and
+        for dead beams."""
         return self.rows.reshape(-1, self.rows.shape[-1])
 
     def forced(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,16 +230,16 @@ class ChainKVCache:
             user, beam, chain, length, torch.full_like(length, depth), last_only=False
         )
         # what each fed position predicts: its node's lone child (EOS too), else nothing (-1)
+        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (U, T, V), padding too
         target = lone_child_token(self.trie, chain_node)  # (N, K), -1 after the chain too
         n, k = (target >= 0).nonzero().unbind(1)  # the fed positions that predict a lone child
-        at = logits[user[n], cols[n, k]].float()  # (forced, V)
         lp = torch.zeros(target.shape, device=node.device, dtype=torch.float32)
-        lp[n, k] = torch.log_softmax(at, dim=1).gather(1, target[n, k, None]).squeeze(1)
+        lp[n, k] = logprobs[user[n], cols[n, k], target[n, k]]
         end_node = chain_node.gather(1, (length - 1)[:, None]).squeeze(1)
         branches = lone_child_token(self.trie, end_node) < 0  # the chain ends on a branching node
         end_col = cols.gather(1, (length - 1)[:, None]).squeeze(1)
         b = branches.nonzero().squeeze(1)
-        self.rows[user[b], beam[b]] = logits[user[b], end_col[b]].float()
+        self.rows[user[b], beam[b]] = logprobs[user[b], end_col[b]]
         self.branches[user, beam] = branches
         K = max(self.ahead.shape[2], lp.shape[1])
         self.ahead = _pad_last(self.ahead, K)

@@ -228,7 +228,7 @@ def child_logprobs(trie: ItemTrie, logits, node, width: int, scoring: str):
     return logp, torch.where(valid, edge, torch.full_like(edge, -1))
 
 
-def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, known=None):
+def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, normalized=False):
     """Log-probabilities of every child of every beam, each user's children side by side.
 
     As ``child_logprobs`` without padding each beam to the widest node: user u's candidates are
@@ -241,9 +241,8 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, known=
         logits: (U, Bc, V) next-token logits of each beam.
         node: (U, Bc) trie node of each beam, -1 for dead beams.
         width: W >= the largest sum of the beams' fan-outs of one user.
-        known: None, or (U, Bc) bool: beams whose children's log p the caller already has
-            (``expand_beams``' forced beams); under "after" scoring their rows skip the softmax
-            and their candidates' logp reads 0, for the caller to replace.
+        normalized: under "after" scoring, ``logits`` already hold log_softmax(z) (the chain
+            cache keeps them so): read as they are, no softmax.
 
     Returns:
         logp (U, W), edge (U, W) trie edge ids and beam (U, W) the candidate's beam; -inf / -1 /
@@ -264,8 +263,8 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, known=
     flat = logits.reshape(U, Bc * V)
     neg_inf = torch.tensor(float("-inf"), device=logits.device)
     if scoring == "after":
-        row = torch.arange(U, device=node.device)[:, None] * Bc + beam  # (U, W)
-        logp = _log_softmax_at(logits.reshape(U * Bc, V), row, tok, known)
+        logprobs = logits if normalized else torch.log_softmax(logits, dim=-1)
+        logp = logprobs.reshape(U, Bc * V).gather(1, beam * V + tok)
     else:
         z = torch.where(valid, flat.gather(1, beam * V + tok), neg_inf)  # (U, W)
         m = torch.full((U, Bc), float("-inf"), device=z.device, dtype=z.dtype)
@@ -280,28 +279,15 @@ def beam_children(trie: ItemTrie, logits, node, width: int, scoring: str, known=
     return logp, torch.where(valid, edge, -1), torch.where(valid, beam, 0)
 
 
-def _log_softmax_at(rows: torch.Tensor, row, tok, known) -> torch.Tensor:
-    """log_softmax(rows)[row, tok] for rows (R, V) and candidates row, tok (U, W). With ``known``
-    (R entries, bool) the softmax runs over the other rows only (the same values: a row's softmax
-    does not depend on the others) and a known row's candidates read 0."""
-    if known is None:
-        return torch.log_softmax(rows, dim=-1)[row, tok]
-    todo = ~known.reshape(-1)
-    lsm = torch.log_softmax(rows[todo], dim=-1)  # (R', V)
-    if lsm.shape[0] == 0:
-        return torch.zeros(row.shape, dtype=rows.dtype, device=rows.device)
-    compact = (todo.cumsum(0) - 1).clamp(min=0)  # each row's place among the computed
-    return torch.where(todo[row], lsm[compact[row], tok], 0.0)
-
-
-def root_children(trie: ItemTrie, logits, scoring: str):
+def root_children(trie: ItemTrie, logits, scoring: str, normalized: bool = False):
     """``beam_children`` for beams that are all at the root (a search's first step). The root's
     children are the edges 0 .. F-1 (breadth-first numbering), so its candidates are one gather of
     their tokens' log-probabilities: no padding, no per-beam bookkeeping, O(F) after the softmax
     (F the root's fan-out), in the root's child order, which is token order.
 
     Args:
-        logits: (U, 1, V) next-token logits of each user's root beam.
+        logits: (U, 1, V) next-token logits of each user's root beam (their log-softmax with
+            ``normalized``, "after" scoring).
 
     Returns:
         logp (U, F), edge (U, F), beam (U, F) zeros.
@@ -312,7 +298,7 @@ def root_children(trie: ItemTrie, logits, scoring: str):
     tok = trie.child_token[:fanout].long()  # (F,)
     z = logits.reshape(U, -1)
     if scoring == "after":
-        logp = torch.log_softmax(z, dim=-1).index_select(1, tok)  # (U, F)
+        logp = (z if normalized else torch.log_softmax(z, dim=-1)).index_select(1, tok)  # (U, F)
     else:
         z = z.index_select(1, tok)  # (U, F)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
