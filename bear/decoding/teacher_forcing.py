@@ -11,9 +11,9 @@ from bear.trie import ItemTrie
 
 __all__ = ["continuation_logits", "item_logits", "score_items"]
 
-ROW_BUDGET = 2**24  # logits elements per teacher-forcing chunk (64 MB in float32): score_items
-# measured 1.2x faster per item than at 2**25 on the tiny Llama of catalogue_scale.py (fresh large
-# buffers cost their page faults), 1.25x faster than at 2**23 on SmolLM2-135M (more rows a forward)
+ROW_BUDGET = 2**24  # logits elements per teacher-forcing chunk (64 MB in float32): on this
+# project's CPU, larger chunks made score_items slower on the tiny Llama of catalogue_scale.py
+# (fresh large buffers cost their page faults), smaller ones on SmolLM2-135M (fewer rows a forward)
 CACHE_BUDGET = 2**25  # prompt key/value elements copied per score_items chunk
 
 
