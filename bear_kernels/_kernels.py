@@ -20,11 +20,14 @@ loaded with 128-bit loads, a zero word skipping its 32):
     padding slots past K hold +inf, never the worst (no slot predicate is kept live). From
     KEY_SLOTS slots on (B > 16, fp32 compute) the search runs on packed int64 keys (value,
     then lower index: _order_key), one max per token instead of two reductions;
-  - at the end, the real slots (index < V) number min(K, n), so n > 1 needs no count; b is the
-    worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
-    reference, and z_b is reloaded from memory.
-Hostile rows get the reference's values at per-row scalar cost (`_finish_row`): Δ is NaN where
-lse is not finite (an allowed NaN, +inf, or every allowed logit -inf), and a counted target
+  - at the end, the real slots (index < V) number min(K, n); b is the worst real slot (the best
+    one when B = 1): the B'-th largest, B' = min(B, n) as in the reference, and z_b is reloaded
+    from memory.
+Which rows count comes in (counted_rows: the target is not ignored and the mask's popcount is
+above 1); an uncounted row reads nothing. Hostile rows get the reference's values at per-row
+scalar cost (`_finish_row`): Δ is NaN where lse is not finite (an allowed NaN, +inf, or every
+allowed logit -inf), a counted row with fewer than two real slots (its allowed logits NaN but
+at most one: a NaN never enters the slots) has lse = NaN, and a counted target
 outside A (validate_target=False) reads as z_y = -inf (ce = Δ = +inf) and has no -c_y term
 (`_target_in_set`: one mask word per row).
 Split-V (bear_kernels._kernels_split) runs the same loop over spans of a row and merges them.
@@ -252,7 +255,7 @@ def _scan_span(
         #    than kept from step 1 (eight predicates live across the loop cost 10 P2R moves).
         if (chunk_max >= worst_v) & (not HAS_MASK or chunk_max > neg_inf):
             if HAS_MASK:
-                allowed = t > neg_inf  # not NaN (_triton._nan_where_dropped covers its rows)
+                allowed = t > neg_inf  # not NaN (_finish_row makes such a row's lse NaN)
             else:
                 allowed = idx < V
             if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
@@ -284,22 +287,23 @@ def _target_in_set(row_m, y, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(
-    row_z, V, y, supervised, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
-):
-    """Steps 2-5 from the merged statistics: (counted, b, lse, ce, margin).
+def _finish_row(row_z, V, y, counted, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE):
+    """Steps 2-5 from the merged statistics: (b, lse, ce, margin).
 
     y: the target, -1 where it is not a token of A (_target_in_set; then x_y = -inf, as the
-    reference's masked z_y). n_real = min(K, n) real slots, top_i / low_i the best / worst of
-    them. b is the worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n)
-    as in the reference; the target and threshold logits are scalar loads. counted: supervised
-    and n > 1.
+    reference's masked z_y). counted: the row is supervised and n = |A| > 1 (counted_rows, from
+    the mask's popcount). n_real = min(K, n') real slots, n' the allowed tokens whose logit is
+    not NaN (a NaN never enters the slots), top_i / low_i the best / worst of them. b is the
+    worst real slot (the best one when B = 1): the B'-th largest, B' = min(B, n) as in the
+    reference; the target and threshold logits are scalar loads. A counted row with fewer than
+    two real slots has NaN for every allowed logit but at most one: its lse is NaN, as the
+    reference's, and without a real slot b = V (no token's index).
     """
     b = tl.where(beam_width_in == 1, top_i, low_i)
-    counted = supervised & (n_real > 1)
+    b = tl.where(n_real > 0, b, V)
     x_y = tl.load(row_z + tl.maximum(y, 0)).to(COMPUTE) * inv_tau
     x_y = tl.where(y >= 0, x_y, float("-inf"))
-    x_b = tl.load(row_z + tl.where(counted, b, 0)).to(COMPUTE) * inv_tau
+    x_b = tl.load(row_z + tl.where(counted & (n_real > 0), b, 0)).to(COMPUTE) * inv_tau
     # m2 is the lowest finite value when every allowed logit is -inf (_scan_span): lse = -inf
     # (so is a row whose largest t is finite and exactly that value: z·log2(e)/tau = -FLT_MAX)
     m2 = tl.where(m2 == _lowest(COMPUTE), float("-inf"), m2)
@@ -307,11 +311,12 @@ def _finish_row(
     # an allowed +inf logit: s is NaN (inf - inf), lse = +inf (an allowed NaN: m2 skips it, s
     # and lse are NaN), as the reference's
     lse = tl.where(m2 == float("inf"), float("inf"), lse)
+    lse = tl.where(n_real > 1, lse, float("nan"))  # read only on counted rows (see above)
     # 3. ce = lse - x_y (+inf for a target outside A); 5. Δ = x_b - x_y = log β - log p_y,
     #    which the reference computes as (x_b - lse) - (x_y - lse): NaN wherever lse is not
     #    finite (an allowed NaN or +inf, or no finite allowed logit), whatever x_b and x_y
     margin = tl.where(tl.abs(lse) < float("inf"), x_b - x_y, float("nan"))
-    return counted, b, lse, lse - x_y, margin
+    return b, lse, lse - x_y, margin
 
 
 @triton.jit
@@ -352,6 +357,7 @@ def _bear_fwd_kernel(
     b_ptr,  # (N,) out, int32: threshold index b, -1 on uncounted rows
     logits_ptr,  # (N, V) in: z, fp32 / bf16 / fp16 / fp64, unit stride along V
     target_ptr,  # (N,) in, int64: y
+    counted_ptr,  # (N,) in, bool: y != ignore_index and |A| > 1 (counted_rows)
     mask_ptr,  # (N, W) in, int32 bitmask of A (unused when HAS_MASK is False)
     grad_ptr,  # (N, V) out, logits dtype: d(loss)/dz when FUSED_GRAD (else unused)
     scale_ptr,  # () in, COMPUTE: d(loss)/d(row loss) of a counted row, 1 or 1/#counted
@@ -361,7 +367,6 @@ def _bear_fwd_kernel(
     stride_m,  # row stride of the mask (words)
     stride_g,  # row stride of grad (elements)
     inv_tau: tl.float64,  # 1 / tau
-    ignore_index,  # target value of unsupervised rows
     beam_width_in,  # B
     reg_weight: tl.float64,  # λ (FUSED_GRAD only)
     inv_xi: tl.float64,  # 1 / ξ (FUSED_GRAD only)
@@ -379,41 +384,42 @@ def _bear_fwd_kernel(
     reg_weight = tl.full([], reg_weight, COMPUTE)
     inv_xi = tl.full([], inv_xi, COMPUTE)
     if not ROW_LOOP:
-        _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr,
-                      grad_ptr, scale_ptr, tl.program_id(0), V, stride_z, stride_m, stride_g,
-                      inv_tau, ignore_index, beam_width_in, reg_weight, inv_xi, HAS_MASK, BLOCK_V,
-                      BEAM_PAD, COMPUTE, FUSED_GRAD, THRESHOLD_GRAD)  # fmt: skip
+        _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, counted_ptr,
+                      mask_ptr, grad_ptr, scale_ptr, tl.program_id(0), V, stride_z, stride_m,
+                      stride_g, inv_tau, beam_width_in, reg_weight, inv_xi,
+                      HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE, FUSED_GRAD, THRESHOLD_GRAD)  # fmt: skip
     else:
         # fewer rows in flight (bear_kernels._triton.FUSED_PROGRAMS_PER_SM): the fused gradient
         # pass may then find its row still in L2
         first, programs = tl.program_id(0), tl.num_programs(0)
         for i in range(0, tl.cdiv(n_rows - first, programs)):
             row = first + i * programs
-            _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr,
-                          grad_ptr, scale_ptr, row, V, stride_z, stride_m, stride_g, inv_tau,
-                          ignore_index, beam_width_in, reg_weight, inv_xi, HAS_MASK, BLOCK_V,
-                          BEAM_PAD, COMPUTE, FUSED_GRAD, THRESHOLD_GRAD)  # fmt: skip
+            _bear_fwd_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr,
+                          counted_ptr, mask_ptr, grad_ptr, scale_ptr, row, V, stride_z, stride_m,
+                          stride_g, inv_tau, beam_width_in, reg_weight, inv_xi,
+                          HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE, FUSED_GRAD,
+                          THRESHOLD_GRAD)  # fmt: skip
 
 
 @triton.jit
 def _bear_fwd_row(
-    ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, mask_ptr, grad_ptr, scale_ptr,
-    row, V, stride_z, stride_m, stride_g, inv_tau, ignore_index, beam_width_in, reg_weight,
-    inv_xi, HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, BEAM_PAD: tl.constexpr,
+    ce_ptr, margin_ptr, lse_ptr, b_ptr, logits_ptr, target_ptr, counted_ptr, mask_ptr, grad_ptr,
+    scale_ptr, row, V, stride_z, stride_m, stride_g, inv_tau, beam_width_in, reg_weight, inv_xi,
+    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr, BEAM_PAD: tl.constexpr,
     COMPUTE: tl.constexpr, FUSED_GRAD: tl.constexpr, THRESHOLD_GRAD: tl.constexpr,
 ):  # fmt: skip
     """One row of _bear_fwd_kernel (its arguments, the row's index in place of n_rows)."""
     row_z = logits_ptr + row.to(tl.int64) * stride_z
     row_m = mask_ptr + row.to(tl.int64) * stride_m
-    v_end = tl.where(tl.load(target_ptr + row) != ignore_index, V, 0)  # ignored row: read nothing
+    counted = tl.load(counted_ptr + row)
+    v_end = tl.where(counted, V, 0)  # an uncounted row (ignored, or n = 1): read nothing
     scale2 = inv_tau * LOG2E  # t = z · log2(e) / tau: exp(x - c) = exp2(t - c · log2(e))
     m2, s, buf_v, buf_i = _scan_span(
         row_z, row_m, 0, v_end, V, scale2, beam_width_in, HAS_MASK, BLOCK_V, BEAM_PAD, COMPUTE
     )
     # the target is read again here rather than kept in registers across the loop
     y64 = tl.load(target_ptr + row)
-    supervised = y64 != ignore_index
-    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
+    y = tl.where(counted & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     y = _target_in_set(row_m, y, HAS_MASK)  # -1 also outside A (validate_target=False)
     # 4. the real slots (index < V) number min(K, n); their best and worst
     real = buf_i < V
@@ -422,8 +428,8 @@ def _bear_fwd_row(
     low_i = tl.max(tl.where(real & (buf_v == low_v), buf_i, -1), 0)
     top_v = tl.max(tl.where(real, buf_v, float("-inf")), 0)
     top_i = tl.min(tl.where(real & (buf_v == top_v), buf_i, V), 0)
-    counted, b, lse, ce, margin = _finish_row(
-        row_z, V, y, supervised, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
+    b, lse, ce, margin = _finish_row(
+        row_z, V, y, counted, m2, s, n_real, top_i, low_i, beam_width_in, inv_tau, COMPUTE
     )
     _store_row(ce_ptr, margin_ptr, lse_ptr, b_ptr, row, counted, b, lse, ce, margin)
 

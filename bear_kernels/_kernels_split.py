@@ -32,14 +32,13 @@ def _bear_span_kernel(
     part_v_ptr,  # (N, S, BEAM_PAD) out, COMPUTE: slot values, -inf where not a real token
     part_i_ptr,  # (N, S, BEAM_PAD) out, int32: slot indices (>= V: not a real token)
     logits_ptr,  # (N, V) in: z, unit stride along V
-    target_ptr,  # (N,) in, int64: y
+    counted_ptr,  # (N,) in, bool: y != ignore_index and |A| > 1 (uncounted rows read nothing)
     mask_ptr,  # (N, W) in, int32 bitmask of A (unused when HAS_MASK is False)
     V,  # vocabulary size
     span,  # tokens per span (a multiple of BLOCK_V)
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
     inv_tau: tl.float64,  # 1 / tau
-    ignore_index,  # target value of unsupervised rows (they read nothing)
     beam_width_in,  # B
     HAS_MASK: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -50,8 +49,7 @@ def _bear_span_kernel(
     row = tl.program_id(0)
     part = row * tl.num_programs(1) + tl.program_id(1)
     lo = tl.program_id(1) * span
-    supervised = tl.load(target_ptr + row) != ignore_index
-    hi = tl.where(supervised, tl.minimum(lo + span, V), lo)
+    hi = tl.where(tl.load(counted_ptr + row), tl.minimum(lo + span, V), lo)
     m2, s, buf_v, buf_i = _scan_span(
         logits_ptr + row.to(tl.int64) * stride_z,
         mask_ptr + row.to(tl.int64) * stride_m,
@@ -87,6 +85,7 @@ def _bear_merge_kernel(
     part_i_ptr,  # (N, S, BEAM_PAD) in
     logits_ptr,  # (N, V) in: z (x_y and x_b are reloaded)
     target_ptr,  # (N,) in, int64: y
+    counted_ptr,  # (N,) in, bool: y != ignore_index and |A| > 1 (counted_rows)
     mask_ptr,  # (N, W) in, int32 bitmask of A: the target's word only (unused without HAS_MASK)
     scale_ptr,  # () in, COMPUTE: d(loss)/d(row loss) of a counted row (FUSED_GRAD only)
     V,  # vocabulary size
@@ -94,7 +93,6 @@ def _bear_merge_kernel(
     stride_z,  # row stride of logits (elements)
     stride_m,  # row stride of the mask (words)
     inv_tau: tl.float64,  # 1 / tau
-    ignore_index,  # target value of unsupervised rows
     beam_width_in,  # B
     reg_weight: tl.float64,  # λ (FUSED_GRAD only)
     inv_xi: tl.float64,  # 1 / ξ (FUSED_GRAD only)
@@ -135,14 +133,14 @@ def _bear_merge_kernel(
         low_i = tl.where(found, best_i, low_i)
         live = live & ((cand_v < best_v) | ((cand_v == best_v) & (cand_i > best_i)))
     y64 = tl.load(target_ptr + row)
-    supervised = y64 != ignore_index
-    y = tl.where(supervised & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
+    counted = tl.load(counted_ptr + row)
+    y = tl.where(counted & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     y = _target_in_set(mask_ptr + row.to(tl.int64) * stride_m, y, HAS_MASK)  # -1 outside A
-    counted, b, lse, ce, margin = _finish_row(
+    b, lse, ce, margin = _finish_row(
         logits_ptr + row.to(tl.int64) * stride_z,
         V,
         y,
-        supervised,
+        counted,
         m2,
         s,
         n_real,

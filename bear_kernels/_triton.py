@@ -134,8 +134,9 @@ def _check_limits(z, params: LossParams):
         )
 
 
-def _fwd(z, y, mask, params: LossParams, fused_grad=None):
-    """Launch the forward: per-row ce, Δ, lse (COMPUTE dtype) and b (int32).
+def _fwd(z, y, mask, counted, params: LossParams, fused_grad=None):
+    """Launch the forward: per-row ce, Δ, lse (COMPUTE dtype) and b (int32); counted (N,) bool
+    from counted_rows (an uncounted row is not read).
 
     fused_grad = (grad (N, V), scale (), FusedParams) also writes the gradient of the reduced
     BEAR loss into grad: in the same kernel (second pass over each row, right after the first),
@@ -149,7 +150,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         return ce, margin, lse, b
     span = _span(n_rows, vocab, _block_v(vocab), z.device)
     if span < vocab:
-        _fwd_split(z, y, mask, params, fused_grad, span, (ce, margin, lse, b))
+        _fwd_split(z, y, mask, counted, params, fused_grad, span, (ce, margin, lse, b))
         return ce, margin, lse, b
     block_v, launch = _forward_config(vocab)
     mask_arg = mask if mask is not None else y  # any tensor; never read without HAS_MASK
@@ -164,6 +165,7 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         b,
         z,
         y,
+        counted,
         mask_arg,
         grad,
         scale,
@@ -173,7 +175,6 @@ def _fwd(z, y, mask, params: LossParams, fused_grad=None):
         mask.stride(0) if mask is not None else 0,
         grad.stride(0),
         1.0 / params.temperature,
-        params.ignore_index,
         params.beam_width,
         float(reg_weight),
         1.0 / reg_temperature,
@@ -202,7 +203,7 @@ def _beam_pad(params: LossParams) -> int:
     return max(2, triton.next_power_of_2(params.beam_width))
 
 
-def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
+def _fwd_split(z, y, mask, counted, params: LossParams, fused_grad, span, outputs):
     """Split-V forward into outputs = (ce, margin, lse, b): span kernel, merge, [gradient]."""
     n_rows, vocab = z.shape
     n_spans = triton.cdiv(vocab, span)
@@ -219,14 +220,13 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
         part_v,
         part_i,
         z,
-        y,
+        counted,
         mask_arg,
         vocab,
         span,
         z.stride(0),
         stride_m,
         1.0 / params.temperature,
-        params.ignore_index,
         params.beam_width,
         HAS_MASK=mask is not None,
         BLOCK_V=_block_v(vocab),
@@ -249,6 +249,7 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
         part_i,
         z,
         y,
+        counted,
         mask_arg,
         scale,
         vocab,
@@ -256,7 +257,6 @@ def _fwd_split(z, y, mask, params: LossParams, fused_grad, span, outputs):
         z.stride(0),
         stride_m,
         1.0 / params.temperature,
-        params.ignore_index,
         params.beam_width,
         float(reg_weight),
         1.0 / reg_temperature,
@@ -313,25 +313,11 @@ def _bwd_into(grad, z, y, mask, lse, b, a, c_y, c_b, params: LossParams):
     )
 
 
-def _nan_where_dropped(ce, margin, b, counted):
-    """(ce, Δ) with NaN on the rows that count (|A| > 1) but that the kernel left uncounted.
-
-    The kernel counts a row when two of its top-B slots hold tokens; a NaN logit never enters
-    the slots (it compares false), so a row of |A| >= 2 whose allowed logits are NaN but for at
-    most one would come back as uncounted, with ce = Δ = 0. Its reference values are NaN (its
-    logsumexp is), and so are they here: a NaN input never turns into a finite loss.
-    """
-    dropped = counted & (b < 0)  # (N,)
-    nan = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
-    return torch.where(dropped, nan, ce), torch.where(dropped, nan, margin)
-
-
 class _CEMarginTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, y, mask, params: LossParams):
-        ce, margin, lse, b = _fwd(z, y, mask, params)
         counted = counted_rows(y, mask, z.shape[1], params.ignore_index)  # (N,) no sync
-        ce, margin = _nan_where_dropped(ce, margin, b, counted)
+        ce, margin, lse, b = _fwd(z, y, mask, counted, params)
         ctx.save_for_backward(z, y, mask, lse, b)
         ctx.params = params
         ctx.mark_non_differentiable(counted)
@@ -340,8 +326,7 @@ class _CEMarginTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_margin, _g_counted):
         z, y, mask, lse, b = ctx.saved_tensors
-        # (a, c_y, c_b) per row, derived in bear_kernels._common; 0 on the rows the kernel left
-        # uncounted (b = -1)
+        # (a, c_y, c_b) per row, derived in bear_kernels._common; 0 on uncounted rows (b = -1)
         a, c_y, c_b = row_coefficients(g_ce, g_margin, b >= 0, ctx.params, lse.dtype)
         grad = _bwd(
             z, y, mask, lse, b, a.contiguous(), c_y.contiguous(), c_b.contiguous(), ctx.params
@@ -372,8 +357,7 @@ class _BEARLossTritonFused(torch.autograd.Function):
         else:
             scale = torch.ones((), dtype=tdtype, device=z.device)  # ()
         grad = torch.empty_like(z)  # (N, V)
-        ce, margin, _, b = _fwd(z, y, mask, params, (grad, scale, fused))
-        ce, margin = _nan_where_dropped(ce, margin, b, counted)
+        ce, margin, _, _ = _fwd(z, y, mask, counted, params, (grad, scale, fused))
         row = bear_row_loss(ce, margin, counted, fused.reg_weight, fused.reg_temperature)  # (N,)
         ctx.save_for_backward(grad)
         ctx.used = False

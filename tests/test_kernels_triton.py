@@ -305,7 +305,7 @@ def test_sparse_masks_rank_allowed_minus_inf_logits_after_the_finite_ones(
     # must still fill the top-B after every finite one, lowest index first (float64: after a
     # finite -1e300, below float32's range)
     import bear_kernels._triton as tri
-    from bear_kernels._common import LossParams
+    from bear_kernels._common import LossParams, counted_rows
 
     monkeypatch.setattr(tri, "BLOCK_V_INTERPRET", 1024)
     if split:
@@ -314,7 +314,8 @@ def test_sparse_masks_rank_allowed_minus_inf_logits_after_the_finite_ones(
     z, y, mask, expected = _sparse_minus_inf_case(dtype)
     assert (tri._span(4, 5000, 1024, z.device) < 5000) == split
     for beam_width, rows in expected.items():
-        ce, margin, lse, b = tri._fwd(z, y, mask, LossParams(beam_width, 1.0, -100, False))
+        params = LossParams(beam_width, 1.0, -100, False)
+        ce, margin, lse, b = tri._fwd(z, y, mask, counted_rows(y, mask, 5000), params)
         assert b.tolist() == rows, beam_width
         ref_ce, ref_margin = ce_margin_reference(z, y, beam_width=beam_width, allowed_mask=mask)
         torch.testing.assert_close(ce, ref_ce.to(ce.dtype))
@@ -326,7 +327,7 @@ def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf()
     # must still be -inf (and its ce NaN, as the reference's)
     import bear_kernels._triton as tri
     from bear_kernels import pack_allowed_mask
-    from bear_kernels._common import LossParams
+    from bear_kernels._common import LossParams, counted_rows
 
     z = torch.randn(2, 3000, generator=torch.Generator().manual_seed(23))
     allowed = torch.zeros(2, 3000, dtype=torch.bool)
@@ -334,7 +335,9 @@ def test_a_masked_row_whose_allowed_logits_are_all_minus_inf_has_lse_minus_inf()
     z[0, [40, 1500, 2900]] = float("-inf")
     y = torch.tensor([1500, 1500])
     mask = pack_allowed_mask(allowed)
-    ce, _, lse, _ = tri._fwd(z, y, mask, LossParams(10, 1.0, -100, False))
+    ce, _, lse, _ = tri._fwd(
+        z, y, mask, counted_rows(y, mask, 3000), LossParams(10, 1.0, -100, False)
+    )
     ref_ce, _ = ce_margin_reference(z, y, beam_width=10, allowed_mask=mask)
     assert lse[0].item() == float("-inf") and torch.isfinite(lse[1])
     assert torch.isnan(ce[0]) and torch.isnan(ref_ce[0])

@@ -237,7 +237,9 @@ SIGNATURE_LAUNCH = {
     "split": ("_bear_merge_kernel", (4,)),
 }
 # the interpreter's numpy warns on the NaN and inf arithmetic these rows are made of
-QUIET_NAN = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+QUIET_NAN = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning"
+)
 
 
 def _triton_params(masks):
@@ -320,6 +322,27 @@ def test_triton_an_allowed_nan_logit_gives_the_references_nans(
         z, y, allowed, run, form, dtype, threshold_grad=threshold_grad
     )
     _assert_nan_row(fast, reference, allowed, dtype)
+
+
+@QUIET_NAN
+@pytest.mark.parametrize("launch,masked,form", _triton_params((False, True)))
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("left", [1, 0], ids=["all-but-one", "all"])
+def test_triton_a_row_whose_allowed_logits_are_nan_but_at_most_one_gives_the_references_nans(
+    monkeypatch, launch, masked, form, threshold_grad, left
+):
+    """A counted row whose allowed logits are all NaN, or all but one: a NaN never enters the
+    kernels' top-B slots, so they saw at most one allowed token and took the row for uncounted
+    (n = 1). The values were patched to NaN afterwards, but the gradient stayed 0 where the
+    reference's is NaN on A; now the kernels take the counted rows from the mask."""
+    z, y, allowed, run = _triton_case(monkeypatch, launch, masked)
+    z[1] = torch.where(allowed[1], float("nan"), z[1])
+    if left:
+        z[1, 1] = 0.5  # row 1's target, the one finite allowed logit
+    fast, reference = _triton_and_reference(
+        z, y, allowed, run, form, torch.float32, threshold_grad=threshold_grad
+    )
+    _assert_nan_row(fast, reference, allowed, torch.float32)
 
 
 @QUIET_NAN
