@@ -283,6 +283,7 @@ def _config(args: argparse.Namespace, loss: str, seed: int, data_name: str) -> T
         micro_batch_size=args.micro_batch_size,
         lr=args.lr,
         eval_every=args.eval_every,
+        save_every=args.eval_every,  # a killed run loses at most one check's steps
         valid_rows=args.valid_rows,
         early_stopping=args.early_stopping,
         limit_eval=args.limit_eval,
