@@ -95,6 +95,9 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     result = json.loads(written.read_text())
     assert result["missing"] == [] and len(result["cells"]) == 3 * 3 * 2
     assert {p["pair"].split(" − ")[0] for p in result["paired"]} >= {"bear/a0/before"}
+    for pair in result["paired"]:  # "rest": the users whose target is not a near copy
+        cell = result["cells"][pair["pair"].split(" − ")[0].replace("/", "|")]
+        assert pair["hr@10/not_near_copy"]["n"] == cell["hr@10/not_near_copy"]["n"]
     again = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"config"' not in again.stdout  # no run trained again
