@@ -127,6 +127,19 @@ def _mean_se(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "se": sd / math.sqrt(n), "n": n}
 
 
+def _over_users(per_seed: list[list[float]], keep: list[bool] | None = None) -> dict:
+    """Mean ± SE with the test user as the unit: each user's value is averaged over the seeds
+    first (every seed tests the same users, so their values are not independent draws), then
+    the mean and its standard error over users (n = users); ``seeds`` holds each seed's mean.
+    ``keep`` (per user) restricts it to some users."""
+    users = [statistics.fmean(v) for v in zip(*per_seed, strict=True)]
+    if keep is not None:
+        users = [u for u, k in zip(users, keep, strict=True) if k]
+        per_seed = [[v for v, k in zip(xs, keep, strict=True) if k] for xs in per_seed]
+    seeds = [statistics.fmean(xs) if xs else None for xs in per_seed]
+    return _mean_se(users) | {"seeds": seeds}
+
+
 def _hits(ranks: list[int]) -> list[float]:
     return [float(0 <= r < K) for r in ranks]
 
@@ -136,29 +149,34 @@ def _gains(ranks: list[int]) -> list[float]:
 
 
 def _cells(results: dict) -> dict[str, dict]:
-    """'loss|evaluation|scoring' -> HR@10 and NDCG@10 (mean ± SE over users, seeds pooled),
-    PR@10 (pruned among users whose target is in the exact top-10) and the near-copy split."""
+    """'loss|evaluation|scoring' -> HR@10 and NDCG@10 (mean ± SE over users, each user's value
+    averaged over the seeds: ``_over_users``), PR@10 (pruned among the (seed, user) pairs whose
+    target is in the exact top-10) and the near-copy split (a user's near copy does not depend
+    on the seed)."""
     cells = {}
     for loss, seeds in results.items():
         for name in EVALUATIONS:
             for scoring in SCORINGS:
-                ranks, exact, near = [], [], []
-                for per_eval in seeds.values():
-                    if name not in per_eval:
-                        continue
-                    ranks += per_eval[name][f"rank/{scoring}"]
-                    exact += per_eval[name].get(f"exact/{scoring}", [])
-                    near += per_eval[name]["near_copy"]
-                if not ranks:
+                done = [per_eval[name] for per_eval in seeds.values() if name in per_eval]
+                if not done:
                     continue
-                cell = {"hr@10": _mean_se(_hits(ranks)), "ndcg@10": _mean_se(_gains(ranks))}
+                ranks = [e[f"rank/{scoring}"] for e in done]
+                near = done[0]["near_copy"]
+                cell = {
+                    "hr@10": _over_users([_hits(r) for r in ranks]),
+                    "ndcg@10": _over_users([_gains(r) for r in ranks]),
+                }
+                exact = [
+                    (r, x)
+                    for e, rs in zip(done, ranks, strict=True)
+                    for r, x in zip(rs, e.get(f"exact/{scoring}", []), strict=False)
+                ]  # (rank, exact rank) of every (seed, user) with exact ranks
                 if exact:
-                    eligible = [b for b, e in zip(ranks, exact, strict=True) if 0 <= e < K]
-                    cell["pr@10"] = _mean_se([float(b < 0) for b in eligible])
-                    cell["exact_undecided"] = sum(e == -2 for e in exact)
+                    cell["pr@10"] = _mean_se([float(b < 0) for b, x in exact if 0 <= x < K])
+                    cell["exact_undecided"] = sum(x == -2 for _, x in exact)
                 for label, keep in (("near_copy", True), ("not_near_copy", False)):
-                    part = [r for r, c in zip(ranks, near, strict=True) if c == keep]
-                    cell[f"hr@10/{label}"] = _mean_se(_hits(part))
+                    chosen = [c == keep for c in near]
+                    cell[f"hr@10/{label}"] = _over_users([_hits(r) for r in ranks], chosen)
                 cells[f"{loss}|{name}|{scoring}"] = cell
     return cells
 
@@ -188,8 +206,9 @@ PAIRS = (
 
 def _paired(results: dict) -> list[dict]:
     """Per pair, the mean per-user difference of HR@10 and NDCG@10 with its standard error (the
-    same test users under both; seeds pooled where both sides have them), and of HR@10 over the
-    users whose target is not a near copy of a history title ("rest": what copying cannot win)."""
+    same test users under both; each user's difference averaged over the seeds both sides have:
+    ``_over_users``), and of HR@10 over the users whose target is not a near copy of a history
+    title ("rest": what copying cannot win)."""
     out = []
     for a, b in PAIRS:
         if a[0] not in results or b[0] not in results:
@@ -199,24 +218,22 @@ def _paired(results: dict) -> list[dict]:
             for seed in set(results[a[0]]) & set(results[b[0]])
             if a[1] in results[a[0]][seed] and b[1] in results[b[0]][seed]
         )
-        d_hit, d_gain, near = [], [], []
+        d_hit, d_gain = [], []
         for seed in seeds:
             ra = results[a[0]][seed][a[1]][f"rank/{a[2]}"]
             rb = results[b[0]][seed][b[1]][f"rank/{b[2]}"]
-            d_hit += [x - y for x, y in zip(_hits(ra), _hits(rb), strict=True)]
-            d_gain += [x - y for x, y in zip(_gains(ra), _gains(rb), strict=True)]
-            near += results[a[0]][seed][a[1]]["near_copy"]
+            d_hit.append([x - y for x, y in zip(_hits(ra), _hits(rb), strict=True)])
+            d_gain.append([x - y for x, y in zip(_gains(ra), _gains(rb), strict=True)])
         if seeds:
+            near = results[a[0]][seeds[0]][a[1]]["near_copy"]
             name = f"{'/'.join(a)} − {'/'.join(b)}"
             out.append(
                 {
                     "pair": name,
                     "seeds": seeds,
-                    "hr@10": _mean_se(d_hit),
-                    "ndcg@10": _mean_se(d_gain),
-                    "hr@10/not_near_copy": _mean_se(
-                        [d for d, c in zip(d_hit, near, strict=True) if not c]
-                    ),
+                    "hr@10": _over_users(d_hit),
+                    "ndcg@10": _over_users(d_gain),
+                    "hr@10/not_near_copy": _over_users(d_hit, [not c for c in near]),
                 }
             )
     return out
@@ -245,13 +262,16 @@ def _table(cells: dict, paired: list[dict], missing: list[str]) -> str:
         )
     lines += [
         "",
-        "| paired difference (per user) | seeds | ΔHR@10 | ΔNDCG@10 | ΔHR@10 rest |",
+        "| paired difference (per user) | ΔHR@10 of each seed | ΔHR@10 | ΔNDCG@10 | ΔHR@10 rest |",
         "| --- | --- | --- | --- | --- |",
     ]
     for p in paired:
         rest = p["hr@10/not_near_copy"]
+        each = ", ".join(
+            f"{seed}: {m:+.3f}" for seed, m in zip(p["seeds"], p["hr@10"]["seeds"], strict=True)
+        )
         lines.append(
-            f"| {p['pair']} | {p['seeds']} | {_fmt(p['hr@10'])} | {_fmt(p['ndcg@10'])} | "
+            f"| {p['pair']} | {each} | {_fmt(p['hr@10'])} | {_fmt(p['ndcg@10'])} | "
             f"{_fmt(rest)} (n {rest['n']}) |"
         )
     lines += ["", "Missing: " + ("; ".join(missing) if missing else "nothing") + "."]

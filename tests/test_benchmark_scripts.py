@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +104,37 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert '"config"' not in again.stdout  # no run trained again
     assert "test (" not in again.stderr  # no evaluation repeated
+
+
+def _evaluation(ranks: list[int], near: list[bool]) -> dict:
+    """One study evaluation's per-user file (RUN/study/<name>.json) with the same ranks under
+    both scorings."""
+    return {"rank/before": ranks, "rank/after": ranks, "near_copy": near, "violated": [0] * 4}
+
+
+def test_the_study_counts_each_test_user_once_however_many_seeds(monkeypatch):
+    """Every seed tests the same users, so a user's value is averaged over the seeds before the
+    mean and its standard error over users (n = users); pooling the (seed, user) pairs as
+    independent made n = users x seeds and the SE too small by up to sqrt(seeds)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    study = importlib.import_module("study_smollm2")
+    near = [True, False, False, False]
+    seed0 = _evaluation([0, 3, -1, 12], near)  # hits 1, 1, 0, 0
+    seed1 = _evaluation([0, -1, 5, 12], near)  # hits 1, 0, 1, 0
+    results = {
+        "sft": {0: {"a0": seed0}, 1: {"a0": seed1}},
+        "msl": {0: {"a0": _evaluation([-1] * 4, near)}, 1: {"a0": _evaluation([-1] * 4, near)}},
+    }
+    hr = study._cells(results)["sft|a0|before"]["hr@10"]
+    # per user over the seeds: 1, 0.5, 0.5, 0 -> mean 0.5, SD sqrt(1/6), n 4
+    assert hr["n"] == 4 and hr["seeds"] == [0.5, 0.5]
+    assert math.isclose(hr["mean"], 0.5) and math.isclose(hr["se"], math.sqrt(1 / 6) / 2)
+    (pair,) = [p for p in study._paired(results) if p["pair"] == "sft/a0/after − msl/a0/before"]
+    assert pair["seeds"] == [0, 1] and pair["hr@10"]["n"] == 4
+    assert math.isclose(pair["hr@10"]["se"], hr["se"])  # msl has no hit: the same differences
+    rest = pair["hr@10/not_near_copy"]  # users 1-3: 0.5, 0.5, 0
+    assert rest["n"] == 3 and math.isclose(rest["mean"], 1 / 3)
+    assert rest["seeds"] == [1 / 3, 1 / 3]
 
 
 def test_the_study_report_trains_and_evaluates_nothing_and_lists_what_is_missing(tmp_path):
