@@ -8,7 +8,9 @@ of its best check (RUN/best_check.pt) are tested on the first ``--limit-eval`` t
 evaluations, each under both scorings. A seed trains all its losses first, then runs each
 evaluation across the losses in the order below, so a study stopped early has a0 for every loss:
 
-    a0        length penalty 0, history kept: HR, NDCG, PR@K (exact ranks), violation share
+    a0        length penalty 0, history kept: HR, NDCG, PR@K (exact ranks), and the share of
+              users whose target fails the necessary condition (3.2): a target token outside
+              the top-B of its trie siblings (Δ > 0), which a width-B beam search must prune
     a1        length penalty 1 (upstream's generate): HR, NDCG
     a0_excl   length penalty 0, each user's history items excluded: HR, NDCG
 
@@ -177,6 +179,8 @@ def _cells(results: dict) -> dict[str, dict]:
                 for label, keep in (("near_copy", True), ("not_near_copy", False)):
                     chosen = [c == keep for c in near]
                     cell[f"hr@10/{label}"] = _over_users([_hits(r) for r in ranks], chosen)
+                if EVALUATIONS[name][2]:  # Δ of every target token computed (either scoring)
+                    cell["violated"] = _over_users(_violated(done))
                 cells[f"{loss}|{name}|{scoring}"] = cell
     return cells
 
@@ -202,6 +206,44 @@ PAIRS = (
     (("bear", "a0_excl", "before"), ("msl", "a0_excl", "before")),
     (("sft", "a0_excl", "after"), ("msl", "a0_excl", "before")),
 )
+
+
+def _violated(done: list[dict]) -> list[list[float]]:
+    """Per seed, per user: 1.0 where the target fails the necessary condition (3.2) (some token
+    with Δ > 0), else 0.0."""
+    return [[float(v) for v in e["violated"]] for e in done]
+
+
+# losses compared user by user on the necessary condition (a0): what BEAR's regulariser targets
+VIOLATION_PAIRS = (("bear", "msl"), ("bear", "sft"), ("msl", "sft"))
+
+
+def _paired_violations(results: dict) -> list[dict]:
+    """Per pair of losses, the mean per-user difference of "the target fails (3.2)" in a0 with
+    its standard error (``_over_users``, seeds both have), over all users and over those whose
+    target is not a near copy of a history title."""
+    out = []
+    for a, b in VIOLATION_PAIRS:
+        seeds = sorted(
+            seed
+            for seed in set(results.get(a, {})) & set(results.get(b, {}))
+            if "a0" in results[a][seed] and "a0" in results[b][seed]
+        )
+        if not seeds:
+            continue
+        va = _violated([results[a][seed]["a0"] for seed in seeds])
+        vb = _violated([results[b][seed]["a0"] for seed in seeds])
+        diff = [[x - y for x, y in zip(p, q, strict=True)] for p, q in zip(va, vb, strict=True)]
+        near = results[a][seeds[0]]["a0"]["near_copy"]
+        out.append(
+            {
+                "pair": f"{a} − {b}",
+                "seeds": seeds,
+                "violated": _over_users(diff),
+                "violated/not_near_copy": _over_users(diff, [not c for c in near]),
+            }
+        )
+    return out
 
 
 def _paired(results: dict) -> list[dict]:
@@ -245,11 +287,15 @@ def _fmt(cell: dict | None, digits: int = 3) -> str:
     return f"{cell['mean']:.{digits}f} ± {cell['se']:.{digits}f}"
 
 
-def _table(cells: dict, paired: list[dict], missing: list[str]) -> str:
+def _each_seed(summary: dict, seeds: list[int]) -> str:
+    return ", ".join(f"{seed}: {m:+.3f}" for seed, m in zip(seeds, summary["seeds"], strict=True))
+
+
+def _table(cells: dict, paired: list[dict], violations: list[dict], missing: list[str]) -> str:
     lines = [
         "| loss | evaluation | scoring | HR@10 | NDCG@10 | PR@10 | PR@10 n | undecided | "
-        "HR@10 near copies | HR@10 rest |",
-        "|" + " --- |" * 10,
+        "HR@10 near copies | HR@10 rest | (3.2) fails |",
+        "|" + " --- |" * 11,
     ]
     for key, c in cells.items():
         loss, name, scoring = key.split("|")
@@ -258,7 +304,8 @@ def _table(cells: dict, paired: list[dict], missing: list[str]) -> str:
             f"| {loss} | {name} | {scoring} | {_fmt(c['hr@10'])} | {_fmt(c['ndcg@10'])} | "
             f"{_fmt(pr)} | {pr['n'] if pr else '-'} | {c.get('exact_undecided', '-')} | "
             f"{_fmt(c['hr@10/near_copy'])} (n {c['hr@10/near_copy']['n']}) | "
-            f"{_fmt(c['hr@10/not_near_copy'])} (n {c['hr@10/not_near_copy']['n']}) |"
+            f"{_fmt(c['hr@10/not_near_copy'])} (n {c['hr@10/not_near_copy']['n']}) | "
+            f"{_fmt(c['violated']) if 'violated' in c else '-'} |"
         )
     lines += [
         "",
@@ -267,11 +314,19 @@ def _table(cells: dict, paired: list[dict], missing: list[str]) -> str:
     ]
     for p in paired:
         rest = p["hr@10/not_near_copy"]
-        each = ", ".join(
-            f"{seed}: {m:+.3f}" for seed, m in zip(p["seeds"], p["hr@10"]["seeds"], strict=True)
-        )
         lines.append(
-            f"| {p['pair']} | {each} | {_fmt(p['hr@10'])} | {_fmt(p['ndcg@10'])} | "
+            f"| {p['pair']} | {_each_seed(p['hr@10'], p['seeds'])} | {_fmt(p['hr@10'])} | "
+            f"{_fmt(p['ndcg@10'])} | {_fmt(rest)} (n {rest['n']}) |"
+        )
+    lines += [
+        "",
+        "| (3.2) fails, a0: paired difference (per user) | each seed | Δ share | Δ share rest |",
+        "| --- | --- | --- | --- |",
+    ]
+    for v in violations:
+        rest = v["violated/not_near_copy"]
+        lines.append(
+            f"| {v['pair']} | {_each_seed(v['violated'], v['seeds'])} | {_fmt(v['violated'])} | "
             f"{_fmt(rest)} (n {rest['n']}) |"
         )
     lines += ["", "Missing: " + ("; ".join(missing) if missing else "nothing") + "."]
@@ -377,7 +432,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def report() -> None:
-        cells, paired = _cells(results), _paired(results)
+        cells, paired, violations = _cells(results), _paired(results), _paired_violations(results)
         settings = {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")}
         write_json(
             stem.with_suffix(".json"),
@@ -391,6 +446,7 @@ def main() -> None:
                 },
                 "cells": cells,
                 "paired": paired,
+                "violations": violations,
                 "missing": missing,
                 "coverage": {
                     f"{loss} s{seed}": next(iter(per_eval.values()))["coverage"]
@@ -400,7 +456,7 @@ def main() -> None:
                 "wall_seconds_this_invocation": time.perf_counter() - t0,
             },
         )
-        stem.with_suffix(".md").write_text(_table(cells, paired, missing))
+        stem.with_suffix(".md").write_text(_table(cells, paired, violations, missing))
         _plot_curves(runs, Path(f"{stem}_curves.png"))
 
     # per seed: every loss trained first, then each evaluation across the losses (a0, the one
@@ -423,7 +479,7 @@ def main() -> None:
                 print(f"{loss} seed {seed} {evaluation} done ({done_after:.0f} s)", flush=True)
     if args.report:
         report()
-    print(_table(_cells(results), _paired(results), missing))
+    print(_table(_cells(results), _paired(results), _paired_violations(results), missing))
 
 
 if __name__ == "__main__":

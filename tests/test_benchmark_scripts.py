@@ -97,6 +97,7 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     result = json.loads(written.read_text())
     assert result["missing"] == [] and len(result["cells"]) == 3 * 3 * 2
     assert {p["pair"].split(" − ")[0] for p in result["paired"]} >= {"bear/a0/before"}
+    assert [v["pair"] for v in result["violations"]] == ["bear − msl", "bear − sft", "msl − sft"]
     for pair in result["paired"]:  # "rest": the users whose target is not a near copy
         cell = result["cells"][pair["pair"].split(" − ")[0].replace("/", "|")]
         assert pair["hr@10/not_near_copy"]["n"] == cell["hr@10/not_near_copy"]["n"]
@@ -106,10 +107,11 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert "test (" not in again.stderr  # no evaluation repeated
 
 
-def _evaluation(ranks: list[int], near: list[bool]) -> dict:
+def _evaluation(ranks: list[int], near: list[bool], violated: list[bool] | None = None) -> dict:
     """One study evaluation's per-user file (RUN/study/<name>.json) with the same ranks under
     both scorings."""
-    return {"rank/before": ranks, "rank/after": ranks, "near_copy": near, "violated": [0] * 4}
+    violated = violated or [False] * len(ranks)
+    return {"rank/before": ranks, "rank/after": ranks, "near_copy": near, "violated": violated}
 
 
 def test_the_study_counts_each_test_user_once_however_many_seeds(monkeypatch):
@@ -135,6 +137,26 @@ def test_the_study_counts_each_test_user_once_however_many_seeds(monkeypatch):
     rest = pair["hr@10/not_near_copy"]  # users 1-3: 0.5, 0.5, 0
     assert rest["n"] == 3 and math.isclose(rest["mean"], 1 / 3)
     assert rest["seeds"] == [1 / 3, 1 / 3]
+
+
+def test_the_study_compares_the_losses_on_the_necessary_condition_user_by_user(monkeypatch):
+    """a0's per-user "the target fails (3.2)" (a token outside the top-B of its siblings): its
+    share per cell, and bear − msl, bear − sft, msl − sft per user over the users and over
+    those who are not near copies."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    study = importlib.import_module("study_smollm2")
+    near, ranks = [True, False, False, False], [-1] * 4
+    results = {
+        "msl": {0: {"a0": _evaluation(ranks, near, [True, True, True, False])}},
+        "bear": {0: {"a0": _evaluation(ranks, near, [True, False, True, False])}},
+        "sft": {0: {"a0": _evaluation(ranks, near, [False, False, False, False])}},
+    }
+    assert study._cells(results)["msl|a0|after"]["violated"]["mean"] == 0.75
+    found = {v["pair"]: v for v in study._paired_violations(results)}
+    assert list(found) == ["bear − msl", "bear − sft", "msl − sft"]
+    assert found["bear − msl"]["violated"]["mean"] == -0.25
+    assert math.isclose(found["bear − msl"]["violated/not_near_copy"]["mean"], -1 / 3)
+    assert found["msl − sft"]["violated"]["n"] == 4 and found["msl − sft"]["seeds"] == [0]
 
 
 def test_the_study_report_trains_and_evaluates_nothing_and_lists_what_is_missing(tmp_path):
