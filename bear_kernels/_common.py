@@ -253,7 +253,8 @@ def row_coefficients(g_ce, g_margin, counted, params: LossParams, dtype):
     g_margin = torch.zeros_like(keep) if g_margin is None else g_margin.to(dtype) * keep
     c_y = (g_ce + g_margin) * inv_tau
     if params.threshold_grad:
-        return g_ce * inv_tau, c_y, g_margin * inv_tau
+        # + 0·g_margin: NaN where it is not finite, as the reference's p_j terms of Δ (they cancel)
+        return (g_ce + 0.0 * g_margin) * inv_tau, c_y, g_margin * inv_tau
     return c_y, c_y, torch.zeros_like(c_y)
 
 

@@ -20,14 +20,15 @@ loaded with 128-bit loads, a zero word skipping its 32):
     padding slots past K hold +inf, never the worst (no slot predicate is kept live). From
     KEY_SLOTS slots on (B > 16, fp32 compute) the search runs on packed int64 keys (value,
     then lower index: _order_key), one max per token instead of two reductions;
-  - at the end, the real slots (index < V) number min(K, n); b is the worst real slot (the best
-    one when B = 1): the B'-th largest, B' = min(B, n) as in the reference, and z_b is reloaded
-    from memory.
+  - at the end, the real slots (index < V) number min(K, n'), n' the allowed tokens whose logit
+    is not NaN (a NaN never enters the slots); b is the worst real slot (the best one when
+    B = 1): the B'-th largest, B' = min(B, n) as in the reference, and z_b is reloaded from
+    memory.
 Which rows count comes in (counted_rows: the target is not ignored and the mask's popcount is
 above 1); an uncounted row reads nothing. Hostile rows get the reference's values at per-row
 scalar cost (`_finish_row`): Δ is NaN where lse is not finite (an allowed NaN, +inf, or every
 allowed logit -inf), a counted row with fewer than two real slots (its allowed logits NaN but
-at most one: a NaN never enters the slots) has lse = NaN, and a counted target
+at most one) has lse = NaN and, without a real slot, b = V (no token), and a counted target
 outside A (validate_target=False) reads as z_y = -inf (ce = Δ = +inf) and has no -c_y term
 (`_target_in_set`: one mask word per row).
 Split-V (bear_kernels._kernels_split) runs the same loop over spans of a row and merges them.
@@ -217,8 +218,8 @@ def _scan_span(
     neg_inf = float("-inf")
     lowest = _lowest(COMPUTE)
     # running statistics, in base-2 units t: max m2, scaled sums s (per tile position, summed
-    # after the loop), top-K slots (value, index) with K = max(B, 2): n > 1 exactly when two
-    # slots hold real tokens, so n itself is never counted
+    # after the loop), top-K slots (value, index) with K = max(B, 2) of the allowed tokens whose
+    # logit is not NaN
     m2 = tl.full([], neg_inf, COMPUTE)
     s = tl.zeros([BLOCK_V // 32, 32], COMPUTE)
     # K = max(B, 2) slots start empty at -inf; the slots past K hold +inf, never the worst
@@ -254,10 +255,12 @@ def _scan_span(
         #    an empty chunk would otherwise be searched. `allowed` is recomputed here rather
         #    than kept from step 1 (eight predicates live across the loop cost 10 P2R moves).
         if (chunk_max >= worst_v) & (not HAS_MASK or chunk_max > neg_inf):
+            #    A NaN never enters: the pairs compare it false, but a key would rank it above
+            #    +inf (_finish_row makes the lse of a row with an allowed NaN NaN)
             if HAS_MASK:
-                allowed = t > neg_inf  # not NaN (_finish_row makes such a row's lse NaN)
+                allowed = t > neg_inf
             else:
-                allowed = idx < V
+                allowed = (idx < V) & (t == t)
             if (BEAM_PAD >= KEY_SLOTS) and (COMPUTE == tl.float32):
                 buf_k, worst_k = _enter_keys(t, idx, allowed, buf_k, worst_k)
                 worst_v = _key_value(worst_k)
@@ -343,7 +346,8 @@ def _fused_coefficients(
     g_m = tl.where(counted, g_ce * reg_weight * inv_xi * sig, 0.0)
     c_y = (g_ce + g_m) * inv_tau
     if THRESHOLD_GRAD:
-        a = g_ce * inv_tau
+        # + 0·g_m: NaN where g_m is not finite, as the reference's p_j terms of Δ, which cancel
+        a = (g_ce + 0.0 * g_m) * inv_tau
     else:
         a = c_y
     return a, c_y, g_m * inv_tau
@@ -354,7 +358,7 @@ def _bear_fwd_kernel(
     ce_ptr,  # (N,) out, COMPUTE: ce = lse - x_y, 0 on uncounted rows
     margin_ptr,  # (N,) out, COMPUTE: Δ = x_b - x_y, 0 on uncounted rows
     lse_ptr,  # (N,) out, COMPUTE: logsumexp over A of z / tau (0 on uncounted rows)
-    b_ptr,  # (N,) out, int32: threshold index b, -1 on uncounted rows
+    b_ptr,  # (N,) out, int32: threshold index b, -1 uncounted, V counted without a slot
     logits_ptr,  # (N, V) in: z, fp32 / bf16 / fp16 / fp64, unit stride along V
     target_ptr,  # (N,) in, int64: y
     counted_ptr,  # (N,) in, bool: y != ignore_index and |A| > 1 (counted_rows)
@@ -421,7 +425,8 @@ def _bear_fwd_row(
     y64 = tl.load(target_ptr + row)
     y = tl.where(counted & (y64 >= 0) & (y64 < V), y64, -1).to(tl.int32)  # -1: no target
     y = _target_in_set(row_m, y, HAS_MASK)  # -1 also outside A (validate_target=False)
-    # 4. the real slots (index < V) number min(K, n); their best and worst
+    # 4. the real slots (index < V) number min(K, n'), n' the allowed logits not NaN; their
+    #    best and worst
     real = buf_i < V
     n_real = tl.sum(real.to(tl.int32), 0)
     low_v = tl.min(tl.where(real, buf_v, float("inf")), 0)
@@ -469,7 +474,7 @@ def _bear_bwd_kernel(
     target_ptr,  # (N,) in, int64: y
     mask_ptr,  # (N, W) in, int32 bitmask of A (unused when HAS_MASK is False)
     lse_ptr,  # (N,) in, COMPUTE: from the forward
-    b_ptr,  # (N,) in, int32: threshold index, -1 on uncounted rows
+    b_ptr,  # (N,) in, int32: threshold index, -1 on uncounted rows (V: none, never matched)
     a_ptr,  # (N,) in, COMPUTE: coefficient of p_j
     cy_ptr,  # (N,) in, COMPUTE: subtracted at j = y
     cb_ptr,  # (N,) in, COMPUTE: added at j = b

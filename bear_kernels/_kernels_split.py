@@ -75,7 +75,7 @@ def _bear_merge_kernel(
     ce_ptr,  # (N,) out, COMPUTE: ce = lse - x_y, 0 on uncounted rows
     margin_ptr,  # (N,) out, COMPUTE: Δ = x_b - x_y, 0 on uncounted rows
     lse_ptr,  # (N,) out, COMPUTE: logsumexp over A of z / tau (0 on uncounted rows)
-    b_ptr,  # (N,) out, int32: threshold index b, -1 on uncounted rows
+    b_ptr,  # (N,) out, int32: threshold index b, -1 uncounted, V counted without a slot
     a_ptr,  # (N,) out, COMPUTE: coefficient of p_j (FUSED_GRAD only)
     cy_ptr,  # (N,) out, COMPUTE: subtracted at j = y (FUSED_GRAD only)
     cb_ptr,  # (N,) out, COMPUTE: added at j = b (FUSED_GRAD only)
@@ -116,7 +116,7 @@ def _bear_merge_kernel(
     m2 = tl.max(part_m, 0)
     m_safe = tl.where(m2 == neg_inf, 0.0, m2)
     s = tl.sum(part_s * tl.exp2(part_m - m_safe), 0)
-    # 4. the K best real slots of all spans, best first: (n_real = min(K, n), best, worst)
+    # 4. the K best real slots of all spans, best first: (n_real = min(K, n'), best, worst)
     cell = (row * n_spans + span[:, None]) * BEAM_PAD + tl.arange(0, BEAM_PAD)[None, :]
     cand_i = tl.load(part_i_ptr + cell, mask=used[:, None], other=V)
     live = cand_i < V

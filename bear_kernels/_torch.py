@@ -390,9 +390,10 @@ def _counted(z, y, mask, params: LossParams):
 def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cdtype, ws):
     """Steps 1-4 of the reference on one chunk.
 
-    Returns (probs, ce (R,), Δ (R,), b (R,) or None, select): `select` says whether the
-    chunk's masked logits had to be selected away (see `_scaled_rows`); backward does the same,
-    and zeroes the chunk's gradient outside A (`_zero_outside`).
+    Returns (probs, ce (R,), Δ (R,), b (R,) or None, select, posinf (R,) bool): `select` says
+    whether the chunk's masked logits had to be selected away (see `_scaled_rows`); backward
+    does the same, and zeroes the chunk's gradient outside A (`_zero_outside`). posinf: the rows
+    with an allowed +inf logit (`_posinf_probs_`).
     A sparse chunk works on its allowed tokens (positions in x), mapped back to token ids.
     """
     vocab = z.shape[1]
@@ -407,9 +408,11 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each; i_max a position in x
     # topk ranks NaN first, so z_(1) is NaN iff the row of x holds a NaN; with a dense mask that
     # may come from a masked +inf / NaN: redo the chunk by selection (one host sync, masks only;
-    # a sparse chunk never reads a masked logit). An allowed NaN stays: its row soft-maxes to NaN
-    # outside A too, so the gradient of a selected chunk is zeroed there (`_zero_outside`).
-    select = mask is not None and not sparse and bool(torch.isnan(z_max).any())
+    # a sparse chunk never reads a masked logit). An allowed NaN or +inf stays: its row
+    # soft-maxes to NaN outside A too, so the gradient of a selected chunk is zeroed there
+    # (`_zero_outside`).
+    posinf = torch.isposinf(z_max)  # (R,)
+    select = mask is not None and not sparse and bool((torch.isnan(z_max) | posinf).any())
     if select:
         x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, True)
         z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
@@ -433,7 +436,7 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     # reference computes it (an allowed NaN: lse is NaN already)
     lse = torch.where(torch.isposinf(z_max), z_max, lse)
     # 4. Δ = (z_(B') - z_y) / tau; NaN where z_(1) is +inf or NaN, as the reference's
-    return probs, lse - z_y, _margin(z_b, z_y, z_max), b, select
+    return probs, lse - z_y, _margin(z_b, z_y, z_max), b, select, torch.isposinf(z_max)
 
 
 def _target_in_set(mask, rows: torch.Tensor, y_r: torch.Tensor) -> torch.Tensor | None:
@@ -446,10 +449,33 @@ def _target_in_set(mask, rows: torch.Tensor, y_r: torch.Tensor) -> torch.Tensor 
     return (word >> (y_r % BITS_PER_WORD)) & 1 == 1
 
 
-def _zero_outside(grad, mask, chunk: _Chunk, vocab: int) -> None:
-    """grad = 0 outside A on a dense chunk's rows. Needed after a chunk redone by selection
-    (`_chunk_forward`): a row with an allowed NaN soft-maxes to NaN over all of its entries, masked
-    ones too, where the reference's gradient is 0 (its masked_fill stops it there)."""
+def _posinf_probs_(probs: _Probs, z, mask, chunk: _Chunk, posinf: torch.Tensor) -> None:
+    """p of the chunk's rows with an allowed +inf logit (posinf (R,) bool) set as the reference
+    has it: exp(z_j / tau - lse) with lse = +inf, NaN at each +inf logit and 0 elsewhere (the
+    softmax gives NaN throughout). One host sync; such rows are hostile input."""
+    at = posinf.nonzero().squeeze(1)  # (r,) positions in the chunk
+    if at.numel() == 0:
+        return
+    rows = chunk.row_ids(z.device)[at]  # (r,) rows of z
+    if probs.tok is not None:  # sparse: the chunk's allowed tokens
+        hit = torch.isposinf(z[rows[:, None], probs.tok[at]]) & probs.valid[at]  # (r, K)
+    else:
+        hit = torch.isposinf(z[rows])  # (r, V)
+        if mask is not None:
+            hit &= _mask_bias(mask[rows], z.shape[1], probs.p.dtype) == 0
+    probs.p[at] = torch.where(hit, float("nan"), 0.0).to(probs.p.dtype)
+
+
+def _zero_outside(grad, mask, chunk: _Chunk, vocab: int, select: bool, a_r) -> None:
+    """grad = 0 outside A on a dense masked chunk's rows, where the reference's gradient is 0 (its
+    masked_fill stops anything there), if the chunk needs it: after a chunk redone by selection
+    (`_chunk_forward`: a row with an allowed NaN or +inf soft-maxes to NaN over all of its
+    entries, masked ones too), or when a row's coefficient a of p (a_r (R,)) is not finite
+    (a·p is NaN at p = 0: a NaN Δ, as from a -inf target logit with B >= |A|). One host sync."""
+    if mask is None or chunk.width is not None:  # A is every token, or only A is written
+        return
+    if not (select or bool((~torch.isfinite(a_r)).any())):
+        return
     outside = _mask_bias(mask[chunk.sel], vocab, grad.dtype) != 0  # (R, V)
     grad[chunk.sel] = grad[chunk.sel].masked_fill(outside, 0.0)
 
@@ -512,18 +538,19 @@ class _CEMarginTorch(torch.autograd.Function):
         ce = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         margin = torch.zeros(n_rows, dtype=cdtype, device=z.device)  # (N,)
         b_idx = torch.zeros(n_rows, dtype=torch.int64, device=z.device)  # (N,)
+        posinf = torch.zeros(n_rows, dtype=torch.bool, device=z.device)  # (N,)
         chunks = _chunks(rows, n_rows, vocab, n_all, mask is not None)
         ws = _Workspace(z.device)
         selected = []  # per chunk: masked logits selected away (see _scaled_rows)
         for chunk in chunks:
             idx = rows[chunk.part]  # (R,) row ids of this chunk
-            _, ce[idx], margin[idx], b, select = _chunk_forward(
+            _, ce[idx], margin[idx], b, select, posinf[idx] = _chunk_forward(
                 z, y, mask, chunk, idx, n_all, params, cdtype, ws
             )
             selected.append(select)
             if b is not None:
                 b_idx[idx] = b
-        ctx.save_for_backward(z, y, mask, rows, b_idx, counted)
+        ctx.save_for_backward(z, y, mask, rows, b_idx, counted, posinf)
         ctx.params, ctx.selected, ctx.chunks = params, selected, chunks
         ctx.mark_non_differentiable(counted)
         return ce, margin, counted
@@ -531,7 +558,7 @@ class _CEMarginTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_ce, g_margin, _g_counted):
         check_first_order()
-        z, y, mask, rows, b_idx, counted = ctx.saved_tensors
+        z, y, mask, rows, b_idx, counted, posinf = ctx.saved_tensors
         params = ctx.params
         vocab = z.shape[1]
         cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -543,13 +570,13 @@ class _CEMarginTorch(torch.autograd.Function):
             idx = rows[chunk.part]  # (R,)
             y_r = y[idx]  # (R,)
             probs = _chunk_probs(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, select)
+            _posinf_probs_(probs, z, mask, chunk, posinf[idx])
             coef = (a[idx], c_y[idx], c_b[idx])
             y_in = _target_in_set(mask, idx, y_r)
             _write_chunk_grad(
                 grad, chunk, probs, coef, y_r, b_idx[idx], y_in, params.threshold_grad
             )
-            if select:
-                _zero_outside(grad, mask, chunk, vocab)
+            _zero_outside(grad, mask, chunk, vocab, select, coef[0])
         return grad, None, None, None
 
 
@@ -561,7 +588,8 @@ def _fused_coefficients(margin, scale: float, params: LossParams, fused: FusedPa
     g_m = scale * (lam / xi) * torch.sigmoid(-margin / xi)  # (R,)
     c_y = (g_m + scale) * inv_tau  # (R,)
     if params.threshold_grad:
-        return torch.full_like(c_y, scale * inv_tau), c_y, g_m * inv_tau
+        # + 0·g_m: NaN where Δ is NaN, as the reference's p_j terms of Δ (they cancel)
+        return (scale + 0.0 * g_m) * inv_tau, c_y, g_m * inv_tau
     return c_y, c_y, torch.zeros_like(c_y)
 
 
@@ -594,7 +622,8 @@ class _BEARLossTorchFused(torch.autograd.Function):
             idx = rows[chunk.part]  # (R,)
             b, select = None, False
             if terms is None:
-                probs, ce, margin, b, select = _chunk_forward(
+                # an allowed +inf: Δ is NaN, so is each coefficient, and p does not matter
+                probs, ce, margin, b, select, _ = _chunk_forward(
                     z, y, mask, chunk, idx, n_all, params, cdtype, ws
                 )
                 total += (ce + reg_weight * F.logsigmoid(margin / reg_temperature)).sum()
@@ -612,8 +641,7 @@ class _BEARLossTorchFused(torch.autograd.Function):
             y_r = y[idx]  # (R,)
             y_in = _target_in_set(mask, idx, y_r)
             _write_chunk_grad(grad, chunk, probs, coef, y_r, b_r, y_in, params.threshold_grad)
-            if select:
-                _zero_outside(grad, mask, chunk, vocab)
+            _zero_outside(grad, mask, chunk, vocab, select, coef[0])
         if terms is not None:  # lse = z_(1) - log p_(1); +inf on a row with an allowed +inf
             z_max = terms.z_max
             lse = torch.where(torch.isposinf(z_max), z_max, z_max + neg_log_p_max)

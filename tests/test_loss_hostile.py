@@ -20,6 +20,10 @@ from tests._helpers_kernels import ATOL
 
 V = 70  # three bitmask words, the last one partial
 IMPLS = ("torch", "triton")
+# the interpreter's numpy warns on the NaN and inf arithmetic these rows are made of
+QUIET_NAN = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning"
+)
 
 
 def _masked_case(bad_value, density="dense"):
@@ -110,6 +114,34 @@ def test_an_allowed_plus_inf_logit_gives_the_references_values(beam_width, maske
     ref = ce_margin_reference(z.double(), y, beam_width=beam_width, allowed_mask=mask)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a.double(), b, equal_nan=True)
+
+
+@QUIET_NAN
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("threshold_grad", [False, True])
+@pytest.mark.parametrize("form", ["margin", "none", "sum", "mean"])
+def test_a_non_finite_margin_gives_the_references_gradient(impl, masked, threshold_grad, form):
+    """Rows whose Δ is NaN (an allowed +inf logit, target or not; a -inf target logit with
+    B >= |A|, so z_(B') is the target's): the reference's gradient is NaN on all of A, through
+    Δ's p_j terms, which cancel when finite. With threshold_grad the fast paths' p_j coefficient
+    left them out, so their gradient was NaN at y and b only."""
+    z = torch.tensor(
+        [
+            [1.0, float("inf"), 0.5, 2.0],
+            [float("inf"), 0.0, 1.0, 0.3],
+            [0.2, float("-inf"), 1.0, 3.0],
+        ]
+    )
+    y = torch.tensor([2, 0, 1])
+    mask = None
+    if masked:
+        allowed = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+        mask = pack_allowed_mask(allowed)
+    kw = dict(beam_width=2, allowed_mask=mask, threshold_grad=threshold_grad)
+    fast = _run_form(partial(ce_margin, impl=impl), partial(bear_loss, impl=impl), form)
+    reference = _run_form(ce_margin_reference, bear_loss_reference, form)
+    _assert_matches(fast(z, y, **kw), reference(z.double(), y, **kw), torch.float32)
 
 
 # Every path of the torch loss (see bear_kernels._torch), on logits of VG tokens: four groups of
@@ -236,10 +268,6 @@ SIGNATURE_LAUNCH = {
     "row-loop": ("_bear_fwd_kernel", (1,)),
     "split": ("_bear_merge_kernel", (4,)),
 }
-# the interpreter's numpy warns on the NaN and inf arithmetic these rows are made of
-QUIET_NAN = pytest.mark.filterwarnings(
-    "ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning"
-)
 
 
 def _triton_params(masks):
@@ -297,7 +325,7 @@ def _triton_case(monkeypatch, launch, masked):
 def _triton_and_reference(z, y, allowed, run: _TritonRun, form, dtype, **kw):
     """((values, gradient) of the Triton path, the same of the float64 reference) for one form,
     after checking that the Triton path made the launch the case names."""
-    kw = dict(kw, beam_width=3, allowed_mask=pack_allowed_mask(allowed) if run.masked else None)
+    kw = {"beam_width": 3, **kw, "allowed_mask": pack_allowed_mask(allowed) if run.masked else None}
     logits = z.to(dtype)
     fast = _run_form(partial(ce_margin, impl="triton"), partial(bear_loss, impl="triton"), form)
     fast = fast(logits, y, **kw)
@@ -328,20 +356,22 @@ def test_triton_an_allowed_nan_logit_gives_the_references_nans(
 @pytest.mark.parametrize("launch,masked,form", _triton_params((False, True)))
 @pytest.mark.parametrize("threshold_grad", [False, True])
 @pytest.mark.parametrize("left", [1, 0], ids=["all-but-one", "all"])
+@pytest.mark.parametrize("beam_width", [3, 17], ids=["pairs", "keys"])
 def test_triton_a_row_whose_allowed_logits_are_nan_but_at_most_one_gives_the_references_nans(
-    monkeypatch, launch, masked, form, threshold_grad, left
+    monkeypatch, launch, masked, form, threshold_grad, left, beam_width
 ):
-    """A counted row whose allowed logits are all NaN, or all but one: a NaN never enters the
-    kernels' top-B slots, so they saw at most one allowed token and took the row for uncounted
-    (n = 1). The values were patched to NaN afterwards, but the gradient stayed 0 where the
-    reference's is NaN on A; now the kernels take the counted rows from the mask."""
+    """A counted row whose allowed logits are all NaN, or all but one. The slots of B <= 16
+    (value, index pairs) never take a NaN, so the kernels saw at most one allowed token and took
+    the row for uncounted (n = 1): the values were patched to NaN afterwards, but the gradient
+    stayed 0 where the reference's is NaN on A; now the kernels take the counted rows from the
+    mask. Those of B > 16 (packed keys) took an unmasked NaN, above +inf: with the slots all
+    NaN, b was -1 (the row read as uncounted by the backward, z_b read before the row)."""
     z, y, allowed, run = _triton_case(monkeypatch, launch, masked)
     z[1] = torch.where(allowed[1], float("nan"), z[1])
     if left:
         z[1, 1] = 0.5  # row 1's target, the one finite allowed logit
-    fast, reference = _triton_and_reference(
-        z, y, allowed, run, form, torch.float32, threshold_grad=threshold_grad
-    )
+    kw = dict(threshold_grad=threshold_grad, beam_width=beam_width)
+    fast, reference = _triton_and_reference(z, y, allowed, run, form, torch.float32, **kw)
     _assert_nan_row(fast, reference, allowed, torch.float32)
 
 
