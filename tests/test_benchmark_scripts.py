@@ -98,6 +98,11 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert result["missing"] == [] and len(result["cells"]) == 3 * 3 * 2
     assert {p["pair"].split(" − ")[0] for p in result["paired"]} >= {"bear/a0/before"}
     assert [v["pair"] for v in result["violations"]] == ["bear − msl", "bear − sft", "msl − sft"]
+    # a run saves at every validation check: a killed run loses at most one check's steps
+    assert (
+        json.loads((tmp_path / "runs" / "data_sft_s0" / "config.json").read_text())["save_every"]
+        == 2
+    )
     for pair in result["paired"]:  # "rest": the users whose target is not a near copy
         cell = result["cells"][pair["pair"].split(" − ")[0].replace("/", "|")]
         assert pair["hr@10/not_near_copy"]["n"] == cell["hr@10/not_near_copy"]["n"]
