@@ -112,7 +112,9 @@ class _Probs:
         """(R,) the probability of token t (R,) of each row; 0 for a token outside A."""
         if self.tok is None:
             return self.p.gather(1, t[:, None]).squeeze(1)
-        return (self.p * (self.tok == t[:, None])).sum(1)  # a padding hit adds p = 0
+        # a padding hit adds p = 0; where, not a product: a NaN p elsewhere (an allowed +inf,
+        # `_posinf_probs_`) must not reach this token's
+        return torch.where(self.tok == t[:, None], self.p, 0.0).sum(1)
 
 
 def _rows_per_chunk(width: int, device: torch.device, logits: int | None = None) -> int:

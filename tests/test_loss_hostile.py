@@ -231,6 +231,26 @@ def test_an_allowed_nan_logit_gives_the_references_nans(path, ignored, dtype, fo
     _assert_nan_row(fast, reference, allowed, dtype)
 
 
+@QUIET_NAN
+@pytest.mark.parametrize("path", TORCH_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("threshold_grad", [False, True])
+def test_an_allowed_plus_inf_logit_gives_the_references_gradient_on_every_torch_path(
+    path, dtype, form, threshold_grad
+):
+    """An allowed +inf logit (not the target's): the reference's p is NaN there and 0 on the rest
+    (lse = +inf), so ce's gradient is 0 on A but at the +inf and at y, and Δ is NaN (a NaN
+    gradient on A for the loss). The softmax made the whole row NaN, outside A too."""
+    z, y, allowed = _path_case(path, False)
+    z[1, 0] = float("inf")  # allowed, row 1's target is 1
+    fast, reference = _torch_and_reference(
+        z, y, allowed, path, form, dtype, threshold_grad=threshold_grad
+    )
+    _assert_matches(fast, reference, dtype)
+    assert (fast[1][1][~allowed[1]] == 0).all()
+
+
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("ignored", [False, True], ids=["sliced", "gathered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
