@@ -413,8 +413,8 @@ def _chunk_forward(z, y, mask, chunk: _Chunk, idx, n_all, params: LossParams, cd
     # a sparse chunk never reads a masked logit). An allowed NaN or +inf stays: its row
     # soft-maxes to NaN outside A too, so the gradient of a selected chunk is zeroed there
     # (`_zero_outside`).
-    posinf = torch.isposinf(z_max)  # (R,)
-    select = mask is not None and not sparse and bool((torch.isnan(z_max) | posinf).any())
+    hostile = torch.isnan(z_max) | torch.isposinf(z_max)  # (R,)
+    select = mask is not None and not sparse and bool(hostile.any())
     if select:
         x, tok, valid = _chunk_logits(z, y_r, mask, chunk, inv_tau, cdtype, vocab, ws, True)
         z_b, z_max, i_max = _kth_largest(x, beam, k)  # (R,) each
