@@ -422,7 +422,14 @@ def main() -> None:
     stem = results_stem(args.results_dir, f"study_{name}_smollm2", device_name, args.tag)
     device = resolve_device(args.device)
     results: dict[str, dict] = {}
-    runs: dict[str, Path] = {}
+    configs = {
+        seed: {loss: _config(args, loss, seed, name) for loss in args.losses} for seed in args.seeds
+    }
+    # every run of the study, trained or not yet, so that every report draws the curves of all
+    # the runs that have a log
+    runs = {
+        f"{loss} s{seed}": Path(cfg.out) for seed in configs for loss, cfg in configs[seed].items()
+    }
     missing = [
         f"{loss} seed {seed} {evaluation}"
         for seed in args.seeds
@@ -433,7 +440,9 @@ def main() -> None:
 
     def report() -> None:
         cells, paired, violations = _cells(results), _paired(results), _paired_violations(results)
-        settings = {k: v for k, v in vars(args).items() if k not in ("tag", "results_dir")}
+        settings = {
+            k: v for k, v in vars(args).items() if k not in ("tag", "results_dir", "report")
+        }
         write_json(
             stem.with_suffix(".json"),
             {
@@ -462,13 +471,11 @@ def main() -> None:
     # per seed: every loss trained first, then each evaluation across the losses (a0, the one
     # with the exact ranks, first), so a study stopped early already has its main comparison
     for seed in args.seeds:
-        configs = {loss: _config(args, loss, seed, name) for loss in args.losses}
-        for loss, cfg in configs.items():
+        for cfg in configs[seed].values():
             if not args.report:
                 _train(cfg)
-            runs[f"{loss} s{seed}"] = Path(cfg.out)
         for evaluation in EVALUATIONS:
-            for loss, cfg in configs.items():
+            for loss, cfg in configs[seed].items():
                 if args.report and not (Path(cfg.out) / "study" / f"{evaluation}.json").is_file():
                     continue
                 per_eval = results.setdefault(loss, {}).setdefault(seed, {})

@@ -164,6 +164,29 @@ def test_the_study_compares_the_losses_on_the_necessary_condition_user_by_user(m
     assert found["msl − sft"]["violated"]["n"] == 4 and found["msl − sft"]["seeds"] == [0]
 
 
+def test_every_report_of_a_restarted_study_draws_the_curves_of_every_seed(monkeypatch, tmp_path):
+    """A restarted study rewrites its results files after each evaluation, seed 0's (already
+    done) first: each plot of the learning curves holds every run of every seed, not just the
+    seeds the loop has reached (which overwrote a two-seed plot with seed 0's, and would leave
+    it so if the study were stopped there)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    study = importlib.import_module("study_smollm2")
+    drawn = []
+    monkeypatch.setattr(study, "_train", lambda cfg: None)
+    monkeypatch.setattr(
+        study, "_evaluate", lambda cfg, device, name: _evaluation([0, -1], [False, False])
+        | {"coverage": {}},
+    )  # fmt: skip
+    monkeypatch.setattr(study, "_plot_curves", lambda runs, out: drawn.append(sorted(runs)))
+    argv = ["study_smollm2.py", "--data", str(tmp_path / "Office"), "--seeds", "0", "1",
+            "--out", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results"),
+            "--device", "cpu"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    study.main()
+    every_run = sorted(f"{loss} s{seed}" for loss in ("sft", "msl", "bear") for seed in (0, 1))
+    assert len(drawn) == 2 * 3 * 3 and all(runs == every_run for runs in drawn), drawn[0]
+
+
 def test_the_study_report_trains_and_evaluates_nothing_and_lists_what_is_missing(tmp_path):
     """--report on a study that has not run: the results files are written, every evaluation
     of every run is listed as missing, and no run folder is created."""
