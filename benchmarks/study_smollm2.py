@@ -153,7 +153,8 @@ def _gains(ranks: list[int]) -> list[float]:
 def _cells(results: dict) -> dict[str, dict]:
     """'loss|evaluation|scoring' -> HR@10 and NDCG@10 (mean ± SE over users, each user's value
     averaged over the seeds: ``_over_users``), PR@10 (pruned among the (seed, user) pairs whose
-    target is in the exact top-10) and the near-copy split (a user's near copy does not depend
+    target is in the exact top-10; ``exact_undecided`` counts the pairs whose exact rank the
+    budget left undecided) and the near-copy split (a user's near copy does not depend
     on the seed)."""
     cells = {}
     for loss, seeds in results.items():
@@ -293,8 +294,10 @@ def _each_seed(summary: dict, seeds: list[int]) -> str:
 
 def _table(cells: dict, paired: list[dict], violations: list[dict], missing: list[str]) -> str:
     lines = [
-        "| loss | evaluation | scoring | HR@10 | NDCG@10 | PR@10 | PR@10 n | undecided | "
-        "HR@10 near copies | HR@10 rest | (3.2) fails |",
+        # PR@10 and its counts are over the (seed, user) pairs: whether a user's target is in
+        # the exact top-10 depends on the seed
+        "| loss | evaluation | scoring | HR@10 | NDCG@10 | PR@10 | PR@10 n (seed, user) | "
+        "undecided (seed, user) | HR@10 near copies | HR@10 rest | (3.2) fails |",
         "|" + " --- |" * 11,
     ]
     for key, c in cells.items():
