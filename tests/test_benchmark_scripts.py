@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import math
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 from _helpers_train import SHARED_DATA, tiny_synth
+
+from bear.data import filter_catalogue, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,6 +205,28 @@ def test_the_study_report_trains_and_evaluates_nothing_and_lists_what_is_missing
     assert len(result["missing"]) == 2 * 3 * 3 and result["cells"] == {}
     assert "sft seed 0 a0" in result["missing"] and not (tmp_path / "runs").exists()
     assert "Missing: sft seed 0 a0" in written.with_suffix(".md").read_text()
+
+
+def test_catalogue_filter_reports_what_bear_train_would_keep(tmp_path):
+    """Each (N, K) row of catalogue_filter.py is what `--limit-train N --min-item-count K` leaves
+    (the first N rows, then the filter over them), and a K that leaves nothing is a row that
+    says so rather than an error."""
+    data = tiny_synth(tmp_path / "data")
+    cmd = [sys.executable, "catalogue_filter.py", "--data", str(data), "--limits", "16", "0",
+           "--min-counts", "2", "100000", "--max-history", "4", "--limit-eval", "5",
+           "--results-dir", str(tmp_path / "results")]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (tmp_path / "results" / "catalogue_filter_data.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    full = load_dataset(data, max_history=4)
+    for row, limit in zip(rows[::2], (16, len(full.train)), strict=True):
+        trimmed = dataclasses.replace(full, train=full.train[:limit])
+        kept = filter_catalogue(trimmed, 2)
+        assert int(row["train_rows_limit"]) == limit and int(row["items"]) == len(kept.titles)
+        assert int(row["test_users"]) == len(kept.test) and int(row["tested"]) <= 5
+    assert all(r["items"] == "0" and "--min-item-count 100000" in r["note"] for r in rows[1::2])
 
 
 def test_kernel_speed_measures_the_cpu_peak_of_each_impl(tmp_path):
