@@ -17,7 +17,7 @@ import argparse
 import copy
 from pathlib import Path
 
-from _common import RESULTS, write_csv
+from _common import add_results_args, write_csv
 
 from bear.data import DataError, filter_catalogue, load_dataset
 
@@ -61,8 +61,7 @@ def main() -> None:
     )
     p.add_argument("--max-history", type=int, default=5, help="history items per prompt")
     p.add_argument("--limit-eval", type=int, default=300, help="test users a study would test")
-    p.add_argument("--tag", default="", help="suffix of the result file names")
-    p.add_argument("--results-dir", default=str(RESULTS), help="folder for the results")
+    add_results_args(p)
     args = p.parse_args()
     if min(args.limits) < 0:
         p.error(f"--limits: got {args.limits}; each N must be >= 0 (0: every training row)")
