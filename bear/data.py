@@ -30,6 +30,7 @@ __all__ = [
     "load_dataset",
     "load_titles",
     "filter_catalogue",
+    "trained_subset",
     "TITLES_FILE",
     "VALID_FRACTION",
 ]
@@ -228,6 +229,17 @@ def filter_catalogue(data: Dataset, min_count: int) -> Dataset:
     titles = {i: t for i, t in data.titles.items() if i in keep}
     valid, test = kept(data.valid), kept(data.test)
     return dataclasses.replace(data, titles=titles, train=train, valid=valid, test=test)
+
+
+def trained_subset(data: Dataset, limit_train: int | None, min_count: int | None) -> Dataset:
+    """What a run trains and tests on (``--limit-train``, ``--min-item-count``): the first
+    ``limit_train`` training rows (None: all), then ``filter_catalogue`` counted over those rows
+    (None: no filter), so that the model decodes only items it trained on.
+
+    Raises DataError as ``filter_catalogue``.
+    """
+    data = dataclasses.replace(data, train=data.train[:limit_train])
+    return data if min_count is None else filter_catalogue(data, min_count)
 
 
 def load_titles(folder: str | Path) -> dict[int, str]:

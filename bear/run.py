@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bear.checkpoints import resolve_checkpoint
 from bear.config import TrainConfig
-from bear.data import Dataset, filter_catalogue, load_dataset
+from bear.data import Dataset, load_dataset, trained_subset
 from bear.faults import disk_full, fault_point, full_disk_error
 from bear.items import check_in_context, encode_prompts, item_sequences
 from bear.model import (
@@ -148,10 +148,7 @@ def build_setup(
         instruction=cfg.instruction,
         history_prefix=cfg.history_prefix,
     )
-    if cfg.limit_train is not None:
-        data.train = data.train[: cfg.limit_train]
-    if cfg.min_item_count is not None:
-        data = filter_catalogue(data, cfg.min_item_count)
+    data = trained_subset(data, cfg.limit_train, cfg.min_item_count)
     if cfg.dtype == "auto" and device is None:
         device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, cfg.model, device)

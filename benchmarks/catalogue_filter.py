@@ -2,9 +2,10 @@
 training, validation and test rows, and how many of the first `--limit-eval` test users' targets
 occur in the training rows left (as the study's coverage counts them).
 
-`bear train` applies `--limit-train N` first and counts each item over those N rows, so that the
-model is asked to decode only items it trained on; this table says what that leaves for a study
-of a given size. No model, no tokenizer: the data files only (seconds).
+`bear train` applies `--limit-train N` first and counts each item over those N rows
+(`bear.data.trained_subset`, called here too), so that the model is asked to decode only items
+it trained on; this table says what that leaves for a study of a given size. No model, no
+tokenizer: the data files only (seconds).
 
     python benchmarks/catalogue_filter.py --data ../shared/data/amazon/Office
 
@@ -14,22 +15,19 @@ Writes results/catalogue_filter_<data>[_tag].{csv,md} (the rows depend on the da
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 from _common import add_results_args, write_csv
 
-from bear.data import DataError, filter_catalogue, load_dataset
+from bear.data import DataError, load_dataset, trained_subset
 
 
 def _row(data, limit: int | None, min_count: int, limit_eval: int) -> dict:
     """One (N, K) cell: what the filter leaves of ``data`` trained on its first ``limit`` rows
     (None: all)."""
-    trimmed = copy.copy(data)
-    trimmed.train = data.train[:limit] if limit is not None else list(data.train)
     row = {"train_rows_limit": limit or len(data.train), "min_item_count": min_count}
     try:
-        kept = filter_catalogue(trimmed, min_count)
+        kept = trained_subset(data, limit, min_count)
     except DataError as err:  # nothing left: the row says so
         return row | {"items": 0, "train_rows": 0, "valid_rows": 0, "test_users": 0,
                       "tested": 0, "target_seen_in_training": 0, "note": str(err)}  # fmt: skip
