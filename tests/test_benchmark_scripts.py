@@ -227,6 +227,10 @@ def test_catalogue_filter_reports_what_bear_train_would_keep(tmp_path):
         assert int(row["train_rows_limit"]) == limit and int(row["items"]) == len(kept.titles)
         assert int(row["test_users"]) == len(kept.test) and int(row["tested"]) <= 5
     assert all(r["items"] == "0" and "--min-item-count 100000" in r["note"] for r in rows[1::2])
+    for flag, value in (("--limits", "-1"), ("--min-counts", "0")):
+        bad = subprocess.run(cmd + [flag, value], cwd=REPO / "benchmarks", env=env,
+                             capture_output=True, text=True)  # fmt: skip
+        assert bad.returncode == 2 and f"{flag}: got [{value}]" in bad.stderr, bad.stderr
 
 
 def test_kernel_speed_measures_the_cpu_peak_of_each_impl(tmp_path):
