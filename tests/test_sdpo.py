@@ -214,7 +214,11 @@ def test_accumulation_gives_the_gradient_of_one_batch(sft_run, tmp_path, loss, b
         accumulate_gradients(ctx, step, objective)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-7, rtol=1e-5)
+        # the micro-batches add the same float32 terms in another order, so a single element
+        # can move by more than rtol 1e-5 (on an AVX2-only AMD EPYC, 1 of 10,240 by 2.3e-5 of its
+        # value): the bound is on each gradient's norm, as for the Trainer (tests/test_hf_stack.py)
+        error = (grads[1][name] - grads[0][name]).norm() / grads[0][name].norm()
+        assert error <= 1e-5, f"{name}: relative error {float(error):.2e}"
 
 
 def test_training_starts_at_the_reference_and_bear_at_zero_weight_trains_sdpo(sft_run, tmp_path):
