@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +49,28 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_dtype(dtype: str, model: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, model: str, device: torch.device | None) -> torch.dtype:
     """The base weights' dtype of ``--dtype`` (``fp32``, ``bf16`` or ``auto``).
 
     ``auto``: bf16 for a checkpoint model (``--model`` other than ``tiny``) on a device with
     ``native_bf16``, fp32 otherwise (the tiny model is small enough that fp32 costs little and
-    its tests compare fp32 results). Raises ValueError for another name.
+    its tests compare fp32 results). An explicit ``bf16`` on a known ``device`` without native
+    bf16 is honoured with a ``UserWarning``: there its matrix products are emulated (on an
+    AVX2-only CPU a SmolLM2 LoRA step took 35x its fp32 time: benchmarks/README.md, "Training
+    step with a real checkpoint"). ``device`` may be None for an explicit dtype. Raises ValueError
+    for another name.
     """
     if dtype == "auto":
         return torch.bfloat16 if model != "tiny" and native_bf16(device) else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+    if DTYPES[dtype] == torch.bfloat16 and device is not None and not native_bf16(device):
+        warnings.warn(
+            f"--dtype bf16 on {device.type}, which has no native bf16 matrix products (a CPU "
+            "without AVX512-BF16 or AMX, a GPU before Ampere): they are emulated there, many "
+            "times slower than fp32; --dtype auto or fp32 trains in fp32",
+            stacklevel=2,
+        )
     return DTYPES[dtype]
 
 

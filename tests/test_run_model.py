@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bear.losses import LossSettings, build_loss
-from bear.model import load_run
+from bear.model import load_run, resolve_dtype
 from bear.run import build_setup, load_weights
 from bear.tensorboard import _masked_crc32c
 from bear.train import train
@@ -196,6 +197,23 @@ def test_dtype_auto_is_bf16_for_a_checkpoint_where_bf16_is_native(synth, tmp_pat
     assert frozen == {torch.bfloat16 if native else torch.float32}
     tiny = build_setup(tiny_config(synth, tmp_path / "t"), tmp_path / "t", True)
     assert {p.dtype for p in tiny.model.parameters()} == {torch.float32}
+
+
+def test_an_explicit_bf16_without_native_bf16_is_honoured_with_a_warning(monkeypatch):
+    """--dtype bf16 where bf16 products are emulated (an AVX2-only CPU): bf16 as asked, and a
+    warning naming the flag and the fix; no warning for fp32, auto, a native device or an unknown
+    one (an explicit dtype needs no device)."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("bear.model.native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match=r"--dtype bf16 on cpu.*emulated.*--dtype auto or fp32"):
+        assert resolve_dtype("bf16", "smollm2-135m", cpu) == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_dtype("fp32", "smollm2-135m", cpu) == torch.float32
+        assert resolve_dtype("auto", "smollm2-135m", cpu) == torch.float32
+        assert resolve_dtype("bf16", "smollm2-135m", None) == torch.bfloat16
+        monkeypatch.setattr("bear.model.native_bf16", lambda device: True)
+        assert resolve_dtype("bf16", "smollm2-135m", cpu) == torch.bfloat16
 
 
 def test_build_setup_does_not_need_the_training_device(synth, tmp_path):
