@@ -115,6 +115,28 @@ def test_the_study_resumes_without_repeating_finished_work(tmp_path):
     assert "test (" not in again.stderr  # no evaluation repeated
 
 
+def test_a_filtered_study_tests_the_users_the_filter_leaves(tmp_path):
+    """study_smollm2.py --min-item-count K (the filtered-catalogue study): every cell is tested on
+    the test users that K leaves over the rows trained on (8 of the 30 here), not on the first
+    --limit-eval users of the whole test split (20), and the settings record K."""
+    data = tiny_synth(tmp_path / "data")
+    cmd = [sys.executable, "study_smollm2.py", "--data", str(data), "--model", "tiny",
+           "--out", str(tmp_path / "runs"), "--limit-train", "24", "--min-item-count", "2",
+           "--limit-eval", "20", "--eval-every", "2", "--valid-rows", "4", "--epochs", "1",
+           "--batch-size", "8", "--eval-batch-size", "8", "--max-history", "3", "--device", "cpu",
+           "--results-dir", str(tmp_path / "results")]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO / "benchmarks", env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = load_dataset(data, max_history=3)
+    left = filter_catalogue(dataclasses.replace(whole, train=whole.train[:24]), 2).test
+    assert len(left) < min(20, len(whole.test))  # the filter is what the count below shows
+    (written,) = (tmp_path / "results").glob("study_data_smollm2_*.json")
+    result = json.loads(written.read_text())
+    assert result["settings"]["min_item_count"] == 2 and result["missing"] == []
+    assert {cell["hr@10"]["n"] for cell in result["cells"].values()} == {len(left)}
+
+
 def _evaluation(ranks: list[int], near: list[bool], violated: list[bool] | None = None) -> dict:
     """One study evaluation's per-user file (RUN/study/<name>.json) with the same ranks under
     both scorings."""
