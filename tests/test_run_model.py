@@ -187,7 +187,8 @@ def test_dtype_bf16_stores_the_base_in_bf16_and_keeps_adapters_fp32(synth, tmp_p
 def test_dtype_auto_is_bf16_for_a_checkpoint_where_bf16_is_native(synth, tmp_path, monkeypatch,
                                                                     native):  # fmt: skip
     """--dtype auto (the default): a checkpoint's base weights in bf16 on a device with native
-    bf16 (this CPU has AVX512-BF16), fp32 elsewhere; the tiny model stays fp32 either way."""
+    bf16 (a GPU with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere; the tiny model stays
+    fp32 either way."""
     monkeypatch.setattr("bear.model.native_bf16", lambda device: native)
     base = tiny_checkpoint(synth, tmp_path / "ckpt")
     cfg = tiny_config(synth, tmp_path / "run", model=str(base))
