@@ -41,7 +41,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # --dtype -> the base 
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 matrix products natively: a CUDA GPU that supports bf16, or
-    a CPU with AVX512-BF16 or AMX (there a LoRA step of SmolLM2-135M measured 1.4-1.6x faster in
+    a CPU with AVX512-BF16 or AMX (there a LoRA step of SmolLM2-135M measured 1.3-1.6x faster in
     bf16 than in fp32: benchmarks/README.md, "Training step with a real checkpoint")."""
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -66,9 +66,10 @@ def resolve_dtype(dtype: str, model: str, device: torch.device | None) -> torch.
         raise ValueError(f"--dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
     if DTYPES[dtype] == torch.bfloat16 and device is not None and not native_bf16(device):
         warnings.warn(
-            f"--dtype bf16 on {device.type}, which has no native bf16 matrix products (a CPU "
-            "without AVX512-BF16 or AMX, a GPU before Ampere): they are emulated there, many "
-            "times slower than fp32; --dtype auto or fp32 trains in fp32",
+            f"--dtype bf16 (given, or the run's) on {device.type}, which has no native bf16 "
+            "matrix products (a CPU without AVX512-BF16 or AMX, a GPU before Ampere): they are "
+            "emulated there, many times slower than fp32; train with --dtype auto or fp32, or "
+            "run on a device with native bf16",
             stacklevel=2,
         )
     return DTYPES[dtype]

@@ -200,14 +200,21 @@ def test_dtype_auto_is_bf16_for_a_checkpoint_where_bf16_is_native(synth, tmp_pat
     assert {p.dtype for p in tiny.model.parameters()} == {torch.float32}
 
 
-def test_an_explicit_bf16_without_native_bf16_is_honoured_with_a_warning(monkeypatch):
+def test_an_explicit_bf16_without_native_bf16_is_honoured_with_a_warning(synth, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
     """--dtype bf16 where bf16 products are emulated (an AVX2-only CPU): bf16 as asked, and a
-    warning naming the flag and the fix; no warning for fp32, auto, a native device or an unknown
-    one (an explicit dtype needs no device)."""
+    warning naming the flag and the fix, also through build_setup on the device a run names (as
+    `bear train` and `bear evaluate` call it); no warning for fp32, auto, a native device or an
+    unknown one (an explicit dtype needs no device)."""
     cpu = torch.device("cpu")
     monkeypatch.setattr("bear.model.native_bf16", lambda device: False)
-    with pytest.warns(UserWarning, match=r"--dtype bf16 on cpu.*emulated.*--dtype auto or fp32"):
+    with pytest.warns(UserWarning, match=r"--dtype bf16 .* on cpu.*emulated.*--dtype auto or fp32"):
         assert resolve_dtype("bf16", "smollm2-135m", cpu) == torch.bfloat16
+    base = tiny_checkpoint(synth, tmp_path / "ckpt")
+    cfg = tiny_config(synth, tmp_path / "run", model=str(base), dtype="bf16")
+    with pytest.warns(UserWarning, match="--dtype bf16"):
+        model = build_setup(cfg, tmp_path / "run", fresh=True, device=cpu).model
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_dtype("fp32", "smollm2-135m", cpu) == torch.float32

@@ -213,6 +213,7 @@ def test_accumulation_gives_the_gradient_of_one_batch(sft_run, tmp_path, loss, b
         step = micro_batches(setup, idx, objective, ctx, size, step=5)
         accumulate_gradients(ctx, step, objective)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[1].keys() == grads[0].keys()
     for name in grads[0]:
         # the micro-batches add the same float32 terms in another order, so a single element
         # can move by more than rtol 1e-5 (on an AVX2-only AMD EPYC, 1 of 10,240 by 2.3e-5 of its
