@@ -76,10 +76,11 @@ def add_results_args(parser: argparse.ArgumentParser) -> None:
 
 
 def results_stem(results_dir: str | Path, kind: str, device: str, tag: str = "") -> Path:
-    """``results_dir/<kind>_<slug(device)>[_<tag>]`` (no suffix); creates the folder."""
+    """``results_dir/<kind>[_<slug(device)>][_<tag>]`` (no suffix; ``device`` "" for results that
+    depend on no machine); creates the folder."""
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / (f"{kind}_{slug(device)}" + (f"_{tag}" if tag else ""))
+    return folder / "_".join(part for part in (kind, slug(device), tag) if part)
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:

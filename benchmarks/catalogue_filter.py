@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import add_results_args, write_csv
+from _common import add_results_args, results_stem, write_csv
 
 from bear.data import DataError, load_dataset, trained_subset
 
@@ -72,9 +72,7 @@ def main() -> None:
         for k in args.min_counts
     ]
     name = Path(args.data).resolve().name.lower()
-    folder = Path(args.results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = folder / (f"catalogue_filter_{name}" + (f"_{args.tag}" if args.tag else ""))
+    stem = results_stem(args.results_dir, f"catalogue_filter_{name}", "", args.tag)  # no device
     write_csv(stem.with_suffix(".csv"), rows)
     columns = list(rows[0])
     lines = [
