@@ -24,6 +24,7 @@ This package's modules:
     prompt_cache     one prefill of the prompts (PromptCache), read by every search
     beam_cache       the beams' KV caches (tree attention, or copied rows)
     chain_cache      beam search's tree cache, fed once per branching point (forced chains)
+    grouped_attention  sdpa for grouped-query models under the tree caches' 4-D masks
     prefix_cache     the KV cache of prefixes extended in any order
     decoder          the Decoder seam evaluation calls; registry: the decoders by name
 

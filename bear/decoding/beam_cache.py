@@ -2,7 +2,8 @@
 
 - `CopiedKVCache`: one cache row per beam, rows copied and reordered every step (any model).
 - `TreeKVCache`: one cache row per user; the beams' tokens are appended side by side and a 4-D
-  attention mask (tree attention) keeps each beam to its own ancestors (sdpa / eager attention).
+  attention mask (tree attention) keeps each beam to its own ancestors (sdpa / eager attention;
+  sdpa runs as `bear.decoding.grouped_attention`, which reads each key/value head once).
   `bear.decoding.chain_cache.ChainKVCache` builds on the same layout for beam search.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from bear.decoding.grouped_attention import GROUPED_SDPA, grouped_attention
 from bear.decoding.prompt_cache import (
     PromptCache,
     cache_kwarg,
@@ -20,7 +22,7 @@ from bear.decoding.prompt_cache import (
 __all__ = ["CopiedKVCache", "TreeKVCache", "attention_implementation", "check_tree_attention"]
 
 # attention implementations known to apply a 4-D attention mask (what TreeKVCache needs)
-TREE_ATTENTION = ("sdpa", "eager")
+TREE_ATTENTION = ("sdpa", "eager", GROUPED_SDPA)
 
 
 def attention_implementation(model) -> str | None:
@@ -143,13 +145,14 @@ class TreeKVCache:
         mask4d = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         mask4d = mask4d.masked_fill(~allowed, neg)[:, None]  # (U, 1, Bn, P + G + Bn)
         pos = (self.last_pos[:, None] + t + 1).expand(-1, Bn)  # (U, Bn)
-        out = self.model(
-            input_ids=tokens.reshape(U, Bn),
-            attention_mask=mask4d,
-            position_ids=pos,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-        )
+        with grouped_attention(self.model):
+            out = self.model(
+                input_ids=tokens.reshape(U, Bn),
+                attention_mask=mask4d,
+                position_ids=pos,
+                use_cache=True,
+                **{self.cache_kw: self.cache},
+            )
         self.cache = output_cache(out)
         self.generated = G + Bn
         self.logits = out.logits.float().reshape(U * Bn, -1)

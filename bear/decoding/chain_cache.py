@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from bear.decoding.beam_cache import check_tree_attention
+from bear.decoding.grouped_attention import grouped_attention
 from bear.decoding.prompt_cache import (
     PromptCache,
     cache_kwarg,
@@ -279,14 +280,15 @@ class ChainKVCache:
         last = start + length - 1
         if last_only and self.keeps_logits:
             extra["logits_to_keep"] = torch.unique(last)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self._mask(owner, index),
-            position_ids=self.last_pos[:, None] + depth,
-            use_cache=True,
-            **{self.cache_kw: self.cache},
-            **extra,
-        )
+        with grouped_attention(self.model):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self._mask(owner, index),
+                position_ids=self.last_pos[:, None] + depth,
+                use_cache=True,
+                **{self.cache_kw: self.cache},
+                **extra,
+            )
         self.cache = output_cache(out)
         mine = torch.zeros(U, Bn, T, dtype=torch.bool, device=device)
         mine[row, beam[:, None].expand_as(real)[real], col] = True
