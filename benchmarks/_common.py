@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -94,3 +96,21 @@ def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) ->
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON."""
     path.write_text(json.dumps(obj, indent=2))
+
+
+def from_checkout(path: str | None, *names: str) -> list:
+    """The objects ``names`` ("module:attribute", e.g. "bear.decoding:beam_search") of this
+    checkout's ``bear`` (``path`` None), or of the checkout at ``path`` (a before/after run in one
+    process: its ``bear`` modules are imported apart, then taken out of ``sys.modules`` so that
+    this checkout's stay as they were; the objects keep their own modules)."""
+    if path is None:
+        return [getattr(importlib.import_module(m), a) for m, a in (n.split(":") for n in names)]
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "bear"}
+    sys.path.insert(0, str(Path(path).resolve()))
+    try:
+        return [getattr(importlib.import_module(m), a) for m, a in (n.split(":") for n in names)]
+    finally:
+        sys.path.pop(0)
+        for m in [m for m in sys.modules if m.split(".")[0] == "bear"]:
+            del sys.modules[m]
+        sys.modules.update(saved)

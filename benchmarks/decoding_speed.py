@@ -30,6 +30,10 @@ Small validation run:
 A real model:
     .venv/bin/python benchmarks/decoding_speed.py --model smollm2-135m --catalogues Office \
         --users 32 --batch 8 --tag smollm2
+Before and after a change, in one run (`git worktree add /tmp/base <commit>` first): add
+    --baseline /tmp/base
+which times that checkout's beam_search on the same batches, interleaved with this one's and
+generate, and compares its lists and scores with this one's (a row of its own).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 from _common import (
     add_results_args,
     device_label,
+    from_checkout,
     results_stem,
     timed,
     write_csv,
@@ -89,6 +94,7 @@ class Config:
     tag: str = ""  # suffix of the results file name (e.g. "smoke")
     model: str = "tiny"  # "tiny" (a random Llama at the size above) or a --model checkpoint
     chain_limit: int | None = None  # beam_search's (None: its device default)
+    baseline: str = ""  # another checkout whose beam_search is timed too ("": none)
 
 
 def load_checkpoint(cfg: Config):
@@ -291,6 +297,29 @@ class ForwardCounter:
         return out
 
 
+def baseline_row(ours_row: dict, ours, olds, old_s: float, forwards, path: str) -> dict:
+    """The result row of the baseline checkout's beam search, its lists compared with ours."""
+    equal, max_diff, users = 0, 0.0, 0
+    for mine, theirs in zip(ours, olds, strict=True):
+        same = (mine.item_ids == theirs.item_ids).all(1)  # (U,)
+        equal, users = equal + int(same.sum()), users + same.shape[0]
+        diff = (mine.scores - theirs.scores)[same].abs().nan_to_num()
+        max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+    return dict(
+        ours_row,
+        method="bear.beam_search (baseline checkout)",
+        seconds=round(old_s, 3),
+        users_per_s=round(ours_row["users"] / old_s, 3),
+        constraint_ms_per_step="",
+        constraint_ms_by_depth="",
+        forwards_per_call=round(float(np.mean([f for f, _ in forwards])), 1),
+        tokens_per_call=round(float(np.mean([t for _, t in forwards])), 1),
+        equal_users=f"{equal}/{users}",
+        max_abs_score_diff=f"{max_diff:.2e}",
+        note=f"--baseline {path}: lists and scores compared with this checkout's",
+    )
+
+
 def bench_catalogue(cfg: Config, name: str, label: str):
     t0 = time.perf_counter()
     pad, eos = PAD_ID, EOS_ID
@@ -330,21 +359,34 @@ def bench_catalogue(cfg: Config, name: str, label: str):
             item_of.setdefault(tuple(s), c)
     max_new = trie.max_len + 1
 
-    # One untimed warm-up call each, then the batches timed alternately (ours, generate), so
-    # that load from other processes on a shared machine falls on both methods alike.
-    ours_call = partial(beam_search, trie=trie, beam_width=B, scoring="after",
-                        chain_limit=cfg.chain_limit)  # fmt: skip
+    # One untimed warm-up call each, then the batches timed alternately (ours, the baseline
+    # checkout's, generate), so that load from other processes on a shared machine falls on
+    # every method alike.
+    limit = {"chain_limit": cfg.chain_limit} if cfg.chain_limit else {}
+    ours_call = partial(beam_search, trie=trie, beam_width=B, scoring="after", **limit)
     ours_call(model, *batches[0])
+    if cfg.baseline:
+        trie_cls, search = from_checkout(cfg.baseline, "bear.trie:ItemTrie",
+                                         "bear.decoding:beam_search")  # fmt: skip
+        old_trie = trie_cls(seqs, ids, eos, vocab_size=vocab).to(cfg.device)
+        old_call = partial(search, trie=old_trie, beam_width=B, scoring="after", **limit)
+        old_call(model, *batches[0])
     if baseline:
         run_generate(model, *batches[0], root, B, max_new, pad, eos)
     counter.take()
     ours, gens, ours_s, gen_s = [], [], 0.0, 0.0
+    olds, old_s, old_forwards = [], 0.0, []
     ours_forwards, gen_forwards = [], []  # sequential forwards of each decoding call
     for x, m in batches:
         r, dt = timed(lambda x=x, m=m: ours_call(model, x, m), cfg.device)
         ours.append(r)
         ours_s += dt
         ours_forwards.append(counter.take())
+        if cfg.baseline:
+            r, dt = timed(lambda x=x, m=m: old_call(model, x, m), cfg.device)
+            olds.append(r)
+            old_s += dt
+            old_forwards.append(counter.take())
         if baseline:
             g, dt = timed(
                 lambda x=x, m=m: run_generate(model, x, m, root, B, max_new, pad, eos), cfg.device
@@ -385,6 +427,12 @@ def bench_catalogue(cfg: Config, name: str, label: str):
         )
     ]
     print(f"[{name}] ours: {len(prompts) / ours_s:.2f} users/s, constraint {ours_ms:.3f} ms/step")
+    if cfg.baseline:
+        out.append(baseline_row(out[0], ours, olds, old_s, old_forwards, cfg.baseline))
+        print(
+            f"[{name}] baseline checkout: {len(prompts) / old_s:.2f} users/s; ours "
+            f"{old_s / ours_s:.2f}x as fast; {out[-1]['equal_users']} identical lists"
+        )
 
     if not baseline:
         out.append(
@@ -440,6 +488,8 @@ def bench_catalogue(cfg: Config, name: str, label: str):
     )
     out[0]["equal_users"] = f"{equal}/{len(prompts)}"
     out[0]["max_abs_score_diff"] = f"{max_diff:.2e}"
+    if cfg.baseline:
+        out[1]["note"] += f"; against generate: {gen_s / old_s:.1f}x"
     print(
         f"[{name}] generate: {len(prompts) / gen_s:.2f} users/s, constraint {gen_ms:.3f} ms/step;"
         f" speed-up {gen_s / ours_s:.1f}x; identical top-{B} lists {equal}/{len(prompts)}, "
@@ -478,6 +528,9 @@ def main(argv=None):
     p.add_argument("--chain-limit", type=int, default=0,
                    help="beam_search's chain_limit: the most tokens of one forced chain fed in one "
                    "forward (0: its device default, 1 on a CPU, 16 on a GPU)")  # fmt: skip
+    p.add_argument("--baseline", default="",
+                   help="another checkout (a folder holding its bear/) whose beam_search is timed "
+                   "too, interleaved, and compared list by list with this one's")  # fmt: skip
     add_results_args(p)
     a = p.parse_args(argv)
     if a.catalogues is None:
@@ -502,6 +555,7 @@ def main(argv=None):
         tag=a.tag,
         model=a.model,
         chain_limit=a.chain_limit or None,
+        baseline=a.baseline,
     )
     label = device_label(cfg.device)
     print(f"config: {asdict(cfg)}\ndevice: {label}")

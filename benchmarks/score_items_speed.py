@@ -13,13 +13,10 @@ from the same token sequences. Writes results/score_items_<device>[_<tag>].json.
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import time
-from pathlib import Path
 
 import torch
-from _common import add_results_args, device_label, results_stem, write_json
+from _common import add_results_args, device_label, from_checkout, results_stem, write_json
 
 from bear.checkpoints import resolve_checkpoint
 from bear.data import load_dataset
@@ -40,26 +37,6 @@ def _model(name: str, data):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     return model.eval(), tokenizer
-
-
-def _version(path: str | None):
-    """(ItemTrie, score_items) of this checkout, or of the checkout at ``path``."""
-    if path is None:
-        from bear.decoding import score_items
-        from bear.trie import ItemTrie
-
-        return ItemTrie, score_items
-    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "bear"}
-    sys.path.insert(0, str(Path(path).resolve()))
-    try:
-        trie = importlib.import_module("bear.trie").ItemTrie
-        score = importlib.import_module("bear.decoding").score_items
-    finally:
-        sys.path.pop(0)
-        for m in [m for m in sys.modules if m.split(".")[0] == "bear"]:
-            del sys.modules[m]
-        sys.modules.update(saved)
-    return trie, score
 
 
 def main() -> None:
@@ -89,7 +66,9 @@ def main() -> None:
            "prompt_tokens": int(mask.sum(1).float().mean())}  # fmt: skip
     scores = {}
     for name, path in [("this", None)] + ([("baseline", args.baseline)] if args.baseline else []):
-        trie_cls, score_items = _version(path)
+        trie_cls, score_items = from_checkout(
+            path, "bear.trie:ItemTrie", "bear.decoding:score_items"
+        )
         trie = trie_cls([sequences[i] for i in ids], ids, tokenizer.eos_token_id, vocab)
         start = time.perf_counter()
         scores[name] = score_items(model, input_ids, mask, trie, items, "after")

@@ -325,7 +325,9 @@ def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     """--model takes a pretrained checkpoint (here a tiny Llama saved with its tokenizer): the
     special ids come from its tokenizer, both methods agree, each row counts the forwards and the
     token positions of one decoding call, and with --chain-limit 16 ours runs fewer forwards than
-    generate's one per title token; a synthetic catalogue with a checkpoint is refused."""
+    generate's one per title token; --baseline times another checkout's beam search (here this
+    one's) beside them and compares its lists; a synthetic catalogue with a checkpoint is
+    refused."""
     import csv
 
     from bear.model import TinyConfig, build_tiny_model
@@ -343,17 +345,27 @@ def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     cmd = [sys.executable, "benchmarks/decoding_speed.py", "--model", str(folder), "--catalogues",
            "Office", "--users", "2", "--batch", "2", "--history", "2", "--device", "cpu",
            "--data", str(SHARED_DATA), "--results-dir", str(tmp_path), "--tag", "ckpt",
-           "--chain-limit", "16"]  # fmt: skip
+           "--chain-limit", "16", "--baseline", str(REPO)]  # fmt: skip
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (table,) = tmp_path.glob("decoding_*_ckpt.csv")
     rows = list(csv.DictReader(table.open()))
-    assert [r["method"] for r in rows] == ["bear.beam_search", "generate+prefix_allowed_tokens_fn"]
+    assert [r["method"] for r in rows] == [
+        "bear.beam_search",
+        "bear.beam_search (baseline checkout)",
+        "generate+prefix_allowed_tokens_fn",
+    ]
     assert all(r["model"] == str(folder) and float(r["forwards_per_call"]) > 2 for r in rows)
     assert all(float(r["tokens_per_call"]) >= float(r["forwards_per_call"]) for r in rows)
     assert rows[0]["equal_users"] == "2/2" and rows[0]["chain_limit"] == "16"
-    assert float(rows[0]["forwards_per_call"]) < float(rows[1]["forwards_per_call"])
+    assert float(rows[0]["forwards_per_call"]) < float(rows[2]["forwards_per_call"])
+    ours, old = rows[0], rows[1]
+    assert old["equal_users"] == "2/2" and old["note"].startswith(f"--baseline {REPO}")
+    assert (old["forwards_per_call"], old["tokens_per_call"]) == (
+        ours["forwards_per_call"],
+        ours["tokens_per_call"],
+    )
     bad = subprocess.run([*cmd[:4], "--catalogues", "synthetic"], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "synthetic catalogue" in bad.stderr
