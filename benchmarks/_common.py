@@ -100,15 +100,32 @@ def write_json(path: Path, obj) -> None:
 
 def from_checkout(path: str | None, *names: str) -> list:
     """The objects ``names`` ("module:attribute", e.g. "bear.decoding:beam_search") of this
-    checkout's ``bear`` (``path`` None), or of the checkout at ``path`` (a before/after run in one
-    process: its ``bear`` modules are imported apart, then taken out of ``sys.modules`` so that
-    this checkout's stay as they were; the objects keep their own modules)."""
+    checkout's ``bear`` (``path`` None), or of the checkout at ``path``, for a before/after run in
+    one process: that checkout's ``bear`` modules are imported while its folder comes first on
+    ``sys.path``, then taken out of ``sys.modules``, so that this checkout's stay as they were (the
+    objects keep their own modules).
+
+    Raises:
+        ValueError: ``path`` holds no ``bear/__init__.py``, or a module came from elsewhere.
+        ImportError / AttributeError: a name that checkout does not have.
+    """
+    pairs = [name.split(":") for name in names]
     if path is None:
-        return [getattr(importlib.import_module(m), a) for m, a in (n.split(":") for n in names)]
+        return [getattr(importlib.import_module(m), a) for m, a in pairs]
+    root = Path(path).resolve()
+    if not (root / "bear" / "__init__.py").is_file():
+        raise ValueError(
+            f"{path}: no bear/__init__.py there; give the root of another bear checkout (e.g. "
+            "`git worktree add /tmp/base <commit>`, then /tmp/base)"
+        )
     saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "bear"}
-    sys.path.insert(0, str(Path(path).resolve()))
+    sys.path.insert(0, str(root))
     try:
-        return [getattr(importlib.import_module(m), a) for m, a in (n.split(":") for n in names)]
+        modules = [importlib.import_module(m) for m, _ in pairs]
+        for module in modules:
+            if root not in Path(module.__file__).resolve().parents:
+                raise ValueError(f"{path}: {module.__name__} came from {module.__file__}")
+        return [getattr(module, a) for module, (_, a) in zip(modules, pairs, strict=True)]
     finally:
         sys.path.pop(0)
         for m in [m for m in sys.modules if m.split(".")[0] == "bear"]:

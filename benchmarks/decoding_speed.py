@@ -298,7 +298,10 @@ class ForwardCounter:
 
 
 def baseline_row(ours_row: dict, ours, olds, old_s: float, forwards, path: str) -> dict:
-    """The result row of the baseline checkout's beam search, its lists compared with ours."""
+    """The result row of the baseline checkout's beam search: ``ours_row`` (this checkout's row)
+    with the baseline's time ``old_s`` over all batches, its (forwards, token positions) per
+    call ``forwards``, and its results ``olds`` compared batch by batch with ``ours`` (users with
+    the same item lists, and the largest score difference among them)."""
     equal, max_diff, users = 0, 0.0, 0
     for mine, theirs in zip(ours, olds, strict=True):
         same = (mine.item_ids == theirs.item_ids).all(1)  # (U,)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from _helpers_train import SHARED_DATA, tiny_synth
 
 from bear.data import filter_catalogue, load_dataset
@@ -369,3 +370,28 @@ def test_decoding_speed_runs_a_checkpoint_and_counts_its_forwards(tmp_path):
     bad = subprocess.run([*cmd[:4], "--catalogues", "synthetic"], cwd=REPO, env=env,
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "synthetic catalogue" in bad.stderr
+
+
+def test_from_checkout_imports_another_checkout_apart_and_refuses_a_folder_without_bear(
+    tmp_path, monkeypatch
+):
+    """--baseline's loader: the other checkout's module, with this checkout's left in place; a
+    folder holding no bear/ is an error, not a silent import of this checkout's bear."""
+    import shutil
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    common = importlib.import_module("_common")
+    other = tmp_path / "other"
+    shutil.copytree(REPO / "bear", other / "bear", ignore=shutil.ignore_patterns("__pycache__"))
+    metrics = other / "bear" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\nMARK = 'other checkout'\n")
+    import bear.metrics
+
+    (mark, hit_rate) = common.from_checkout(
+        str(other), "bear.metrics:MARK", "bear.metrics:hit_rate"
+    )
+    assert mark == "other checkout"
+    assert Path(hit_rate.__code__.co_filename).resolve() == metrics.resolve()
+    assert sys.modules["bear.metrics"] is bear.metrics and not hasattr(bear.metrics, "MARK")
+    with pytest.raises(ValueError, match="no bear/__init__.py"):
+        common.from_checkout(str(tmp_path / "empty"), "bear.metrics:hit_rate")

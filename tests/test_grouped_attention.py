@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from bear.decoding import beam_search
@@ -47,10 +48,9 @@ def test_grouped_sdpa_equals_transformers_sdpa(kind, heads, g):
     q, k, v = _qkv(g=g)
     U, H, T, _ = q.shape
     S = k.shape[2]
-    # packed, a mask wider than the keys is cut to them (transformers 4.x's sdpa does the same)
-    mask = _mask((U, 1 if heads == "shared" else H, T, S + 2 if g > 1 else S), kind)
+    mask = _mask((U, 1 if heads == "shared" else H, T, S), kind)
     layer = _Layer(g)
-    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](layer, q, k, v, mask[..., :S], scaling=0.5)
+    want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](layer, q, k, v, mask, scaling=0.5)
     got, weights = ga.grouped_sdpa(layer, q, k, v, mask, scaling=0.5)
     assert weights is None
     assert got.shape == (U, T, H, v.shape[-1])
@@ -63,6 +63,19 @@ def test_grouped_sdpa_without_a_mask_is_transformers_sdpa():
     want, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](layer, q, k, v, None)
     got, _ = ga.grouped_sdpa(layer, q, k, v, None)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_a_mask_wider_than_the_keys_goes_to_transformers_sdpa_as_it_is(monkeypatch):
+    """Which columns such a mask means is the installed transformers' call (4.x cuts it to the
+    keys, 5.x refuses it), so it is handed on untouched."""
+    q, k, v = _qkv()
+    mask = _mask((q.shape[0], 1, q.shape[2], k.shape[2] + 2), "float")
+    seen = []
+    monkeypatch.setitem(
+        AttentionInterface._global_mapping, "sdpa", lambda *args, **kw: seen.append(args[4])
+    )
+    ga.grouped_sdpa(_Layer(3), q, k, v, mask)
+    assert len(seen) == 1 and seen[0] is mask
 
 
 def _implementation(model) -> str:
@@ -99,19 +112,24 @@ def test_beam_search_attends_through_the_grouped_function_and_decodes_the_same(m
     model = tiny_model()
     _, _, trie = build(60, seed=3)
     ids, mask = prompts([5, 9, 7, 3], seed=5)
-    calls = []
-    real = ga.grouped_sdpa
+    calls, shapes = [], []  # per grouped call: (T, its sdpa ran packed); sdpa's query shapes
+    real, real_sdpa = ga.grouped_sdpa, torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, *args, **kwargs):
+        shapes.append(tuple(query.shape))
+        return real_sdpa(query, *args, **kwargs)
 
     def spy(module, query, key, value, attention_mask, *args, **kwargs):
-        calls.append(attention_mask is not None and attention_mask.dim() == 4)
-        return real(module, query, key, value, attention_mask, *args, **kwargs)
+        first = len(shapes)
+        out = real(module, query, key, value, attention_mask, *args, **kwargs)
+        U, _, T, d = query.shape
+        calls.append((T, shapes[first:] == [(U, key.shape[1], 2 * T, d)]))  # g = 4 / 2
+        return out
 
-    from transformers import AttentionInterface
-
-    ga._register()
-    monkeypatch.setitem(AttentionInterface._global_mapping, ga.GROUPED_SDPA, spy)
+    monkeypatch.setattr(ga, "grouped_sdpa", spy)  # what grouped_attention registers
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     tree = beam_search(model, ids, mask, trie=trie, beam_width=5, scoring="after")
-    assert calls and all(calls)
+    assert any(T > 1 for T, _ in calls) and all(packed for _, packed in calls)
     calls.clear()
     copy = beam_search(
         model, ids, mask, trie=trie, beam_width=5, scoring="after", kv_sharing="copy"
