@@ -6,8 +6,8 @@ heads) attends under Hugging Face's "sdpa" implementation on a CPU or a CUDA dev
 the keys and values of the whole cache are copied g times, every layer, every forward. The tree
 caches (`bear.decoding.chain_cache`, `beam_cache`) feed several tokens per user under a 4-D mask
 at every step, so they pay those copies at every step (without them, beam search with
-SmolLM2-135M on a 2-core CPU took 61.6 s for 32 Office users against 67.1 s in one interleaved
-run: benchmarks/README, "A pretrained model").
+SmolLM2-135M on a 2-core CPU took 61.6 and 62.1 s for 32 Office users against 67.1 and 68.5 s
+in two interleaved runs: benchmarks/README, "A pretrained model").
 
 Query head h reads key/value head h // g, so the g query heads of one key/value head can be laid
 end to end as g * T queries of that head, the mask repeated for each:
