@@ -28,6 +28,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 __all__ = ["GROUPED_SDPA", "grouped_attention", "grouped_sdpa"]
 
@@ -53,8 +56,6 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     Returns:
         (out (U, T, H, dv), None), as transformers' attention functions return.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     g = getattr(module, "num_key_value_groups", 1)
     U, H, T, d = query.shape
     Hk, S = key.shape[1], key.shape[2]
@@ -89,18 +90,12 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.reshape(out.shape[0], H, T, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _register() -> bool:
+def _register() -> None:
     """Register this module's `grouped_sdpa` (and "sdpa"'s mask builder) under GROUPED_SDPA,
     again on every call (another copy of this module, a before/after benchmark's, may have
-    registered its own); False when this transformers has no public attention registry."""
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    except ImportError:
-        return False
+    registered its own)."""
     AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS[PLAIN_SDPA])
-    return True
 
 
 @contextmanager
@@ -112,14 +107,14 @@ def grouped_attention(model):
     every forward), and it is switched back to "sdpa" on leaving the block, also on an error.
     Any other implementation, a model already switched (a nested or concurrent block: the outer
     one restores it, and a forward still running in another thread then finishes under plain
-    sdpa, the same attention to rounding) or a transformers without `AttentionInterface` runs
-    as it is.
+    sdpa, the same attention to rounding) runs as it is.
     """
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else None
-    if text is None or getattr(text, "_attn_implementation", None) != PLAIN_SDPA or not _register():
+    if text is None or getattr(text, "_attn_implementation", None) != PLAIN_SDPA:
         yield
         return
+    _register()
     text._attn_implementation = GROUPED_SDPA
     try:
         yield
