@@ -137,3 +137,25 @@ def test_a_chain_cut_at_the_limit_goes_on_in_a_later_forward():
         want = [float(_logp(model, input_ids, mask, u, tail[: i + 1])[tail[i + 1]])
                 for i in range(6)]  # fmt: skip
         assert [float(x[u]) for x in got] == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize(("users", "fed_at"), [(2, [1, 3, 5]), (1, [1, 5])])
+def test_a_budget_feeds_few_chains_further_ahead(users, fed_at):
+    """limit=1, budget=4: a forward of N chains gives each max(1, 4 // N) tokens. Down the
+    six-token chain 5 ... 10, two users (two chains a forward, two tokens each) are fed at depths
+    1, 3 and 5, one user (four tokens) at depths 1 and 5; every forced log p (EOS last) is that
+    of teacher forcing either way."""
+    model, trie = tiny_model(), _trie()
+    input_ids, mask = prompts([4, 6][:users])
+    kv = ChainKVCache(model, input_ids, mask, trie, "after", None, limit=1, budget=4)
+    title, fed, got = [5, 6, 7, 8, 9, 10], [], []
+    for depth in range(1, 7):
+        if _step(kv, [0], title[depth - 1 : depth], [title[:depth]], depth):
+            fed.append(depth)
+        got.append(kv.forced()[1][:, 0])
+    assert fed == fed_at
+    tail = title + [EOS]
+    for u in range(users):
+        want = [float(_logp(model, input_ids, mask, u, tail[: i + 1])[tail[i + 1]])
+                for i in range(6)]  # fmt: skip
+        assert [float(x[u]) for x in got] == pytest.approx(want, abs=1e-5)

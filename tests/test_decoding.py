@@ -261,6 +261,26 @@ def test_one_child_steps_run_no_forward_and_change_nothing(setup, scoring):
     assert calls["tree"] < calls["copy"]
 
 
+def test_by_default_a_cpu_search_feeds_few_chains_ahead(setup):
+    """With no chain_limit a CPU search feeds one token per chain while many chains are fed, and
+    up to 16 // N tokens each to N < 16 chains (``default_feed_budget``): on long one-child
+    chains fewer forwards than chain_limit=1, the same items and scores."""
+    model, input_ids, mask = setup[0], setup[4], setup[5]
+    trie = _long_tail_catalogue()
+    calls, results = {}, {}
+    for limit in (None, 1):
+        calls[limit] = 0
+        hook = model.register_forward_hook(lambda *_, k=limit: calls.__setitem__(k, calls[k] + 1))
+        try:
+            results[limit] = beam_search(model, input_ids, mask, trie, 3, "after",
+                                         chain_limit=limit)  # fmt: skip
+        finally:
+            hook.remove()
+    assert torch.equal(results[None].item_ids, results[1].item_ids)
+    torch.testing.assert_close(results[None].scores, results[1].scores, atol=1e-5, rtol=0)
+    assert calls[None] < calls[1]
+
+
 def test_a_peft_model_gets_the_cache_under_its_base_models_name(setup):
     """peft's forward takes **kwargs and passes them on, so its own signature names no cache
     argument: the name comes from the base model (transformers 5.x calls it `cache`, and warns
@@ -379,7 +399,9 @@ def _hf_generate(model, input_ids, mask, seqs, ids, trie, B, alpha):
     return result
 
 
-@pytest.mark.parametrize(("kv_sharing", "chain_limit"), [("tree", 1), ("tree", 3), ("copy", 1)])
+@pytest.mark.parametrize(
+    ("kv_sharing", "chain_limit"), [("tree", 1), ("tree", 3), ("tree", None), ("copy", 1)]
+)
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 @pytest.mark.parametrize("B", [2, 3, 6])  # num_beams=1 is greedy search in HF
 def test_after_mode_equals_hf_generate(setup, alpha, B, kv_sharing, chain_limit):

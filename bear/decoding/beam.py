@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from bear.decoding.beam_cache import CopiedKVCache
-from bear.decoding.chain_cache import ChainKVCache, default_chain_limit
+from bear.decoding.chain_cache import ChainKVCache, default_chain_limit, default_feed_budget
 from bear.decoding.common import (
     DecodeResult,
     beam_children,
@@ -212,7 +212,9 @@ def beam_search(
             forward's cost is mostly its latency, and 1 on a CPU, where it is the tokens fed (a
             chain fed ahead feeds the tokens of beams pruned before they get there, and pads the
             users that have less to feed: benchmarks/README "A pretrained model:
-            SmolLM2-135M-Instruct on Office"). The items are the same for every limit.
+            SmolLM2-135M-Instruct on Office"), raised while few chains are fed
+            (``default_feed_budget``: on a CPU a forward of N < 16 chains gives each 16 // N
+            tokens). The items are the same for every limit.
 
     Returns:
         DecodeResult with item_ids (U, B) canonical ids (-1 padding) and scores (U, B) float32.
@@ -236,15 +238,16 @@ def beam_search(
     if kv_sharing not in KV_SHARING:
         raise ValueError(f"kv_sharing must be 'tree' or 'copy', got {kv_sharing!r}")
     device = input_ids.device
+    budget = 0  # a limit given is kept in every forward
     if chain_limit is None:
-        chain_limit = default_chain_limit(device)
+        chain_limit, budget = default_chain_limit(device), default_feed_budget(device)
     chain_limit = check_positive_int("chain_limit", chain_limit)
     trie = trie.to(device)
     U = input_ids.shape[0]
     neg_inf = float("-inf")
     chains = kv_sharing == "tree"
     if chains:
-        kv = ChainKVCache(model, input_ids, mask, trie, scoring, prompt, chain_limit)
+        kv = ChainKVCache(model, input_ids, mask, trie, scoring, prompt, chain_limit, budget)
     else:
         kv = CopiedKVCache(model, input_ids, mask, prompt)
     out_leaf = torch.full((U, B), -1, dtype=torch.int64, device=device)
@@ -325,7 +328,8 @@ def beam_thresholds(
     trie = trie.to(device)
     U = input_ids.shape[0]
     theta = torch.full((U, trie.max_len + 1), float("-inf"), device=device)
-    kv = ChainKVCache(model, input_ids, mask, trie, scoring, None, default_chain_limit(device))
+    limit, budget = default_chain_limit(device), default_feed_budget(device)
+    kv = ChainKVCache(model, input_ids, mask, trie, scoring, None, limit, budget)
     node = torch.zeros(U, 1, dtype=torch.int64, device=device)
     score = torch.zeros(U, 1, device=device)
     logits = kv.logits

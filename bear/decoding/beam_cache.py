@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from bear.decoding.grouped_attention import GROUPED_SDPA, grouped_attention
+from bear.decoding.growing_cache import growing_cache
 from bear.decoding.prompt_cache import (
     PromptCache,
     cache_kwarg,
@@ -113,6 +114,7 @@ class TreeKVCache:
         self.model = model
         self.cache_kw = cache_kwarg(model)
         self.cache, kv_mask, self.last_pos, self.logits = prefilled(model, input_ids, mask, prompt)
+        self.cache = growing_cache(self.cache)  # appended to at every step
         self.prompt_mask = kv_mask.bool()  # (U, S) the prompts' cached positions
         self.ancestors = torch.zeros(
             input_ids.shape[0], 1, 0, dtype=torch.int64, device=mask.device

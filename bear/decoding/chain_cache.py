@@ -22,6 +22,7 @@ import torch
 
 from bear.decoding.beam_cache import check_tree_attention
 from bear.decoding.grouped_attention import grouped_attention
+from bear.decoding.growing_cache import growing_cache
 from bear.decoding.prompt_cache import (
     PromptCache,
     cache_kwarg,
@@ -31,9 +32,16 @@ from bear.decoding.prompt_cache import (
 )
 from bear.trie import ItemTrie
 
-__all__ = ["ChainKVCache", "default_chain_limit", "forced_chains", "lone_child_token"]
+__all__ = [
+    "ChainKVCache",
+    "default_chain_limit",
+    "default_feed_budget",
+    "forced_chains",
+    "lone_child_token",
+]
 
 GPU_CHAIN_LIMIT = 16  # the most tokens of one chain a forward feeds on a GPU
+CPU_FEED_BUDGET = 16  # on a CPU, a forward feeding fewer chains than this feeds them ahead
 PER_BEAM = ("unfed", "lineage", "branches", "ahead", "offset", "length")  # and ``rows``
 
 
@@ -73,6 +81,17 @@ def default_chain_limit(device) -> int:
     and pads the users with less to feed; benchmarks/README "A pretrained model:
     SmolLM2-135M-Instruct on Office")."""
     return GPU_CHAIN_LIMIT if torch.device(device).type == "cuda" else 1
+
+
+def default_feed_budget(device) -> int:
+    """The tokens one forward may feed in all, when ``beam_search`` is not told a chain limit:
+    a forward feeding N chains gives each up to max(chain limit, budget // N) tokens. 16 on a
+    CPU: a forward of a few positions costs mostly the reading of the model's weights, so once
+    few beams are left (a search's last steps, often one user's beam down a long title) their
+    chains are fed ahead at little cost, where one token each would cost a forward a token
+    (benchmarks/README "A pretrained model: SmolLM2-135M-Instruct on Office"). 0 (none) on a
+    GPU, whose chains already take ``GPU_CHAIN_LIMIT``."""
+    return 0 if torch.device(device).type == "cuda" else CPU_FEED_BUDGET
 
 
 def lone_child_token(trie: ItemTrie, node: torch.Tensor) -> torch.Tensor:
@@ -115,11 +134,14 @@ class ChainKVCache:
         scoring: str,
         prompt: PromptCache | None,
         limit: int,
+        budget: int = 0,
     ):
         check_tree_attention(model)
-        self.model, self.trie, self.scoring, self.limit = model, trie, scoring, limit
+        self.model, self.trie, self.scoring = model, trie, scoring
+        self.limit, self.budget = limit, budget
         self.cache_kw = cache_kwarg(model)
         self.cache, kv_mask, self.last_pos, logits = prefilled(model, input_ids, mask, prompt)
+        self.cache = growing_cache(self.cache)  # appended to at every forward
         U, device = input_ids.shape[0], mask.device
         self.prompt_mask = kv_mask.bool()  # (U, S) the prompts' cached positions
         self.node, self.unfed, self.offset, self.length = (
@@ -224,8 +246,9 @@ class ChainKVCache:
         """Under "after" scoring: feed the ``need`` (U, Bn) beams' chains; their lookahead is
         replaced."""
         user, beam = need.nonzero().unbind(1)
+        limit = max(self.limit, self.budget // user.numel())
         chain, chain_node, length = forced_chains(
-            self.trie, node[user, beam], tokens[user, beam], self.limit
+            self.trie, node[user, beam], tokens[user, beam], limit
         )
         logits, cols = self._forward(
             user, beam, chain, length, torch.full_like(length, depth), last_only=False
