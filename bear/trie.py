@@ -178,6 +178,9 @@ class ItemTrie:
         # every label row starts at the root, whose fan-out grows with the catalogue: its packed
         # row is built once (ceil(V / 32) int32)
         self._root_mask = self._packed(torch.zeros(1, dtype=torch.int64))[0]
+        # the root's children (edges 0 .. F-1, in token order) as int64 indices into a logits
+        # row: a search's first step gathers their log p (``root_children``)
+        self.root_tokens = self.child_token[: int(fanout[0])].long()
 
     @classmethod
     def from_titles(
@@ -251,6 +254,7 @@ class ItemTrie:
         "_item_sorted",
         "_item_leaf",
         "_root_mask",
+        "root_tokens",
     )
 
     def to(self, device) -> ItemTrie:

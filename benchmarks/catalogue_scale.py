@@ -8,11 +8,12 @@ Model: bear's tiny Llama with random weights and VOCAB = 50,000 tokens (the mode
 depend on the catalogue; the constraint step's should not either). USERS prompts of PROMPT_LEN
 tokens, beam width B, "after" scoring (every step runs the model: none is deferred).
 
-``score_items`` teacher-forces SCORED random items per user (reported per item). The
-constraint step is ``bear.decoding.beam.expand_beams`` (the trie's children of every beam,
-their log-probabilities, the top 2B): timed per call and reported per depth (step 0 is the
-root). ``--baseline PATH`` runs the same measurements on another checkout's ``bear`` (its
-``PATH/bear``), for a before/after table on one machine in one run.
+``score_items`` teacher-forces SCORED random items per user (reported per item). The constraint step
+is ``bear.decoding.beam.expand_beams`` (the trie's children of every beam, their log-probabilities,
+the top 2B): timed per call in SEARCHES searches after a discarded one, the median reported per
+depth (step 0 is the root), and the searches' median per user. ``--baseline PATH`` runs the same
+measurements on another checkout's ``bear`` (its ``PATH/bear``), for a before/after table on one
+machine in one run.
 
 Writes results/catalogue_scale_<device>[_<tag>].{csv,json,png} (log-log: seconds against items).
 
@@ -50,6 +51,7 @@ USERS = 8
 PROMPT_LEN = 150  # about the paper's prompts (10 history titles)
 B = 10
 SCORED = 16  # items teacher-forced per user (score_items)
+SEARCHES = 5  # measured beam searches per size: each step's and the search's median is reported
 WARM_UP_ITEMS = 1000  # catalogue of the discarded first measurement
 
 
@@ -87,13 +89,15 @@ def measure(bear, n: int, model, prompts, seed: int, topk_items: int) -> dict:
     beam_module.expand_beams = timed_expand
     try:
         searches = []
-        for _ in range(2):  # the first warms the allocator; the second is reported
+        for _ in range(1 + SEARCHES):  # the first warms the allocator and is not reported
             steps.append([])
             start = time.perf_counter()
             beam_module.beam_search(model, *prompts, trie, B, scoring="after")
             searches.append(time.perf_counter() - start)
     finally:
         beam_module.expand_beams = original
+    # the same prompts and catalogue: every search runs the same steps; each depth's median
+    per_step = [statistics.median(times) for times in zip(*steps[1:], strict=True)]
     picks = torch.randint(0, n, (USERS, SCORED), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     bear.decoding.score_items(model, *prompts, trie, picks, scoring="after")
@@ -107,7 +111,6 @@ def measure(bear, n: int, model, prompts, seed: int, topk_items: int) -> dict:
         start = time.perf_counter()
         bear.decoding.exact_topk(model, *prompts, trie, k=B, scoring="after")
         topk = time.perf_counter() - start
-    per_step = steps[-1]
     return {
         "items": n,
         "nodes": trie.num_nodes,
@@ -119,7 +122,7 @@ def measure(bear, n: int, model, prompts, seed: int, topk_items: int) -> dict:
         "later_step_ms_max": round(1e3 * max(per_step[1:] or [0.0]), 2),
         "later_step_ms_median": round(1e3 * statistics.median(per_step[1:] or [0.0]), 2),
         "step_ms_by_depth": [round(1e3 * s, 2) for s in per_step],
-        "beam_search_ms_per_user": round(1e3 * searches[-1] / USERS, 1),
+        "beam_search_ms_per_user": round(1e3 * statistics.median(searches[1:]) / USERS, 1),
         "score_items_ms_per_item": round(1e3 * scored / picks.numel(), 2),
         "labels_mask_ms_per_row": round(1e3 * masked / labels.shape[0], 3),
         "exact_topk_ms_per_user": None if topk is None else round(1e3 * topk / USERS, 1),

@@ -190,15 +190,19 @@ def test_topk_stable_on_wide_rows_is_the_stable_sorts_first_k(dtype):
     tied[:, -5:] = cut  # the k-th value again, at higher indices than the first
     with_nan = distinct.clone()
     with_nan[1, 500] = float("nan")
+    inner = distinct.clone()  # ties inside the first k, none at the cut: the lower index first
+    inner[:, -1] = inner.max(dim=-1).values
+    inner[:, -3] = inner.sort(dim=-1, descending=True).values[:, 4]
     padded = torch.full((3, n), float("-inf"), dtype=dtype)
     padded[:, :7] = distinct[:, :7]
     assert _topk_without_cut_ties(distinct, k) is not None
-    for x in (distinct, tied, with_nan, padded, -tied):
+    for x in (distinct, tied, with_nan, padded, -tied, inner):
         want_val, want_idx = x.sort(dim=-1, descending=True, stable=True)
         val, idx = topk_stable(x, k)
         assert torch.equal(idx, want_idx[..., :k])
         assert torch.equal(val.nan_to_num(7.0), want_val[..., :k].nan_to_num(7.0))
     assert _topk_without_cut_ties(tied, k) is None and _topk_without_cut_ties(padded, k) is None
+    assert _topk_without_cut_ties(inner, k) is not None
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])

@@ -295,7 +295,7 @@ def root_children(trie: ItemTrie, logits, scoring: str, normalized: bool = False
     U = logits.shape[0]
     fanout = trie.depth_fanout_list[0]  # host copy: no synchronisation
     edge = torch.arange(fanout, device=logits.device)  # (F,) the root's edges
-    tok = trie.child_token[:fanout].long()  # (F,)
+    tok = trie.root_tokens  # (F,) int64
     z = logits.reshape(U, -1)
     if scoring == "after":
         logp = (z if normalized else torch.log_softmax(z, dim=-1)).index_select(1, tok)  # (U, F)
@@ -346,10 +346,11 @@ def topk_stable(x: torch.Tensor, k: int):
 
     A selection, not a sort. Rows of at least SELECT_FIRST_WIDTH entries first take `Tensor.topk`
     of k + 1 and keep its first k when the k-th is strictly above the (k+1)-th in every row (no
-    tie at the cut: the k chosen are exactly the first k, then ordered by a stable sort of k
-    entries). Otherwise, for float32 and narrower, each value and its index form one int64 key
-    (the float's order-preserving bits above, the complement of the index below), all distinct,
-    whose `topk` is exactly that order; float64 values are sorted stably instead.
+    tie at the cut: the k chosen are exactly the first k, in `Tensor.topk`'s order when the k + 1
+    values are all distinct, else ordered by a stable sort of k entries). Otherwise, for float32
+    and narrower, each value and its index form one int64 key (the float's order-preserving bits
+    above, the complement of the index below), all distinct, whose `topk` is exactly that order;
+    float64 values are sorted stably instead.
     """
     k = min(k, x.shape[-1])
     if x.shape[-1] >= SELECT_FIRST_WIDTH and k > 0:
@@ -372,11 +373,15 @@ def topk_stable(x: torch.Tensor, k: int):
 def _topk_without_cut_ties(x: torch.Tensor, k: int):
     """``topk_stable(x, k)`` from one `Tensor.topk` of k + 1 when every row's k-th value is
     strictly above its (k+1)-th (then nothing left out ties with the chosen), else None; the k
-    chosen are ordered by (value desc, index asc) with a stable sort of k entries. `Tensor.topk`
+    chosen are in `Tensor.topk`'s order when the k + 1 values strictly decrease in every row (the
+    usual case: no tie to break), else ordered by (value desc, index asc) with a stable sort of k
+    entries (-0.0 beside +0.0 counts as a tie). `Tensor.topk`
     ranks NaN above every number, as sorts do (``tests/test_decoding_hostile.py`` checks it on
     each device), so a NaN is chosen or makes the check fail. One host synchronisation."""
     n = x.shape[-1]
     val, idx = x.topk(min(k + 1, n), dim=-1)
+    if bool((val[..., :-1] > val[..., 1:]).all()):  # no ties at all: topk's order is the one
+        return val[..., :k], idx[..., :k]
     if k < n and not bool((val[..., k - 1] > val[..., k]).all()):
         return None
     val, idx = val[..., :k], idx[..., :k]
