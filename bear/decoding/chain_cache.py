@@ -13,7 +13,10 @@ kept beam needs logits.
 
 Feeding ahead ("after") also feeds the tokens of beams pruned before the end of their chain, and
 a forward pads every user to the one with the most tokens to feed: on a CPU, where a forward
-costs its tokens, that outweighs the forwards saved (``default_chain_limit``).
+costs its tokens, that outweighs the forwards saved (``default_chain_limit``), except in a
+forward of few chains, which costs mostly the reading of the weights: a CPU search gives each of
+N < 16 chains 16 // N tokens (``default_feed_budget``). The cache's layers grow into spare room
+(`bear.decoding.growing_cache`) instead of being copied whole at every forward.
 """
 
 from __future__ import annotations
