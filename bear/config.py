@@ -464,7 +464,8 @@ class TrainConfig:
     decoder_options: tuple[str, ...] = _setting(
         (),
         "KEY=VALUE options of --decoder (beam: kv_sharing=tree|copy chain_limit=N, the most "
-        "forced tokens fed in one forward under after scoring, 0 = 1 on a CPU, 16 on a GPU; "
+        "forced tokens fed in one forward under after scoring, 0 = the device's default: 16 on a "
+        "GPU, 1 on a CPU (16 // N for each of N < 16 chains in a forward); "
         "diverse: groups=2 "
         "diversity_penalty=0.5; sample: samples=20 temperature=1.0 top_p=1.0 seed=0)",
         flag="--decoder-option",
