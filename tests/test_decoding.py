@@ -615,8 +615,9 @@ def test_tree_sharing_refuses_a_model_without_a_config(setup):
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_one_prefill_read_by_every_decoder_gives_their_own_results(setup, scoring):
-    """A PromptCache read by beam search (both caches), count_items_above and item_logits gives
-    what each computes from its own prefill, and no reader writes into it."""
+    """A PromptCache read by beam search (both caches), count_items_above, item_logits and
+    score_items gives what each computes from its own prefill, and no reader writes into it
+    (score_items overwrites the logits of its own forwards, never the prompt's)."""
     model, seqs, ids, trie, input_ids, mask = setup
     prompt = PromptCache.prefill(model, input_ids, mask)
     fields = ("input_ids", "mask", "last_pos", "logits")
@@ -648,10 +649,30 @@ def test_one_prefill_read_by_every_decoder_gives_their_own_results(setup, scorin
     scores = torch.where(valid, logp.squeeze(-1), 0.0).sum(1)
     expected = score_items(model, input_ids, mask, trie, items[:, None], scoring)[:, 0]
     torch.testing.assert_close(scores.float(), expected, atol=1e-4, rtol=1e-4)
+    read = score_items(model, input_ids, mask, trie, items[:, None], scoring, prompt=prompt)
+    assert torch.equal(read[:, 0], expected)
     for (k, v), (k0, v0) in zip(prompt.layers, before, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
     for name, old in zip(fields, before_fields, strict=True):
         assert torch.equal(getattr(prompt, name), old), name
+
+
+def test_the_in_place_target_log_softmax_is_the_out_of_place_one():
+    """``_target_log_softmax(in_place=True)`` (score_items' own logits) gives bit for bit what
+    `torch.logsumexp` gives, also on rows with +inf, -inf everywhere, NaN or a huge maximum."""
+    from bear.decoding.teacher_forcing import _target_log_softmax
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(6, 37, generator=g) * 30
+    z[1, 5] = float("inf")
+    z[2] = float("-inf")
+    z[3, 7] = float("nan")
+    z[4, 0] = 3e38
+    z_y = z[:, 11].clone()
+    want = _target_log_softmax(z_y, z)
+    got = _target_log_softmax(z_y, z.clone(), in_place=True)
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert torch.equal(got.isnan(), want.isnan()) and want[[1, 2, 3]].isnan().all()
 
 
 def test_a_prompt_cache_of_other_prompts_is_refused(setup):

@@ -123,7 +123,7 @@ def _fed_logits(model, part: PromptCache, cont: torch.Tensor) -> torch.Tensor | 
     return out.logits.float()
 
 
-def _step_logprobs(trie, logits, nodes, targets, scoring):
+def _step_logprobs(trie, logits, nodes, targets, scoring, consume: bool = False):
     """log p of `targets` (N,) under `scoring` given logits (N, V) and trie nodes (N,).
 
         after:   z_y - logsumexp_k z_k
@@ -131,11 +131,13 @@ def _step_logprobs(trie, logits, nodes, targets, scoring):
                  child that is 0 when z_y is finite, NaN when it is not, without a softmax
 
     The trie's vocabulary may be smaller than the model's (a trie built without `vocab_size`
-    ends at its largest token): the model's extra tokens are never children.
+    ends at its largest token): the model's extra tokens are never children. ``consume``: the
+    logits are the caller's own and not read again ("after" overwrites them, saving a
+    temporary of their size).
     """
     z_y = logits.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)  # (N,)
     if scoring == "after":
-        return _target_log_softmax(z_y, logits)
+        return _target_log_softmax(z_y, logits, in_place=consume)
     n = nodes.clamp(min=0)
     branching = (nodes >= 0) & (trie.child_ptr[n + 1] - trie.child_ptr[n] > 1)
     logp = torch.where(torch.isfinite(z_y), 0.0, float("nan")).to(logits.dtype)
@@ -143,13 +145,21 @@ def _step_logprobs(trie, logits, nodes, targets, scoring):
     children = trie.children_dense(nodes[rows])  # (N', trie V)
     allowed = F.pad(children, (0, logits.shape[-1] - children.shape[-1]))  # (N', V)
     z = logits[rows].masked_fill(~allowed, float("-inf"))
-    return logp.index_put((rows,), _target_log_softmax(z_y[rows], z))
+    return logp.index_put((rows,), _target_log_softmax(z_y[rows], z, in_place=True))
 
 
-def _target_log_softmax(z_y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(z)`` at the entries z_y (N,) of the rows z (N, V), read once, written never:
-    z_y - logsumexp(z), NaN where a +inf logit makes log_softmax NaN."""
-    lse = torch.logsumexp(z, dim=-1)
+def _target_log_softmax(z_y: torch.Tensor, z: torch.Tensor, in_place: bool = False):
+    """``log_softmax(z)`` at the entries z_y (N,) of the rows z (N, V), no log-softmax written:
+    z_y - logsumexp(z), NaN where a +inf logit makes log_softmax NaN. ``in_place``: z is
+    overwritten (with exp(z - max)) instead of copied, the same operations as `torch.logsumexp`
+    (a row's maximum, 0 where it is infinite, subtracted; exp; sum; log; the maximum added back),
+    without its temporary of z's size."""
+    if not in_place:
+        lse = torch.logsumexp(z, dim=-1)
+    else:
+        top = z.amax(dim=-1, keepdim=True)
+        top = top.masked_fill(top.abs() == float("inf"), 0.0)
+        lse = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
     return torch.where(lse == float("inf"), float("nan"), z_y - lse)
 
 
@@ -231,7 +241,9 @@ def _item_scores(model, part: PromptCache, trie: ItemTrie, targets, nodes, scori
     if later is not None:
         V = later.shape[-1]
         nodes_later, targets_later = nodes[:, 1:].reshape(-1), targets[:, 1:].reshape(-1)
-        steps = _step_logprobs(trie, later.reshape(-1, V), nodes_later, targets_later, scoring)
+        steps = _step_logprobs(  # ``later`` is this forward's own output, read no more
+            trie, later.reshape(-1, V), nodes_later, targets_later, scoring, consume=True
+        )
         lp = torch.cat([lp, steps.view_as(cont)], dim=1)
     return torch.where(targets != -100, lp, 0.0).sum(-1).float()
 
@@ -254,7 +266,8 @@ def _prompt_cache(model, input_ids, mask) -> PromptCache | None:
 
 def _summed(trie, logits, nodes, targets, scoring) -> torch.Tensor:
     """(R,) float32: the sum over an item's steps of log p of its tokens, EOS included."""
+    flat = logits.reshape(-1, logits.shape[-1])  # the caller's own (``score_items``)
     lp = _step_logprobs(
-        trie, logits.reshape(-1, logits.shape[-1]), nodes.reshape(-1), targets.reshape(-1), scoring
+        trie, flat, nodes.reshape(-1), targets.reshape(-1), scoring, consume=True
     ).view_as(targets)
     return torch.where(targets != -100, lp, 0.0).sum(-1).float()
