@@ -20,7 +20,8 @@ def _kv(U=3, H=2, S=5, d=4, seed=0):
 
 def test_updates_equal_concatenation_and_reallocate_only_when_full():
     """Five updates of 1-6 positions give the keys and values `torch.cat` gives; the buffers are
-    replaced only when the update does not fit, by buffers of max(S + T, 2 S) positions."""
+    replaced only when the update does not fit, their room doubling with what was appended (not
+    with the 5 positions the layer started from)."""
     k0, v0 = _kv()
     layer, want_k, want_v = GrowingLayer(k0, v0), k0, v0
     buffers, capacities = set(), []
@@ -35,7 +36,8 @@ def test_updates_equal_concatenation_and_reallocate_only_when_full():
         assert (layer._key_buffer is not before) == full
         buffers.add(layer._key_buffer.data_ptr())
         capacities.append(layer._key_buffer.shape[2])
-    assert capacities == [10, 10, 18, 18, 34] and len(buffers) == 3  # max(S + T, 2 S)
+    # S + T + max(T, positions appended since the first buffers): 6 + 1, 9 + 4, 15 + 10
+    assert capacities == [7, 13, 25, 25, 25] and len(buffers) == 3
 
 
 def test_the_tensors_it_was_given_are_never_written():
@@ -66,16 +68,48 @@ def test_selecting_rows_keeps_their_entries_and_room():
 
 
 def test_keys_replaced_by_a_parent_method_are_copied_into_new_buffers():
-    """`DynamicLayer.crop` (or any method that reassigns ``keys``) leaves tensors that are not
-    the buffers' views: the next update starts buffers from them and writes nothing else."""
-    k0, v0 = _kv(S=6)
+    """`DynamicLayer.batch_repeat_interleave` (like any method that reassigns ``keys``) leaves
+    tensors that are not the buffers' views: the next update copies them into new buffers and
+    writes nothing into them. `crop` leaves a prefix view of the buffers, which stay in use."""
+    k0, v0 = _kv(U=2, S=4)
     layer = GrowingLayer(k0, v0)
-    layer.update(*_kv(S=2, seed=1))
-    layer.crop(-3)  # keeps the first 5 positions
-    k, v = _kv(S=1, seed=2)
+    layer.update(*_kv(U=2, S=1, seed=1))
+    layer.crop(-2)  # the first 3 positions: still the buffers' view
+    assert layer._owns_views() and layer.get_seq_length() == 3
+    layer.batch_repeat_interleave(2)  # (4, H, 3, d), new tensors
+    repeated, buffer = layer.keys.clone(), layer._key_buffer
+    k, v = _kv(U=4, S=1, seed=2)
     layer.update(k, v)
-    assert torch.equal(layer.keys, torch.cat([k0[:, :, :5], k], 2))
-    assert torch.equal(layer.values, torch.cat([v0[:, :, :5], v], 2))
+    assert layer._key_buffer is not buffer and layer._owns_views()
+    assert torch.equal(layer.keys, torch.cat([repeated, k], 2))
+    assert torch.equal(layer.keys[:, :, :3], k0[:, :, :3].repeat_interleave(2, dim=0))
+
+
+def test_an_update_of_another_shape_or_dtype_behaves_as_concatenation():
+    """Rows that do not match are refused as `torch.cat` refuses them; another dtype is
+    concatenated as `DynamicLayer` does (the layer then starts new buffers)."""
+    layer = GrowingLayer(*_kv(U=3))
+    layer.update(*_kv(U=3, S=1, seed=1))
+    with pytest.raises(RuntimeError):
+        layer.update(*_kv(U=1, S=1, seed=2))
+    k, v = (t.double() for t in _kv(U=3, S=1, seed=3))
+    got, _ = layer.update(k, v)
+    assert got.dtype == torch.float64 and got.shape[2] == 7
+
+
+def test_a_reset_layer_behaves_as_a_reset_dynamic_layer():
+    """`reset` (transformers 5.x: drops the entries; 4.x: zeroes them) then two updates give
+    what the same calls give on a `DynamicLayer`."""
+    k0, v0 = _kv()
+    plain, grown = DynamicLayer(), GrowingLayer(k0, v0)
+    plain.update(k0, v0)
+    for layer in (plain, grown):
+        layer.update(*_kv(S=2, seed=1))
+        layer.reset()
+        for i in range(2):
+            layer.update(*_kv(S=2, seed=2 + i))
+    assert grown.get_seq_length() == plain.get_seq_length()
+    assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
 
 
 def test_growing_cache_swaps_dynamic_layers_only():

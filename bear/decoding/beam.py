@@ -205,7 +205,8 @@ def beam_search(
             token (works with any model whose cache can be reordered).
         prompt: None (the prompts are prefilled here), or a `PromptCache` of these
             prompts to read instead (shared with other readers of one prefill; the search then
-            runs on a plain DynamicCache, so only for models whose cache keeps every position).
+            runs on a DynamicCache made from it, so only for models whose cache keeps every
+            position).
         chain_limit: with kv_sharing="tree" and "after" scoring, the most tokens of one chain fed
             in one forward (keyword only; >= 1; "before" feeds a beam's pending tokens whole and
             does not use it). None: ``default_chain_limit(device)``, 16 on a GPU, where a
@@ -314,7 +315,8 @@ def beam_thresholds(
 
     Args:
         model, input_ids, attention_mask, trie, beam_width, scoring: as `beam_search` (the KV
-            cache is shared as kv_sharing="tree", with the device's default chain_limit).
+            cache is shared as kv_sharing="tree", with the device's default chain_limit and
+            feed budget).
 
     Returns:
         (U, L_max + 1) float32; -inf where fewer than B candidates exist.

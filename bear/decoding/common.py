@@ -375,9 +375,10 @@ def _topk_without_cut_ties(x: torch.Tensor, k: int):
     strictly above its (k+1)-th (then nothing left out ties with the chosen), else None; the k
     chosen are in `Tensor.topk`'s order when the k + 1 values strictly decrease in every row (the
     usual case: no tie to break), else ordered by (value desc, index asc) with a stable sort of k
-    entries (-0.0 beside +0.0 counts as a tie). `Tensor.topk`
-    ranks NaN above every number, as sorts do (``tests/test_decoding_hostile.py`` checks it on
-    each device), so a NaN is chosen or makes the check fail. One host synchronisation."""
+    entries (-0.0 beside +0.0 counts as a tie). `Tensor.topk` ranks NaN above every number, as
+    sorts do (``tests/test_decoding_hostile.py`` checks it on each device), so a NaN is chosen
+    or makes the check fail. One host synchronisation, two when some row has a tie among its
+    k + 1 largest."""
     n = x.shape[-1]
     val, idx = x.topk(min(k + 1, n), dim=-1)
     if bool((val[..., :-1] > val[..., 1:]).all()):  # no ties at all: topk's order is the one

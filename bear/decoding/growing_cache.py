@@ -3,17 +3,15 @@
 Hugging Face's `DynamicLayer` appends a forward's keys and values with ``torch.cat``: the whole
 cache is copied at every forward, in every layer. The tree caches (`bear.decoding.chain_cache`,
 `beam_cache`) run dozens of forwards on one cache of U prompts and their beams' tokens, so these
-copies grow with the cache (in a profile of beam search with SmolLM2-135M-Instruct on a CPU
-they were the largest cost after the matrix products: benchmarks/README, "A pretrained model").
+copies grow with the cache and the forwards (benchmarks/README, "A pretrained model").
 
-`GrowingLayer` keeps each layer's keys and values in buffers with room to spare (twice the
-filled positions when they are replaced), and writes a forward's entries into that room: its
-``keys`` and ``values`` are views of the buffers' first positions, so all the rest of
-transformers (sequence length, mask sizes, attention) reads them as a `DynamicLayer`'s.
-`growing_cache(cache)` swaps a cache's `DynamicLayer` layers for these, in place. A layer never
-writes into tensors it did not allocate (a `PromptCache`'s entries stay untouched); if a method
-of its parent class replaced ``keys`` or ``values`` with other tensors, the next update copies
-them into new buffers.
+`GrowingLayer` keeps each layer's keys and values in buffers with room to spare (doubling with
+what has been appended) and writes a forward's entries into that room: its ``keys`` and
+``values`` are views of the buffers' first positions, so all the rest of transformers (sequence
+length, mask sizes, attention) reads them as a `DynamicLayer`'s. `growing_cache(cache)` swaps a
+cache's `DynamicLayer` layers for these, in place. A layer never writes into tensors it did not
+allocate (a `PromptCache`'s entries stay untouched); if a method of its parent class replaced
+``keys`` or ``values`` with other tensors, the next update copies them into new buffers.
 """
 
 from __future__ import annotations
@@ -27,8 +25,12 @@ __all__ = ["GrowingLayer", "growing_cache"]
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` whose ``keys`` and ``values`` (rows, heads, S, d) are views of the first S
     positions of buffers of capacity C >= S; an update of T positions writes them at S .. S + T,
-    first moving the S positions to buffers of max(S + T, 2 S) when S + T > C: amortised O(T)
-    copied per update where `DynamicLayer` copies O(S + T)."""
+    first moving the S positions to buffers of S + T + max(T, A) when S + T > C, A the positions
+    appended since the layer's first buffers (S0 held then, A = S + T - S0): the room doubles with
+    what is appended, not with what the layer started from (a prompt), so the buffers hold at
+    most S0 + 2 A + T; amortised O(T) copied per update where `DynamicLayer` copies O(S + T). An
+    update of other rows, heads, head size or dtype than the buffers' goes to `DynamicLayer` as
+    it is (concatenated, or refused, as there)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         """Hold ``keys`` and ``values`` (rows, heads, S, d) as they are; the first update copies
@@ -38,6 +40,7 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True  # transformers 5.x reads it; 4.x reads ``keys``
         self.keys, self.values = keys, values
         self._key_buffer = self._value_buffer = None
+        self._base = None  # positions held when the first buffers were made
 
     def _owns_views(self) -> bool:
         """Whether ``keys`` and ``values`` are still the prefix views of this layer's buffers."""
@@ -54,22 +57,33 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append (rows, heads, T, d) keys and values; return the layer's keys and values."""
         S, T = self.get_seq_length(), key_states.shape[-2]
-        owned = self._owns_views()
-        if not owned or S + T > self._key_buffer.shape[-2]:
-            capacity = max(S + T, 2 * S)
-            old = (self.keys, self.values) if S else None
-            self._key_buffer = key_states.new_empty(*key_states.shape[:2], capacity,
-                                                    key_states.shape[-1])  # fmt: skip
-            self._value_buffer = value_states.new_empty(*value_states.shape[:2], capacity,
-                                                        value_states.shape[-1])  # fmt: skip
-            if old is not None:
-                self._key_buffer[:, :, :S] = old[0]
-                self._value_buffer[:, :, :S] = old[1]
+        if S and not all(
+            new.shape[:2] == old.shape[:2]
+            and new.shape[-1] == old.shape[-1]
+            and new.dtype == old.dtype
+            for new, old in ((key_states, self.keys), (value_states, self.values))
+        ):
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.is_initialized = True  # also after a `reset`, which clears it
+        if not self._owns_views() or S + T > self._key_buffer.shape[-2]:
+            if not self._owns_views() or self._base is None:
+                self._base = S
+            capacity = S + T + max(T, S + T - self._base)
+            self._key_buffer = self._grown(key_states, capacity, self.keys if S else None)
+            self._value_buffer = self._grown(value_states, capacity, self.values if S else None)
         self._key_buffer[:, :, S : S + T] = key_states
         self._value_buffer[:, :, S : S + T] = value_states
         self.keys = self._key_buffer[:, :, : S + T]
         self.values = self._value_buffer[:, :, : S + T]
         return self.keys, self.values
+
+    @staticmethod
+    def _grown(new: torch.Tensor, capacity: int, old: torch.Tensor | None) -> torch.Tensor:
+        """A buffer of ``capacity`` positions shaped as ``new``, holding ``old`` first."""
+        buffer = new.new_empty(*new.shape[:2], capacity, new.shape[-1])
+        if old is not None:
+            buffer[:, :, : old.shape[-2]] = old
+        return buffer
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep the rows ``indices``: their filled positions, copied into buffers of the same

@@ -134,9 +134,10 @@ class PromptCache:
     """The KV entries of left-padded prompts after one prefill, reusable by any number of readers.
 
     Readers never write into it: each gets a fresh `DynamicCache` (`dynamic_cache`) whose update
-    concatenates new entries into new tensors, so while a reader runs the prompts' entries exist
+    concatenates new entries into new tensors (the tree caches then grow their copy in place,
+    `bear.decoding.growing_cache`), so while a reader runs the prompts' entries exist at least
     twice. Needs a cache that keeps every prompt position in every layer (a full-attention
-    DynamicCache, as Llama-style models return); its readers decode on a plain DynamicCache.
+    DynamicCache, as Llama-style models return); its readers decode on a DynamicCache.
 
     Fields: layers [(keys, values) (U, H, S, d)] per layer, input_ids (U, P) the prompts, mask
     (U, P) int64 their attention mask, kv_mask (U, S) int64 the attention mask of the cached
