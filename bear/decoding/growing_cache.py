@@ -65,8 +65,9 @@ class GrowingLayer(DynamicLayer):
         ):
             return super().update(key_states, value_states, *args, **kwargs)
         self.is_initialized = True  # also after a `reset`, which clears it
-        if not self._owns_views() or S + T > self._key_buffer.shape[-2]:
-            if not self._owns_views() or self._base is None:
+        owned = self._owns_views()
+        if not owned or S + T > self._key_buffer.shape[-2]:
+            if not owned:
                 self._base = S
             capacity = S + T + max(T, S + T - self._base)
             self._key_buffer = self._grown(key_states, capacity, self.keys if S else None)
@@ -93,10 +94,8 @@ class GrowingLayer(DynamicLayer):
             return
         S, capacity = self.get_seq_length(), self._key_buffer.shape[-2]
         keys, values = self.keys[indices], self.values[indices]
-        self._key_buffer = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
-        self._value_buffer = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
-        self._key_buffer[:, :, :S] = keys
-        self._value_buffer[:, :, :S] = values
+        self._key_buffer = self._grown(keys, capacity, keys)
+        self._value_buffer = self._grown(values, capacity, values)
         self.keys = self._key_buffer[:, :, :S]
         self.values = self._value_buffer[:, :, :S]
 
