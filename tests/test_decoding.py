@@ -209,6 +209,7 @@ def test_score_items_in_chunks_of_one_item_keeps_each_users_order(setup, scoring
     assert len({lengths[i] for i in pick.flatten().tolist()}) > 2
     together = score_items(model, input_ids, mask, trie, pick, scoring)
     monkeypatch.setattr(teacher_forcing, "ROW_BUDGET", 1)
+    monkeypatch.setattr(teacher_forcing, "CACHE_BUDGET", 1)
     one_by_one = score_items(model, input_ids, mask, trie, pick, scoring)
     torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-5)
 

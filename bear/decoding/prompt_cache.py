@@ -166,15 +166,16 @@ class PromptCache:
         layers = layer_tensors(cache, kv_mask.shape[1])
         return cls(layers, input_ids, mask, kv_mask, last_pos, logits)
 
-    def select(self, rows: torch.Tensor | slice) -> PromptCache:
-        """The prompts ``rows``: (R,) indices (repeats allowed, copies) or a slice (views)."""
+    def select(self, rows: torch.Tensor | slice, logits: bool = True) -> PromptCache:
+        """The prompts ``rows``: (R,) indices (repeats allowed, copies) or a slice (views);
+        ``logits=False``: (R, 0) logits, for a reader of the keys and values only."""
         layers = [(k[rows], v[rows]) for k, v in self.layers]
         picked = (
             self.input_ids[rows],
             self.mask[rows],
             self.kv_mask[rows],
             self.last_pos[rows],
-            self.logits[rows],
+            self.logits[rows] if logits else self.logits[rows, :0],
         )
         return PromptCache(layers, *picked)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bear.decoding.blocked_head import hidden_states, linear_head, target_log_softmax
 from bear.decoding.common import check_inputs, model_vocab
 from bear.decoding.prompt_cache import PromptCache, cache_kwarg, layer_tensors, prefill
 from bear.trie import ItemTrie
@@ -108,19 +109,23 @@ def item_logits(model, prompt: PromptCache, trie: ItemTrie, item_ids: torch.Tens
 def _fed_logits(model, part: PromptCache, cont: torch.Tensor) -> torch.Tensor | None:
     """(r, T, V) float32 logits of feeding continuations cont (r, T) (-1 padded on the right)
     after the r cached prompts of ``part``, [i, j] predicting token j + 1; None when T = 0."""
-    T = cont.shape[1]
-    if T == 0:
+    if cont.shape[1] == 0:
         return None
+    return model(**_fed_inputs(model, part, cont)).logits.float()
+
+
+def _fed_inputs(model, part: PromptCache, cont: torch.Tensor) -> dict:
+    """The model's keyword arguments that feed continuations cont (r, T) (-1 padded on the
+    right) after the r cached prompts of ``part`` (a new cache holding their entries)."""
     mask = torch.cat([part.kv_mask, (cont >= 0).to(part.kv_mask.dtype)], dim=1)
-    pos = part.last_pos[:, None] + 1 + torch.arange(T, device=cont.device)  # (r, T)
-    out = model(
-        input_ids=cont.clamp(min=0),
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=True,
-        **{cache_kwarg(model): part.dynamic_cache()},
-    )
-    return out.logits.float()
+    pos = part.last_pos[:, None] + 1 + torch.arange(cont.shape[1], device=cont.device)  # (r, T)
+    return {
+        "input_ids": cont.clamp(min=0),
+        "attention_mask": mask,
+        "position_ids": pos,
+        "use_cache": True,
+        cache_kwarg(model): part.dynamic_cache(),
+    }
 
 
 def _step_logprobs(trie, logits, nodes, targets, scoring, consume: bool = False):
@@ -151,15 +156,24 @@ def _step_logprobs(trie, logits, nodes, targets, scoring, consume: bool = False)
 def _target_log_softmax(z_y: torch.Tensor, z: torch.Tensor, in_place: bool = False):
     """``log_softmax(z)`` at the entries z_y (N,) of the rows z (N, V), no log-softmax written:
     z_y - logsumexp(z), NaN where a +inf logit makes log_softmax NaN. ``in_place``: z is
-    overwritten (with exp(z - max)) instead of copied, the same operations as `torch.logsumexp`
-    (a row's maximum, 0 where it is infinite, subtracted; exp; sum; log; the maximum added back),
-    without its temporary of z's size."""
+    overwritten (see `_log_sum_exp`)."""
+    return _minus_log_sum_exp(z_y, _log_sum_exp(z, in_place))
+
+
+def _log_sum_exp(z: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """(N,) logsumexp of the rows z (N, V). ``in_place``: z is overwritten (with exp(z - max))
+    instead of copied, the same operations as `torch.logsumexp` (a row's maximum, 0 where it is
+    infinite, subtracted; exp; sum; log; the maximum added back), without its temporary of z's
+    size."""
     if not in_place:
-        lse = torch.logsumexp(z, dim=-1)
-    else:
-        top = z.amax(dim=-1, keepdim=True)
-        top = top.masked_fill(top.abs() == float("inf"), 0.0)
-        lse = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+        return torch.logsumexp(z, dim=-1)
+    top = z.amax(dim=-1, keepdim=True)
+    top = top.masked_fill(top.abs() == float("inf"), 0.0)
+    return z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+
+
+def _minus_log_sum_exp(z_y: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """z_y - lse, NaN where lse is +inf (log_softmax of a row with a +inf logit)."""
     return torch.where(lse == float("inf"), float("nan"), z_y - lse)
 
 
@@ -217,35 +231,97 @@ def score_items(
         logits = continuation_logits(model, input_ids, mask, rows, cont)  # (R, L+1, V)
         return _summed(trie, logits, nodes, targets, scoring).view(U, M)
     steps = (targets != -100).sum(1)  # (R,) each item's steps, EOS included
-    chunk = max(1, min(ROW_BUDGET // (targets.shape[1] * prompt.logits.shape[-1]),
-                       CACHE_BUDGET // max(1, _cache_elements(prompt))))  # fmt: skip
     order = steps.argsort(stable=True)  # items of like length share a chunk: little padding
-    scores = torch.empty(U * M, device=device, dtype=torch.float32)
-    for s in range(0, U * M, chunk):
+    scores = _first_logprobs(trie, prompt.logits, rows, targets[:, 0], scoring)  # (R,)
+    head = linear_head(model)  # None: full logits (and a chunk within ROW_BUDGET)
+    s = 0
+    while s < U * M:
+        chunk = _chunk_rows(prompt, targets.shape[1], head)
         picked = order[s : s + chunk]
         width = int(steps[picked].max())  # these items' longest, EOS included
-        part = prompt.select(rows[picked])  # the prompts' entries, once per item
-        scores[picked] = _item_scores(
-            model, part, trie, targets[picked, :width], nodes[picked, :width], scoring
+        part = prompt.select(rows[picked], logits=False)  # the prompts' entries, once per item
+        later = _later_logprobs(
+            model, part, trie, targets[picked, :width], nodes[picked, :width], scoring, head
         )
+        if later is None:  # the model's logits are not its head's: full logits from here on
+            head = None
+            continue
+        scores[picked] += later.sum(-1)
+        s += chunk
     return scores.view(U, M)
 
 
-def _item_scores(model, part: PromptCache, trie: ItemTrie, targets, nodes, scoring):
-    """(r,) float32 teacher-forced scores of one item per cached prompt of ``part`` (its targets
-    and nodes (r, L+1) as ``_forced_tokens`` gives them): step 0 from the prompt's own logits,
-    the later steps from one forward of the item's tokens."""
+def _first_logprobs(trie: ItemTrie, logits, rows, targets, scoring) -> torch.Tensor:
+    """(R,) float32 log p of each item's first token, targets (R,), from its prompt's next-token
+    logits (U, V) (rows (R,): each item's prompt), as `_step_logprobs` at the root computes them,
+    with each prompt's log-sum-exp computed once instead of once per item."""
+    z_y = logits[rows, targets]  # (R,)
+    if scoring == "after":
+        return _minus_log_sum_exp(z_y, torch.logsumexp(logits, dim=-1)[rows])
+    root = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    if int(trie.child_ptr[1] - trie.child_ptr[0]) < 2:  # one child: no softmax
+        return torch.where(torch.isfinite(z_y), 0.0, float("nan")).to(logits.dtype)
+    children = trie.children_dense(root)  # (1, trie V)
+    allowed = F.pad(children, (0, logits.shape[-1] - children.shape[-1]))  # (1, V)
+    lse = _log_sum_exp(logits.masked_fill(~allowed, float("-inf")), in_place=True)  # (U,)
+    return _minus_log_sum_exp(z_y, lse[rows])
+
+
+def _chunk_rows(prompt: PromptCache, width: int, head) -> int:
+    """Items per forward: the prompt entries copied within CACHE_BUDGET, and with full logits
+    (no ``head``) the logits of ``width`` steps within ROW_BUDGET."""
+    rows = CACHE_BUDGET // max(1, _cache_elements(prompt))
+    if head is None:
+        rows = min(rows, ROW_BUDGET // (width * prompt.logits.shape[-1]))
+    return max(1, rows)
+
+
+def _later_logprobs(model, part: PromptCache, trie: ItemTrie, targets, nodes, scoring, head):
+    """(r, L) float32 teacher-forced log-probabilities of steps 1..L of one item per cached
+    prompt of ``part`` (its targets and nodes (r, L+1) as ``_forced_tokens`` gives them), 0 after
+    an item's end: one forward of the items' tokens, scored from its last hidden states through
+    ``head`` (`blocked_head`), or from its logits when ``head`` is None. None when the model's
+    logits proved not to be ``head``'s (nothing scored)."""
     cont = _fed_tokens(targets)  # (r, L)
-    lp = _step_logprobs(trie, part.logits.float(), nodes[:, 0], targets[:, 0], scoring)[:, None]
-    later = _fed_logits(model, part, cont)  # (r, L, V) or None
-    if later is not None:
-        V = later.shape[-1]
-        nodes_later, targets_later = nodes[:, 1:].reshape(-1), targets[:, 1:].reshape(-1)
-        steps = _step_logprobs(  # ``later`` is this forward's own output, read no more
-            trie, later.reshape(-1, V), nodes_later, targets_later, scoring, consume=True
-        )
-        lp = torch.cat([lp, steps.view_as(cont)], dim=1)
-    return torch.where(targets != -100, lp, 0.0).sum(-1).float()
+    if cont.shape[1] == 0:
+        return cont.new_zeros(cont.shape, dtype=torch.float32)
+    if head is not None:
+        h = hidden_states(model, head, **_fed_inputs(model, part, cont))  # (r, L, H)
+        if h is None:
+            return None
+        return _hidden_logprobs(trie, h, head, nodes[:, 1:], targets[:, 1:], scoring)
+    logits = _fed_logits(model, part, cont)  # (r, L, V)
+    later = _step_logprobs(  # ``logits`` is this forward's own output, read no more
+        trie,
+        logits.reshape(-1, logits.shape[-1]),
+        nodes[:, 1:].reshape(-1),
+        targets[:, 1:].reshape(-1),
+        scoring,
+        consume=True,
+    ).view_as(cont)
+    return torch.where(targets[:, 1:] != -100, later, 0.0).float()
+
+
+def _hidden_logprobs(trie, h, head, nodes, targets, scoring) -> torch.Tensor:
+    """(r, T) float32 log p of ``targets`` (r, T) from the last hidden states h (r, T, H) through
+    the output layer ``head``, as `_step_logprobs` computes them from logits, 0 where a target
+    is -100 (no logits at those positions). Under "before", only positions on a branching node
+    compute logits, over the node's children only."""
+    real = (targets >= 0).nonzero(as_tuple=True)
+    hs, y, at = h[real], targets[real], nodes[real]  # (N, H), (N,), (N,)
+    if scoring == "after":
+        values = target_log_softmax(hs, head, y)
+    else:  # one child: 0 (NaN for a non-finite logit); several: the children's softmax
+        z_y = (hs.float() * head.weight[y].float()).sum(-1)  # (N,) finiteness only
+        if head.bias is not None:
+            z_y = z_y + head.bias[y].float()
+        values = z_y.new_zeros(z_y.shape).masked_fill_(~torch.isfinite(z_y), float("nan"))
+        branching = (trie.child_ptr[at + 1] - trie.child_ptr[at] > 1).nonzero().squeeze(-1)
+        children = trie.children_dense(at[branching])  # (N', trie V)
+        values[branching] = target_log_softmax(hs[branching], head, y[branching], children)
+    logp = torch.zeros(targets.shape, device=h.device, dtype=torch.float32)
+    logp[real] = values
+    return logp
 
 
 def _cache_elements(prompt: PromptCache) -> int:

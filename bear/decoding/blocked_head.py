@@ -1,0 +1,129 @@
+"""Target log-probabilities straight from a model's last hidden states (teacher forcing).
+
+Scoring a known token at N positions needs, per position, its logit and the log-sum-exp of the
+position's logits: no (N, V) logits tensor. `target_log_softmax` applies the output layer to
+ROWS_PER_BLOCK positions and VOCAB_PER_BLOCK tokens at a time and keeps the log-sum-exp running
+over the blocks (the online softmax), so the logits are written and read in blocks that stay in
+cache instead of as one (N, V) tensor (what made ``score_items`` faster: benchmarks/README.md,
+"Catalogue size"), same values to float32 rounding.
+
+`hidden_states` runs the model for its last hidden states, after proving once per model that its
+logits are its output layer applied to them (bit for bit at one position): a model that
+post-processes its logits (a soft cap, a logit scale) is told apart, and its caller falls back
+to the model's own logits.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bear.decoding.prompt_cache import keeps_logits
+
+__all__ = ["hidden_states", "linear_head", "target_log_softmax"]
+
+ROWS_PER_BLOCK = 512  # positions per block of logits
+VOCAB_PER_BLOCK = 2048  # tokens per block: 512 x 2048 float32 = 4 MB, a block that stays in cache;
+# on this project's CPU, blocks of 128-1024 rows and 1024-4096 tokens ran within 15 % of each other
+_PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its logits
+# are its output layer applied to its last hidden states (`hidden_states` finds out once)
+
+
+def linear_head(model) -> nn.Linear | None:
+    """The model's output layer when it is a plain ``nn.Linear`` and the model's forward takes
+    ``logits_to_keep``; else None (the caller computes full logits)."""
+    if not keeps_logits(model) or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    return head if type(head) is nn.Linear else None
+
+
+def hidden_states(model, head: nn.Linear, **inputs) -> torch.Tensor | None:
+    """(r, T, H) the last hidden states of a forward of ``inputs`` (the model's keyword
+    arguments, ``input_ids`` (r, T) among them), without the model's logits; None when the
+    model's logits are not ``head`` applied to them (it post-processes them: a soft cap, a logit
+    scale), and the caller needs the model's own logits.
+
+    The first call for a model computes the logits at the last position and compares them bit
+    for bit with ``head`` applied there (same shapes, same operation); the answer is kept for
+    the model object (`_PLAIN_HEAD`), and later calls compute no logits (an empty
+    ``logits_to_keep``).
+    """
+    plain = _PLAIN_HEAD.get(model)
+    if plain is False:
+        return None
+    last = [inputs["input_ids"].shape[1] - 1] if plain is None else []
+    keep = torch.tensor(last, dtype=torch.int64, device=inputs["input_ids"].device)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=keep)
+    h = out.hidden_states[-1] if out.hidden_states else None
+    if plain is None:
+        mine = None if h is None else head(h[:, keep])  # what the model computes there
+        plain = (
+            mine is not None and mine.dtype == out.logits.dtype and torch.equal(mine, out.logits)
+        )
+        _PLAIN_HEAD[model] = plain
+    return h if plain else None
+
+
+def target_log_softmax(
+    h: torch.Tensor, head: nn.Linear, targets: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log_softmax(z)[y] at N positions without their (N, V) logits z = h W^T + b:
+
+        z_y - logsumexp_{k in A} z_k     (A: every token, or ``allowed``'s)
+
+    computed blockwise: per block of tokens, its logits (in the head's dtype, as the model's),
+    z_y where y falls in the block, and the running maximum m and sum s = sum_k exp(z_k - m)
+    rescaled when m grows. As `torch.logsumexp`, a maximum of +-inf shifts by 0; NaN where the
+    log-sum-exp is +inf (a +inf logit) or a logit is NaN, -inf for a target of logit -inf.
+
+    Args:
+        h: (N, H) last hidden states.
+        head: the output layer (V, H) weight, optional (V,) bias.
+        targets: (N,) int64 token ids in [0, V).
+        allowed: (N, V') bool with V' <= V, the tokens each position's softmax runs over (those
+            past V' never); None: all V.
+
+    Returns:
+        (N,) float32.
+    """
+    N, V = h.shape[0], head.weight.shape[0]
+    out = torch.empty(N, device=h.device, dtype=torch.float32)
+    if allowed is not None:
+        allowed = F.pad(allowed, (0, V - allowed.shape[1]))  # (N, V)
+    for r in range(0, N, ROWS_PER_BLOCK):
+        rows = slice(r, r + ROWS_PER_BLOCK)
+        out[rows] = _rows_log_softmax(
+            h[rows], head, targets[rows], None if allowed is None else allowed[rows]
+        )
+    return out
+
+
+def _rows_log_softmax(h, head, y, allowed) -> torch.Tensor:
+    """`target_log_softmax` for one block of rows."""
+    n, V = h.shape[0], head.weight.shape[0]
+    f32 = {"device": h.device, "dtype": torch.float32}
+    z_y = torch.full((n,), float("nan"), **f32)  # (n,) the targets' logits
+    total = torch.zeros(n, **f32)  # (n,) sum_k exp(z_k - shift)
+    top = torch.full((n,), float("-inf"), **f32)  # (n,) running maximum
+    shift = torch.zeros(n, **f32)  # (n,) top, or 0 while top is +-inf
+    for c in range(0, V, VOCAB_PER_BLOCK):
+        cols = slice(c, c + VOCAB_PER_BLOCK)
+        bias = None if head.bias is None else head.bias[cols]
+        z = F.linear(h, head.weight[cols], bias).float()  # (n, v) this block's logits
+        inside = (y >= c) & (y < c + z.shape[1])
+        here = z.gather(1, (y - c).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        z_y = torch.where(inside, here, z_y)
+        if allowed is not None:
+            z = z.masked_fill_(~allowed[:, cols], float("-inf"))
+        top = torch.maximum(top, z.amax(dim=-1))  # NaN stays NaN
+        new_shift = top.masked_fill(top.abs() == float("inf"), 0.0)
+        # total > 0 only once a finite logit was seen, so shift <= new_shift: no overflow
+        total = torch.where(total > 0, total * torch.exp(shift - new_shift), total)
+        total = total + z.sub_(new_shift[:, None]).exp_().sum(dim=-1)
+        shift = new_shift
+    lse = total.log() + shift
+    return torch.where(lse == float("inf"), float("nan"), z_y - lse)

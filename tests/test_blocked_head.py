@@ -1,0 +1,171 @@
+"""bear.decoding.blocked_head: target log-probabilities from last hidden states with the output
+layer applied a block at a time, and the once-per-model proof that a model's logits are its
+head's (score_items reads items through it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CohereConfig, CohereForCausalLM
+
+import bear.decoding.blocked_head as blocked_head
+import bear.decoding.teacher_forcing as teacher_forcing
+from bear.decoding import score_items
+from bear.decoding.blocked_head import hidden_states, linear_head, target_log_softmax
+from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 3 rows and 7 tokens: every shape below spans several, most end part-filled."""
+    monkeypatch.setattr(blocked_head, "ROWS_PER_BLOCK", 3)
+    monkeypatch.setattr(blocked_head, "VOCAB_PER_BLOCK", 7)
+
+
+def _head(H: int, V: int, bias: bool, seed: int) -> nn.Linear:
+    torch.manual_seed(seed)
+    head = nn.Linear(H, V, bias=bias)
+    with torch.no_grad():
+        head.weight.mul_(4.0)
+    return head
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("N", "H", "V"), [(1, 1, 1), (10, 5, 50), (4, 16, 7), (13, 3, 8)])
+def test_blocked_target_log_softmax_is_the_full_one(small_blocks, N, H, V, bias):
+    """log_softmax(h W^T + b)[y] over every token and over an allowed subset (narrower than V:
+    the tokens past it never count), in float32 within torch's own float32 error."""
+    head = _head(H, V, bias, seed=N + V)
+    g = torch.Generator().manual_seed(V)
+    h, y = torch.randn(N, H, generator=g), torch.randint(0, V, (N,), generator=g)
+    with torch.no_grad():
+        z = head(h)  # (N, V)
+        got = target_log_softmax(h, head, y)
+        assert got.dtype == torch.float32 and got.shape == (N,)
+        torch.testing.assert_close(got, z.log_softmax(-1).gather(1, y[:, None]).squeeze(1))
+        width = max(1, V - 2)
+        allowed = torch.rand(N, width, generator=g) < 0.5  # (N, V - 2)
+        y = y.clamp(max=width - 1)
+        allowed[torch.arange(N), y] = True
+        masked = z.masked_fill(~F.pad(allowed, (0, V - width)), float("-inf"))
+        want = masked.log_softmax(-1).gather(1, y[:, None]).squeeze(1)
+        torch.testing.assert_close(target_log_softmax(h, head, y, allowed), want)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["plus_inf", "all_minus_inf", "nan", "target_minus_inf", "huge", "late_finite", "all_masked"],
+)
+def test_infinite_and_nan_logits_give_what_the_full_log_sum_exp_gives(small_blocks, case):
+    """Special logits (set through the bias) give what ``_target_log_softmax`` gives on the full
+    logits: NaN for a +inf or NaN logit or no finite logit, -inf for a target of logit -inf.
+    "late_finite": the first two blocks all -inf and the finite logits very negative (the
+    running sum must not rescale 0 by exp(+1000), which is NaN)."""
+    V, N = 20, 5
+    head = _head(2, V, bias=True, seed=0)
+    y = torch.tensor([16, 17, 18, 19, 15])
+    allowed = None
+    with torch.no_grad():
+        if case == "plus_inf":
+            head.bias[5] = float("inf")
+        elif case == "all_minus_inf":
+            head.bias.fill_(float("-inf"))
+        elif case == "nan":
+            head.bias[3] = float("nan")
+        elif case == "target_minus_inf":
+            head.bias[y[0]] = float("-inf")
+        elif case == "huge":
+            head.bias[0] = 3e38
+        elif case == "late_finite":
+            head.bias[:14] = float("-inf")
+            head.bias[14:] = -1000.0
+        else:  # every allowed logit -inf
+            head.bias[y] = float("-inf")
+            allowed = torch.zeros(N, V, dtype=torch.bool)
+            allowed[torch.arange(N), y] = True
+        h = torch.randn(N, 2, generator=torch.Generator().manual_seed(1))
+        z = head(h)  # (N, V)
+        if allowed is not None:
+            z = z.masked_fill(~allowed, float("-inf"))
+        want = teacher_forcing._target_log_softmax(z.gather(1, y[:, None]).squeeze(1), z)
+        got = target_log_softmax(h, head, y, allowed)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    if case == "late_finite":
+        assert torch.isfinite(got).all()
+    if case in ("plus_inf", "all_minus_inf", "nan", "all_masked"):
+        assert got.isnan().all()
+    if case == "target_minus_inf":
+        assert got[0] == float("-inf") and torch.isfinite(got[1:]).all()
+
+
+def test_a_plain_head_is_proved_once_then_the_model_computes_no_logits():
+    """The first forward for a model computes logits at its last position to compare them with
+    the head's; later ones compute none; the hidden states are the ones the logits come from."""
+    model = tiny_model(seed=5)
+    head = linear_head(model)
+    assert head is model.lm_head
+    seen = []
+    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = hidden_states(model, head, input_ids=x)
+        again = hidden_states(model, head, input_ids=x)
+        hook.remove()
+        logits = model(input_ids=x).logits
+    H = model.config.hidden_size
+    # the model's head at one position and the proof's, then the model's head at none
+    assert seen == [(2, 1, H), (2, 1, H), (2, 0, H)]
+    assert torch.equal(first, again)
+    torch.testing.assert_close(head(first), logits)
+
+
+def _scaled_logits_model() -> CohereForCausalLM:
+    """A model whose logits are its head's times a logit scale (Cohere's ``logit_scale``)."""
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          logit_scale=0.5, pad_token_id=PAD, eos_token_id=EOS,
+                          bos_token_id=1)  # fmt: skip
+    return CohereForCausalLM(config).eval()
+
+
+def _full_logits_scores(monkeypatch, *args) -> torch.Tensor:
+    """score_items through the model's own logits (no head: the path before blocked_head)."""
+    with monkeypatch.context() as m:
+        m.setattr(teacher_forcing, "linear_head", lambda model: None)
+        return score_items(*args)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_a_model_that_scales_its_logits_is_scored_from_its_own_logits(monkeypatch, scoring):
+    """Scoring a logit-scaled model from its head would drop the scale: the proof tells it
+    apart (hidden_states None, remembered) and score_items uses the model's logits."""
+    model = _scaled_logits_model()
+    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert hidden_states(model, linear_head(model), input_ids=x) is None
+        assert hidden_states(model, linear_head(model), input_ids=x) is None
+    model = _scaled_logits_model()  # a model never proved: score_items finds out itself
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    pick = torch.tensor([ids[:6]] * 3)
+    got = score_items(model, input_ids, mask, trie, pick, scoring)
+    want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, scoring)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_score_items_from_hidden_states_equals_the_full_logits_path(
+    small_blocks, monkeypatch, scoring
+):
+    """Items of every length, blocks of 3 rows and 7 tokens: the same scores as the model's own
+    logits give, to float32 rounding."""
+    model = tiny_model(seed=1)
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    pick = torch.tensor([ids[::3][:10], ids[1::3][:10], ids[2::3][:10]])
+    got = score_items(model, input_ids, mask, trie, pick, scoring)
+    want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, scoring)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
