@@ -11,9 +11,10 @@ from torch import nn
 from transformers import CohereConfig, CohereForCausalLM
 
 import bear.decoding.blocked_head as blocked_head
+import bear.decoding.chain_cache as chain_cache
 import bear.decoding.teacher_forcing as teacher_forcing
-from bear.decoding import score_items
-from bear.decoding.blocked_head import hidden_states, linear_head, target_log_softmax
+from bear.decoding import beam_search, score_items
+from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
 from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
 
 
@@ -100,25 +101,24 @@ def test_infinite_and_nan_logits_give_what_the_full_log_sum_exp_gives(small_bloc
         assert got[0] == float("-inf") and torch.isfinite(got[1:]).all()
 
 
-def test_a_plain_head_is_proved_once_then_the_model_computes_no_logits():
-    """The first forward for a model computes logits at its last position to compare them with
-    the head's; later ones compute none; the hidden states are the ones the logits come from."""
+def test_a_plain_head_is_proved_once_and_hidden_forwards_compute_no_logits():
+    """The proof computes the model's logits at one position and the head's there, once per
+    model; a hidden forward computes no logits, and its hidden states are the ones the model's
+    logits come from."""
     model = tiny_model(seed=5)
-    head = linear_head(model)
-    assert head is model.lm_head
     seen = []
-    hook = head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        first = hidden_states(model, head, input_ids=x)
-        again = hidden_states(model, head, input_ids=x)
+        head = plain_head(model, x[:1, -3:])
+        assert head is model.lm_head and plain_head(model, x[:1]) is head
+        out, h = hidden_forward(model, input_ids=x)
         hook.remove()
         logits = model(input_ids=x).logits
     H = model.config.hidden_size
-    # the model's head at one position and the proof's, then the model's head at none
-    assert seen == [(2, 1, H), (2, 1, H), (2, 0, H)]
-    assert torch.equal(first, again)
-    torch.testing.assert_close(head(first), logits)
+    assert seen == [(1, 1, H), (1, 1, H), (2, 0, H)]  # the model's and the proof's, then none
+    assert out.logits.shape == (2, 0, VOCAB) and h.shape == (2, 6, H)
+    torch.testing.assert_close(head(h), logits)
 
 
 def _scaled_logits_model() -> CohereForCausalLM:
@@ -134,19 +134,17 @@ def _scaled_logits_model() -> CohereForCausalLM:
 def _full_logits_scores(monkeypatch, *args) -> torch.Tensor:
     """score_items through the model's own logits (no head: the path before blocked_head)."""
     with monkeypatch.context() as m:
-        m.setattr(teacher_forcing, "linear_head", lambda model: None)
+        m.setattr(teacher_forcing, "plain_head", lambda model, token_ids: None)
         return score_items(*args)
 
 
 @pytest.mark.parametrize("scoring", ["before", "after"])
 def test_a_model_that_scales_its_logits_is_scored_from_its_own_logits(monkeypatch, scoring):
     """Scoring a logit-scaled model from its head would drop the scale: the proof tells it
-    apart (hidden_states None, remembered) and score_items uses the model's logits."""
+    apart (plain_head None, remembered) and score_items uses the model's logits."""
     model = _scaled_logits_model()
-    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert hidden_states(model, linear_head(model), input_ids=x) is None
-        assert hidden_states(model, linear_head(model), input_ids=x) is None
+    assert plain_head(model, torch.tensor([[3, 4]])) is None
+    assert blocked_head._PLAIN_HEAD[model] is False  # remembered: not proved again
     model = _scaled_logits_model()  # a model never proved: score_items finds out itself
     seqs, ids, trie = build()
     input_ids, mask = prompts((7, 4, 9))
@@ -169,3 +167,19 @@ def test_score_items_from_hidden_states_equals_the_full_logits_path(
     got = score_items(model, input_ids, mask, trie, pick, scoring)
     want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, scoring)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [tiny_model, _scaled_logits_model])
+def test_beam_search_from_hidden_states_equals_the_logits_path(monkeypatch, make):
+    """Under "after" scoring the chain cache scores fed chains from their hidden states when the
+    model's head is plain (the tiny Llama), from its logits otherwise (the logit-scaled model):
+    the same items and scores as the logits path in both cases."""
+    model = make()
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    got = beam_search(model, input_ids, mask, trie, 5, "after")
+    with monkeypatch.context() as m:
+        m.setattr(chain_cache, "plain_head", lambda model, token_ids: None)
+        want = beam_search(model, input_ids, mask, trie, 5, "after")
+    assert torch.equal(got.item_ids, want.item_ids)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)

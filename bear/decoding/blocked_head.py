@@ -7,10 +7,10 @@ over the blocks (the online softmax), so the logits are written and read in bloc
 cache instead of as one (N, V) tensor (what made ``score_items`` faster: benchmarks/README.md,
 "Catalogue size"), same values to float32 rounding.
 
-`hidden_states` runs the model for its last hidden states, after proving once per model that its
-logits are its output layer applied to them (bit for bit at one position): a model that
-post-processes its logits (a soft cap, a logit scale) is told apart, and its caller falls back
-to the model's own logits.
+`plain_head` proves once per model that its logits are its output layer applied to its last
+hidden states (bit for bit at one position): a model that post-processes its logits (a soft cap,
+a logit scale) is told apart, and its caller uses the model's own logits. `hidden_forward` then
+runs the model for its last hidden states, computing no logits.
 """
 
 from __future__ import annotations
@@ -23,49 +23,52 @@ from torch import nn
 
 from bear.decoding.prompt_cache import keeps_logits
 
-__all__ = ["hidden_states", "linear_head", "target_log_softmax"]
+__all__ = ["hidden_forward", "plain_head", "target_log_softmax"]
 
 ROWS_PER_BLOCK = 512  # positions per block of logits
 VOCAB_PER_BLOCK = 2048  # tokens per block: 512 x 2048 float32 = 4 MB, a block that stays in cache;
 # on this project's CPU, blocks of 128-1024 rows and 1024-4096 tokens ran within 15 % of each other
 _PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its logits
-# are its output layer applied to its last hidden states (`hidden_states` finds out once)
+# are its output layer applied to its last hidden states (`plain_head` finds out once)
 
 
-def linear_head(model) -> nn.Linear | None:
-    """The model's output layer when it is a plain ``nn.Linear`` and the model's forward takes
-    ``logits_to_keep``; else None (the caller computes full logits)."""
+def plain_head(model, token_ids: torch.Tensor) -> nn.Linear | None:
+    """The model's output layer when its logits are that layer applied to its last hidden
+    states, else None: a model that post-processes its logits (a soft cap, a logit scale), whose
+    output layer is not a plain ``nn.Linear``, or whose forward takes no ``logits_to_keep``.
+
+    Proved once per model object (the answer kept in `_PLAIN_HEAD`): a forward of token_ids
+    (1, t) without a cache computes the logits at its last position, and the layer applied to the
+    hidden state there (same shapes, same operation) must give them bit for bit.
+    """
     if not keeps_logits(model) or not hasattr(model, "get_output_embeddings"):
         return None
     head = model.get_output_embeddings()
-    return head if type(head) is nn.Linear else None
-
-
-def hidden_states(model, head: nn.Linear, **inputs) -> torch.Tensor | None:
-    """(r, T, H) the last hidden states of a forward of ``inputs`` (the model's keyword
-    arguments, ``input_ids`` (r, T) among them), without the model's logits; None when the
-    model's logits are not ``head`` applied to them (it post-processes them: a soft cap, a logit
-    scale), and the caller needs the model's own logits.
-
-    The first call for a model computes the logits at the last position and compares them bit
-    for bit with ``head`` applied there (same shapes, same operation); the answer is kept for
-    the model object (`_PLAIN_HEAD`), and later calls compute no logits (an empty
-    ``logits_to_keep``).
-    """
-    plain = _PLAIN_HEAD.get(model)
-    if plain is False:
+    if type(head) is not nn.Linear:
         return None
-    last = [inputs["input_ids"].shape[1] - 1] if plain is None else []
-    keep = torch.tensor(last, dtype=torch.int64, device=inputs["input_ids"].device)
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=keep)
-    h = out.hidden_states[-1] if out.hidden_states else None
+    plain = _PLAIN_HEAD.get(model)
     if plain is None:
-        mine = None if h is None else head(h[:, keep])  # what the model computes there
+        keep = torch.tensor([token_ids.shape[1] - 1], device=token_ids.device)
+        with torch.no_grad():
+            out = model(
+                input_ids=token_ids, use_cache=False, output_hidden_states=True, logits_to_keep=keep
+            )
+            h = out.hidden_states[-1] if out.hidden_states else None
+            mine = None if h is None else head(h[:, keep])  # what the model computes there
         plain = (
             mine is not None and mine.dtype == out.logits.dtype and torch.equal(mine, out.logits)
         )
         _PLAIN_HEAD[model] = plain
-    return h if plain else None
+    return head if plain else None
+
+
+def hidden_forward(model, **inputs):
+    """(the model's output, (r, T, H) its last hidden states) for a forward of ``inputs`` (the
+    model's keyword arguments, ``input_ids`` (r, T) among them) that computes no logits: for a
+    model whose `plain_head` is not None, the hidden states its logits would come from."""
+    keep = torch.empty(0, dtype=torch.int64, device=inputs["input_ids"].device)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=keep)
+    return out, out.hidden_states[-1]
 
 
 def target_log_softmax(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from bear.decoding.beam_cache import check_tree_attention
+from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
 from bear.decoding.grouped_attention import grouped_attention
 from bear.decoding.growing_cache import growing_cache
 from bear.decoding.prompt_cache import (
@@ -160,6 +161,9 @@ class ChainKVCache:
         self.ahead = torch.zeros(U, 1, 0, device=device, dtype=torch.float32)
         self.dtype = next(model.parameters()).dtype
         self.keeps_logits = keeps_logits(model)
+        # "after": fed chains are scored from their hidden states when the model's logits are its
+        # output layer's (`blocked_head`): no logits at padding, no (T, V) log-softmax
+        self.head = plain_head(model, input_ids[:1, -1:]) if self.normalized else None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -253,20 +257,26 @@ class ChainKVCache:
         chain, chain_node, length = forced_chains(
             self.trie, node[user, beam], tokens[user, beam], limit
         )
-        logits, cols = self._forward(
+        out, cols = self._forward(
             user, beam, chain, length, torch.full_like(length, depth), last_only=False
-        )
+        )  # (U, T, V) logits, or (U, T, H) last hidden states with a plain ``head``
         # what each fed position predicts: its node's lone child (EOS too), else nothing (-1)
-        logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (U, T, V), padding too
         target = lone_child_token(self.trie, chain_node)  # (N, K), -1 after the chain too
         n, k = (target >= 0).nonzero().unbind(1)  # the fed positions that predict a lone child
-        lp = torch.zeros(target.shape, device=node.device, dtype=torch.float32)
-        lp[n, k] = logprobs[user[n], cols[n, k], target[n, k]]
         end_node = chain_node.gather(1, (length - 1)[:, None]).squeeze(1)
         branches = lone_child_token(self.trie, end_node) < 0  # the chain ends on a branching node
         end_col = cols.gather(1, (length - 1)[:, None]).squeeze(1)
         b = branches.nonzero().squeeze(1)
-        self.rows[user[b], beam[b]] = logprobs[user[b], end_col[b]]
+        lp = torch.zeros(target.shape, device=node.device, dtype=torch.float32)
+        if self.head is None:
+            logprobs = torch.log_softmax(out, dim=-1, dtype=torch.float32)  # (U, T, V), padding too
+            lp[n, k] = logprobs[user[n], cols[n, k], target[n, k]]
+            self.rows[user[b], beam[b]] = logprobs[user[b], end_col[b]]
+        else:  # logits at the chains' positions only: a lone child's log p blockwise, full rows
+            # where a chain branches
+            lp[n, k] = target_log_softmax(out[user[n], cols[n, k]], self.head, target[n, k])
+            ends = self.head(out[user[b], end_col[b]])  # (N_b, V)
+            self.rows[user[b], beam[b]] = torch.log_softmax(ends, dim=-1, dtype=torch.float32)
         self.branches[user, beam] = branches
         K = max(self.ahead.shape[2], lp.shape[1])
         self.ahead = _pad_last(self.ahead, K)
@@ -282,7 +292,8 @@ class ChainKVCache:
         Returns:
             logits (U, T', V) and, for each chain, the columns of its tokens (N, K) or, with
             ``last_only``, of its last token (N,) (only those logits are computed, where the
-            model allows it).
+            model allows it). Without ``last_only`` and with a plain ``head``, the last hidden
+            states (U, T', H) instead of the logits (no logits computed).
         """
         device = chain.device
         U, Bn = self.lineage.shape[:2]
@@ -306,21 +317,25 @@ class ChainKVCache:
         last = start + length - 1
         if last_only and self.keeps_logits:
             extra["logits_to_keep"] = torch.unique(last)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": self._mask(owner, index),
+            "position_ids": self.last_pos[:, None] + depth,
+            "use_cache": True,
+            self.cache_kw: self.cache,
+        }
+        hidden = None
         with grouped_attention(self.model):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=self._mask(owner, index),
-                position_ids=self.last_pos[:, None] + depth,
-                use_cache=True,
-                **{self.cache_kw: self.cache},
-                **extra,
-            )
+            if not last_only and self.head is not None:
+                out, hidden = hidden_forward(self.model, **inputs)
+            else:
+                out = self.model(**inputs, **extra)
         self.cache = output_cache(out)
         mine = torch.zeros(U, Bn, T, dtype=torch.bool, device=device)
         mine[row, beam[:, None].expand_as(real)[real], col] = True
         self.lineage = torch.cat([self.lineage, mine], dim=2)
         if not last_only:
-            return out.logits, cols
+            return (out.logits if hidden is None else hidden), cols
         if "logits_to_keep" in extra:
             last = torch.searchsorted(extra["logits_to_keep"], last)
         return out.logits, last

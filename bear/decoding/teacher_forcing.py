@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bear.decoding.blocked_head import hidden_states, linear_head, target_log_softmax
+from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
 from bear.decoding.common import check_inputs, model_vocab
 from bear.decoding.prompt_cache import PromptCache, cache_kwarg, layer_tensors, prefill
 from bear.trie import ItemTrie
@@ -233,21 +233,18 @@ def score_items(
     steps = (targets != -100).sum(1)  # (R,) each item's steps, EOS included
     order = steps.argsort(stable=True)  # items of like length share a chunk: little padding
     scores = _first_logprobs(trie, prompt.logits, rows, targets[:, 0], scoring)  # (R,)
-    head = linear_head(model)  # None: full logits (and a chunk within ROW_BUDGET)
-    s = 0
-    while s < U * M:
-        chunk = _chunk_rows(prompt, targets.shape[1], head)
+    head = plain_head(model, input_ids[:1, -1:])  # None: full logits, chunks within ROW_BUDGET
+    chunk = CACHE_BUDGET // max(1, _cache_elements(prompt))  # prompt entries copied per chunk
+    if head is None:
+        chunk = min(chunk, ROW_BUDGET // (targets.shape[1] * prompt.logits.shape[-1]))
+    chunk = max(1, chunk)
+    for s in range(0, U * M, chunk):
         picked = order[s : s + chunk]
         width = int(steps[picked].max())  # these items' longest, EOS included
         part = prompt.select(rows[picked], logits=False)  # the prompts' entries, once per item
-        later = _later_logprobs(
+        scores[picked] += _later_logprobs(
             model, part, trie, targets[picked, :width], nodes[picked, :width], scoring, head
-        )
-        if later is None:  # the model's logits are not its head's: full logits from here on
-            head = None
-            continue
-        scores[picked] += later.sum(-1)
-        s += chunk
+        ).sum(-1)
     return scores.view(U, M)
 
 
@@ -267,28 +264,16 @@ def _first_logprobs(trie: ItemTrie, logits, rows, targets, scoring) -> torch.Ten
     return _minus_log_sum_exp(z_y, lse[rows])
 
 
-def _chunk_rows(prompt: PromptCache, width: int, head) -> int:
-    """Items per forward: the prompt entries copied within CACHE_BUDGET, and with full logits
-    (no ``head``) the logits of ``width`` steps within ROW_BUDGET."""
-    rows = CACHE_BUDGET // max(1, _cache_elements(prompt))
-    if head is None:
-        rows = min(rows, ROW_BUDGET // (width * prompt.logits.shape[-1]))
-    return max(1, rows)
-
-
 def _later_logprobs(model, part: PromptCache, trie: ItemTrie, targets, nodes, scoring, head):
     """(r, L) float32 teacher-forced log-probabilities of steps 1..L of one item per cached
     prompt of ``part`` (its targets and nodes (r, L+1) as ``_forced_tokens`` gives them), 0 after
     an item's end: one forward of the items' tokens, scored from its last hidden states through
-    ``head`` (`blocked_head`), or from its logits when ``head`` is None. None when the model's
-    logits proved not to be ``head``'s (nothing scored)."""
+    ``head`` (`blocked_head`), or from its logits when ``head`` is None."""
     cont = _fed_tokens(targets)  # (r, L)
     if cont.shape[1] == 0:
         return cont.new_zeros(cont.shape, dtype=torch.float32)
     if head is not None:
-        h = hidden_states(model, head, **_fed_inputs(model, part, cont))  # (r, L, H)
-        if h is None:
-            return None
+        _, h = hidden_forward(model, **_fed_inputs(model, part, cont))  # (r, L, H)
         return _hidden_logprobs(trie, h, head, nodes[:, 1:], targets[:, 1:], scoring)
     logits = _fed_logits(model, part, cont)  # (r, L, V)
     later = _step_logprobs(  # ``logits`` is this forward's own output, read no more
