@@ -15,6 +15,7 @@ import bear.decoding.chain_cache as chain_cache
 import bear.decoding.teacher_forcing as teacher_forcing
 from bear.decoding import beam_search, score_items
 from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
+from bear.trie import ItemTrie
 from tests._helpers_decoding import EOS, PAD, VOCAB, build, prompts, tiny_model
 
 
@@ -102,8 +103,8 @@ def test_infinite_and_nan_logits_give_what_the_full_log_sum_exp_gives(small_bloc
 
 
 def test_a_plain_head_is_proved_once_and_hidden_forwards_compute_no_logits():
-    """The proof computes the model's logits at one position and the head's there, once per
-    model; a hidden forward computes no logits, and its hidden states are the ones the model's
+    """The proof has the model compute its logits at one position, once per model; a hidden
+    forward computes no logits, and its hidden states are the ones the model's
     logits come from."""
     model = tiny_model(seed=5)
     seen = []
@@ -116,7 +117,7 @@ def test_a_plain_head_is_proved_once_and_hidden_forwards_compute_no_logits():
         hook.remove()
         logits = model(input_ids=x).logits
     H = model.config.hidden_size
-    assert seen == [(1, 1, H), (1, 1, H), (2, 0, H)]  # the model's and the proof's, then none
+    assert seen == [(1, 1, H), (2, 0, H)]  # the model's head at one position, then at none
     assert out.logits.shape == (2, 0, VOCAB) and h.shape == (2, 6, H)
     torch.testing.assert_close(head(h), logits)
 
@@ -183,3 +184,100 @@ def test_beam_search_from_hidden_states_equals_the_logits_path(monkeypatch, make
         want = beam_search(model, input_ids, mask, trie, 5, "after")
     assert torch.equal(got.item_ids, want.item_ids)
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)
+
+
+def _teacher_forced(model, input_ids, mask, seqs, ids, pick, scoring) -> torch.Tensor:
+    """(U, M) float64 oracle: each prompt + title run whole, log p summed step by step over
+    every token ("after") or over the trie's children of the prefix ("before")."""
+    item_of = dict(zip(ids, seqs, strict=True))
+    children = {}  # prefix -> allowed next tokens (a test oracle, so a plain dict)
+    for s in seqs:
+        for t in range(len(s) + 1):
+            children.setdefault(tuple(s[:t]), set()).add(s[t] if t < len(s) else EOS)
+    out = torch.zeros(pick.shape, dtype=torch.float64)
+    for u in range(pick.shape[0]):
+        prompt = input_ids[u, mask[u].bool()]
+        for j, item in enumerate(pick[u].tolist()):
+            target = item_of[item] + [EOS]
+            x = torch.cat([prompt, torch.tensor(target[:-1])])[None]
+            with torch.no_grad():
+                z = model(input_ids=x).logits[0, len(prompt) - 1 :].double()
+            for t, y in enumerate(target):
+                if scoring == "before":
+                    allowed = torch.tensor(sorted(children[tuple(target[:t])]))
+                    out[u, j] += z[t, y] - torch.logsumexp(z[t, allowed], 0)
+                else:
+                    out[u, j] += z[t].log_softmax(0)[y]
+    return out
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_a_head_with_a_bias_and_a_root_with_one_child_score_as_teacher_forcing(scoring):
+    """A plain head with a bias is scored from hidden states (its bias included), and a
+    catalogue whose titles all start with one token (the root has one child: step 0 is 0
+    under "before") scores as the oracle does."""
+    model = tiny_model(seed=2)
+    torch.manual_seed(0)
+    biased = nn.Linear(model.config.hidden_size, VOCAB, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(model.lm_head.weight)
+        biased.bias.normal_(0.0, 3.0)
+    model.lm_head = biased
+    seqs, ids, _ = build()
+    seqs = [[5] + s for s in seqs]  # every title starts with token 5
+    trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+    assert int(trie.child_ptr[1] - trie.child_ptr[0]) == 1
+    input_ids, mask = prompts((7, 4, 9))
+    pick = torch.tensor([ids[:5], ids[5:10], ids[10:15]])
+    got = score_items(model, input_ids, mask, trie, pick, scoring)
+    assert plain_head(model, input_ids[:1, -1:]) is biased
+    want = _teacher_forced(model, input_ids, mask, seqs, ids, pick, scoring)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_hook_that_changes_the_heads_output_is_not_a_plain_head():
+    """A forward hook on the output layer that adds to its logits: the model's logits are not
+    the layer's weight applied to its hidden states, so no plain head (an observing hook, as in
+    the proof test above, leaves it plain)."""
+    model = tiny_model(seed=3)
+    model.lm_head.register_forward_hook(lambda module, args, out: out + 1.0)
+    assert plain_head(model, torch.tensor([[3, 4, 5]])) is None
+
+
+def test_a_bfloat16_model_that_casts_its_logits_is_scored_from_hidden_states(monkeypatch):
+    """A bfloat16 model whose logits are cast to float32 after the layer still has a plain
+    head; its scores from hidden states are those of its own logits, to bfloat16 rounding."""
+    model = tiny_model(seed=4).to(torch.bfloat16)
+    model.lm_head.register_forward_hook(lambda module, args, out: out.float())
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    assert plain_head(model, input_ids[:1, -1:]) is model.lm_head
+    pick = torch.tensor([ids[:6]] * 3)
+    for scoring in ("before", "after"):
+        got = score_items(model, input_ids, mask, trie, pick, scoring)
+        want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, scoring)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (1, 0), (3,)])
+def test_plain_head_refuses_token_ids_that_are_not_one_prompt(shape):
+    with pytest.raises(ValueError, match=r"token_ids: expected \(1, t\)"):
+        plain_head(tiny_model(), torch.zeros(shape, dtype=torch.int64))
+
+
+def test_the_blocked_log_softmax_is_as_accurate_as_torchs_float32_one(small_blocks, monkeypatch):
+    """Against a float64 ground truth, the blocked float32 log-sum-exp errs no more than twice
+    what torch's float32 log_softmax errs on the same logits (SmolLM2-like logits: std 3.6,
+    V = 6,000, blocks of 512 tokens)."""
+    monkeypatch.setattr(blocked_head, "VOCAB_PER_BLOCK", 512)
+    torch.manual_seed(0)
+    head = nn.Linear(96, 6000, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.37)
+        h = torch.randn(40, 96)
+        y = torch.randint(0, 6000, (40,))
+        exact = (h.double() @ head.weight.double().T).log_softmax(-1)
+        exact = exact.gather(1, y[:, None]).squeeze(1)
+        torch_error = (head(h).log_softmax(-1).gather(1, y[:, None]).squeeze(1) - exact).abs()
+        blocked_error = (target_log_softmax(h, head, y).double() - exact).abs()
+    assert blocked_error.max() <= 2 * torch_error.max()

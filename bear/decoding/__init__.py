@@ -20,6 +20,7 @@ This package's modules:
     count_above      count_items_above: the exact rank of a known target, depth first
     prefix_search    what best_first and count_above share (prefix feeding, packing, budgets)
     teacher_forcing  score_items, item_logits
+    blocked_head     target log p from last hidden states, the output layer a block at a time
     common           input checks, child log-probabilities, stable top-k, DecodeResult
     prompt_cache     one prefill of the prompts (PromptCache), read by every search
     beam_cache       the beams' KV caches (tree attention, or copied rows)

@@ -28,23 +28,34 @@ __all__ = ["hidden_forward", "plain_head", "target_log_softmax"]
 ROWS_PER_BLOCK = 512  # positions per block of logits
 VOCAB_PER_BLOCK = 2048  # tokens per block: 512 x 2048 float32 = 4 MB, a block that stays in cache;
 # on this project's CPU, blocks of 128-1024 rows and 1024-4096 tokens ran within 15 % of each other
-_PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> whether its logits
-# are its output layer applied to its last hidden states (`plain_head` finds out once)
+# model -> whether its logits are its output layer applied to its last hidden states (`plain_head`)
+_PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plain_head(model, token_ids: torch.Tensor) -> nn.Linear | None:
-    """The model's output layer when its logits are that layer applied to its last hidden
-    states, else None: a model that post-processes its logits (a soft cap, a logit scale), whose
-    output layer is not a plain ``nn.Linear``, or whose forward takes no ``logits_to_keep``.
+    """The model's output layer when its logits are that layer's weight and bias applied to its
+    last hidden states, else None: a model that post-processes its logits (a soft cap, a logit
+    scale, a hook on the layer that changes its output), whose output layer is not a plain
+    ``nn.Linear`` or has its weight elsewhere than ``token_ids`` (offloaded, on "meta"), or
+    whose forward takes no ``logits_to_keep``.
 
-    Proved once per model object (the answer kept in `_PLAIN_HEAD`): a forward of token_ids
-    (1, t) without a cache computes the logits at its last position, and the layer applied to the
-    hidden state there (same shapes, same operation) must give them bit for bit.
+    Proved once per model object, the answer kept in `_PLAIN_HEAD` (a model changed afterwards,
+    a soft cap set or such a hook added, keeps its answer): a forward of token_ids (1, t) without
+    a cache computes the logits at its last position, and ``F.linear`` of the hidden state there
+    (same shapes, the operation `target_log_softmax` runs) must give them bit for bit.
+
+    Raises:
+        ValueError: token_ids not (1, t) with t >= 1.
     """
+    if token_ids.dim() != 2 or token_ids.shape[0] != 1 or token_ids.shape[1] < 1:
+        raise ValueError(
+            f"token_ids: expected (1, t) token ids with t >= 1 (one prompt's tokens), got shape "
+            f"{tuple(token_ids.shape)}"
+        )
     if not keeps_logits(model) or not hasattr(model, "get_output_embeddings"):
         return None
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear:
+    if type(head) is not nn.Linear or head.weight.device != token_ids.device:
         return None
     plain = _PLAIN_HEAD.get(model)
     if plain is None:
@@ -54,18 +65,18 @@ def plain_head(model, token_ids: torch.Tensor) -> nn.Linear | None:
                 input_ids=token_ids, use_cache=False, output_hidden_states=True, logits_to_keep=keep
             )
             h = out.hidden_states[-1] if out.hidden_states else None
-            mine = None if h is None else head(h[:, keep])  # what the model computes there
-        plain = (
-            mine is not None and mine.dtype == out.logits.dtype and torch.equal(mine, out.logits)
-        )
+            mine = None if h is None else F.linear(h[:, keep], head.weight, head.bias)
+        # a model that casts its logits (to float32, say) after the layer is still plain
+        plain = mine is not None and torch.equal(mine.to(out.logits.dtype), out.logits)
         _PLAIN_HEAD[model] = plain
     return head if plain else None
 
 
-def hidden_forward(model, **inputs):
+def hidden_forward(model, **inputs) -> tuple:
     """(the model's output, (r, T, H) its last hidden states) for a forward of ``inputs`` (the
     model's keyword arguments, ``input_ids`` (r, T) among them) that computes no logits: for a
-    model whose `plain_head` is not None, the hidden states its logits would come from."""
+    model whose `plain_head` is not None, the hidden states its logits would come from. The
+    output holds every layer's hidden states: a caller that needs only the cache keeps that."""
     keep = torch.empty(0, dtype=torch.int64, device=inputs["input_ids"].device)
     out = model(**inputs, output_hidden_states=True, logits_to_keep=keep)
     return out, out.hidden_states[-1]
@@ -93,10 +104,8 @@ def target_log_softmax(
     Returns:
         (N,) float32.
     """
-    N, V = h.shape[0], head.weight.shape[0]
+    N = h.shape[0]
     out = torch.empty(N, device=h.device, dtype=torch.float32)
-    if allowed is not None:
-        allowed = F.pad(allowed, (0, V - allowed.shape[1]))  # (N, V)
     for r in range(0, N, ROWS_PER_BLOCK):
         rows = slice(r, r + ROWS_PER_BLOCK)
         out[rows] = _rows_log_softmax(
@@ -120,8 +129,9 @@ def _rows_log_softmax(h, head, y, allowed) -> torch.Tensor:
         inside = (y >= c) & (y < c + z.shape[1])
         here = z.gather(1, (y - c).clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
         z_y = torch.where(inside, here, z_y)
-        if allowed is not None:
-            z = z.masked_fill_(~allowed[:, cols], float("-inf"))
+        if allowed is not None:  # tokens past allowed's width are never allowed
+            a = allowed[:, cols]
+            z = z.masked_fill_(~F.pad(a, (0, z.shape[1] - a.shape[1])), float("-inf"))
         top = torch.maximum(top, z.amax(dim=-1))  # NaN stays NaN
         new_shift = top.masked_fill(top.abs() == float("inf"), 0.0)
         # total > 0 only once a finite logit was seen, so shift <= new_shift: no overflow

@@ -16,12 +16,16 @@ a forward pads every user to the one with the most tokens to feed: on a CPU, whe
 costs its tokens, that outweighs the forwards saved (``default_chain_limit``), except in a
 forward of few chains, which costs mostly the reading of the weights: a CPU search gives each of
 N < 16 chains 16 // N tokens (``default_feed_budget``). The cache's layers grow into spare room
-(`bear.decoding.growing_cache`) instead of being copied whole at every forward.
+(`bear.decoding.growing_cache`) instead of being copied whole at every forward. Under "after",
+a model whose logits are its output layer's (`bear.decoding.blocked_head`) computes none in a
+fed forward: a forced token's log p comes from its hidden state (the output layer a block at a
+time), and full logits only where a chain branches.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bear.decoding.beam_cache import check_tree_attention
 from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
@@ -152,8 +156,8 @@ class ChainKVCache:
             torch.zeros(U, 1, dtype=torch.int64, device=device) for _ in range(4)
         )
         self.lineage = torch.zeros(U, 1, 0, dtype=torch.bool, device=device)
-        # "after": the rows hold log_softmax(z), computed once per fed position and read by
-        # the ranking as they are (``normalized``); "before": the logits
+        # "after": the rows hold log_softmax(z) where a beam's chain branches, computed once and
+        # read by the ranking as they are (``normalized``); "before": the logits
         self.normalized = scoring == "after"
         rows = logits.float().view(U, 1, -1)
         self.rows = torch.log_softmax(rows, -1) if self.normalized else rows.clone()  # not a view
@@ -275,7 +279,7 @@ class ChainKVCache:
         else:  # logits at the chains' positions only: a lone child's log p blockwise, full rows
             # where a chain branches
             lp[n, k] = target_log_softmax(out[user[n], cols[n, k]], self.head, target[n, k])
-            ends = self.head(out[user[b], end_col[b]])  # (N_b, V)
+            ends = F.linear(out[user[b], end_col[b]], self.head.weight, self.head.bias)  # (N_b, V)
             self.rows[user[b], beam[b]] = torch.log_softmax(ends, dim=-1, dtype=torch.float32)
         self.branches[user, beam] = branches
         K = max(self.ahead.shape[2], lp.shape[1])

@@ -166,9 +166,10 @@ class PromptCache:
         layers = layer_tensors(cache, kv_mask.shape[1])
         return cls(layers, input_ids, mask, kv_mask, last_pos, logits)
 
-    def select(self, rows: torch.Tensor | slice, logits: bool = True) -> PromptCache:
+    def select(self, rows: torch.Tensor | slice, *, logits: bool = True) -> PromptCache:
         """The prompts ``rows``: (R,) indices (repeats allowed, copies) or a slice (views);
-        ``logits=False``: (R, 0) logits, for a reader of the keys and values only."""
+        ``logits=False``: (R, 0) logits, for a reader of the keys and values only (not a cache
+        to decode from)."""
         layers = [(k[rows], v[rows]) for k, v in self.layers]
         picked = (
             self.input_ids[rows],

@@ -5,16 +5,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
+from bear.decoding.blocked_head import (
+    ROWS_PER_BLOCK,
+    hidden_forward,
+    plain_head,
+    target_log_softmax,
+)
 from bear.decoding.common import check_inputs, model_vocab
 from bear.decoding.prompt_cache import PromptCache, cache_kwarg, layer_tensors, prefill
 from bear.trie import ItemTrie
 
 __all__ = ["continuation_logits", "item_logits", "score_items"]
 
-ROW_BUDGET = 2**24  # logits elements per teacher-forcing chunk (64 MB in float32): on this
-# project's CPU, larger chunks made score_items slower on the tiny Llama of catalogue_scale.py
-# (fresh large buffers cost their page faults), smaller ones on SmolLM2-135M (fewer rows a forward)
+ROW_BUDGET = 2**24  # logits elements per teacher-forcing chunk (64 MB in float32), or, when the
+# items are scored from hidden states (`blocked_head`), hidden-state elements of every layer: on
+# this project's CPU, larger logits chunks made score_items slower on the tiny Llama of
+# catalogue_scale.py (fresh large buffers cost their page faults), smaller ones on SmolLM2-135M
 CACHE_BUDGET = 2**25  # prompt key/value elements copied per score_items chunk
 
 
@@ -189,10 +195,15 @@ def score_items(
 ) -> torch.Tensor:
     """Teacher-forced item scores: sum_t log p(y_t | x, y_<t), EOS included (no length penalty).
 
-    Each prompt runs once (``prompt``: a prefill already made, else one here); every item is fed
-    after its prompt's cached keys and values, and the model computes logits at the items'
-    positions only (``item_logits``). A model whose cache does not keep every prompt position
-    (a sliding window) runs each prompt again with its items instead.
+    Each prompt runs once (``prompt``: a prefill already made, else one here) and its
+    next-token log-sum-exp is computed once for all its items (step 0); every item is fed after
+    its prompt's cached keys and values. When the model's logits are its output layer applied to
+    its last hidden states (`blocked_head.plain_head`, proved once per model), the forward
+    computes no logits and each item position's log p comes from its hidden state, the output
+    layer applied a block of tokens at a time (`blocked_head.target_log_softmax`; under
+    "before", only at positions on a node with several children); otherwise from the model's
+    logits at the items' positions. A model whose cache does not keep every prompt position (a
+    sliding window) runs each prompt again with its items instead.
 
     Args:
         model: a Hugging Face causal LM.
@@ -234,9 +245,11 @@ def score_items(
     order = steps.argsort(stable=True)  # items of like length share a chunk: little padding
     scores = _first_logprobs(trie, prompt.logits, rows, targets[:, 0], scoring)  # (R,)
     head = plain_head(model, input_ids[:1, -1:])  # None: full logits, chunks within ROW_BUDGET
-    chunk = CACHE_BUDGET // max(1, _cache_elements(prompt))  # prompt entries copied per chunk
-    if head is None:
-        chunk = min(chunk, ROW_BUDGET // (targets.shape[1] * prompt.logits.shape[-1]))
+    # per item position: V logits, or every layer's hidden state (the embeddings', each layer's)
+    V, H = prompt.logits.shape[-1], None if head is None else head.in_features
+    per_position = V if head is None else (len(prompt.layers) + 1) * H
+    chunk = min(CACHE_BUDGET // max(1, _cache_elements(prompt)),  # prompt entries copied
+                ROW_BUDGET // (targets.shape[1] * per_position))  # fmt: skip
     chunk = max(1, chunk)
     for s in range(0, U * M, chunk):
         picked = order[s : s + chunk]
@@ -273,7 +286,7 @@ def _later_logprobs(model, part: PromptCache, trie: ItemTrie, targets, nodes, sc
     if cont.shape[1] == 0:
         return cont.new_zeros(cont.shape, dtype=torch.float32)
     if head is not None:
-        _, h = hidden_forward(model, **_fed_inputs(model, part, cont))  # (r, L, H)
+        h = hidden_forward(model, **_fed_inputs(model, part, cont))[1]  # (r, L, H)
         return _hidden_logprobs(trie, h, head, nodes[:, 1:], targets[:, 1:], scoring)
     logits = _fed_logits(model, part, cont)  # (r, L, V)
     later = _step_logprobs(  # ``logits`` is this forward's own output, read no more
@@ -300,10 +313,13 @@ def _hidden_logprobs(trie, h, head, nodes, targets, scoring) -> torch.Tensor:
         z_y = (hs.float() * head.weight[y].float()).sum(-1)  # (N,) finiteness only
         if head.bias is not None:
             z_y = z_y + head.bias[y].float()
-        values = z_y.new_zeros(z_y.shape).masked_fill_(~torch.isfinite(z_y), float("nan"))
+        z_y = z_y.to(h.dtype)  # a logit past the model's dtype's range is inf there
+        values = torch.zeros(z_y.shape, device=h.device, dtype=torch.float32)
+        values = values.masked_fill_(~torch.isfinite(z_y), float("nan"))
         branching = (trie.child_ptr[at + 1] - trie.child_ptr[at] > 1).nonzero().squeeze(-1)
-        children = trie.children_dense(at[branching])  # (N', trie V)
-        values[branching] = target_log_softmax(hs[branching], head, y[branching], children)
+        for r in range(0, branching.numel(), ROWS_PER_BLOCK):  # (rows, trie V) masks at a time
+            b = branching[r : r + ROWS_PER_BLOCK]
+            values[b] = target_log_softmax(hs[b], head, y[b], trie.children_dense(at[b]))
     logp = torch.zeros(targets.shape, device=h.device, dtype=torch.float32)
     logp[real] = values
     return logp
