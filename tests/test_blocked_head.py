@@ -171,10 +171,11 @@ def test_score_items_from_hidden_states_equals_the_full_logits_path(
 
 
 @pytest.mark.parametrize("make", [tiny_model, _scaled_logits_model])
-def test_beam_search_from_hidden_states_equals_the_logits_path(monkeypatch, make):
+def test_beam_search_from_hidden_states_equals_the_logits_path(small_blocks, monkeypatch, make):
     """Under "after" scoring the chain cache scores fed chains from their hidden states when the
-    model's head is plain (the tiny Llama), from its logits otherwise (the logit-scaled model):
-    the same items and scores as the logits path in both cases."""
+    model's head is plain (the tiny Llama: several blocks of rows and tokens), from its logits
+    otherwise (the logit-scaled model, which a wrong proof would score without its scale): the
+    same items and scores as the logits path in both cases."""
     model = make()
     seqs, ids, trie = build()
     input_ids, mask = prompts((7, 4, 9))
@@ -267,8 +268,8 @@ def test_plain_head_refuses_token_ids_that_are_not_one_prompt(shape):
 
 def test_the_blocked_log_softmax_is_as_accurate_as_torchs_float32_one(small_blocks, monkeypatch):
     """Against a float64 ground truth, the blocked float32 log-sum-exp errs no more than twice
-    what torch's float32 log_softmax errs on the same logits (SmolLM2-like logits: std 3.6,
-    V = 6,000, blocks of 512 tokens)."""
+    what torch's float32 log_softmax errs on the same logits, at worst and on average (random
+    logits of std 3.6, as SmolLM2's on Office prompts; V = 6,000, blocks of 512 tokens)."""
     monkeypatch.setattr(blocked_head, "VOCAB_PER_BLOCK", 512)
     torch.manual_seed(0)
     head = nn.Linear(96, 6000, bias=False)
@@ -281,3 +282,40 @@ def test_the_blocked_log_softmax_is_as_accurate_as_torchs_float32_one(small_bloc
         torch_error = (head(h).log_softmax(-1).gather(1, y[:, None]).squeeze(1) - exact).abs()
         blocked_error = (target_log_softmax(h, head, y).double() - exact).abs()
     assert blocked_error.max() <= 2 * torch_error.max()
+    assert blocked_error.mean() <= 2 * torch_error.mean()
+
+
+@pytest.mark.parametrize("scoring", ["before", "after"])
+def test_a_nan_logit_leaves_the_head_plain_and_scores_as_the_logits_path(monkeypatch, scoring):
+    """A token whose logit is NaN (its weight row NaN) does not make the model's head look
+    post-processed (NaN equals NaN in the proof); the scores from hidden states have their NaN
+    where the logits path has them."""
+    model = tiny_model(seed=6)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB - 1] = float("nan")  # a token no item uses
+    seqs, ids, trie = build()
+    input_ids, mask = prompts((7, 4, 9))
+    assert plain_head(model, input_ids[:1, -1:]) is model.lm_head
+    pick = torch.tensor([ids[:6]] * 3)
+    got = score_items(model, input_ids, mask, trie, pick, scoring)
+    want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, scoring)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    assert got.isnan().all() == (scoring == "after")  # "before" never reads that token
+
+
+def test_a_lone_childs_logit_past_float16_range_scores_nan_as_its_logits_do(monkeypatch):
+    """Under "before", a lone child's log p is 0 for a finite logit and NaN for an infinite
+    one: a float16 model whose logit for such a token overflows scores the item NaN from
+    hidden states as from its logits, and the other items alike."""
+    seqs = [[3, 20, 5], [4, 6], [4, 7]]  # token 20 is only ever a lone child
+    ids = [0, 1, 2]
+    trie = ItemTrie(seqs, ids, EOS, vocab_size=VOCAB)
+    model = tiny_model(seed=7).to(torch.float16)
+    with torch.no_grad():
+        model.lm_head.weight[20] = 3e4  # its logit past float16's largest, 65,504
+    input_ids, mask = prompts((7, 4, 9))
+    pick = torch.tensor([ids] * 3)
+    got = score_items(model, input_ids, mask, trie, pick, "before")
+    want = _full_logits_scores(monkeypatch, model, input_ids, mask, trie, pick, "before")
+    assert got[:, 0].isnan().all() and want[:, 0].isnan().all()
+    torch.testing.assert_close(got[:, 1:], want[:, 1:], rtol=1e-2, atol=1e-2)

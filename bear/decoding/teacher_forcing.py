@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bear.decoding.blocked_head import (
-    ROWS_PER_BLOCK,
-    hidden_forward,
-    plain_head,
-    target_log_softmax,
-)
+from bear.decoding import blocked_head
+from bear.decoding.blocked_head import hidden_forward, plain_head, target_log_softmax
 from bear.decoding.common import check_inputs, model_vocab
 from bear.decoding.prompt_cache import PromptCache, cache_kwarg, layer_tensors, prefill
 from bear.trie import ItemTrie
@@ -317,8 +313,9 @@ def _hidden_logprobs(trie, h, head, nodes, targets, scoring) -> torch.Tensor:
         values = torch.zeros(z_y.shape, device=h.device, dtype=torch.float32)
         values = values.masked_fill_(~torch.isfinite(z_y), float("nan"))
         branching = (trie.child_ptr[at + 1] - trie.child_ptr[at] > 1).nonzero().squeeze(-1)
-        for r in range(0, branching.numel(), ROWS_PER_BLOCK):  # (rows, trie V) masks at a time
-            b = branching[r : r + ROWS_PER_BLOCK]
+        rows = blocked_head.ROWS_PER_BLOCK  # (rows, trie V) child masks at a time
+        for r in range(0, branching.numel(), rows):
+            b = branching[r : r + rows]
             values[b] = target_log_softmax(hs[b], head, y[b], trie.children_dense(at[b]))
     logp = torch.zeros(targets.shape, device=h.device, dtype=torch.float32)
     logp[real] = values
