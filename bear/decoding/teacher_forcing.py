@@ -241,9 +241,11 @@ def score_items(
     order = steps.argsort(stable=True)  # items of like length share a chunk: little padding
     scores = _first_logprobs(trie, prompt.logits, rows, targets[:, 0], scoring)  # (R,)
     head = plain_head(model, input_ids[:1, -1:])  # None: full logits, chunks within ROW_BUDGET
-    # per item position: V logits, or every layer's hidden state (the embeddings', each layer's)
-    V, H = prompt.logits.shape[-1], None if head is None else head.in_features
-    per_position = V if head is None else (len(prompt.layers) + 1) * H
+    # elements per item position: V logits, or the hidden states of the embeddings and each layer
+    if head is None:
+        per_position = prompt.logits.shape[-1]
+    else:
+        per_position = (len(prompt.layers) + 1) * head.in_features
     chunk = min(CACHE_BUDGET // max(1, _cache_elements(prompt)),  # prompt entries copied
                 ROW_BUDGET // (targets.shape[1] * per_position))  # fmt: skip
     chunk = max(1, chunk)
