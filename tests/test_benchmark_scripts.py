@@ -395,3 +395,35 @@ def test_from_checkout_imports_another_checkout_apart_and_refuses_a_folder_witho
     assert sys.modules["bear.metrics"] is bear.metrics and not hasattr(bear.metrics, "MARK")
     with pytest.raises(ValueError, match="no bear/__init__.py"):
         common.from_checkout(str(tmp_path / "empty"), "bear.metrics:hit_rate")
+
+
+def test_decoding_profile_splits_a_call_into_its_parts(tmp_path):
+    """One beam search call of a checkpoint (a tiny Llama saved with its tokenizer) split into
+    prefill, fed forwards, the blocked output layer (a plain head: forced tokens are scored from
+    hidden states) and the rest, which add up to the call; positions run >= real ones."""
+    from bear.model import TinyConfig, build_tiny_model
+    from bear.tokenizer import train_tokenizer
+
+    titles = json.loads((SHARED_DATA / "Office" / "id2name4Rec.json").read_text()).values()
+    tokenizer = train_tokenizer(list(titles), 600)
+    special = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    size = TinyConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=1024)  # fmt: skip
+    folder = tmp_path / "checkpoint"
+    build_tiny_model(len(tokenizer), *special, size, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cmd = [sys.executable, "benchmarks/decoding_profile.py", "--model", str(folder), "--users",
+           "3", "--history", "2", "--data", str(SHARED_DATA), "--results-dir", str(tmp_path),
+           "--tag", "tiny"]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (written,) = tmp_path.glob("decoding_profile_*_tiny.json")
+    out = json.loads(written.read_text())
+    parts = out["seconds"]
+    assert set(parts) == {"prefill", "fed forwards", "output layer", "rest"}
+    assert all(s >= 0 for s in parts.values()) and parts["output layer"] > 0
+    assert math.isclose(sum(parts.values()), out["total_s"], abs_tol=0.005)
+    assert out["users"] == 3 and out["fed_forwards"] >= 1
+    assert 0 < out["fed_positions_real"] <= out["fed_positions_run"]
+    assert 0 < out["prefill_positions_real"] <= out["prefill_positions_run"]
