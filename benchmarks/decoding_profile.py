@@ -30,41 +30,47 @@ from bear.trie import ItemTrie
 B = 10  # beam width
 
 
+PARTS = {  # part of a call -> what is timed: (owner, attribute), patched while Parts is entered
+    "prefill": (chain_cache, "prefilled"),
+    "fed forwards": (chain_cache.ChainKVCache, "_forward"),
+    "output layer": (chain_cache, "target_log_softmax"),
+}
+
+
 class Parts:
     """Seconds spent in the chain cache's prefill, its fed forwards and the blocked output layer
-    that scores forced tokens from their hidden states (patched in while the object is used as a
+    that scores forced tokens from their hidden states (``PARTS``, while the object is used as a
     context), and the fed forwards' positions."""
 
     def __init__(self):
-        self.seconds = {"prefill": 0.0, "fed forwards": 0.0, "output layer": 0.0}
+        self.seconds = dict.fromkeys(PARTS, 0.0)
         self.forwards, self.run_positions, self.chain_tokens = 0, 0, 0
-        self._saved = []
+        self._original = {name: getattr(owner, attr) for name, (owner, attr) in PARTS.items()}
 
     def __enter__(self):
-        cls = chain_cache.ChainKVCache
+        for name, (owner, attr) in PARTS.items():
+            f = (
+                self._counted(self._original[name])
+                if name == "fed forwards"
+                else self._original[name]
+            )
+            setattr(owner, attr, self._timed(name, f))
+        return self
 
-        def forward(cache, user, beam, chain, length, *rest, **kwargs):
+    def __exit__(self, *exc):
+        for name, (owner, attr) in PARTS.items():
+            setattr(owner, attr, self._original[name])
+
+    def _counted(self, forward):
+        def counted(cache, user, beam, chain, length, *rest, **kwargs):
             per_user = torch.zeros(cache.lineage.shape[0], dtype=torch.int64)
             per_user = per_user.index_add_(0, user.cpu(), length.cpu())
             self.forwards += 1
             self.run_positions += int(per_user.shape[0] * per_user.max())
             self.chain_tokens += int(length.sum())
-            return original["fed forwards"](cache, user, beam, chain, length, *rest, **kwargs)
+            return forward(cache, user, beam, chain, length, *rest, **kwargs)
 
-        original = {"prefill": chain_cache.prefilled, "fed forwards": cls._forward,
-                    "output layer": chain_cache.target_log_softmax}  # fmt: skip
-        timed = {name: self._timed(name, f) for name, f in original.items()}
-        timed["fed forwards"] = self._timed("fed forwards", forward)
-        self._saved = [(chain_cache, "prefilled"), (cls, "_forward"),
-                       (chain_cache, "target_log_softmax")]  # fmt: skip
-        for (owner, attr), name in zip(self._saved, original, strict=True):
-            setattr(owner, attr, timed[name])
-        self._original = original
-        return self
-
-    def __exit__(self, *exc):
-        for (owner, attr), name in zip(self._saved, self._original, strict=True):
-            setattr(owner, attr, self._original[name])
+        return counted
 
     def _timed(self, name, f):
         def timed(*args, **kwargs):
